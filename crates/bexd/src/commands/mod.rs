@@ -1,0 +1,76 @@
+//! QMP command dispatch. Each family lives in its own file; this table is
+//! the single list of what bexd implements (it also answers `query-commands`).
+
+mod blockdev;
+mod export;
+mod query;
+
+pub use export::{block_export_add, nbd_server_start};
+
+use std::sync::Arc;
+
+use qmp::visitor::InputMode;
+use qmp::{ErrorClass, QmpError};
+use serde_json::{Map, Value};
+
+use crate::daemon::Daemon;
+
+/// Every command bexd answers, in the order `query-commands` lists them.
+pub const COMMANDS: &[&str] = &[
+    "qmp_capabilities",
+    "query-version",
+    "query-commands",
+    "quit",
+    "blockdev-add",
+    "blockdev-del",
+    "query-named-block-nodes",
+    "nbd-server-start",
+    "nbd-server-stop",
+    "nbd-server-add",
+    "nbd-server-remove",
+    "block-export-add",
+    "block-export-del",
+    "query-block-exports",
+];
+
+type Args = Map<String, Value>;
+
+/// Runs one command (capabilities negotiation is the monitor's business).
+pub async fn dispatch(daemon: &Arc<Daemon>, name: &str, args: Args) -> Result<Value, QmpError> {
+    let json = InputMode::Json;
+    match name {
+        "query-version" => no_args(name, args).map(|()| query::version()),
+        "query-commands" => no_args(name, args).map(|()| query::commands()),
+        "quit" => no_args(name, args).map(|()| {
+            // QEMU announces every export's deletion before the quit's return.
+            daemon.remove_all_exports();
+            ok()
+        }),
+        "blockdev-add" => blockdev::add(daemon, Value::Object(args), json),
+        "blockdev-del" => blockdev::del(daemon, args),
+        "query-named-block-nodes" => query::named_block_nodes(daemon, args),
+        "nbd-server-start" => export::nbd_server_start(daemon, Value::Object(args), true, json),
+        "nbd-server-stop" => no_args(name, args).and_then(|()| export::nbd_server_stop(daemon)),
+        "nbd-server-add" => export::nbd_server_add(daemon, args),
+        "nbd-server-remove" => export::nbd_server_remove(daemon, args),
+        "block-export-add" => export::block_export_add(daemon, Value::Object(args), json),
+        "block-export-del" => export::block_export_del(daemon, args),
+        "query-block-exports" => no_args(name, args).map(|()| query::block_exports(daemon)),
+        _ => Err(QmpError::new(
+            ErrorClass::CommandNotFound,
+            format!("The command {name} has not been found"),
+        )),
+    }
+}
+
+/// Commands without arguments still refuse unknown ones, as QEMU does.
+fn no_args(_name: &str, args: Args) -> Result<(), QmpError> {
+    match args.keys().next() {
+        Some(key) => Err(QmpError::generic(format!("Parameter '{key}' is unexpected"))),
+        None => Ok(()),
+    }
+}
+
+fn ok() -> Value {
+    Value::Object(Map::new())
+}

@@ -1,0 +1,31 @@
+//! bexd, the block export daemon: block nodes served over NBD, managed over QMP,
+//! started with qemu-storage-daemon's command line.
+//!
+//! Layout (see docs/architecture.md for the walkthrough):
+//! - [`cli`]: argv in order, as qemu-storage-daemon reads it; [`startup`] applies it.
+//! - [`daemon`]: the state (nodes, exports, NBD server) and the operations CLI and QMP share.
+//! - [`qapi`]: QAPI argument types (crate `qmp`) turned into the daemon's own configs.
+//! - [`blockdev`]: opening block nodes (crate `block`) from `BlockdevOptions`.
+//! - [`nbd_server`]: listener, handshake and transmission (crate `nbd` does the protocol).
+//! - [`monitor`] and [`commands`]: QMP over socket chardevs.
+//! - [`serve`]: `bexd serve IMAGE`, the one-image shortcut.
+
+pub mod blockdev;
+pub mod cli;
+pub mod commands;
+pub mod daemon;
+pub mod events;
+pub mod export;
+pub mod monitor;
+pub mod nbd_server;
+pub mod process;
+pub mod qapi;
+pub mod serve;
+pub mod startup;
+pub mod util;
+
+/// The QEMU version bexd's QMP interface corresponds to (tools gate features on it).
+pub const QEMU_VERSION: (u32, u32, u32) = (10, 0, 2);
+
+/// What `query-version` and the greeting report as `package`.
+pub const PACKAGE: &str = concat!("bexd ", env!("CARGO_PKG_VERSION"));

@@ -1,0 +1,247 @@
+//! QMP monitors on socket chardevs.
+//!
+//! `--chardev socket,id=..,path=..|host=..,port=..,server=on,wait=off` only
+//! records the socket; `--monitor chardev=ID` binds it and serves QMP. Like
+//! QEMU, a socket chardev serves one client at a time; several monitors serve
+//! clients concurrently, and every negotiated monitor gets every event.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
+
+use qmp::wire::{self, JsonStream, Request};
+use qmp::{ErrorClass, QmpError};
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::broadcast;
+
+use crate::commands;
+use crate::daemon::Daemon;
+use crate::events::QmpEvent;
+
+/// A socket chardev as `--chardev socket,...` describes it.
+#[derive(Clone, Debug)]
+pub struct ChardevConfig {
+    pub id: String,
+    pub addr: ChardevAddr,
+}
+
+#[derive(Clone, Debug)]
+pub enum ChardevAddr {
+    Unix(PathBuf),
+    Tcp { host: String, port: u16 },
+}
+
+/// Binds the chardev's socket and serves QMP on it until the daemon shuts down.
+pub async fn start_monitor(daemon: &Arc<Daemon>, chardev: &ChardevConfig) -> Result<(), QmpError> {
+    let bind_err = |e: std::io::Error| {
+        QmpError::generic(format!(
+            "Failed to bind socket for chardev '{}': {}",
+            chardev.id,
+            crate::util::strerror(&e)
+        ))
+    };
+    let weak = Arc::downgrade(daemon);
+    match &chardev.addr {
+        ChardevAddr::Unix(path) => {
+            let _ = std::fs::remove_file(path);
+            let listener = UnixListener::bind(path).map_err(bind_err)?;
+            daemon.tasks.spawn(async move {
+                while let Some(d) = weak.upgrade() {
+                    let shutdown = d.shutdown.clone();
+                    drop(d);
+                    let accepted = tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        a = listener.accept() => a,
+                    };
+                    if let Ok((stream, _)) = accepted {
+                        serve_client(stream, weak.clone()).await;
+                    }
+                }
+            });
+        }
+        ChardevAddr::Tcp { host, port } => {
+            let listener = TcpListener::bind((host.as_str(), *port))
+                .await
+                .map_err(bind_err)?;
+            daemon.tasks.spawn(async move {
+                while let Some(d) = weak.upgrade() {
+                    let shutdown = d.shutdown.clone();
+                    drop(d);
+                    let accepted = tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        a = listener.accept() => a,
+                    };
+                    if let Ok((stream, _)) = accepted {
+                        serve_client(stream, weak.clone()).await;
+                    }
+                }
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Per-client QMP session state.
+struct Session {
+    negotiated: bool,
+    oob: bool,
+    events: Option<broadcast::Receiver<QmpEvent>>,
+}
+
+/// Serves one QMP client until it disconnects or the daemon shuts down.
+pub async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, daemon: Weak<Daemon>) {
+    let Some(shutdown) = daemon.upgrade().map(|d| d.shutdown.clone()) else {
+        return;
+    };
+    let (major, minor, micro) = crate::QEMU_VERSION;
+    let greeting = wire::greeting(major, minor, micro, crate::PACKAGE);
+    if stream.write_all(greeting.as_bytes()).await.is_err() {
+        return;
+    }
+    let mut session = Session {
+        negotiated: false,
+        oob: false,
+        events: None,
+    };
+    let mut parser = JsonStream::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut out = String::new();
+        tokio::select! {
+            n = stream.read(&mut buf) => match n {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    parser.feed(&buf[..n]);
+                    while let Some(item) = parser.next() {
+                        let Some(d) = daemon.upgrade() else { return };
+                        handle_item(&d, &mut session, item, &mut out).await;
+                    }
+                }
+            },
+            ev = next_event(&mut session.events) => {
+                if let Some(ev) = ev {
+                    out.push_str(&wire::encode_event(ev.name, ev.data.as_ref(), ev.time));
+                }
+            }
+            _ = shutdown.cancelled() => {
+                let _ = stream.flush().await;
+                return;
+            }
+        }
+        if !out.is_empty() && stream.write_all(out.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn next_event(events: &mut Option<broadcast::Receiver<QmpEvent>>) -> Option<QmpEvent> {
+    let Some(rx) = events else {
+        return std::future::pending().await;
+    };
+    loop {
+        match rx.recv().await {
+            Ok(ev) => return Some(ev),
+            // A monitor that fell behind loses the oldest events, as QEMU's would.
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => return None,
+        }
+    }
+}
+
+/// Handles one parsed JSON document, appending every line to send to `out`.
+async fn handle_item(
+    daemon: &Arc<Daemon>,
+    session: &mut Session,
+    item: Result<Value, QmpError>,
+    out: &mut String,
+) {
+    let parsed = item.map_err(|e| (e, None)).and_then(|v| wire::parse_request(v, session.oob));
+    let request = match parsed {
+        Ok(r) => r,
+        Err((e, id)) => {
+            out.push_str(&wire::encode_error(&e, id.as_ref()));
+            return;
+        }
+    };
+    let result = execute(daemon, session, &request).await;
+    // Events the command caused (e.g. BLOCK_EXPORT_DELETED on a safe removal)
+    // go out before its return, as QEMU orders them.
+    drain_events(session, out);
+    match result {
+        Ok(value) => out.push_str(&wire::encode_return(&value, request.id.as_ref())),
+        Err(e) => out.push_str(&wire::encode_error(&e, request.id.as_ref())),
+    }
+    if request.command == "quit" {
+        daemon.begin_quit();
+    }
+}
+
+fn drain_events(session: &mut Session, out: &mut String) {
+    let Some(rx) = &mut session.events else { return };
+    loop {
+        match rx.try_recv() {
+            Ok(ev) => out.push_str(&wire::encode_event(ev.name, ev.data.as_ref(), ev.time)),
+            Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
+            Err(_) => return,
+        }
+    }
+}
+
+async fn execute(daemon: &Arc<Daemon>, session: &mut Session, request: &Request) -> Result<Value, QmpError> {
+    if request.command == "qmp_capabilities" {
+        return negotiate(daemon, session, request);
+    }
+    if !session.negotiated {
+        return Err(QmpError::new(
+            ErrorClass::CommandNotFound,
+            "Expecting capabilities negotiation with 'qmp_capabilities'",
+        ));
+    }
+    if request.oob {
+        return Err(QmpError::generic(format!(
+            "The command {} does not support OOB",
+            request.command
+        )));
+    }
+    commands::dispatch(daemon, &request.command, request.arguments.clone()).await
+}
+
+fn negotiate(daemon: &Arc<Daemon>, session: &mut Session, request: &Request) -> Result<Value, QmpError> {
+    if session.negotiated {
+        return Err(QmpError::new(
+            ErrorClass::CommandNotFound,
+            "Capabilities negotiation is already complete, command ignored",
+        ));
+    }
+    let mut oob = false;
+    for (key, value) in &request.arguments {
+        if key != "enable" {
+            return Err(QmpError::generic(format!("Parameter '{key}' is unexpected")));
+        }
+        let Some(list) = value.as_array() else {
+            return Err(QmpError::generic(
+                "Invalid parameter type for 'enable', expected: array",
+            ));
+        };
+        for cap in list {
+            match cap.as_str() {
+                Some("oob") => oob = true,
+                Some(other) => {
+                    return Err(QmpError::generic(format!(
+                        "Parameter 'enable[0]' does not accept value '{other}'"
+                    )))
+                }
+                None => {
+                    return Err(QmpError::generic(
+                        "Invalid parameter type for 'enable[0]', expected: string",
+                    ))
+                }
+            }
+        }
+    }
+    session.negotiated = true;
+    session.oob = oob;
+    session.events = Some(daemon.events.subscribe());
+    Ok(json!({}))
+}

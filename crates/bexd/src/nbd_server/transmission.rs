@@ -1,0 +1,341 @@
+//! The transmission phase of one connection.
+//!
+//! ```text
+//!  socket ─► reader loop: header, validate, payload ─► tokio task per request ─┐
+//!                 (bounded by an in-flight budget)                             │ Reply
+//!  socket ◄── writer task: replies in completion order, batched, whole ◄───────┘
+//! ```
+//!
+//! The reader never waits for a request to finish, so a slow request does not
+//! stall the ones behind it. The budget (requests and payload bytes) bounds
+//! the memory one client can pin.
+
+use std::sync::Arc;
+
+use block::{BlockError, BlockNode, IoBuf, ZeroFlags};
+use nbd::consts::{
+    CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE,
+    REQUEST_HEADER_LEN,
+};
+use nbd::export::MetaContext;
+use nbd::handshake::Negotiated;
+use nbd::reply;
+use nbd::request::{decode_request, validate, RequestHeader, Verdict};
+use nbd::types::{CommandType, NbdErrno};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::reply::Reply;
+use crate::export::ExportClient;
+
+/// Budget units: one per request plus one per 4 KiB of payload.
+const BUDGET_UNIT: u64 = 4096;
+/// Per connection: up to 256 requests and 64 MiB of payload in flight.
+const BUDGET: usize = 256 + (64 << 20) / BUDGET_UNIT as usize;
+/// Reads at least this large are sent sparse (holes as OFFSET_HOLE chunks), as QEMU does.
+const SPARSE_READ_MIN: u32 = 64 * 1024;
+/// Bound on the extents gathered for one BLOCK_STATUS reply.
+const MAX_EXTENTS: usize = 128 * 1024;
+/// NBD base:allocation flags.
+const STATE_HOLE: u32 = 1;
+const STATE_ZERO: u32 = 2;
+
+/// What every request task needs, shared by reference count.
+struct Context {
+    negotiated: Negotiated,
+    client: ExportClient,
+    node: Arc<BlockNode>,
+    writethrough: bool,
+}
+
+pub struct Session {
+    ctx: Arc<Context>,
+    leftover: Vec<u8>,
+}
+
+impl Session {
+    pub fn new(negotiated: Negotiated, client: ExportClient, leftover: Vec<u8>) -> Self {
+        let node = client.export().node.clone();
+        let writethrough = client.export().config.writethrough;
+        Self {
+            ctx: Arc::new(Context {
+                negotiated,
+                client,
+                node,
+                writethrough,
+            }),
+            leftover,
+        }
+    }
+
+    /// Serves requests until DISC, EOF, a protocol violation, `kick` or `shutdown`.
+    /// In every case the requests already read are finished and replied first.
+    pub async fn run<R, W>(self, reader: R, writer: W, kick: CancellationToken, shutdown: CancellationToken)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer_task = tokio::spawn(write_replies(writer, rx));
+        let input = BufReader::with_capacity(256 * 1024, std::io::Cursor::new(self.leftover).chain(reader));
+        tokio::select! {
+            _ = read_requests(input, self.ctx.clone(), tx) => {}
+            _ = kick.cancelled() => tracing::info!("client dropped: export removed"),
+            _ = shutdown.cancelled() => {}
+        }
+        // The reader (and its sender) is gone; the writer ends once every
+        // request task has sent its reply.
+        let _ = writer_task.await;
+        tracing::debug!(export = %self.ctx.client.export().name(), "NBD connection closed");
+    }
+}
+
+async fn read_requests<R: AsyncRead + Unpin>(
+    mut input: R,
+    ctx: Arc<Context>,
+    tx: mpsc::UnboundedSender<Reply>,
+) {
+    let budget = Arc::new(Semaphore::new(BUDGET));
+    let mut header = [0u8; REQUEST_HEADER_LEN];
+    loop {
+        if input.read_exact(&mut header).await.is_err() {
+            return;
+        }
+        let request = match decode_request(&header) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(error = %e, "NBD client sent a bad request; disconnecting");
+                return;
+            }
+        };
+        let verdict = validate(&request, &ctx.negotiated);
+        if let Verdict::Disconnect { reason } = &verdict {
+            tracing::info!(%reason, "disconnecting NBD client");
+            return;
+        }
+        let cost = 1 + (u64::from(request.length) / BUDGET_UNIT) as u32;
+        let Ok(permit) = budget.clone().acquire_many_owned(cost.min(BUDGET as u32)).await else {
+            return;
+        };
+        let payload = match request.payload_len() {
+            0 => None,
+            len => {
+                let mut buf = IoBuf::zeroed(len);
+                if input.read_exact(&mut buf).await.is_err() {
+                    return;
+                }
+                Some(buf)
+            }
+        };
+        if request.command == CommandType::DISC {
+            return;
+        }
+        let ctx = ctx.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut reply = match verdict {
+                Verdict::Reject { errno, message } => error_reply(&ctx, &request, errno, &message),
+                _ => handle(&ctx, &request, payload).await,
+            };
+            reply.set_permit(permit);
+            let _ = tx.send(reply);
+        });
+    }
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(writer: W, mut rx: mpsc::UnboundedReceiver<Reply>) {
+    let mut out = BufWriter::with_capacity(256 * 1024, writer);
+    while let Some(reply) = rx.recv().await {
+        if reply.write_to(&mut out).await.is_err() {
+            return;
+        }
+        // Batch whatever else is ready into the same flush.
+        while let Ok(more) = rx.try_recv() {
+            if more.write_to(&mut out).await.is_err() {
+                return;
+            }
+        }
+        if out.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = out.shutdown().await;
+}
+
+async fn handle(ctx: &Context, req: &RequestHeader, payload: Option<IoBuf>) -> Reply {
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let node = &ctx.node;
+    let (offset, len) = (req.offset, u64::from(req.length));
+    let result = match req.command {
+        CommandType::READ => return read(ctx, req).await,
+        CommandType::BLOCK_STATUS => return block_status(ctx, req).await,
+        CommandType::WRITE => match payload {
+            Some(buf) => {
+                let durable = fua || ctx.writethrough;
+                node.write(buf, offset, durable).await.1
+            }
+            None => Ok(()),
+        },
+        CommandType::FLUSH => node.flush().await,
+        CommandType::TRIM => match node.discard(offset, len).await {
+            Ok(()) if fua => node.flush().await,
+            r => r,
+        },
+        CommandType::WRITE_ZEROES => {
+            let flags = ZeroFlags {
+                may_unmap: req.flags & CMD_FLAG_NO_HOLE == 0,
+                fast: req.flags & CMD_FLAG_FAST_ZERO != 0,
+            };
+            match node.write_zeroes(offset, len, flags).await {
+                Ok(()) if fua || ctx.writethrough => node.flush().await,
+                r => r,
+            }
+        }
+        CommandType::CACHE => node.cache(offset, len).await,
+        _ => return error_reply(ctx, req, NbdErrno::EINVAL, "unknown command"),
+    };
+    match result {
+        Ok(()) => ok_reply(req),
+        Err(e) => block_error_reply(ctx, req, &e),
+    }
+}
+
+fn ok_reply(req: &RequestHeader) -> Reply {
+    let mut r = Reply::new();
+    r.push_meta(|out| reply::simple_reply(out, req.cookie, NbdErrno(0)));
+    r
+}
+
+/// An error reply the way QEMU sends one: a structured error chunk (it carries
+/// a message) once structured replies are negotiated, a simple reply before.
+fn error_reply(ctx: &Context, req: &RequestHeader, errno: NbdErrno, message: &str) -> Reply {
+    let mut r = Reply::new();
+    if ctx.negotiated.structured_replies {
+        r.push_meta(|out| reply::error_chunk(out, req.cookie, errno, message));
+    } else {
+        r.push_meta(|out| reply::simple_reply(out, req.cookie, errno));
+    }
+    r
+}
+
+fn block_error_reply(ctx: &Context, req: &RequestHeader, e: &BlockError) -> Reply {
+    tracing::debug!(command = ?req.command, error = %e, "request failed");
+    error_reply(ctx, req, NbdErrno::from_os_errno(e.errno()), &e.to_string())
+}
+
+async fn read(ctx: &Context, req: &RequestHeader) -> Reply {
+    let len = req.length as usize;
+    let structured = ctx.negotiated.structured_replies;
+    if len == 0 {
+        let mut r = Reply::new();
+        match structured {
+            true => r.push_meta(|out| reply::none_chunk(out, req.cookie)),
+            false => r.push_meta(|out| reply::simple_reply(out, req.cookie, NbdErrno(0))),
+        }
+        return r;
+    }
+    let (buf, result) = ctx.node.read(IoBuf::zeroed(len), req.offset).await;
+    if let Err(e) = result {
+        return block_error_reply(ctx, req, &e);
+    }
+    let mut r = Reply::new();
+    let sparse = structured && req.flags & CMD_FLAG_DF == 0 && req.length >= SPARSE_READ_MIN;
+    let extents = match sparse {
+        true => allocation_extents(&ctx.node, req.offset, u64::from(req.length), MAX_EXTENTS)
+            .await
+            .unwrap_or_default(),
+        false => Vec::new(),
+    };
+    if extents.len() > 1 {
+        push_sparse_chunks(&mut r, req, &extents);
+    } else if structured {
+        r.push_with_data(
+            |out| reply::offset_data_header(out, req.cookie, true, req.offset, req.length),
+            0..len,
+        );
+    } else {
+        r.push_with_data(|out| reply::simple_reply(out, req.cookie, NbdErrno(0)), 0..len);
+    }
+    r.set_data(buf);
+    r
+}
+
+/// One chunk per extent: holes as OFFSET_HOLE, data as OFFSET_DATA from the read buffer.
+fn push_sparse_chunks(r: &mut Reply, req: &RequestHeader, extents: &[(u32, u32)]) {
+    let mut pos = 0u32;
+    let count = extents.len();
+    for (i, &(len, flags)) in extents.iter().enumerate() {
+        let len = len.min(req.length - pos);
+        if len == 0 {
+            break;
+        }
+        let done = i + 1 == count || pos + len == req.length;
+        let offset = req.offset + u64::from(pos);
+        if flags & STATE_ZERO != 0 {
+            r.push_meta(|out| reply::offset_hole(out, req.cookie, done, offset, len));
+        } else {
+            let range = pos as usize..(pos + len) as usize;
+            r.push_with_data(
+                |out| reply::offset_data_header(out, req.cookie, done, offset, len),
+                range,
+            );
+        }
+        pos += len;
+        if done {
+            break;
+        }
+    }
+}
+
+/// base:allocation extents covering `[offset, offset+len)`, equal neighbours merged.
+async fn allocation_extents(
+    node: &BlockNode,
+    offset: u64,
+    len: u64,
+    max: usize,
+) -> Result<Vec<(u32, u32)>, BlockError> {
+    let mut extents: Vec<(u32, u32)> = Vec::new();
+    let end = offset + len;
+    let mut pos = offset;
+    while pos < end && extents.len() < max {
+        // Descriptor lengths are 32-bit; ask for at most ~4 GiB at once.
+        let want = (end - pos).min(u64::from(u32::MAX) & !511);
+        let e = node.block_status(pos, want).await?;
+        let e_len = e.len.clamp(1, want) as u32;
+        let flags = (if e.allocated { 0 } else { STATE_HOLE }) | (if e.zero { STATE_ZERO } else { 0 });
+        match extents.last_mut() {
+            Some(last) if last.1 == flags && last.0.checked_add(e_len).is_some() => last.0 += e_len,
+            _ => extents.push((e_len, flags)),
+        }
+        pos += u64::from(e_len);
+    }
+    Ok(extents)
+}
+
+async fn block_status(ctx: &Context, req: &RequestHeader) -> Reply {
+    let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
+    let max = if req_one { 1 } else { MAX_EXTENTS };
+    let (offset, len) = (req.offset, u64::from(req.length));
+    let contexts = &ctx.negotiated.meta_contexts;
+    let mut r = Reply::new();
+    for (i, (id, context)) in contexts.iter().enumerate() {
+        let extents = match context {
+            MetaContext::BaseAllocation => allocation_extents(&ctx.node, offset, len, max).await,
+            // A raw node is one layer: everything is allocated at depth 1.
+            MetaContext::AllocationDepth => Ok(vec![(req.length, 1)]),
+            // Bitmaps arrive with their own issue; report "clean" until then.
+            MetaContext::DirtyBitmap(_) => Ok(vec![(req.length, 0)]),
+        };
+        let mut extents = match extents {
+            Ok(e) => e,
+            Err(e) => return block_error_reply(ctx, req, &e),
+        };
+        if req_one {
+            extents.truncate(1);
+        }
+        let done = i + 1 == contexts.len();
+        r.push_meta(|out| reply::block_status_chunk(out, req.cookie, done, *id, &extents));
+    }
+    r
+}

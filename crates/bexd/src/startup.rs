@@ -1,0 +1,220 @@
+//! From argv to a running daemon, and from a signal or `quit` to exit code 0.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use qmp::visitor::InputMode;
+use qmp::QmpError;
+use serde_json::Value;
+
+use crate::cli::{self, CliOption, Invocation};
+use crate::daemon::Daemon;
+use crate::process::{self, Forked, PidFile, StartupNotifier};
+use crate::{commands, monitor, qapi};
+
+/// How long shutdown waits for in-flight requests before giving up on them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs the program; returns the process exit code.
+pub fn main(args: &[String]) -> i32 {
+    init_tracing();
+    match cli::parse_args(args) {
+        Err(e) => {
+            eprintln!("bexd: {e}");
+            1
+        }
+        Ok(Invocation::Help) => {
+            print!("{}", cli::HELP);
+            0
+        }
+        Ok(Invocation::Version) => {
+            let (major, minor, micro) = crate::QEMU_VERSION;
+            println!(
+                "bexd version {} (qemu-storage-daemon {major}.{minor}.{micro} compatible)",
+                env!("CARGO_PKG_VERSION")
+            );
+            0
+        }
+        Ok(Invocation::Serve(rest)) => crate::serve::main(&rest),
+        Ok(Invocation::Daemon(options)) => run_daemon(options),
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BEXD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Builds the multi-threaded runtime every mode runs on.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("bexd")
+        .build()
+}
+
+fn run_daemon(options: Vec<CliOption>) -> i32 {
+    let notifier = match options.contains(&CliOption::Daemonize) {
+        false => None,
+        true => match process::daemonize() {
+            Ok(Forked::Parent(code)) => return code,
+            Ok(Forked::Child(n)) => Some(n),
+            Err(e) => {
+                eprintln!("bexd: --daemonize: {e}");
+                return 1;
+            }
+        },
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bexd: cannot start runtime: {e}");
+            return 1;
+        }
+    };
+    rt.block_on(async move {
+        let daemon = Daemon::new();
+        let pidfile = match apply_options(&daemon, &options).await {
+            Ok(p) => p,
+            Err(message) => {
+                eprintln!("bexd: {message}");
+                return 1;
+            }
+        };
+        run_until_shutdown(daemon, notifier, pidfile).await
+    })
+}
+
+/// Applies every option in order; the first failure names its option.
+async fn apply_options(daemon: &Arc<Daemon>, options: &[CliOption]) -> Result<Option<PidFile>, String> {
+    let mut pidfile_path = None;
+    for option in options {
+        let described = |e: String| match option.argument() {
+            Some(arg) => format!("{} {arg}: {e}", option.flag()),
+            None => format!("{}: {e}", option.flag()),
+        };
+        match option {
+            CliOption::Pidfile(p) => pidfile_path = Some(p.clone()),
+            CliOption::Daemonize => {}
+            CliOption::Trace(_) => tracing::warn!("-T/--trace is accepted but ignored; use BEXD_LOG"),
+            _ => apply_one(daemon, option).await.map_err(|e| described(e.desc))?,
+        }
+    }
+    // Written once everything exists, before clients can rely on it (as QEMU does).
+    pidfile_path
+        .map(|p| PidFile::create(&p).map_err(|e| format!("--pidfile {}: {e}", p.display())))
+        .transpose()
+}
+
+async fn apply_one(daemon: &Arc<Daemon>, option: &CliOption) -> Result<(), QmpError> {
+    match option {
+        CliOption::Blockdev(s) => {
+            let (value, mode) = option_value(s, Some("driver"))?;
+            crate::blockdev::add(daemon, value, mode).map(drop)
+        }
+        CliOption::NbdServer(s) => {
+            let (value, mode) = option_value(s, None)?;
+            commands::nbd_server_start(daemon, value, false, mode).map(drop)
+        }
+        CliOption::Export(s) => {
+            let (value, mode) = option_value(s, Some("type"))?;
+            commands::block_export_add(daemon, value, mode).map(drop)
+        }
+        CliOption::Chardev(s) => {
+            let value = qmp::keyval::parse_keyval(s, Some("backend"))
+                .map_err(|e| QmpError::generic(e.to_string()))?;
+            let chardev = qapi::chardev_config(value)?;
+            let mut state = daemon.state();
+            if state.chardevs.contains_key(&chardev.id) {
+                return Err(QmpError::generic(format!(
+                    "attempt to add duplicate property '{}' to object (type 'container')",
+                    chardev.id
+                )));
+            }
+            state.chardevs.insert(chardev.id.clone(), chardev);
+            Ok(())
+        }
+        CliOption::Monitor(s) => {
+            let (value, mode) = option_value(s, Some("chardev"))?;
+            let chardev_id = qapi::monitor_chardev(value, mode)?;
+            let chardev = daemon.state().chardevs.get(&chardev_id).cloned();
+            let chardev = chardev.ok_or_else(|| {
+                QmpError::generic(format!("chardev \"{chardev_id}\" not found"))
+            })?;
+            monitor::start_monitor(daemon, &chardev).await
+        }
+        CliOption::Object(s) => {
+            let (value, _) = option_value(s, Some("qom-type"))?;
+            let ty = value.get("qom-type").and_then(Value::as_str).unwrap_or("");
+            Err(QmpError::generic(format!(
+                "Object type '{ty}' is not supported by bexd yet"
+            )))
+        }
+        CliOption::Pidfile(_) | CliOption::Daemonize | CliOption::Trace(_) => Ok(()),
+    }
+}
+
+/// An option's argument as a JSON tree: QEMU's JSON form when it starts with
+/// `{`, its keyval form otherwise (leaves are strings, typed later).
+fn option_value(s: &str, implied_key: Option<&str>) -> Result<(Value, InputMode), QmpError> {
+    if s.trim_start().starts_with('{') {
+        let v = serde_json::from_str(s)
+            .map_err(|e| QmpError::generic(format!("JSON parse error, {e}")))?;
+        return Ok((v, InputMode::Json));
+    }
+    let v = qmp::keyval::parse_keyval(s, implied_key).map_err(|e| QmpError::generic(e.to_string()))?;
+    Ok((v, InputMode::Keyval))
+}
+
+/// Serves until SIGTERM, SIGINT or `quit`; then drains, flushes and returns 0.
+pub async fn run_until_shutdown(
+    daemon: Arc<Daemon>,
+    notifier: Option<StartupNotifier>,
+    pidfile: Option<PidFile>,
+) -> i32 {
+    if let Some(n) = notifier {
+        n.success();
+        let _ = std::env::set_current_dir("/");
+    }
+    wait_for_stop(&daemon).await;
+    shut_down(&daemon).await;
+    drop(pidfile);
+    0
+}
+
+async fn wait_for_stop(daemon: &Daemon) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        daemon.shutdown.cancelled().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        _ = hup.recv() => tracing::info!("SIGHUP: shutting down"),
+        _ = daemon.shutdown.cancelled() => tracing::info!("quit: shutting down"),
+    }
+}
+
+/// Stops accepting, lets in-flight requests finish, flushes every node.
+pub async fn shut_down(daemon: &Arc<Daemon>) {
+    daemon.shutdown.cancel();
+    daemon.tasks.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, daemon.tasks.wait()).await.is_err() {
+        tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}");
+    }
+    daemon.remove_all_exports();
+    daemon.flush_all().await;
+    let server = daemon.state().nbd.take();
+    if let Some(server) = server {
+        server.stop();
+    }
+}

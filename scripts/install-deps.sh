@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs, idempotently, everything bexd's build and test suite need on Debian.
+# Safe to run repeatedly: it only calls apt/pip/cargo for what is missing.
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+# Debian packages: qemu-utils (qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon),
+# libnbd-bin (nbdinfo, nbdcopy, nbdsh), python3-libnbd, fio, pytest.
+packages=(qemu-utils libnbd-bin python3-libnbd fio python3-pytest python3-pip)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "install-deps: apt-get install ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# qemu.qmp for Debian's python3 (the one python3-libnbd belongs to).
+if ! /usr/bin/python3 -c 'import qemu.qmp' 2>/dev/null; then
+  echo "install-deps: pip install qemu.qmp"
+  /usr/bin/python3 -m pip install -q --break-system-packages qemu.qmp 2>/dev/null \
+    || /usr/bin/python3 -m pip install -q qemu.qmp
+fi
+
+# cargo-fuzz for the fuzz targets (runs on stable with RUSTC_BOOTSTRAP=1).
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "install-deps: cargo install cargo-fuzz"
+  cargo install -q cargo-fuzz
+fi
