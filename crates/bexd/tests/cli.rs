@@ -1,0 +1,115 @@
+//! The command line, tested on the real binary: bad options exit 1 with one
+//! line naming the culprit, good ones start the daemon.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn bexd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bexd"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run bexd")
+}
+
+fn stderr_line(out: &Output) -> String {
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line on stderr, got: {text:?}");
+    lines[0].to_string()
+}
+
+#[test]
+fn test_unknown_option_exits_1_with_one_line() {
+    let out = bexd(&["--bogus"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr_line(&out), "bexd: unrecognized option '--bogus'");
+}
+
+#[test]
+fn test_missing_file_names_the_option_and_the_file() {
+    let out = bexd(&["--blockdev", "driver=file,node-name=f0,filename=/nonexistent/x.img"]);
+    assert_eq!(out.status.code(), Some(1));
+    let line = stderr_line(&out);
+    assert!(line.starts_with("bexd: --blockdev driver=file,"), "{line}");
+    assert!(line.contains("/nonexistent/x.img"), "{line}");
+}
+
+#[test]
+fn test_export_before_its_node_is_refused() {
+    let out = bexd(&["--export", "type=nbd,id=e0,node-name=n0"]);
+    assert_eq!(out.status.code(), Some(1));
+    let line = stderr_line(&out);
+    assert!(line.starts_with("bexd: --export type=nbd,id=e0,node-name=n0: "), "{line}");
+}
+
+#[test]
+fn test_unexpected_member_is_named() {
+    let out = bexd(&["--blockdev", "driver=null-co,node-name=n0,bogus=1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_line(&out).ends_with("Parameter 'bogus' is unexpected"));
+}
+
+#[test]
+fn test_root_node_without_name_is_refused() {
+    let out = bexd(&["--blockdev", "driver=null-co"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_line(&out).ends_with("'node-name' must be specified for the root node"));
+}
+
+#[test]
+fn test_help_and_version_exit_0() {
+    let help = bexd(&["--help"]);
+    assert_eq!(help.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--nbd-server"));
+    let version = bexd(&["-V"]);
+    assert_eq!(version.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("bexd version "));
+}
+
+fn wait_for(path: &Path) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if path.exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn test_daemonize_returns_after_startup_and_writes_pidfile() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("bexd.pid");
+    let sock = dir.path().join("nbd.sock");
+    let out = bexd(&[
+        "--blockdev",
+        "driver=null-co,node-name=n0,size=1048576",
+        "--nbd-server",
+        &format!("addr.type=unix,addr.path={}", sock.display()),
+        "--export",
+        "type=nbd,id=e0,node-name=n0",
+        "--pidfile",
+        pidfile.to_str().unwrap(),
+        "--daemonize",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(wait_for(&pidfile));
+    assert!(sock.exists(), "the NBD socket exists once the parent returned");
+    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pidfile.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!pidfile.exists(), "the pid file is removed at exit");
+}
+
+#[test]
+fn test_daemonize_failure_makes_the_parent_exit_1() {
+    let out = bexd(&["--blockdev", "driver=bogus,node-name=n0", "--daemonize"]);
+    assert_eq!(out.status.code(), Some(1));
+}
