@@ -1,1 +1,27 @@
-//! placeholder
+//! bexd's block layer. It knows nothing of NBD or QMP.
+//!
+//! ```text
+//!   BlockNode (async edge: owned IoBuf in, IoBuf + result out, runs on the blocking pool)
+//!      │
+//!      ▼
+//!   Driver (sync, positional I/O)   raw ──► BlockNode(file) ──► Driver(file) ──► pread/pwrite
+//! ```
+//!
+//! Drivers are synchronous so that formats compose as plain calls (raw over
+//! file, later qcow2 over file) and a request hops onto a worker thread once,
+//! at the node. The node's API already has the owned-buffer shape that an
+//! io_uring engine needs, so the engine can change without touching callers.
+
+pub mod buf;
+pub mod driver;
+pub mod drivers;
+pub mod error;
+pub mod node;
+
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
+
+pub use buf::IoBuf;
+pub use driver::{Capabilities, Driver, Extent, ZeroFlags};
+pub use error::{BlockError, BlockErrorKind, BlockResult};
+pub use node::BlockNode;

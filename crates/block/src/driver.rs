@@ -1,0 +1,59 @@
+//! The driver trait every block driver implements.
+
+use crate::error::BlockResult;
+
+/// What a driver can do, cached by the node at open.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    pub can_write: bool,
+    /// Discard reaches the storage (`discard=unmap` and support for it).
+    pub can_discard: bool,
+    /// Zeroing is cheaper than writing zeroes (fallocate, BLKZEROOUT).
+    pub can_write_zeroes_fast: bool,
+    /// Required alignment of offsets and lengths: 1, or the O_DIRECT block size.
+    pub request_alignment: u32,
+    /// Largest single transfer, 0 for no limit.
+    pub max_transfer: u32,
+    /// Calls never block (null-co): the node may run them inline.
+    pub nonblocking: bool,
+}
+
+/// Flags for write_zeroes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The range may be deallocated instead of written.
+    pub may_unmap: bool,
+    /// Fail with NotSupported unless zeroing is cheap.
+    pub fast: bool,
+}
+
+/// A run of blocks with the same allocation status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    /// Data is present (not a hole).
+    pub allocated: bool,
+    /// Reads return zeroes.
+    pub zero: bool,
+}
+
+/// A block driver: positional, synchronous I/O. Callers (the node) have
+/// checked ranges and permissions, so drivers need not re-validate.
+pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
+    fn driver_name(&self) -> &'static str;
+    fn size(&self) -> u64;
+    fn capabilities(&self) -> Capabilities;
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()>;
+    /// With `fua`, the data is on stable storage when this returns.
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()>;
+    fn flush(&self) -> BlockResult<()>;
+    /// Advisory; a no-op when the node does not pass discards down.
+    fn discard(&self, offset: u64, len: u64) -> BlockResult<()>;
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()>;
+    /// The extent starting at `offset`, at most `len` long, never empty.
+    fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent>;
+    /// Readahead hint.
+    fn cache(&self, _offset: u64, _len: u64) -> BlockResult<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,373 @@
+//! The `file` protocol driver: regular files and block devices, with
+//! positional I/O (`pread`/`pwrite`), `fallocate` for discard and zeroing,
+//! and `SEEK_DATA`/`SEEK_HOLE` for block status.
+//!
+//! `aio=threads|io_uring|native` is accepted; every mode currently runs on
+//! the node's thread pool (positional syscalls from worker threads).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use super::lock::{lock_image, PERM_READ, PERM_RESIZE, PERM_WRITE};
+use crate::buf::{IoBuf, ALIGNMENT};
+use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
+use crate::error::{BlockError, BlockErrorKind, BlockResult};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AioMode {
+    #[default]
+    Threads,
+    IoUring,
+    Native,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LockingMode {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct FileOptions {
+    pub filename: PathBuf,
+    pub read_only: bool,
+    /// Open read-write if permitted, else fall back to read-only.
+    pub auto_read_only: bool,
+    /// O_DIRECT.
+    pub cache_direct: bool,
+    /// Ignore flushes (unsafe; QEMU's cache.no-flush).
+    pub cache_no_flush: bool,
+    pub aio: AioMode,
+    pub locking: LockingMode,
+    /// `discard=unmap`: TRIM punches holes.
+    pub discard: bool,
+}
+
+/// Largest zero buffer written when zeroing has to fall back to writes.
+const ZERO_CHUNK: usize = 1 << 20;
+/// Linux ioctls for block devices.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKDISCARD: libc::c_ulong = 0x1277;
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+#[derive(Debug)]
+pub struct FileDriver {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    read_only: bool,
+    direct: bool,
+    no_flush: bool,
+    discard: bool,
+    block_device: bool,
+    /// Serialises read-modify-write of unaligned O_DIRECT writes.
+    rmw: Mutex<()>,
+}
+
+impl FileDriver {
+    pub fn open(opts: &FileOptions) -> BlockResult<Self> {
+        let (file, read_only) = open_file(opts)?;
+        let meta = file
+            .metadata()
+            .map_err(|e| BlockError::io(format!("Could not stat '{}'", opts.filename.display()), e))?;
+        let block_device = meta.file_type().is_block_device();
+        let size = match block_device {
+            true => block_device_size(&file)
+                .map_err(|e| BlockError::io(format!("Could not get size of '{}'", opts.filename.display()), e))?,
+            false => meta.len(),
+        };
+        if opts.locking != LockingMode::Off {
+            // A writer forbids other writers, as a QEMU block backend does by default.
+            let (perms, unshared): (&[usize], &[usize]) = match read_only {
+                true => (&[PERM_READ], &[PERM_RESIZE]),
+                false => (&[PERM_READ, PERM_WRITE], &[PERM_WRITE, PERM_RESIZE]),
+            };
+            lock_image(&file, perms, unshared)?;
+        }
+        Ok(Self {
+            file,
+            path: opts.filename.clone(),
+            size,
+            read_only,
+            direct: opts.cache_direct,
+            no_flush: opts.cache_no_flush,
+            discard: opts.discard,
+            block_device,
+            rmw: Mutex::new(()),
+        })
+    }
+
+    /// True if the file was opened read-only (asked for, or auto-read-only fell back).
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn io_err(&self, what: &str, e: io::Error) -> BlockError {
+        BlockError::io(format!("{what} '{}'", self.path.display()), e)
+    }
+
+    fn is_aligned(&self, offset: u64, len: usize, ptr: *const u8) -> bool {
+        let a = ALIGNMENT as u64;
+        !self.direct || (offset % a == 0 && len as u64 % a == 0 && ptr as usize % ALIGNMENT == 0)
+    }
+
+    /// pread until `buf` is full; past the end of the file reads as zeroes.
+    fn pread_full(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads through an aligned bounce buffer (O_DIRECT with unaligned requests).
+    fn read_bounced(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let (start, bounce_len) = aligned_span(offset, buf.len());
+        let mut bounce = IoBuf::zeroed(bounce_len);
+        self.pread_full(&mut bounce, start)?;
+        let skip = (offset - start) as usize;
+        buf.copy_from_slice(&bounce[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    fn write_direct_unaligned(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let _guard = self.rmw.lock().unwrap_or_else(|e| e.into_inner());
+        let (start, bounce_len) = aligned_span(offset, buf.len());
+        let mut bounce = IoBuf::zeroed(bounce_len);
+        self.pread_full(&mut bounce, start)?;
+        let skip = (offset - start) as usize;
+        bounce[skip..skip + buf.len()].copy_from_slice(buf);
+        self.file.write_all_at(&bounce, start)
+    }
+
+    /// A durable write: pwritev2(RWF_DSYNC) when the kernel has it, else write + fdatasync.
+    fn write_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let iov = libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // SAFETY: iov describes `buf`, which outlives the call; the fd is open.
+        let n = unsafe { libc::pwritev2(self.file.as_raw_fd(), &iov, 1, offset as i64, libc::RWF_DSYNC) };
+        if n >= 0 && n as usize == buf.len() {
+            return Ok(());
+        }
+        // Short write or no RWF_DSYNC: finish with plain writes, then sync.
+        let done = n.max(0) as usize;
+        self.file.write_all_at(&buf[done..], offset + done as u64)?;
+        self.file.sync_data()
+    }
+
+    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: fallocate on an open fd with plain integer arguments.
+        match unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, len as i64) } {
+            0 => Ok(()),
+            _ => Err(io::Error::last_os_error()),
+        }
+    }
+
+    fn blk_ioctl(&self, request: libc::c_ulong, offset: u64, len: u64) -> io::Result<()> {
+        let range: [u64; 2] = [offset, len];
+        // SAFETY: BLKDISCARD/BLKZEROOUT read a [u64; 2] range from the pointer.
+        match unsafe { libc::ioctl(self.file.as_raw_fd(), request, range.as_ptr()) } {
+            0 => Ok(()),
+            _ => Err(io::Error::last_os_error()),
+        }
+    }
+
+    fn write_zero_buffers(&self, offset: u64, len: u64) -> BlockResult<()> {
+        let zeroes = IoBuf::zeroed(ZERO_CHUNK.min(len as usize));
+        let mut pos = 0u64;
+        while pos < len {
+            let n = (len - pos).min(zeroes.len() as u64) as usize;
+            self.write_at(&zeroes[..n], offset + pos, false)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    fn seek(&self, offset: u64, whence: i32) -> io::Result<Option<u64>> {
+        // SAFETY: lseek on an open fd.
+        match unsafe { libc::lseek(self.file.as_raw_fd(), offset as i64, whence) } {
+            -1 => match io::Error::last_os_error() {
+                e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+                e => Err(e),
+            },
+            n => Ok(Some(n as u64)),
+        }
+    }
+}
+
+fn open_file(opts: &FileOptions) -> BlockResult<(File, bool)> {
+    let try_open = |read_only: bool| {
+        let mut o = OpenOptions::new();
+        o.read(true).write(!read_only);
+        let mut flags = libc::O_CLOEXEC;
+        if opts.cache_direct {
+            flags |= libc::O_DIRECT;
+        }
+        o.custom_flags(flags);
+        o.open(&opts.filename)
+    };
+    let context = || format!("Could not open '{}'", opts.filename.display());
+    if opts.read_only {
+        return try_open(true).map(|f| (f, true)).map_err(|e| BlockError::io(context(), e));
+    }
+    match try_open(false) {
+        Ok(f) => Ok((f, false)),
+        Err(e) if opts.auto_read_only && is_permission_error(&e) => try_open(true)
+            .map(|f| (f, true))
+            .map_err(|e| BlockError::io(context(), e)),
+        Err(e) => Err(BlockError::io(context(), e)),
+    }
+}
+
+fn is_permission_error(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EACCES | libc::EROFS | libc::EPERM))
+}
+
+fn block_device_size(file: &File) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
+    match unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size) } {
+        0 => Ok(size),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// The ALIGNMENT-aligned span covering `[offset, offset + len)`.
+fn aligned_span(offset: u64, len: usize) -> (u64, usize) {
+    let a = ALIGNMENT as u64;
+    let start = offset / a * a;
+    let end = (offset + len as u64).next_multiple_of(a);
+    (start, (end - start) as usize)
+}
+
+impl Driver for FileDriver {
+    fn driver_name(&self) -> &'static str {
+        if self.block_device {
+            "host_device"
+        } else {
+            "file"
+        }
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            can_write: !self.read_only,
+            can_discard: self.discard,
+            can_write_zeroes_fast: true,
+            request_alignment: if self.direct { 512 } else { 1 },
+            max_transfer: 0,
+            nonblocking: false,
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
+        let r = match self.is_aligned(offset, buf.len(), buf.as_ptr()) {
+            true => self.pread_full(buf, offset),
+            false => self.read_bounced(buf, offset),
+        };
+        r.map_err(|e| self.io_err("Could not read from", e))
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
+        let aligned = self.is_aligned(offset, buf.len(), buf.as_ptr());
+        let r = match (aligned, fua) {
+            (true, true) => self.write_durable(buf, offset),
+            (true, false) => self.file.write_all_at(buf, offset),
+            (false, _) => self
+                .write_direct_unaligned(buf, offset)
+                .and_then(|()| if fua { self.file.sync_data() } else { Ok(()) }),
+        };
+        r.map_err(|e| self.io_err("Could not write to", e))
+    }
+
+    fn flush(&self) -> BlockResult<()> {
+        if self.no_flush || self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data().map_err(|e| self.io_err("Could not flush", e))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
+        if !self.discard || len == 0 {
+            return Ok(());
+        }
+        let r = match self.block_device {
+            true => self.blk_ioctl(BLKDISCARD, offset, len),
+            false => self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len),
+        };
+        // Discard is advisory: a filesystem that can't punch holes just keeps the data.
+        match r {
+            Err(e) if !matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOTTY | libc::EINVAL)) => {
+                Err(self.io_err("Could not discard on", e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let cheap = match (self.block_device, flags.may_unmap && self.discard) {
+            (false, true) => self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len),
+            (false, false) => self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len),
+            (true, _) if flags.fast => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+            (true, _) => self.blk_ioctl(BLKZEROOUT, offset, len),
+        };
+        match cheap {
+            Ok(()) => Ok(()),
+            Err(_) if flags.fast => Err(BlockError::new(
+                BlockErrorKind::NotSupported,
+                "fast zeroing is not supported here",
+            )),
+            Err(_) => self.write_zero_buffers(offset, len),
+        }
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
+        let data = Extent { len, allocated: true, zero: false };
+        if self.block_device || len == 0 {
+            return Ok(data);
+        }
+        let end = offset + len;
+        let next_data = match self.seek(offset, libc::SEEK_DATA) {
+            Ok(d) => d,
+            // Filesystems without SEEK_DATA: everything is data.
+            Err(_) => return Ok(data),
+        };
+        match next_data {
+            Some(d) if d <= offset => {
+                let hole = self.seek(offset, libc::SEEK_HOLE).ok().flatten().unwrap_or(end);
+                Ok(Extent { len: hole.clamp(offset + 1, end) - offset, ..data })
+            }
+            Some(d) => Ok(Extent { len: d.min(end) - offset, allocated: false, zero: true }),
+            None => Ok(Extent { len, allocated: false, zero: true }),
+        }
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
+        // SAFETY: posix_fadvise on an open fd with plain integer arguments.
+        unsafe { libc::posix_fadvise(self.file.as_raw_fd(), offset as i64, len as i64, libc::POSIX_FADV_WILLNEED) };
+        Ok(())
+    }
+}

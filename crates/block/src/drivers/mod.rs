@@ -1,0 +1,6 @@
+//! The drivers: `file` (protocol), `raw` (format over a child node), `null-co`.
+
+pub mod file;
+mod lock;
+pub mod null;
+pub mod raw;

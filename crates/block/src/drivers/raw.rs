@@ -1,0 +1,93 @@
+//! The `raw` format: a window (`offset`, `size`) onto a child node.
+
+use std::sync::Arc;
+
+use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
+use crate::error::{BlockError, BlockErrorKind, BlockResult};
+use crate::node::BlockNode;
+
+#[derive(Debug)]
+pub struct RawDriver {
+    child: Arc<BlockNode>,
+    offset: u64,
+    size: u64,
+    /// `discard=unmap` on this node; QEMU passes discards down only if every layer allows it.
+    discard: bool,
+}
+
+impl RawDriver {
+    pub fn new(child: Arc<BlockNode>, offset: u64, size: Option<u64>, discard: bool) -> BlockResult<Self> {
+        let child_size = child.size();
+        let size = size.unwrap_or(child_size.saturating_sub(offset));
+        if offset.checked_add(size).is_none_or(|end| end > child_size) {
+            return Err(BlockError::new(
+                BlockErrorKind::InvalidArgument,
+                format!(
+                    "The sum of offset ({offset}) and size ({size}) has to be smaller or equal to the  actual size of the containing file ({child_size})"
+                ),
+            ));
+        }
+        Ok(Self {
+            child,
+            offset,
+            size,
+            discard,
+        })
+    }
+
+    fn inner(&self) -> &dyn Driver {
+        self.child.driver().as_ref()
+    }
+}
+
+impl Driver for RawDriver {
+    fn driver_name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = self.child.capabilities();
+        caps.can_write = caps.can_write && !self.child.read_only();
+        caps.can_discard = caps.can_discard && self.discard;
+        caps
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
+        self.inner().read_at(buf, self.offset + offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
+        self.inner().write_at(buf, self.offset + offset, fua)
+    }
+
+    fn flush(&self) -> BlockResult<()> {
+        self.inner().flush()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
+        match self.discard {
+            true => self.inner().discard(self.offset + offset, len),
+            false => Ok(()),
+        }
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
+        let flags = ZeroFlags {
+            may_unmap: flags.may_unmap && self.discard,
+            ..flags
+        };
+        self.inner().write_zeroes(self.offset + offset, len, flags)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
+        self.inner().block_status(self.offset + offset, len)
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.inner().cache(self.offset + offset, len)
+    }
+}

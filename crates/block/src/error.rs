@@ -1,0 +1,108 @@
+//! Block layer errors: a small kind to match on, a message, and the OS error.
+
+use std::fmt::Display;
+
+/// What went wrong, for control flow; callers map it to protocol errors in one place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BlockErrorKind {
+    Io,
+    NoSpace,
+    ReadOnly,
+    OutOfBounds,
+    NotSupported,
+    InvalidArgument,
+    NotFound,
+    Busy,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct BlockError {
+    kind: BlockErrorKind,
+    message: String,
+    #[source]
+    source: Option<std::io::Error>,
+}
+
+pub type BlockResult<T> = Result<T, BlockError>;
+
+impl BlockError {
+    pub fn new(kind: BlockErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// An OS error, with QEMU-style text: "CONTEXT: No such file or directory".
+    pub fn io(context: impl Display, e: std::io::Error) -> Self {
+        let kind = match e.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => BlockErrorKind::NoSpace,
+            Some(libc::EROFS | libc::EACCES | libc::EPERM) => BlockErrorKind::ReadOnly,
+            Some(libc::ENOENT) => BlockErrorKind::NotFound,
+            Some(libc::EOPNOTSUPP) => BlockErrorKind::NotSupported,
+            Some(libc::EINVAL) => BlockErrorKind::InvalidArgument,
+            Some(libc::EBUSY | libc::EAGAIN) => BlockErrorKind::Busy,
+            _ => BlockErrorKind::Io,
+        };
+        Self {
+            kind,
+            message: format!("{context}: {}", strerror(&e)),
+            source: Some(e),
+        }
+    }
+
+    pub fn kind(&self) -> BlockErrorKind {
+        self.kind
+    }
+
+    /// The errno to report: the OS's own when there is one, else by kind.
+    pub fn errno(&self) -> i32 {
+        if let Some(code) = self.source.as_ref().and_then(|e| e.raw_os_error()) {
+            return code;
+        }
+        match self.kind {
+            BlockErrorKind::Io => libc::EIO,
+            BlockErrorKind::NoSpace => libc::ENOSPC,
+            BlockErrorKind::ReadOnly => libc::EPERM,
+            BlockErrorKind::OutOfBounds | BlockErrorKind::InvalidArgument => libc::EINVAL,
+            BlockErrorKind::NotSupported => libc::ENOTSUP,
+            BlockErrorKind::NotFound => libc::ENOENT,
+            BlockErrorKind::Busy => libc::EBUSY,
+        }
+    }
+}
+
+/// The OS's text for an error, without Rust's " (os error N)" suffix.
+fn strerror(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_io_error_keeps_os_errno() {
+        let e = BlockError::io("x", std::io::Error::from_raw_os_error(libc::EDQUOT));
+        assert_eq!(e.errno(), libc::EDQUOT);
+        assert_eq!(e.kind(), BlockErrorKind::NoSpace);
+    }
+
+    #[test]
+    fn test_message_has_qemu_shape() {
+        let e = BlockError::io("Could not open '/x'", std::io::Error::from_raw_os_error(libc::ENOENT));
+        assert_eq!(e.to_string(), "Could not open '/x': No such file or directory");
+    }
+
+    #[test]
+    fn test_kind_without_source_maps_to_errno() {
+        assert_eq!(BlockError::new(BlockErrorKind::NotSupported, "x").errno(), libc::ENOTSUP);
+    }
+}

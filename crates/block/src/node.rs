@@ -1,0 +1,138 @@
+//! `BlockNode`: a named driver instance, and the async edge of the block layer.
+
+use std::sync::Arc;
+
+use crate::buf::IoBuf;
+use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
+use crate::error::{BlockError, BlockErrorKind, BlockResult};
+
+#[derive(Debug)]
+pub struct BlockNode {
+    node_name: String,
+    driver: Arc<dyn Driver>,
+    read_only: bool,
+    caps: Capabilities,
+}
+
+impl BlockNode {
+    pub fn new(node_name: String, driver: Arc<dyn Driver>, read_only: bool) -> Self {
+        let caps = driver.capabilities();
+        Self {
+            node_name,
+            read_only: read_only || !caps.can_write,
+            driver,
+            caps,
+        }
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
+    pub fn driver_name(&self) -> &'static str {
+        self.driver.driver_name()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.driver.size()
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub fn capabilities(&self) -> Capabilities {
+        self.caps
+    }
+
+    pub fn driver(&self) -> &Arc<dyn Driver> {
+        &self.driver
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> BlockResult<()> {
+        let size = self.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(BlockError::new(
+                BlockErrorKind::OutOfBounds,
+                format!("request {offset}+{len} is past the end of node '{}' ({size})", self.node_name),
+            )),
+        }
+    }
+
+    fn check_writable(&self) -> BlockResult<()> {
+        match self.read_only {
+            true => Err(BlockError::new(
+                BlockErrorKind::ReadOnly,
+                format!("node '{}' is read-only", self.node_name),
+            )),
+            false => Ok(()),
+        }
+    }
+
+    /// Runs `f` on the blocking pool, or inline for drivers that never block.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Driver) -> T + Send + 'static,
+    ) -> T {
+        if self.caps.nonblocking {
+            return f(self.driver.as_ref());
+        }
+        let driver = self.driver.clone();
+        match tokio::task::spawn_blocking(move || f(driver.as_ref())).await {
+            Ok(v) => v,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    pub async fn read(&self, mut buf: IoBuf, offset: u64) -> (IoBuf, BlockResult<()>) {
+        if let Err(e) = self.check_range(offset, buf.len() as u64) {
+            return (buf, Err(e));
+        }
+        self.run(move |d| {
+            let r = d.read_at(&mut buf, offset);
+            (buf, r)
+        })
+        .await
+    }
+
+    pub async fn write(&self, buf: IoBuf, offset: u64, fua: bool) -> (IoBuf, BlockResult<()>) {
+        if let Err(e) = self.check_writable().and(self.check_range(offset, buf.len() as u64)) {
+            return (buf, Err(e));
+        }
+        self.run(move |d| {
+            let r = d.write_at(&buf, offset, fua);
+            (buf, r)
+        })
+        .await
+    }
+
+    pub async fn flush(&self) -> BlockResult<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.run(|d| d.flush()).await
+    }
+
+    pub async fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        self.run(move |d| d.discard(offset, len)).await
+    }
+
+    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        self.run(move |d| d.write_zeroes(offset, len, flags)).await
+    }
+
+    pub async fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
+        self.check_range(offset, len)?;
+        self.run(move |d| d.block_status(offset, len)).await
+    }
+
+    pub async fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.check_range(offset, len)?;
+        self.run(move |d| d.cache(offset, len)).await
+    }
+}
