@@ -1,0 +1,207 @@
+//! qapi/block-export.json: NBD server options, export options, removal.
+
+use serde_json::Value;
+
+use super::sockets::{SocketAddress, SocketAddressLegacy};
+use crate::visitor::{Ctx, Fields, FromQapi};
+use crate::{qapi_enum, QmpError};
+
+/// NbdServerOptions / NbdServerOptionsLegacy: the same members, two address forms.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NbdServerOptions {
+    pub addr: SocketAddress,
+    pub tls_creds: Option<String>,
+    pub tls_authz: Option<String>,
+    pub max_connections: Option<u32>,
+    pub handshake_max_seconds: Option<u32>,
+}
+
+impl NbdServerOptions {
+    /// Reads the options; `legacy` selects SocketAddressLegacy for `addr` (QMP's form).
+    pub fn read(value: Value, ctx: &Ctx, legacy: bool) -> Result<Self, QmpError> {
+        let mut f = Fields::new(value, ctx)?;
+        let addr = match legacy {
+            true => f.required::<SocketAddressLegacy>("addr")?.0,
+            false => f.required("addr")?,
+        };
+        let options = Self {
+            addr,
+            tls_creds: f.optional("tls-creds")?,
+            tls_authz: f.optional("tls-authz")?,
+            max_connections: f.optional("max-connections")?,
+            handshake_max_seconds: f.optional("handshake-max-seconds")?,
+        };
+        f.finish()?;
+        Ok(options)
+    }
+}
+
+qapi_enum!(BlockExportType { Nbd = "nbd", VhostUserBlk = "vhost-user-blk", Fuse = "fuse", VduseBlk = "vduse-blk" });
+qapi_enum!(BlockExportRemoveMode { Safe = "safe", Hard = "hard" });
+
+/// BlockDirtyBitmapOrStr: a bitmap on the exported node by name, or `{node, name}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlockDirtyBitmapOrStr {
+    Local(String),
+    External { node: String, name: String },
+}
+
+impl FromQapi for BlockDirtyBitmapOrStr {
+    fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
+        if value.is_string() {
+            return String::from_qapi(value, ctx).map(Self::Local);
+        }
+        let mut f = Fields::new(value, ctx)?;
+        let r = Self::External {
+            node: f.required("node")?,
+            name: f.required("name")?,
+        };
+        f.finish()?;
+        Ok(r)
+    }
+}
+
+/// BlockExportIothreads: one iothread name or a list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlockExportIothreads {
+    Single(String),
+    Multi(Vec<String>),
+}
+
+impl FromQapi for BlockExportIothreads {
+    fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
+        match value {
+            Value::Array(_) => Vec::from_qapi(value, ctx).map(Self::Multi),
+            other => String::from_qapi(other, ctx).map(Self::Single),
+        }
+    }
+}
+
+/// The NBD branch of BlockExportOptions.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct BlockExportOptionsNbd {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub bitmaps: Option<Vec<BlockDirtyBitmapOrStr>>,
+    pub allocation_depth: Option<bool>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockExportOptions {
+    pub r#type: BlockExportType,
+    pub id: String,
+    pub node_name: String,
+    pub writable: Option<bool>,
+    pub writethrough: Option<bool>,
+    pub iothread: Option<BlockExportIothreads>,
+    pub fixed_iothread: Option<bool>,
+    pub allow_inactive: Option<bool>,
+    /// Present for `type: nbd`; other types are read but not implemented.
+    pub nbd: Option<BlockExportOptionsNbd>,
+}
+
+impl FromQapi for BlockExportOptions {
+    fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
+        let mut f = Fields::new(value, ctx)?;
+        let r#type: BlockExportType = f.required("type")?;
+        let mut options = Self {
+            r#type,
+            id: f.required("id")?,
+            fixed_iothread: f.optional("fixed-iothread")?,
+            iothread: f.optional("iothread")?,
+            node_name: f.required("node-name")?,
+            writable: f.optional("writable")?,
+            writethrough: f.optional("writethrough")?,
+            allow_inactive: f.optional("allow-inactive")?,
+            nbd: None,
+        };
+        if r#type != BlockExportType::Nbd {
+            f.discard_rest();
+            return Ok(options);
+        }
+        options.nbd = Some(BlockExportOptionsNbd {
+            name: f.optional("name")?,
+            description: f.optional("description")?,
+            bitmaps: f.optional("bitmaps")?,
+            allocation_depth: f.optional("allocation-depth")?,
+        });
+        f.finish()?;
+        Ok(options)
+    }
+}
+
+/// nbd-server-add's arguments (deprecated command).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NbdServerAddOptions {
+    pub device: String,
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub writable: Option<bool>,
+    pub bitmap: Option<String>,
+}
+
+impl FromQapi for NbdServerAddOptions {
+    fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
+        let mut f = Fields::new(value, ctx)?;
+        let r = Self {
+            name: f.optional("name")?,
+            description: f.optional("description")?,
+            bitmap: f.optional("bitmap")?,
+            device: f.required("device")?,
+            writable: f.optional("writable")?,
+        };
+        f.finish()?;
+        Ok(r)
+    }
+}
+
+/// block-export-del (`id`) and nbd-server-remove (`name`): the key plus an optional mode.
+pub fn read_removal(value: Value, ctx: &Ctx, key: &str) -> Result<(String, Option<BlockExportRemoveMode>), QmpError> {
+    let mut f = Fields::new(value, ctx)?;
+    let id: String = f.required(key)?;
+    let mode = f.optional("mode")?;
+    f.finish()?;
+    Ok((id, mode))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::visitor::{from_value, InputMode};
+    use serde_json::json;
+
+    #[test]
+    fn test_export_missing_id() {
+        let e = from_value::<BlockExportOptions>(json!({"type": "nbd", "node-name": "n"}), InputMode::Json).unwrap_err();
+        assert_eq!(e.desc, "Parameter 'id' is missing");
+    }
+
+    #[test]
+    fn test_export_keyval_writable_on() {
+        let v = json!({"type": "nbd", "id": "e", "node-name": "n", "writable": "on", "bitmaps": ["b0"]});
+        let o: BlockExportOptions = from_value(v, InputMode::Keyval).unwrap();
+        assert_eq!(o.writable, Some(true));
+        assert_eq!(o.nbd.unwrap().bitmaps, Some(vec![BlockDirtyBitmapOrStr::Local("b0".into())]));
+    }
+
+    #[test]
+    fn test_export_json_writable_string_is_type_error() {
+        let v = json!({"type": "nbd", "id": "e", "node-name": "n", "writable": "yes"});
+        let e = from_value::<BlockExportOptions>(v, InputMode::Json).unwrap_err();
+        assert_eq!(e.desc, "Invalid parameter type for 'writable', expected: boolean");
+    }
+
+    #[test]
+    fn test_export_unexpected_member() {
+        let v = json!({"type": "nbd", "id": "e", "node-name": "n", "bogus": 1});
+        let e = from_value::<BlockExportOptions>(v, InputMode::Json).unwrap_err();
+        assert_eq!(e.desc, "Parameter 'bogus' is unexpected");
+    }
+
+    #[test]
+    fn test_server_options_legacy_inet() {
+        let v = json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "10809"}}});
+        let o = NbdServerOptions::read(v, &Ctx::root(InputMode::Json), true).unwrap();
+        assert!(matches!(o.addr, SocketAddress::Inet(ref i) if i.port == "10809"));
+    }
+}
