@@ -58,9 +58,4 @@ impl Reply {
         }
         Ok(())
     }
-
-    /// Hands the data buffer back for reuse once written.
-    pub fn into_data(self) -> Option<IoBuf> {
-        self.data
-    }
 }

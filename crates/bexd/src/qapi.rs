@@ -1,0 +1,256 @@
+//! QAPI arguments (crate `qmp`) turned into the daemon's own configuration
+//! types, with QEMU's semantic checks and defaults. This is the one place
+//! where wire shapes meet daemon types; both the CLI and QMP come through here.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use block::drivers::file::{AioMode, LockingMode};
+use qmp::schema::block_core::{
+    BlockdevAioOptions, BlockdevDiscardOptions, BlockdevOptions, BlockdevRef, BlockdevSpecific, OnOffAuto,
+};
+use qmp::schema::block_export::{
+    read_removal, BlockExportIothreads, BlockExportOptions, BlockExportRemoveMode, BlockExportType,
+    NbdServerAddOptions, NbdServerOptions,
+};
+use qmp::schema::char::{ChardevSocket, MonitorOptions};
+use qmp::schema::sockets::SocketAddress;
+use qmp::visitor::{from_value, Ctx, Fields, InputMode};
+use qmp::QmpError;
+use serde_json::Value;
+
+use crate::blockdev::{is_well_formed_id, ChildRef, NodeOptions, NodeSpec};
+use crate::daemon::RemoveMode;
+use crate::export::ExportConfig;
+use crate::monitor::{ChardevAddr, ChardevConfig};
+use crate::nbd_server::{ListenAddr, NbdServerConfig};
+
+/// QEMU's limit on export names and descriptions (NBD_MAX_STRING_SIZE).
+const MAX_STRING: usize = 4096;
+/// null-co's default size.
+const NULL_DEFAULT_SIZE: u64 = 1 << 30;
+
+pub fn node_options(value: Value, mode: InputMode) -> Result<NodeOptions, QmpError> {
+    convert_node(from_value::<BlockdevOptions>(value, mode)?)
+}
+
+fn convert_node(o: BlockdevOptions) -> Result<NodeOptions, QmpError> {
+    let base = o.base;
+    let cache = base.cache.unwrap_or_default();
+    let spec = match o.specific {
+        BlockdevSpecific::File(f) => NodeSpec::File {
+            filename: PathBuf::from(f.filename),
+            aio: match f.aio {
+                None | Some(BlockdevAioOptions::Threads) => AioMode::Threads,
+                Some(BlockdevAioOptions::Native) => AioMode::Native,
+                Some(BlockdevAioOptions::IoUring) => AioMode::IoUring,
+            },
+            locking: match f.locking {
+                None | Some(OnOffAuto::Auto) => LockingMode::Auto,
+                Some(OnOffAuto::On) => LockingMode::On,
+                Some(OnOffAuto::Off) => LockingMode::Off,
+            },
+        },
+        BlockdevSpecific::Raw { file, offset, size } => NodeSpec::Raw {
+            file: child_ref(file)?,
+            offset: non_negative(offset.unwrap_or(0), "offset")?,
+            size: size.map(|s| non_negative(s, "size")).transpose()?,
+        },
+        BlockdevSpecific::Null { size, read_zeroes, .. } => NodeSpec::Null {
+            size: size.map(|s| non_negative(s, "size")).transpose()?.unwrap_or(NULL_DEFAULT_SIZE),
+            read_zeroes: read_zeroes.unwrap_or(false),
+        },
+        BlockdevSpecific::Qcow2 { .. } => {
+            return Err(QmpError::generic(
+                "Driver 'qcow2' is not supported by bexd yet",
+            ))
+        }
+    };
+    Ok(NodeOptions {
+        node_name: base.node_name,
+        read_only: base.read_only.unwrap_or(false),
+        auto_read_only: base.auto_read_only.unwrap_or(false),
+        discard: base.discard == Some(BlockdevDiscardOptions::Unmap),
+        cache_direct: cache.direct.unwrap_or(false),
+        cache_no_flush: cache.no_flush.unwrap_or(false),
+        spec,
+    })
+}
+
+fn child_ref(r: BlockdevRef) -> Result<ChildRef, QmpError> {
+    match r {
+        BlockdevRef::Reference(name) => Ok(ChildRef::Name(name)),
+        BlockdevRef::Definition(o) => convert_node(*o).map(|n| ChildRef::Inline(Box::new(n))),
+    }
+}
+
+fn non_negative(v: i64, name: &str) -> Result<u64, QmpError> {
+    u64::try_from(v).map_err(|_| {
+        QmpError::generic(format!("Value '{v}' is out of range for parameter '{name}'"))
+    })
+}
+
+pub fn nbd_server_config(value: Value, legacy: bool, mode: InputMode) -> Result<NbdServerConfig, QmpError> {
+    let o = NbdServerOptions::read(value, &Ctx::root(mode), legacy)?;
+    let addr = match o.addr {
+        SocketAddress::Inet(i) => ListenAddr::Tcp {
+            host: i.host,
+            port: i.port,
+        },
+        SocketAddress::Unix(u) => ListenAddr::Unix {
+            path: PathBuf::from(u.path),
+        },
+        SocketAddress::Fd { str } => ListenAddr::Fd {
+            fd: str.parse().map_err(|_| {
+                QmpError::generic(format!("Monitor file descriptor names are not supported: '{str}'"))
+            })?,
+        },
+        SocketAddress::Vsock { .. } => {
+            return Err(QmpError::generic("vsock addresses are not supported by bexd"))
+        }
+    };
+    Ok(NbdServerConfig {
+        addr,
+        tls_creds: o.tls_creds,
+        tls_authz: o.tls_authz,
+        max_connections: o.max_connections.unwrap_or(100),
+        handshake_max: match o.handshake_max_seconds.unwrap_or(10) {
+            0 => None,
+            s => Some(Duration::from_secs(u64::from(s))),
+        },
+    })
+}
+
+/// block-export-add / --export: the config and the node it exports.
+pub fn export_config(value: Value, mode: InputMode) -> Result<(ExportConfig, String), QmpError> {
+    let o: BlockExportOptions = from_value(value, mode)?;
+    if o.r#type != BlockExportType::Nbd {
+        return Err(QmpError::generic(format!(
+            "Export type '{}' is not supported by bexd (only 'nbd')",
+            o.r#type.as_str()
+        )));
+    }
+    if !is_well_formed_id(&o.id) {
+        return Err(QmpError::generic("Invalid block export id"));
+    }
+    match &o.iothread {
+        Some(BlockExportIothreads::Multi(_)) => {
+            return Err(QmpError::generic("NBD export does not support multi-threading"))
+        }
+        Some(BlockExportIothreads::Single(name)) => {
+            return Err(QmpError::generic(format!("iothread \"{name}\" not found")))
+        }
+        None => {}
+    }
+    let nbd = o.nbd.unwrap_or_default();
+    if let Some(bitmap) = nbd.bitmaps.as_ref().and_then(|b| b.first()) {
+        let name = match bitmap {
+            qmp::schema::block_export::BlockDirtyBitmapOrStr::Local(n) => n,
+            qmp::schema::block_export::BlockDirtyBitmapOrStr::External { name, .. } => name,
+        };
+        return Err(QmpError::generic(format!("Bitmap '{name}' is not found")));
+    }
+    let config = checked_config(
+        o.id,
+        nbd.name.unwrap_or_else(|| o.node_name.clone()),
+        nbd.description,
+        o.writable.unwrap_or(false),
+        o.writethrough.unwrap_or(false),
+        nbd.allocation_depth.unwrap_or(false),
+    )?;
+    Ok((config, o.node_name))
+}
+
+/// nbd-server-add: the export's id is its name, which defaults to the device.
+pub fn nbd_server_add_config(value: Value) -> Result<(ExportConfig, String), QmpError> {
+    let o: NbdServerAddOptions = from_value(value, InputMode::Json)?;
+    if let Some(bitmap) = &o.bitmap {
+        return Err(QmpError::generic(format!("Bitmap '{bitmap}' is not found")));
+    }
+    let name = o.name.unwrap_or_else(|| o.device.clone());
+    let config = checked_config(
+        name.clone(),
+        name,
+        o.description,
+        o.writable.unwrap_or(false),
+        false,
+        false,
+    )?;
+    Ok((config, o.device))
+}
+
+fn checked_config(
+    id: String,
+    name: String,
+    description: Option<String>,
+    writable: bool,
+    writethrough: bool,
+    allocation_depth: bool,
+) -> Result<ExportConfig, QmpError> {
+    if name.len() > MAX_STRING {
+        return Err(QmpError::generic(format!("export name '{name}' too long")));
+    }
+    if let Some(d) = description.as_ref().filter(|d| d.len() > MAX_STRING) {
+        return Err(QmpError::generic(format!("description '{d}' too long")));
+    }
+    Ok(ExportConfig {
+        id,
+        name,
+        description,
+        writable,
+        writethrough,
+        allocation_depth,
+    })
+}
+
+/// block-export-del (`key` = "id") and nbd-server-remove (`key` = "name").
+pub fn export_removal(value: Value, key: &str) -> Result<(String, RemoveMode), QmpError> {
+    let (id, mode) = read_removal(value, &Ctx::root(InputMode::Json), key)?;
+    let mode = match mode {
+        None | Some(BlockExportRemoveMode::Safe) => RemoveMode::Safe,
+        Some(BlockExportRemoveMode::Hard) => RemoveMode::Hard,
+    };
+    Ok((id, mode))
+}
+
+/// blockdev-del's single argument.
+pub fn node_name_arg(value: Value) -> Result<String, QmpError> {
+    let mut f = Fields::new(value, &Ctx::root(InputMode::Json))?;
+    let name: String = f.required("node-name")?;
+    f.finish()?;
+    Ok(name)
+}
+
+/// `--chardev socket,...` (keyval only, as in qemu-storage-daemon).
+pub fn chardev_config(value: Value) -> Result<ChardevConfig, QmpError> {
+    let c: ChardevSocket = from_value(value, InputMode::Keyval)?;
+    if c.server == Some(false) {
+        return Err(QmpError::generic(
+            "bexd monitors listen: use server=on (client chardevs are not supported)",
+        ));
+    }
+    let addr = match (c.path, c.host, c.port) {
+        (Some(path), None, None) => ChardevAddr::Unix(PathBuf::from(path)),
+        (None, host, Some(port)) => ChardevAddr::Tcp {
+            host: host.unwrap_or_else(|| "0.0.0.0".into()),
+            port: port
+                .parse()
+                .map_err(|_| QmpError::generic(format!("Parameter 'port' expects a port number, got '{port}'")))?,
+        },
+        _ => {
+            return Err(QmpError::generic(
+                "chardev: socket needs either 'path', or 'host' and 'port'",
+            ))
+        }
+    };
+    Ok(ChardevConfig { id: c.id, addr })
+}
+
+/// `--monitor`: the chardev it runs on (only QMP monitors exist in a storage daemon).
+pub fn monitor_chardev(value: Value, mode: InputMode) -> Result<String, QmpError> {
+    let m: MonitorOptions = from_value(value, mode)?;
+    if m.mode == Some(qmp::schema::char::MonitorMode::Readline) {
+        return Err(QmpError::generic("Only QMP is supported"));
+    }
+    Ok(m.chardev)
+}
