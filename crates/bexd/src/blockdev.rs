@@ -77,7 +77,11 @@ pub fn add(daemon: &Arc<Daemon>, value: Value, mode: InputMode) -> Result<String
 }
 
 /// Opens a node (and its inline children) and registers it; returns its name.
-pub fn open(daemon: &Arc<Daemon>, options: NodeOptions, implicit: bool) -> Result<String, QmpError> {
+pub fn open(
+    daemon: &Arc<Daemon>,
+    options: NodeOptions,
+    implicit: bool,
+) -> Result<String, QmpError> {
     let name = match &options.node_name {
         Some(n) => {
             check_node_name(n)?;
@@ -149,7 +153,8 @@ fn open_driver(daemon: &Arc<Daemon>, options: &NodeOptions) -> Result<Opened, Qm
                     "Cannot find device='{child_name}' nor node-name='{child_name}'"
                 ))
             })?;
-            let driver = RawDriver::new(child, *offset, *size, options.discard).map_err(block_error)?;
+            let driver =
+                RawDriver::new(child, *offset, *size, options.discard).map_err(block_error)?;
             Ok((Arc::new(driver), vec![child_name], filename))
         }
         NodeSpec::Null { size, read_zeroes } => {

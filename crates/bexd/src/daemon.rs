@@ -264,21 +264,17 @@ impl Daemon {
             .is_some_and(|s| s.max_connections() != 1)
     }
 
-    pub fn add_export_config(
-        &self,
-        config: ExportConfig,
-        node_name: &str,
-    ) -> Result<(), QmpError> {
+    pub fn add_export_config(&self, config: ExportConfig, node_name: &str) -> Result<(), QmpError> {
         if self.state().nbd.is_none() {
             return Err(QmpError::generic("NBD server not running"));
         }
         let node = self.find_node(node_name).ok_or_else(|| {
-            QmpError::generic(format!(
-                "Cannot find device='' nor node-name='{node_name}'"
-            ))
+            QmpError::generic(format!("Cannot find device='' nor node-name='{node_name}'"))
         })?;
         if config.writable && node.read_only() {
-            return Err(QmpError::generic("Cannot export read-only node as writable"));
+            return Err(QmpError::generic(
+                "Cannot export read-only node as writable",
+            ));
         }
         self.add_export(Export::new(config, node))
     }
@@ -290,7 +286,12 @@ impl Daemon {
 
     /// Flushes every node; used at shutdown so nothing acknowledged is left in caches.
     pub async fn flush_all(&self) {
-        let nodes: Vec<Arc<BlockNode>> = self.state().nodes.values().map(|e| e.node.clone()).collect();
+        let nodes: Vec<Arc<BlockNode>> = self
+            .state()
+            .nodes
+            .values()
+            .map(|e| e.node.clone())
+            .collect();
         for node in nodes {
             if node.read_only() {
                 continue;

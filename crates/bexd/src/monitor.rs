@@ -156,7 +156,9 @@ async fn handle_item(
     item: Result<Value, QmpError>,
     out: &mut String,
 ) {
-    let parsed = item.map_err(|e| (e, None)).and_then(|v| wire::parse_request(v, session.oob));
+    let parsed = item
+        .map_err(|e| (e, None))
+        .and_then(|v| wire::parse_request(v, session.oob));
     let request = match parsed {
         Ok(r) => r,
         Err((e, id)) => {
@@ -178,7 +180,9 @@ async fn handle_item(
 }
 
 fn drain_events(session: &mut Session, out: &mut String) {
-    let Some(rx) = &mut session.events else { return };
+    let Some(rx) = &mut session.events else {
+        return;
+    };
     loop {
         match rx.try_recv() {
             Ok(ev) => out.push_str(&wire::encode_event(ev.name, ev.data.as_ref(), ev.time)),
@@ -188,7 +192,11 @@ fn drain_events(session: &mut Session, out: &mut String) {
     }
 }
 
-async fn execute(daemon: &Arc<Daemon>, session: &mut Session, request: &Request) -> Result<Value, QmpError> {
+async fn execute(
+    daemon: &Arc<Daemon>,
+    session: &mut Session,
+    request: &Request,
+) -> Result<Value, QmpError> {
     if request.command == "qmp_capabilities" {
         return negotiate(daemon, session, request);
     }
@@ -207,7 +215,11 @@ async fn execute(daemon: &Arc<Daemon>, session: &mut Session, request: &Request)
     commands::dispatch(daemon, &request.command, request.arguments.clone()).await
 }
 
-fn negotiate(daemon: &Arc<Daemon>, session: &mut Session, request: &Request) -> Result<Value, QmpError> {
+fn negotiate(
+    daemon: &Arc<Daemon>,
+    session: &mut Session,
+    request: &Request,
+) -> Result<Value, QmpError> {
     if session.negotiated {
         return Err(QmpError::new(
             ErrorClass::CommandNotFound,
@@ -217,7 +229,9 @@ fn negotiate(daemon: &Arc<Daemon>, session: &mut Session, request: &Request) -> 
     let mut oob = false;
     for (key, value) in &request.arguments {
         if key != "enable" {
-            return Err(QmpError::generic(format!("Parameter '{key}' is unexpected")));
+            return Err(QmpError::generic(format!(
+                "Parameter '{key}' is unexpected"
+            )));
         }
         let Some(list) = value.as_array() else {
             return Err(QmpError::generic(

@@ -37,7 +37,8 @@ pub fn daemonize() -> std::io::Result<Forked> {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: pipe2 succeeded, so both descriptors are open and owned by us alone.
-    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     // SAFETY: the process is single-threaded here (no runtime yet), so the
     // child may continue running arbitrary Rust code after fork.
     match unsafe { libc::fork() } {
@@ -60,7 +61,11 @@ pub fn daemonize() -> std::io::Result<Forked> {
 }
 
 fn redirect_stdio_to_null() {
-    let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") else {
+    let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    else {
         return;
     };
     for target in 0..3 {

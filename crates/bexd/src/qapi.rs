@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use block::drivers::file::{AioMode, LockingMode};
 use qmp::schema::block_core::{
-    BlockdevAioOptions, BlockdevDiscardOptions, BlockdevOptions, BlockdevRef, BlockdevSpecific, OnOffAuto,
+    BlockdevAioOptions, BlockdevDiscardOptions, BlockdevOptions, BlockdevRef, BlockdevSpecific,
+    OnOffAuto,
 };
 use qmp::schema::block_export::{
     read_removal, BlockExportIothreads, BlockExportOptions, BlockExportRemoveMode, BlockExportType,
@@ -56,8 +57,13 @@ fn convert_node(o: BlockdevOptions) -> Result<NodeOptions, QmpError> {
             offset: non_negative(offset.unwrap_or(0), "offset")?,
             size: size.map(|s| non_negative(s, "size")).transpose()?,
         },
-        BlockdevSpecific::Null { size, read_zeroes, .. } => NodeSpec::Null {
-            size: size.map(|s| non_negative(s, "size")).transpose()?.unwrap_or(NULL_DEFAULT_SIZE),
+        BlockdevSpecific::Null {
+            size, read_zeroes, ..
+        } => NodeSpec::Null {
+            size: size
+                .map(|s| non_negative(s, "size"))
+                .transpose()?
+                .unwrap_or(NULL_DEFAULT_SIZE),
             read_zeroes: read_zeroes.unwrap_or(false),
         },
         BlockdevSpecific::Qcow2 { .. } => {
@@ -86,11 +92,17 @@ fn child_ref(r: BlockdevRef) -> Result<ChildRef, QmpError> {
 
 fn non_negative(v: i64, name: &str) -> Result<u64, QmpError> {
     u64::try_from(v).map_err(|_| {
-        QmpError::generic(format!("Value '{v}' is out of range for parameter '{name}'"))
+        QmpError::generic(format!(
+            "Value '{v}' is out of range for parameter '{name}'"
+        ))
     })
 }
 
-pub fn nbd_server_config(value: Value, legacy: bool, mode: InputMode) -> Result<NbdServerConfig, QmpError> {
+pub fn nbd_server_config(
+    value: Value,
+    legacy: bool,
+    mode: InputMode,
+) -> Result<NbdServerConfig, QmpError> {
     let o = NbdServerOptions::read(value, &Ctx::root(mode), legacy)?;
     let addr = match o.addr {
         SocketAddress::Inet(i) => ListenAddr::Tcp {
@@ -102,11 +114,15 @@ pub fn nbd_server_config(value: Value, legacy: bool, mode: InputMode) -> Result<
         },
         SocketAddress::Fd { str } => ListenAddr::Fd {
             fd: str.parse().map_err(|_| {
-                QmpError::generic(format!("Monitor file descriptor names are not supported: '{str}'"))
+                QmpError::generic(format!(
+                    "Monitor file descriptor names are not supported: '{str}'"
+                ))
             })?,
         },
         SocketAddress::Vsock { .. } => {
-            return Err(QmpError::generic("vsock addresses are not supported by bexd"))
+            return Err(QmpError::generic(
+                "vsock addresses are not supported by bexd",
+            ))
         }
     };
     Ok(NbdServerConfig {
@@ -135,7 +151,9 @@ pub fn export_config(value: Value, mode: InputMode) -> Result<(ExportConfig, Str
     }
     match &o.iothread {
         Some(BlockExportIothreads::Multi(_)) => {
-            return Err(QmpError::generic("NBD export does not support multi-threading"))
+            return Err(QmpError::generic(
+                "NBD export does not support multi-threading",
+            ))
         }
         Some(BlockExportIothreads::Single(name)) => {
             return Err(QmpError::generic(format!("iothread \"{name}\" not found")))
@@ -233,9 +251,11 @@ pub fn chardev_config(value: Value) -> Result<ChardevConfig, QmpError> {
         (Some(path), None, None) => ChardevAddr::Unix(PathBuf::from(path)),
         (None, host, Some(port)) => ChardevAddr::Tcp {
             host: host.unwrap_or_else(|| "0.0.0.0".into()),
-            port: port
-                .parse()
-                .map_err(|_| QmpError::generic(format!("Parameter 'port' expects a port number, got '{port}'")))?,
+            port: port.parse().map_err(|_| {
+                QmpError::generic(format!(
+                    "Parameter 'port' expects a port number, got '{port}'"
+                ))
+            })?,
         },
         _ => {
             return Err(QmpError::generic(

@@ -98,7 +98,10 @@ pub fn main(args: &[String]) -> i32 {
 
 async fn set_up(daemon: &Arc<Daemon>, args: &ServeArgs) -> Result<Option<PidFile>, String> {
     if args.format != "raw" {
-        return Err(format!("unsupported format '{}' (supported: raw)", args.format));
+        return Err(format!(
+            "unsupported format '{}' (supported: raw)",
+            args.format
+        ));
     }
     let file = NodeOptions {
         node_name: None,
@@ -149,13 +152,17 @@ async fn set_up(daemon: &Arc<Daemon>, args: &ServeArgs) -> Result<Option<PidFile
         writethrough: false,
         allocation_depth: false,
     };
-    daemon.add_export_config(export, "disk0").map_err(|e| e.desc)?;
+    daemon
+        .add_export_config(export, "disk0")
+        .map_err(|e| e.desc)?;
     if let Some(path) = &args.qmp {
         let chardev = ChardevConfig {
             id: "qmp0".into(),
             addr: ChardevAddr::Unix(path.clone()),
         };
-        crate::monitor::start_monitor(daemon, &chardev).await.map_err(|e| e.desc)?;
+        crate::monitor::start_monitor(daemon, &chardev)
+            .await
+            .map_err(|e| e.desc)?;
     }
     let pidfile = args.pidfile.as_deref().map(PidFile::create).transpose()?;
     let bound = daemon.state().nbd.as_ref().map(|s| s.bound_addr().clone());

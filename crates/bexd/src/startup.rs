@@ -90,7 +90,10 @@ fn run_daemon(options: Vec<CliOption>) -> i32 {
 }
 
 /// Applies every option in order; the first failure names its option.
-async fn apply_options(daemon: &Arc<Daemon>, options: &[CliOption]) -> Result<Option<PidFile>, String> {
+async fn apply_options(
+    daemon: &Arc<Daemon>,
+    options: &[CliOption],
+) -> Result<Option<PidFile>, String> {
     let mut pidfile_path = None;
     for option in options {
         let described = |e: String| match option.argument() {
@@ -100,8 +103,12 @@ async fn apply_options(daemon: &Arc<Daemon>, options: &[CliOption]) -> Result<Op
         match option {
             CliOption::Pidfile(p) => pidfile_path = Some(p.clone()),
             CliOption::Daemonize => {}
-            CliOption::Trace(_) => tracing::warn!("-T/--trace is accepted but ignored; use BEXD_LOG"),
-            _ => apply_one(daemon, option).await.map_err(|e| described(e.desc))?,
+            CliOption::Trace(_) => {
+                tracing::warn!("-T/--trace is accepted but ignored; use BEXD_LOG")
+            }
+            _ => apply_one(daemon, option)
+                .await
+                .map_err(|e| described(e.desc))?,
         }
     }
     // Written once everything exists, before clients can rely on it (as QEMU does).
@@ -142,9 +149,8 @@ async fn apply_one(daemon: &Arc<Daemon>, option: &CliOption) -> Result<(), QmpEr
             let (value, mode) = option_value(s, Some("chardev"))?;
             let chardev_id = qapi::monitor_chardev(value, mode)?;
             let chardev = daemon.state().chardevs.get(&chardev_id).cloned();
-            let chardev = chardev.ok_or_else(|| {
-                QmpError::generic(format!("chardev \"{chardev_id}\" not found"))
-            })?;
+            let chardev = chardev
+                .ok_or_else(|| QmpError::generic(format!("chardev \"{chardev_id}\" not found")))?;
             monitor::start_monitor(daemon, &chardev).await
         }
         CliOption::Object(s) => {
@@ -166,7 +172,8 @@ fn option_value(s: &str, implied_key: Option<&str>) -> Result<(Value, InputMode)
             .map_err(|e| QmpError::generic(format!("JSON parse error, {e}")))?;
         return Ok((v, InputMode::Json));
     }
-    let v = qmp::keyval::parse_keyval(s, implied_key).map_err(|e| QmpError::generic(e.to_string()))?;
+    let v =
+        qmp::keyval::parse_keyval(s, implied_key).map_err(|e| QmpError::generic(e.to_string()))?;
     Ok((v, InputMode::Keyval))
 }
 
@@ -208,7 +215,10 @@ async fn wait_for_stop(daemon: &Daemon) {
 pub async fn shut_down(daemon: &Arc<Daemon>) {
     daemon.shutdown.cancel();
     daemon.tasks.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, daemon.tasks.wait()).await.is_err() {
+    if tokio::time::timeout(DRAIN_TIMEOUT, daemon.tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}");
     }
     daemon.remove_all_exports();

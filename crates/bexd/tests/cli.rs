@@ -29,7 +29,10 @@ fn test_unknown_option_exits_1_with_one_line() {
 
 #[test]
 fn test_missing_file_names_the_option_and_the_file() {
-    let out = bexd(&["--blockdev", "driver=file,node-name=f0,filename=/nonexistent/x.img"]);
+    let out = bexd(&[
+        "--blockdev",
+        "driver=file,node-name=f0,filename=/nonexistent/x.img",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let line = stderr_line(&out);
     assert!(line.starts_with("bexd: --blockdev driver=file,"), "{line}");
@@ -41,7 +44,10 @@ fn test_export_before_its_node_is_refused() {
     let out = bexd(&["--export", "type=nbd,id=e0,node-name=n0"]);
     assert_eq!(out.status.code(), Some(1));
     let line = stderr_line(&out);
-    assert!(line.starts_with("bexd: --export type=nbd,id=e0,node-name=n0: "), "{line}");
+    assert!(
+        line.starts_with("bexd: --export type=nbd,id=e0,node-name=n0: "),
+        "{line}"
+    );
 }
 
 #[test]
@@ -95,10 +101,22 @@ fn test_daemonize_returns_after_startup_and_writes_pidfile() {
         pidfile.to_str().unwrap(),
         "--daemonize",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(wait_for(&pidfile));
-    assert!(sock.exists(), "the NBD socket exists once the parent returned");
-    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    assert!(
+        sock.exists(),
+        "the NBD socket exists once the parent returned"
+    );
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     // SAFETY: kill has no memory-safety preconditions.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -29,7 +29,8 @@ fn test_command_before_negotiation_is_command_not_found() {
     let mut reader = std::io::BufReader::new(s.try_clone().unwrap());
     let mut line = String::new();
     std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
-    (&s).write_all(b"{\"execute\": \"query-version\", \"id\": 7}\n").unwrap();
+    (&s).write_all(b"{\"execute\": \"query-version\", \"id\": 7}\n")
+        .unwrap();
     line.clear();
     std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
     let v: Value = serde_json::from_str(&line).unwrap();
@@ -53,7 +54,10 @@ fn test_unknown_command_is_command_not_found() {
     let mut q = d.qmp();
     let v = q.execute("nosuch", json!({}));
     assert_eq!(v["error"]["class"], json!("CommandNotFound"));
-    assert_eq!(v["error"]["desc"], json!("The command nosuch has not been found"));
+    assert_eq!(
+        v["error"]["desc"],
+        json!("The command nosuch has not been found")
+    );
 }
 
 #[test]
@@ -61,9 +65,15 @@ fn test_export_lifecycle_with_event_and_id_reuse() {
     let d = Daemon::start("", &null_node("n0"));
     let mut q = d.qmp();
     let add = json!({"type": "nbd", "id": "e0", "node-name": "n0", "name": "disk"});
-    assert_eq!(q.execute("block-export-add", add.clone()), json!({"return": {}}));
+    assert_eq!(
+        q.execute("block-export-add", add.clone()),
+        json!({"return": {}})
+    );
     let dup = q.execute("block-export-add", add.clone());
-    assert_eq!(dup["error"]["desc"], json!("Block export id 'e0' is already in use"));
+    assert_eq!(
+        dup["error"]["desc"],
+        json!("Block export id 'e0' is already in use")
+    );
     let list = q.execute("query-block-exports", json!({}));
     assert_eq!(
         list["return"],
@@ -113,7 +123,10 @@ fn test_safe_removal_refused_while_a_client_is_connected() {
     // The dropped client sees EOF.
     let mut rest = Vec::new();
     let _ = std::io::Read::read_to_end(&mut client, &mut rest);
-    assert_eq!(q.execute("query-block-exports", json!({})), json!({"return": []}));
+    assert_eq!(
+        q.execute("query-block-exports", json!({})),
+        json!({"return": []})
+    );
 }
 
 #[test]

@@ -97,12 +97,21 @@ mod tests {
 
     #[test]
     fn test_message_has_qemu_shape() {
-        let e = BlockError::io("Could not open '/x'", std::io::Error::from_raw_os_error(libc::ENOENT));
-        assert_eq!(e.to_string(), "Could not open '/x': No such file or directory");
+        let e = BlockError::io(
+            "Could not open '/x'",
+            std::io::Error::from_raw_os_error(libc::ENOENT),
+        );
+        assert_eq!(
+            e.to_string(),
+            "Could not open '/x': No such file or directory"
+        );
     }
 
     #[test]
     fn test_kind_without_source_maps_to_errno() {
-        assert_eq!(BlockError::new(BlockErrorKind::NotSupported, "x").errno(), libc::ENOTSUP);
+        assert_eq!(
+            BlockError::new(BlockErrorKind::NotSupported, "x").errno(),
+            libc::ENOTSUP
+        );
     }
 }

@@ -55,7 +55,10 @@ impl BlockNode {
             Some(end) if end <= size => Ok(()),
             _ => Err(BlockError::new(
                 BlockErrorKind::OutOfBounds,
-                format!("request {offset}+{len} is past the end of node '{}' ({size})", self.node_name),
+                format!(
+                    "request {offset}+{len} is past the end of node '{}' ({size})",
+                    self.node_name
+                ),
             )),
         }
     }
@@ -71,10 +74,7 @@ impl BlockNode {
     }
 
     /// Runs `f` on the blocking pool, or inline for drivers that never block.
-    async fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&dyn Driver) -> T + Send + 'static,
-    ) -> T {
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce(&dyn Driver) -> T + Send + 'static) -> T {
         if self.caps.nonblocking {
             return f(self.driver.as_ref());
         }
@@ -97,7 +97,10 @@ impl BlockNode {
     }
 
     pub async fn write(&self, buf: IoBuf, offset: u64, fua: bool) -> (IoBuf, BlockResult<()>) {
-        if let Err(e) = self.check_writable().and(self.check_range(offset, buf.len() as u64)) {
+        if let Err(e) = self
+            .check_writable()
+            .and(self.check_range(offset, buf.len() as u64))
+        {
             return (buf, Err(e));
         }
         self.run(move |d| {

@@ -68,7 +68,11 @@ impl Driver for MemDriver {
     }
 
     fn block_status(&self, _offset: u64, len: u64) -> BlockResult<Extent> {
-        Ok(Extent { len, allocated: true, zero: false })
+        Ok(Extent {
+            len,
+            allocated: true,
+            zero: false,
+        })
     }
 }
 
@@ -78,7 +82,9 @@ pub mod conformance {
     use crate::driver::{Driver, ZeroFlags};
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
     }
 
     fn read(d: &dyn Driver, offset: u64, len: usize) -> Vec<u8> {
@@ -91,8 +97,20 @@ pub mod conformance {
     pub fn run_all(d: &dyn Driver) {
         read_after_write(d);
         unaligned_write_keeps_neighbours(d);
-        write_zeroes_reads_back_zero(d, ZeroFlags { may_unmap: true, fast: false });
-        write_zeroes_reads_back_zero(d, ZeroFlags { may_unmap: false, fast: false });
+        write_zeroes_reads_back_zero(
+            d,
+            ZeroFlags {
+                may_unmap: true,
+                fast: false,
+            },
+        );
+        write_zeroes_reads_back_zero(
+            d,
+            ZeroFlags {
+                may_unmap: false,
+                fast: false,
+            },
+        );
         discard_keeps_size(d);
         block_status_is_never_empty(d);
         fua_write_and_flush_succeed(d);
@@ -114,7 +132,8 @@ pub mod conformance {
     }
 
     fn write_zeroes_reads_back_zero(d: &dyn Driver, flags: ZeroFlags) {
-        d.write_at(&pattern(65536, 3), 131072, false).expect("write");
+        d.write_at(&pattern(65536, 3), 131072, false)
+            .expect("write");
         d.write_zeroes(131072 + 4096, 32768, flags).expect("zero");
         let got = read(d, 131072, 65536);
         assert!(got[4096..4096 + 32768].iter().all(|&b| b == 0));

@@ -12,11 +12,16 @@ const MIB: u64 = 1 << 20;
 
 /// A sparse image in a directory that supports O_DIRECT (not tmpfs) when possible.
 fn image(size: u64) -> (tempfile::TempDir, FileOptions) {
-    let base = std::env::var("CARGO_TARGET_TMPDIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string());
+    let base = std::env::var("CARGO_TARGET_TMPDIR")
+        .unwrap_or_else(|_| std::env::temp_dir().display().to_string());
     let dir = tempfile::tempdir_in(base).expect("tempdir");
     let path = dir.path().join("disk.img");
     std::fs::File::create(&path).unwrap().set_len(size).unwrap();
-    let opts = FileOptions { filename: path, discard: true, ..FileOptions::default() };
+    let opts = FileOptions {
+        filename: path,
+        discard: true,
+        ..FileOptions::default()
+    };
     (dir, opts)
 }
 
@@ -47,7 +52,11 @@ fn test_file_driver_without_discard_conforms() {
 #[test]
 fn test_raw_over_file_with_offset_conforms() {
     let (_dir, opts) = image(4 * MIB);
-    let file = Arc::new(BlockNode::new("f".into(), Arc::new(FileDriver::open(&opts).unwrap()), false));
+    let file = Arc::new(BlockNode::new(
+        "f".into(),
+        Arc::new(FileDriver::open(&opts).unwrap()),
+        false,
+    ));
     let raw = RawDriver::new(file, MIB, Some(2 * MIB), true).unwrap();
     conformance::run_all(&raw);
     assert_eq!(raw.size(), 2 * MIB);
@@ -56,7 +65,11 @@ fn test_raw_over_file_with_offset_conforms() {
 #[test]
 fn test_raw_writes_land_at_offset_in_child() {
     let (_dir, opts) = image(4 * MIB);
-    let file = Arc::new(BlockNode::new("f".into(), Arc::new(FileDriver::open(&opts).unwrap()), false));
+    let file = Arc::new(BlockNode::new(
+        "f".into(),
+        Arc::new(FileDriver::open(&opts).unwrap()),
+        false,
+    ));
     let raw = RawDriver::new(file, MIB, None, false).unwrap();
     raw.write_at(b"hello", 0, false).unwrap();
     let contents = std::fs::read(&opts.filename).unwrap();
@@ -66,9 +79,15 @@ fn test_raw_writes_land_at_offset_in_child() {
 #[test]
 fn test_raw_window_past_child_is_refused_with_qemu_text() {
     let (_dir, opts) = image(MIB);
-    let file = Arc::new(BlockNode::new("f".into(), Arc::new(FileDriver::open(&opts).unwrap()), false));
+    let file = Arc::new(BlockNode::new(
+        "f".into(),
+        Arc::new(FileDriver::open(&opts).unwrap()),
+        false,
+    ));
     let err = RawDriver::new(file, 4096, Some(MIB), false).unwrap_err();
-    assert!(err.to_string().starts_with("The sum of offset (4096) and size (1048576)"));
+    assert!(err
+        .to_string()
+        .starts_with("The sum of offset (4096) and size (1048576)"));
 }
 
 #[test]
@@ -94,9 +113,15 @@ fn test_block_status_reports_holes_and_data() {
 
 #[test]
 fn test_missing_file_error_names_the_file() {
-    let opts = FileOptions { filename: "/nonexistent/disk.img".into(), ..FileOptions::default() };
+    let opts = FileOptions {
+        filename: "/nonexistent/disk.img".into(),
+        ..FileOptions::default()
+    };
     let err = FileDriver::open(&opts).unwrap_err();
-    assert_eq!(err.to_string(), "Could not open '/nonexistent/disk.img': No such file or directory");
+    assert_eq!(
+        err.to_string(),
+        "Could not open '/nonexistent/disk.img': No such file or directory"
+    );
     assert_eq!(err.kind(), BlockErrorKind::NotFound);
 }
 
@@ -106,7 +131,10 @@ fn test_second_writer_on_locked_image_is_refused() {
     let _first = FileDriver::open(&opts).unwrap();
     let err = FileDriver::open(&opts).unwrap_err();
     assert!(err.to_string().contains("lock"), "{err}");
-    let unlocked = FileOptions { locking: LockingMode::Off, ..opts };
+    let unlocked = FileOptions {
+        locking: LockingMode::Off,
+        ..opts
+    };
     assert!(FileDriver::open(&unlocked).is_ok());
 }
 
@@ -114,8 +142,14 @@ fn test_second_writer_on_locked_image_is_refused() {
 fn test_read_only_file_refuses_writes_at_the_node() {
     let (_dir, mut opts) = image(MIB);
     opts.read_only = true;
-    let node = BlockNode::new("f".into(), Arc::new(FileDriver::open(&opts).unwrap()), false);
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let node = BlockNode::new(
+        "f".into(),
+        Arc::new(FileDriver::open(&opts).unwrap()),
+        false,
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let (_, r) = rt.block_on(node.write(IoBuf::zeroed(512), 0, false));
     assert_eq!(r.unwrap_err().kind(), BlockErrorKind::ReadOnly);
 }
@@ -123,7 +157,9 @@ fn test_read_only_file_refuses_writes_at_the_node() {
 #[test]
 fn test_node_refuses_out_of_range_read() {
     let node = BlockNode::new("n".into(), Arc::new(MemDriver::new(4096)), false);
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let (_, r) = rt.block_on(node.read(IoBuf::zeroed(512), 4000));
     assert_eq!(r.unwrap_err().kind(), BlockErrorKind::OutOfBounds);
 }
@@ -131,12 +167,23 @@ fn test_node_refuses_out_of_range_read() {
 #[test]
 fn test_node_round_trips_through_blocking_pool() {
     let (_dir, opts) = image(MIB);
-    let node = BlockNode::new("f".into(), Arc::new(FileDriver::open(&opts).unwrap()), false);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).build().unwrap();
+    let node = BlockNode::new(
+        "f".into(),
+        Arc::new(FileDriver::open(&opts).unwrap()),
+        false,
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .build()
+        .unwrap();
     let got = rt.block_on(async {
-        let (_, w) = node.write(IoBuf::from_slice(&[7u8; 4096]), 8192, true).await;
+        let (_, w) = node
+            .write(IoBuf::from_slice(&[7u8; 4096]), 8192, true)
+            .await;
         w.unwrap();
-        node.write_zeroes(8192, 512, ZeroFlags::default()).await.unwrap();
+        node.write_zeroes(8192, 512, ZeroFlags::default())
+            .await
+            .unwrap();
         let (buf, r) = node.read(IoBuf::zeroed(4096), 8192).await;
         r.unwrap();
         buf

@@ -89,8 +89,16 @@ pub fn decode_option_reply(buf: &[u8]) -> Result<Option<(OptionReply, usize)>, C
 /// A transmission reply header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReplyHeader {
-    Simple { cookie: u64, error: NbdErrno },
-    Chunk { flags: u16, chunk: ChunkType, cookie: u64, length: u32 },
+    Simple {
+        cookie: u64,
+        error: NbdErrno,
+    },
+    Chunk {
+        flags: u16,
+        chunk: ChunkType,
+        cookie: u64,
+        length: u32,
+    },
 }
 
 /// Decodes a simple reply or structured chunk header from the front of `buf`.
@@ -103,7 +111,10 @@ pub fn decode_reply_header(buf: &[u8]) -> Result<Option<(ReplyHeader, usize)>, C
     let be64 = |i: usize| u64::from_be_bytes(buf[i..i + 8].try_into().unwrap_or_default());
     match magic {
         SIMPLE_REPLY_MAGIC if buf.len() >= SIMPLE_REPLY_LEN => Ok(Some((
-            ReplyHeader::Simple { error: NbdErrno(be32(4)), cookie: be64(8) },
+            ReplyHeader::Simple {
+                error: NbdErrno(be32(4)),
+                cookie: be64(8),
+            },
             SIMPLE_REPLY_LEN,
         ))),
         STRUCTURED_REPLY_MAGIC if buf.len() >= CHUNK_HEADER_LEN => Ok(Some((

@@ -141,6 +141,9 @@ pub(crate) mod tests {
     #[test]
     fn test_context_id_numbers_bitmaps_from_2() {
         let e = writable_export();
-        assert_eq!(e.context_id(&MetaContext::DirtyBitmap("b0".into())), Some(2));
+        assert_eq!(
+            e.context_id(&MetaContext::DirtyBitmap("b0".into())),
+            Some(2)
+        );
     }
 }

@@ -22,7 +22,13 @@ fn chunk_header(out: &mut Vec<u8>, cookie: u64, done: bool, chunk: ChunkType, le
 
 /// OFFSET_DATA chunk header plus its offset; `data_len` bytes of data follow.
 pub fn offset_data_header(out: &mut Vec<u8>, cookie: u64, done: bool, offset: u64, data_len: u32) {
-    chunk_header(out, cookie, done, ChunkType::OFFSET_DATA, data_len.saturating_add(8));
+    chunk_header(
+        out,
+        cookie,
+        done,
+        ChunkType::OFFSET_DATA,
+        data_len.saturating_add(8),
+    );
     out.extend_from_slice(&offset.to_be_bytes());
 }
 
@@ -47,7 +53,13 @@ pub fn error_chunk(out: &mut Vec<u8>, cookie: u64, error: NbdErrno, message: &st
 }
 
 /// A BLOCK_STATUS chunk: the context id and (length, flags) descriptors.
-pub fn block_status_chunk(out: &mut Vec<u8>, cookie: u64, done: bool, context_id: u32, extents: &[(u32, u32)]) {
+pub fn block_status_chunk(
+    out: &mut Vec<u8>,
+    cookie: u64,
+    done: bool,
+    context_id: u32,
+    extents: &[(u32, u32)],
+) {
     let len = 4 + 8 * extents.len() as u32;
     chunk_header(out, cookie, done, ChunkType::BLOCK_STATUS, len);
     out.extend_from_slice(&context_id.to_be_bytes());

@@ -24,7 +24,9 @@ pub enum RequestDecodeError {
     BadMagic(u32),
 }
 
-pub fn decode_request(bytes: &[u8; REQUEST_HEADER_LEN]) -> Result<RequestHeader, RequestDecodeError> {
+pub fn decode_request(
+    bytes: &[u8; REQUEST_HEADER_LEN],
+) -> Result<RequestHeader, RequestDecodeError> {
     let be32 = |i: usize| u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
     let be64 = |i: usize| (u64::from(be32(i)) << 32) | u64::from(be32(i + 4));
     let magic = be32(0);
@@ -65,9 +67,14 @@ impl RequestHeader {
 pub enum Verdict {
     Ok,
     /// Answer with this error; the connection goes on.
-    Reject { errno: NbdErrno, message: String },
+    Reject {
+        errno: NbdErrno,
+        message: String,
+    },
     /// The stream can't be resynchronised (an oversized WRITE payload): drop the client.
-    Disconnect { reason: String },
+    Disconnect {
+        reason: String,
+    },
 }
 
 fn reject(errno: NbdErrno, message: impl Into<String>) -> Verdict {
@@ -86,14 +93,27 @@ pub fn validate(header: &RequestHeader, negotiated: &Negotiated) -> Verdict {
     if cmd == CommandType::DISC {
         return Verdict::Ok;
     }
-    let writes = matches!(cmd, CommandType::WRITE | CommandType::TRIM | CommandType::WRITE_ZEROES);
-    let ranged = writes || matches!(cmd, CommandType::READ | CommandType::CACHE | CommandType::BLOCK_STATUS);
+    let writes = matches!(
+        cmd,
+        CommandType::WRITE | CommandType::TRIM | CommandType::WRITE_ZEROES
+    );
+    let ranged = writes
+        || matches!(
+            cmd,
+            CommandType::READ | CommandType::CACHE | CommandType::BLOCK_STATUS
+        );
     if !ranged && cmd != CommandType::FLUSH {
-        return reject(NbdErrno::EINVAL, format!("invalid request type ({}) received", cmd.0));
+        return reject(
+            NbdErrno::EINVAL,
+            format!("invalid request type ({}) received", cmd.0),
+        );
     }
     if header.length > MAX_PAYLOAD && cmd == CommandType::WRITE {
         return Verdict::Disconnect {
-            reason: format!("WRITE payload of {} bytes exceeds {MAX_PAYLOAD}", header.length),
+            reason: format!(
+                "WRITE payload of {} bytes exceeds {MAX_PAYLOAD}",
+                header.length
+            ),
         };
     }
     if let Some(v) = check_flags(header, negotiated) {
@@ -105,7 +125,10 @@ pub fn validate(header: &RequestHeader, negotiated: &Negotiated) -> Verdict {
     if header.length > MAX_PAYLOAD && cmd == CommandType::READ {
         return reject(
             NbdErrno::EINVAL,
-            format!("len ({}) is larger than max len ({MAX_PAYLOAD})", header.length),
+            format!(
+                "len ({}) is larger than max len ({MAX_PAYLOAD})",
+                header.length
+            ),
         );
     }
     let size = negotiated.export.size;
@@ -141,8 +164,12 @@ fn check_flags(header: &RequestHeader, negotiated: &Negotiated) -> Option<Verdic
         CommandType::BLOCK_STATUS => allowed |= CMD_FLAG_REQ_ONE,
         _ => {}
     }
-    (header.flags & !allowed != 0)
-        .then(|| reject(NbdErrno::EINVAL, format!("unsupported flags (got 0x{:x})", header.flags)))
+    (header.flags & !allowed != 0).then(|| {
+        reject(
+            NbdErrno::EINVAL,
+            format!("unsupported flags (got 0x{:x})", header.flags),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -163,7 +190,13 @@ mod tests {
     }
 
     fn req(command: CommandType, offset: u64, length: u32, flags: u16) -> RequestHeader {
-        RequestHeader { flags, command, cookie: 7, offset, length }
+        RequestHeader {
+            flags,
+            command,
+            cookie: 7,
+            offset,
+            length,
+        }
     }
 
     #[test]
@@ -184,13 +217,25 @@ mod tests {
     #[test]
     fn test_validate_write_on_read_only_is_eperm() {
         let v = validate(&req(CommandType::WRITE, 0, 512, 0), &session(true));
-        assert!(matches!(v, Verdict::Reject { errno: NbdErrno::EPERM, .. }));
+        assert!(matches!(
+            v,
+            Verdict::Reject {
+                errno: NbdErrno::EPERM,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn test_validate_write_past_end_is_enospc() {
         let v = validate(&req(CommandType::WRITE, 1 << 20, 512, 0), &session(false));
-        assert!(matches!(v, Verdict::Reject { errno: NbdErrno::ENOSPC, .. }));
+        assert!(matches!(
+            v,
+            Verdict::Reject {
+                errno: NbdErrno::ENOSPC,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -202,32 +247,65 @@ mod tests {
 
     #[test]
     fn test_validate_huge_read_is_einval() {
-        let v = validate(&req(CommandType::READ, 0, MAX_PAYLOAD + 1, 0), &session(false));
-        assert!(matches!(v, Verdict::Reject { errno: NbdErrno::EINVAL, .. }));
+        let v = validate(
+            &req(CommandType::READ, 0, MAX_PAYLOAD + 1, 0),
+            &session(false),
+        );
+        assert!(matches!(
+            v,
+            Verdict::Reject {
+                errno: NbdErrno::EINVAL,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn test_validate_huge_write_disconnects() {
-        let v = validate(&req(CommandType::WRITE, 0, MAX_PAYLOAD + 1, 0), &session(false));
+        let v = validate(
+            &req(CommandType::WRITE, 0, MAX_PAYLOAD + 1, 0),
+            &session(false),
+        );
         assert!(matches!(v, Verdict::Disconnect { .. }));
     }
 
     #[test]
     fn test_validate_offset_overflow_is_rejected() {
         let v = validate(&req(CommandType::READ, u64::MAX, 1, 0), &session(false));
-        assert!(matches!(v, Verdict::Reject { errno: NbdErrno::EINVAL, .. }));
+        assert!(matches!(
+            v,
+            Verdict::Reject {
+                errno: NbdErrno::EINVAL,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn test_validate_req_one_on_read_is_einval() {
-        let v = validate(&req(CommandType::READ, 0, 512, CMD_FLAG_REQ_ONE), &session(false));
-        assert!(matches!(v, Verdict::Reject { errno: NbdErrno::EINVAL, .. }));
+        let v = validate(
+            &req(CommandType::READ, 0, 512, CMD_FLAG_REQ_ONE),
+            &session(false),
+        );
+        assert!(matches!(
+            v,
+            Verdict::Reject {
+                errno: NbdErrno::EINVAL,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn test_validate_unknown_command_is_einval() {
         let v = validate(&req(CommandType(42), 0, 0, 0), &session(false));
-        assert!(matches!(v, Verdict::Reject { errno: NbdErrno::EINVAL, .. }));
+        assert!(matches!(
+            v,
+            Verdict::Reject {
+                errno: NbdErrno::EINVAL,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -235,6 +313,12 @@ mod tests {
         let mut s = session(false);
         s.meta_contexts.clear();
         let v = validate(&req(CommandType::BLOCK_STATUS, 0, 512, 0), &s);
-        assert!(matches!(v, Verdict::Reject { errno: NbdErrno::EINVAL, .. }));
+        assert!(matches!(
+            v,
+            Verdict::Reject {
+                errno: NbdErrno::EINVAL,
+                ..
+            }
+        ));
     }
 }

@@ -122,13 +122,13 @@ impl NbdErrno {
     pub fn from_os_errno(errno: i32) -> Self {
         match errno {
             0 => Self::OK,
-            1 | 13 | 30 => Self::EPERM,   // EPERM, EACCES, EROFS
+            1 | 13 | 30 => Self::EPERM, // EPERM, EACCES, EROFS
             5 => Self::EIO,
             12 => Self::ENOMEM,
             22 => Self::EINVAL,
             27 | 28 | 122 => Self::ENOSPC, // EFBIG, ENOSPC, EDQUOT
             75 => Self::EOVERFLOW,
-            95 => Self::ENOTSUP,           // EOPNOTSUPP == ENOTSUP on Linux
+            95 => Self::ENOTSUP, // EOPNOTSUPP == ENOTSUP on Linux
             108 => Self::ESHUTDOWN,
             _ => Self::EINVAL,
         }

@@ -79,7 +79,9 @@ fn is_key_char(c: char) -> bool {
 fn no_equals(item: &str) -> KeyvalError {
     match item.find('=') {
         Some(eq) => KeyvalError::InvalidParameter(item[..eq].to_string()),
-        None if !item.is_empty() && item.chars().all(is_key_char) => KeyvalError::ExpectedEquals(item.to_string()),
+        None if !item.is_empty() && item.chars().all(is_key_char) => {
+            KeyvalError::ExpectedEquals(item.to_string())
+        }
         None => KeyvalError::InvalidParameter(item.to_string()),
     }
 }
@@ -122,7 +124,13 @@ fn listify(value: Value, path: &str) -> Result<Value, KeyvalError> {
     if indexed > 0 && indexed != map.len() {
         return Err(KeyvalError::Inconsistent(path.to_string()));
     }
-    let join = |k: &str| if path.is_empty() { k.to_string() } else { format!("{path}.{k}") };
+    let join = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
     if indexed == 0 {
         let mut out = Map::new();
         for (k, v) in map {
@@ -133,7 +141,9 @@ fn listify(value: Value, path: &str) -> Result<Value, KeyvalError> {
     }
     let mut entries: Vec<(usize, Value)> = Vec::with_capacity(map.len());
     for (k, v) in map {
-        let index = k.parse::<usize>().map_err(|_| KeyvalError::Inconsistent(path.to_string()))?;
+        let index = k
+            .parse::<usize>()
+            .map_err(|_| KeyvalError::Inconsistent(path.to_string()))?;
         entries.push((index, listify(v, &join(&k))?));
     }
     entries.sort_by_key(|(i, _)| *i);

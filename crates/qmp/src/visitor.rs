@@ -39,7 +39,10 @@ impl Ctx {
             true => key.to_string(),
             false => format!("{}.{key}", self.path),
         };
-        Self { mode: self.mode, path }
+        Self {
+            mode: self.mode,
+            path,
+        }
     }
 
     pub fn element(&self, index: usize) -> Self {
@@ -112,13 +115,19 @@ impl Fields {
         let ctx = self.ctx.member(key);
         match self.map.remove(key) {
             Some(v) => T::from_qapi(v, &ctx),
-            None => Err(QmpError::generic(format!("Parameter '{}' is missing", ctx.path))),
+            None => Err(QmpError::generic(format!(
+                "Parameter '{}' is missing",
+                ctx.path
+            ))),
         }
     }
 
     pub fn optional<T: FromQapi>(&mut self, key: &str) -> Result<Option<T>, QmpError> {
         let ctx = self.ctx.member(key);
-        self.map.remove(key).map(|v| T::from_qapi(v, &ctx)).transpose()
+        self.map
+            .remove(key)
+            .map(|v| T::from_qapi(v, &ctx))
+            .transpose()
     }
 
     /// A discriminator's value without consuming it (flat unions read it first).
@@ -178,7 +187,9 @@ fn integer(value: Value, ctx: &Ctx) -> Result<i128, QmpError> {
             .map(i128::from)
             .or_else(|| n.as_u64().map(i128::from))
             .ok_or_else(|| ctx.invalid_type("integer")),
-        (InputMode::Keyval, Value::String(s)) => parse_int(&s).ok_or_else(|| ctx.expects("integer")),
+        (InputMode::Keyval, Value::String(s)) => {
+            parse_int(&s).ok_or_else(|| ctx.expects("integer"))
+        }
         _ => Err(ctx.invalid_type("integer")),
     }
 }
@@ -188,9 +199,14 @@ fn parse_int(s: &str) -> Option<i128> {
         Some(rest) => (true, rest),
         None => (false, s),
     };
-    let magnitude = match digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
+    let magnitude = match digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
         Some(hex) => i128::from_str_radix(hex, 16).ok()?,
-        None if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => digits.parse().ok()?,
+        None if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => {
+            digits.parse().ok()?
+        }
         None => return None,
     };
     Some(if negative { -magnitude } else { magnitude })
@@ -218,7 +234,11 @@ pub struct Size(pub u64);
 
 impl FromQapi for Size {
     fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
-        let expects = || ctx.expects("a non-negative number below 2^64 with an optional k, M, G, T, P or E suffix");
+        let expects = || {
+            ctx.expects(
+                "a non-negative number below 2^64 with an optional k, M, G, T, P or E suffix",
+            )
+        };
         match (ctx.mode, value) {
             (InputMode::Keyval, Value::String(s)) => parse_size(&s).map(Size).ok_or_else(expects),
             (_, Value::Number(n)) => n.as_u64().map(Size).ok_or_else(expects),
@@ -228,7 +248,9 @@ impl FromQapi for Size {
 }
 
 fn parse_size(s: &str) -> Option<u64> {
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (number, suffix) = s.split_at(split);
     let shift = match suffix {
         "" | "b" | "B" => 0,
@@ -243,7 +265,8 @@ fn parse_size(s: &str) -> Option<u64> {
     if number.contains('.') {
         let v: f64 = number.parse().ok()?;
         let bytes = v * (1u64 << shift) as f64;
-        return (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64);
+        return (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64)
+            .then_some(bytes as u64);
     }
     number.parse::<u64>().ok()?.checked_mul(1u64 << shift)
 }
@@ -361,14 +384,21 @@ mod tests {
 
     #[test]
     fn test_fields_leftover_is_unexpected() {
-        let mut f = Fields::new(json!({"a": "1", "bogus": 1}), &Ctx::root(InputMode::Json)).unwrap();
+        let mut f =
+            Fields::new(json!({"a": "1", "bogus": 1}), &Ctx::root(InputMode::Json)).unwrap();
         let _: String = f.required("a").unwrap();
-        assert_eq!(f.finish().unwrap_err().desc, "Parameter 'bogus' is unexpected");
+        assert_eq!(
+            f.finish().unwrap_err().desc,
+            "Parameter 'bogus' is unexpected"
+        );
     }
 
     #[test]
     fn test_vec_elements_have_indexed_paths() {
         let e = Vec::<String>::from_qapi(json!(["a", 1]), &json_ctx()).unwrap_err();
-        assert_eq!(e.desc, "Invalid parameter type for 'x[1]', expected: string");
+        assert_eq!(
+            e.desc,
+            "Invalid parameter type for 'x[1]', expected: string"
+        );
     }
 }

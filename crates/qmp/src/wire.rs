@@ -86,7 +86,9 @@ impl JsonStream {
             // QEMU's documented way for a client to resynchronise.
             return self.reset();
         }
-        if self.scalar && (b.is_ascii_whitespace() || matches!(b, b'{' | b'[' | b'}' | b']' | b'"' | b'\'')) {
+        if self.scalar
+            && (b.is_ascii_whitespace() || matches!(b, b'{' | b'[' | b'}' | b']' | b'"' | b'\''))
+        {
             self.finish_document();
         }
         match b {
@@ -171,7 +173,9 @@ impl JsonStream {
 
     /// Reports an error for the current document and ignores the rest of it.
     fn fail(&mut self, message: &str) {
-        self.ready.push_back(Err(QmpError::generic(format!("JSON parse error, {message}"))));
+        self.ready.push_back(Err(QmpError::generic(format!(
+            "JSON parse error, {message}"
+        ))));
         self.doc = Vec::new();
         self.discarding = true;
     }
@@ -212,7 +216,10 @@ pub struct Request {
 }
 
 /// Checks a document's shape as QEMU's dispatcher does; errors carry the id if readable.
-pub fn parse_request(value: Value, oob_enabled: bool) -> Result<Request, (QmpError, Option<Value>)> {
+pub fn parse_request(
+    value: Value,
+    oob_enabled: bool,
+) -> Result<Request, (QmpError, Option<Value>)> {
     let Value::Object(mut obj) = value else {
         return Err((QmpError::generic("QMP input must be a JSON object"), None));
     };
@@ -225,9 +232,14 @@ pub fn parse_request(value: Value, oob_enabled: bool) -> Result<Request, (QmpErr
         return fail(format!("QMP input member '{key}' is unexpected"), &id);
     }
     let (command, oob) = match (execute, exec_oob) {
-        (_, Some(_)) if !oob_enabled => return fail("QMP input member 'exec-oob' is unexpected".into(), &id),
+        (_, Some(_)) if !oob_enabled => {
+            return fail("QMP input member 'exec-oob' is unexpected".into(), &id)
+        }
         (Some(_), Some(_)) => {
-            return fail("QMP input must not contain both 'execute' and 'exec-oob'".into(), &id)
+            return fail(
+                "QMP input must not contain both 'execute' and 'exec-oob'".into(),
+                &id,
+            )
         }
         (Some(c), None) => (c, false),
         (None, Some(c)) => (c, true),
@@ -356,7 +368,11 @@ mod tests {
     #[test]
     fn test_stream_recovers_after_parse_error() {
         let got = parse_all(b"{\"a\": }{\"b\": 1}");
-        assert!(got[0].as_ref().unwrap_err().desc.starts_with("JSON parse error, "));
+        assert!(got[0]
+            .as_ref()
+            .unwrap_err()
+            .desc
+            .starts_with("JSON parse error, "));
         assert_eq!(got[1], Ok(json!({"b": 1})));
     }
 
@@ -372,14 +388,20 @@ mod tests {
         input.extend(vec![b']'; 100_000]);
         input.extend_from_slice(b"{\"ok\": 1}");
         let got = parse_all(&input);
-        assert_eq!(got[0].as_ref().unwrap_err().desc, "JSON parse error, JSON nesting depth limit exceeded");
+        assert_eq!(
+            got[0].as_ref().unwrap_err().desc,
+            "JSON parse error, JSON nesting depth limit exceeded"
+        );
         assert_eq!(got.last().unwrap(), &Ok(json!({"ok": 1})));
     }
 
     #[test]
     fn test_stream_stray_close_brace_is_error() {
         let got = parse_all(b"}");
-        assert_eq!(got[0].as_ref().unwrap_err().desc, "JSON parse error, expecting value");
+        assert_eq!(
+            got[0].as_ref().unwrap_err().desc,
+            "JSON parse error, expecting value"
+        );
     }
 
     #[test]
@@ -411,7 +433,11 @@ mod tests {
 
     #[test]
     fn test_encode_event_orders_timestamp_first() {
-        let s = encode_event("BLOCK_EXPORT_DELETED", Some(&json!({"id": "e0"})), UNIX_EPOCH);
+        let s = encode_event(
+            "BLOCK_EXPORT_DELETED",
+            Some(&json!({"id": "e0"})),
+            UNIX_EPOCH,
+        );
         assert!(s.starts_with("{\"timestamp\": {\"seconds\": 0, \"microseconds\": 0}, \"event\""));
         let v: Value = serde_json::from_str(&s).unwrap();
         assert_eq!(v["data"], json!({"id": "e0"}));

@@ -26,7 +26,11 @@ pub fn nbd_server_stop(daemon: &Arc<Daemon>) -> Result<Value, QmpError> {
     daemon.stop_nbd_server().map(|()| ok())
 }
 
-pub fn block_export_add(daemon: &Arc<Daemon>, value: Value, mode: InputMode) -> Result<Value, QmpError> {
+pub fn block_export_add(
+    daemon: &Arc<Daemon>,
+    value: Value,
+    mode: InputMode,
+) -> Result<Value, QmpError> {
     let (config, node_name) = qapi::export_config(value, mode)?;
     daemon.add_export_config(config, &node_name).map(|()| ok())
 }

@@ -66,7 +66,9 @@ pub async fn dispatch(daemon: &Arc<Daemon>, name: &str, args: Args) -> Result<Va
 /// Commands without arguments still refuse unknown ones, as QEMU does.
 fn no_args(_name: &str, args: Args) -> Result<(), QmpError> {
     match args.keys().next() {
-        Some(key) => Err(QmpError::generic(format!("Parameter '{key}' is unexpected"))),
+        Some(key) => Err(QmpError::generic(format!(
+            "Parameter '{key}' is unexpected"
+        ))),
         None => Ok(()),
     }
 }

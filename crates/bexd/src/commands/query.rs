@@ -17,7 +17,12 @@ pub fn version() -> Value {
 }
 
 pub fn commands() -> Value {
-    Value::Array(COMMANDS.iter().map(|name| json!({ "name": name })).collect())
+    Value::Array(
+        COMMANDS
+            .iter()
+            .map(|name| json!({ "name": name }))
+            .collect(),
+    )
 }
 
 /// Newest first, as QEMU lists them; exports still shutting down included.

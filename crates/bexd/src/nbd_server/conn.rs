@@ -113,9 +113,7 @@ async fn negotiate<S>(stream: &mut S, daemon: &Weak<Daemon>, multi_conn: bool) -
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let mut hs = ServerHandshake::new(HandshakeConfig {
-        tls: TlsMode::None,
-    });
+    let mut hs = ServerHandshake::new(HandshakeConfig { tls: TlsMode::None });
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let status = {

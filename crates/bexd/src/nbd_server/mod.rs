@@ -24,10 +24,17 @@ use crate::daemon::Daemon;
 /// Where the server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListenAddr {
-    Tcp { host: String, port: String },
-    Unix { path: PathBuf },
+    Tcp {
+        host: String,
+        port: String,
+    },
+    Unix {
+        path: PathBuf,
+    },
     /// An already listening socket passed in by file descriptor number.
-    Fd { fd: i32 },
+    Fd {
+        fd: i32,
+    },
 }
 
 impl ListenAddr {

@@ -71,14 +71,22 @@ impl Session {
 
     /// Serves requests until DISC, EOF, a protocol violation, `kick` or `shutdown`.
     /// In every case the requests already read are finished and replied first.
-    pub async fn run<R, W>(self, reader: R, writer: W, kick: CancellationToken, shutdown: CancellationToken)
-    where
+    pub async fn run<R, W>(
+        self,
+        reader: R,
+        writer: W,
+        kick: CancellationToken,
+        shutdown: CancellationToken,
+    ) where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let (tx, rx) = mpsc::unbounded_channel();
         let writer_task = tokio::spawn(write_replies(writer, rx));
-        let input = BufReader::with_capacity(256 * 1024, std::io::Cursor::new(self.leftover).chain(reader));
+        let input = BufReader::with_capacity(
+            256 * 1024,
+            std::io::Cursor::new(self.leftover).chain(reader),
+        );
         tokio::select! {
             _ = read_requests(input, self.ctx.clone(), tx) => {}
             _ = kick.cancelled() => tracing::info!("client dropped: export removed"),
@@ -115,7 +123,11 @@ async fn read_requests<R: AsyncRead + Unpin>(
             return;
         }
         let cost = 1 + (u64::from(request.length) / BUDGET_UNIT) as u32;
-        let Ok(permit) = budget.clone().acquire_many_owned(cost.min(BUDGET as u32)).await else {
+        let Ok(permit) = budget
+            .clone()
+            .acquire_many_owned(cost.min(BUDGET as u32))
+            .await
+        else {
             return;
         };
         let payload = match request.payload_len() {
@@ -255,7 +267,10 @@ async fn read(ctx: &Context, req: &RequestHeader) -> Reply {
             0..len,
         );
     } else {
-        r.push_with_data(|out| reply::simple_reply(out, req.cookie, NbdErrno(0)), 0..len);
+        r.push_with_data(
+            |out| reply::simple_reply(out, req.cookie, NbdErrno(0)),
+            0..len,
+        );
     }
     r.set_data(buf);
     r
@@ -303,7 +318,8 @@ async fn allocation_extents(
         let want = (end - pos).min(u64::from(u32::MAX) & !511);
         let e = node.block_status(pos, want).await?;
         let e_len = e.len.clamp(1, want) as u32;
-        let flags = (if e.allocated { 0 } else { STATE_HOLE }) | (if e.zero { STATE_ZERO } else { 0 });
+        let flags =
+            (if e.allocated { 0 } else { STATE_HOLE }) | (if e.zero { STATE_ZERO } else { 0 });
         match extents.last_mut() {
             Some(last) if last.1 == flags && last.0.checked_add(e_len).is_some() => last.0 += e_len,
             _ => extents.push((e_len, flags)),

@@ -26,11 +26,17 @@ impl Daemon {
         let qmp_socket = dir.path().join("qmp.sock");
         let mut args = vec![
             "--chardev".to_string(),
-            format!("socket,id=m0,path={},server=on,wait=off", qmp_socket.display()),
+            format!(
+                "socket,id=m0,path={},server=on,wait=off",
+                qmp_socket.display()
+            ),
             "--monitor".to_string(),
             "chardev=m0".to_string(),
             "--nbd-server".to_string(),
-            format!("addr.type=unix,addr.path={}{server_opts}", nbd_socket.display()),
+            format!(
+                "addr.type=unix,addr.path={}{server_opts}",
+                nbd_socket.display()
+            ),
         ];
         args.extend(extra.iter().cloned());
         let child = Command::new(env!("CARGO_BIN_EXE_bexd"))

@@ -73,13 +73,17 @@ pub struct FileDriver {
 impl FileDriver {
     pub fn open(opts: &FileOptions) -> BlockResult<Self> {
         let (file, read_only) = open_file(opts)?;
-        let meta = file
-            .metadata()
-            .map_err(|e| BlockError::io(format!("Could not stat '{}'", opts.filename.display()), e))?;
+        let meta = file.metadata().map_err(|e| {
+            BlockError::io(format!("Could not stat '{}'", opts.filename.display()), e)
+        })?;
         let block_device = meta.file_type().is_block_device();
         let size = match block_device {
-            true => block_device_size(&file)
-                .map_err(|e| BlockError::io(format!("Could not get size of '{}'", opts.filename.display()), e))?,
+            true => block_device_size(&file).map_err(|e| {
+                BlockError::io(
+                    format!("Could not get size of '{}'", opts.filename.display()),
+                    e,
+                )
+            })?,
             false => meta.len(),
         };
         if opts.locking != LockingMode::Off {
@@ -114,7 +118,7 @@ impl FileDriver {
 
     fn is_aligned(&self, offset: u64, len: usize, ptr: *const u8) -> bool {
         let a = ALIGNMENT as u64;
-        !self.direct || (offset % a == 0 && len as u64 % a == 0 && ptr as usize % ALIGNMENT == 0)
+        !self.direct || (offset.is_multiple_of(a) && (len as u64).is_multiple_of(a) && (ptr as usize).is_multiple_of(ALIGNMENT))
     }
 
     /// pread until `buf` is full; past the end of the file reads as zeroes.
@@ -161,7 +165,15 @@ impl FileDriver {
             iov_len: buf.len(),
         };
         // SAFETY: iov describes `buf`, which outlives the call; the fd is open.
-        let n = unsafe { libc::pwritev2(self.file.as_raw_fd(), &iov, 1, offset as i64, libc::RWF_DSYNC) };
+        let n = unsafe {
+            libc::pwritev2(
+                self.file.as_raw_fd(),
+                &iov,
+                1,
+                offset as i64,
+                libc::RWF_DSYNC,
+            )
+        };
         if n >= 0 && n as usize == buf.len() {
             return Ok(());
         }
@@ -224,7 +236,9 @@ fn open_file(opts: &FileOptions) -> BlockResult<(File, bool)> {
     };
     let context = || format!("Could not open '{}'", opts.filename.display());
     if opts.read_only {
-        return try_open(true).map(|f| (f, true)).map_err(|e| BlockError::io(context(), e));
+        return try_open(true)
+            .map(|f| (f, true))
+            .map_err(|e| BlockError::io(context(), e));
     }
     match try_open(false) {
         Ok(f) => Ok((f, false)),
@@ -236,7 +250,10 @@ fn open_file(opts: &FileOptions) -> BlockResult<(File, bool)> {
 }
 
 fn is_permission_error(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EACCES | libc::EROFS | libc::EPERM))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EACCES | libc::EROFS | libc::EPERM)
+    )
 }
 
 fn block_device_size(file: &File) -> io::Result<u64> {
@@ -293,9 +310,13 @@ impl Driver for FileDriver {
         let r = match (aligned, fua) {
             (true, true) => self.write_durable(buf, offset),
             (true, false) => self.file.write_all_at(buf, offset),
-            (false, _) => self
-                .write_direct_unaligned(buf, offset)
-                .and_then(|()| if fua { self.file.sync_data() } else { Ok(()) }),
+            (false, _) => self.write_direct_unaligned(buf, offset).and_then(|()| {
+                if fua {
+                    self.file.sync_data()
+                } else {
+                    Ok(())
+                }
+            }),
         };
         r.map_err(|e| self.io_err("Could not write to", e))
     }
@@ -304,7 +325,9 @@ impl Driver for FileDriver {
         if self.no_flush || self.read_only {
             return Ok(());
         }
-        self.file.sync_data().map_err(|e| self.io_err("Could not flush", e))
+        self.file
+            .sync_data()
+            .map_err(|e| self.io_err("Could not flush", e))
     }
 
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
@@ -313,11 +336,20 @@ impl Driver for FileDriver {
         }
         let r = match self.block_device {
             true => self.blk_ioctl(BLKDISCARD, offset, len),
-            false => self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len),
+            false => self.fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            ),
         };
         // Discard is advisory: a filesystem that can't punch holes just keeps the data.
         match r {
-            Err(e) if !matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOTTY | libc::EINVAL)) => {
+            Err(e)
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::ENOTTY | libc::EINVAL)
+                ) =>
+            {
                 Err(self.io_err("Could not discard on", e))
             }
             _ => Ok(()),
@@ -329,8 +361,16 @@ impl Driver for FileDriver {
             return Ok(());
         }
         let cheap = match (self.block_device, flags.may_unmap && self.discard) {
-            (false, true) => self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len),
-            (false, false) => self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len),
+            (false, true) => self.fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            ),
+            (false, false) => self.fallocate(
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            ),
             (true, _) if flags.fast => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
             (true, _) => self.blk_ioctl(BLKZEROOUT, offset, len),
         };
@@ -345,7 +385,11 @@ impl Driver for FileDriver {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
-        let data = Extent { len, allocated: true, zero: false };
+        let data = Extent {
+            len,
+            allocated: true,
+            zero: false,
+        };
         if self.block_device || len == 0 {
             return Ok(data);
         }
@@ -357,17 +401,39 @@ impl Driver for FileDriver {
         };
         match next_data {
             Some(d) if d <= offset => {
-                let hole = self.seek(offset, libc::SEEK_HOLE).ok().flatten().unwrap_or(end);
-                Ok(Extent { len: hole.clamp(offset + 1, end) - offset, ..data })
+                let hole = self
+                    .seek(offset, libc::SEEK_HOLE)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(end);
+                Ok(Extent {
+                    len: hole.clamp(offset + 1, end) - offset,
+                    ..data
+                })
             }
-            Some(d) => Ok(Extent { len: d.min(end) - offset, allocated: false, zero: true }),
-            None => Ok(Extent { len, allocated: false, zero: true }),
+            Some(d) => Ok(Extent {
+                len: d.min(end) - offset,
+                allocated: false,
+                zero: true,
+            }),
+            None => Ok(Extent {
+                len,
+                allocated: false,
+                zero: true,
+            }),
         }
     }
 
     fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
         // SAFETY: posix_fadvise on an open fd with plain integer arguments.
-        unsafe { libc::posix_fadvise(self.file.as_raw_fd(), offset as i64, len as i64, libc::POSIX_FADV_WILLNEED) };
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset as i64,
+                len as i64,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
         Ok(())
     }
 }

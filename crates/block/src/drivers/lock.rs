@@ -52,12 +52,18 @@ pub(crate) fn lock_image(file: &File, perms: &[usize], unshared: &[usize]) -> Bl
     let io = |e: std::io::Error| BlockError::io("Failed to lock image", e);
     for &p in perms {
         if is_locked_by_other(file, SHARED_BASE + p as i64).map_err(io)? {
-            return Err(conflict(format!("Failed to get \"{}\" lock", PERM_NAMES[p])));
+            return Err(conflict(format!(
+                "Failed to get \"{}\" lock",
+                PERM_NAMES[p]
+            )));
         }
     }
     for &u in unshared {
         if is_locked_by_other(file, PERM_BASE + u as i64).map_err(io)? {
-            return Err(conflict(format!("Failed to get shared \"{}\" lock", PERM_NAMES[u])));
+            return Err(conflict(format!(
+                "Failed to get shared \"{}\" lock",
+                PERM_NAMES[u]
+            )));
         }
     }
     for &p in perms {

@@ -16,7 +16,12 @@ pub struct RawDriver {
 }
 
 impl RawDriver {
-    pub fn new(child: Arc<BlockNode>, offset: u64, size: Option<u64>, discard: bool) -> BlockResult<Self> {
+    pub fn new(
+        child: Arc<BlockNode>,
+        offset: u64,
+        size: Option<u64>,
+        discard: bool,
+    ) -> BlockResult<Self> {
         let child_size = child.size();
         let size = size.unwrap_or(child_size.saturating_sub(offset));
         if offset.checked_add(size).is_none_or(|end| end > child_size) {

@@ -169,7 +169,10 @@ impl ServerHandshake {
     }
 
     /// Processes buffered input as far as it goes.
-    pub fn advance(&mut self, catalog: &dyn ExportCatalog) -> Result<HandshakeStatus, HandshakeError> {
+    pub fn advance(
+        &mut self,
+        catalog: &dyn ExportCatalog,
+    ) -> Result<HandshakeStatus, HandshakeError> {
         loop {
             match self.phase {
                 Phase::Done => return Err(HandshakeError::Finished),
@@ -234,7 +237,9 @@ impl ServerHandshake {
             return Ok(None);
         };
         let magic = u64::from_be_bytes(header[..8].try_into().unwrap_or_default());
-        let option = OptionType(u32::from_be_bytes(header[8..12].try_into().unwrap_or_default()));
+        let option = OptionType(u32::from_be_bytes(
+            header[8..12].try_into().unwrap_or_default(),
+        ));
         let len = u32::from_be_bytes(header[12..16].try_into().unwrap_or_default());
         if magic != IHAVEOPT {
             return Err(HandshakeError::BadOptionMagic(magic));
@@ -271,7 +276,12 @@ impl ServerHandshake {
         }
         match option.name() {
             None => error_reply(out, option, ReplyType::ERR_UNSUP, &unsupported(option)),
-            Some(_) => error_reply(out, option, ReplyType::ERR_TOO_BIG, "option payload too large"),
+            Some(_) => error_reply(
+                out,
+                option,
+                ReplyType::ERR_TOO_BIG,
+                "option payload too large",
+            ),
         }
     }
 
@@ -294,17 +304,30 @@ impl ServerHandshake {
             OptionType::STARTTLS => Ok(self.starttls(payload)),
             OptionType::INFO | OptionType::GO => Ok(self.info_or_go(option, payload, catalog)),
             OptionType::STRUCTURED_REPLY => Ok(self.structured_reply(payload)),
-            OptionType::LIST_META_CONTEXT => Ok(self.meta_context(option, payload, catalog, QueryMode::List)),
-            OptionType::SET_META_CONTEXT => Ok(self.meta_context(option, payload, catalog, QueryMode::Set)),
+            OptionType::LIST_META_CONTEXT => {
+                Ok(self.meta_context(option, payload, catalog, QueryMode::List))
+            }
+            OptionType::SET_META_CONTEXT => {
+                Ok(self.meta_context(option, payload, catalog, QueryMode::Set))
+            }
             _ => {
-                error_reply(&mut self.output, option, ReplyType::ERR_UNSUP, &unsupported(option));
+                error_reply(
+                    &mut self.output,
+                    option,
+                    ReplyType::ERR_UNSUP,
+                    &unsupported(option),
+                );
                 Ok(Step::Continue)
             }
         }
     }
 
     /// FORCEDTLS before the upgrade: only STARTTLS (and ABORT) get anywhere.
-    fn handle_before_tls(&mut self, option: OptionType, payload: &[u8]) -> Result<Step, HandshakeError> {
+    fn handle_before_tls(
+        &mut self,
+        option: OptionType,
+        payload: &[u8],
+    ) -> Result<Step, HandshakeError> {
         match option {
             OptionType::STARTTLS => Ok(self.starttls(payload)),
             OptionType::EXPORT_NAME => Err(HandshakeError::TlsRequired),
@@ -320,7 +343,11 @@ impl ServerHandshake {
         }
     }
 
-    fn export_name(&mut self, payload: &[u8], catalog: &dyn ExportCatalog) -> Result<Step, HandshakeError> {
+    fn export_name(
+        &mut self,
+        payload: &[u8],
+        catalog: &dyn ExportCatalog,
+    ) -> Result<Step, HandshakeError> {
         if payload.len() > MAX_STRING {
             return Err(HandshakeError::BadExportName);
         }
@@ -329,7 +356,8 @@ impl ServerHandshake {
             .lookup(name)
             .ok_or_else(|| HandshakeError::UnknownExport(name.to_string()))?;
         let negotiated = self.negotiated(export);
-        self.output.extend_from_slice(&negotiated.export.size.to_be_bytes());
+        self.output
+            .extend_from_slice(&negotiated.export.size.to_be_bytes());
         self.output
             .extend_from_slice(&negotiated.transmission_flags.to_be_bytes());
         if !self.no_zeroes {
@@ -356,7 +384,12 @@ impl ServerHandshake {
     fn list(&mut self, payload: &[u8], catalog: &dyn ExportCatalog) -> Step {
         let option = OptionType::LIST;
         if !payload.is_empty() {
-            error_reply(&mut self.output, option, ReplyType::ERR_INVALID, "no payload expected");
+            error_reply(
+                &mut self.output,
+                option,
+                ReplyType::ERR_INVALID,
+                "no payload expected",
+            );
             return Step::Continue;
         }
         for (name, description) in catalog.list() {
@@ -394,7 +427,12 @@ impl ServerHandshake {
         if !payload.is_empty() {
             error_reply(out, option, ReplyType::ERR_INVALID, "no payload expected");
         } else if self.session.structured_replies {
-            error_reply(out, option, ReplyType::ERR_INVALID, "structured reply already negotiated");
+            error_reply(
+                out,
+                option,
+                ReplyType::ERR_INVALID,
+                "structured reply already negotiated",
+            );
         } else {
             self.session.structured_replies = true;
             option_reply(out, option, ReplyType::ACK, &[]);
@@ -402,9 +440,19 @@ impl ServerHandshake {
         Step::Continue
     }
 
-    fn info_or_go(&mut self, option: OptionType, payload: &[u8], catalog: &dyn ExportCatalog) -> Step {
+    fn info_or_go(
+        &mut self,
+        option: OptionType,
+        payload: &[u8],
+        catalog: &dyn ExportCatalog,
+    ) -> Step {
         let Some(request) = parse_info_request(payload) else {
-            error_reply(&mut self.output, option, ReplyType::ERR_INVALID, "malformed NBD_OPT_INFO/GO request");
+            error_reply(
+                &mut self.output,
+                option,
+                ReplyType::ERR_INVALID,
+                "malformed NBD_OPT_INFO/GO request",
+            );
             return Step::Continue;
         };
         let Some(export) = catalog.lookup(&request.name) else {
@@ -434,7 +482,12 @@ impl ServerHandshake {
         option_reply(&mut self.output, option, ReplyType::INFO, &data);
         if option == OptionType::INFO && !asked_block_size && bs.min > 1 {
             let msg = "request NBD_INFO_BLOCK_SIZE to use this export";
-            error_reply(&mut self.output, option, ReplyType::ERR_BLOCK_SIZE_REQD, msg);
+            error_reply(
+                &mut self.output,
+                option,
+                ReplyType::ERR_BLOCK_SIZE_REQD,
+                msg,
+            );
             return Step::Continue;
         }
         let flags = export.transmission_flags(self.session.structured_replies);
@@ -466,7 +519,12 @@ impl ServerHandshake {
             }
         }
         let Some(request) = parse_meta_request(payload) else {
-            error_reply(&mut self.output, option, ReplyType::ERR_INVALID, "malformed meta context request");
+            error_reply(
+                &mut self.output,
+                option,
+                ReplyType::ERR_INVALID,
+                "malformed meta context request",
+            );
             return Step::Continue;
         };
         let Some(export) = catalog.lookup(&request.export) else {

@@ -43,7 +43,9 @@ fn reply_types(out: &[u8]) -> Vec<ReplyType> {
     let mut types = Vec::new();
     let mut rest = out;
     while rest.len() >= 20 {
-        types.push(ReplyType(u32::from_be_bytes(rest[12..16].try_into().unwrap())));
+        types.push(ReplyType(u32::from_be_bytes(
+            rest[12..16].try_into().unwrap(),
+        )));
         let len = u32::from_be_bytes(rest[16..20].try_into().unwrap()) as usize;
         rest = &rest[20 + len..];
     }
@@ -61,7 +63,10 @@ fn test_greeting_advertises_fixed_newstyle_and_no_zeroes() {
 fn test_unknown_client_flags_are_an_error() {
     let mut hs = ServerHandshake::new(HandshakeConfig { tls: TlsMode::None });
     hs.receive(&8u32.to_be_bytes());
-    assert_eq!(hs.advance(&Catalog).unwrap_err(), HandshakeError::UnknownClientFlags(8));
+    assert_eq!(
+        hs.advance(&Catalog).unwrap_err(),
+        HandshakeError::UnknownClientFlags(8)
+    );
 }
 
 #[test]
@@ -79,7 +84,10 @@ fn test_go_for_known_export_finishes_with_info_and_ack() {
 fn test_go_for_unknown_export_is_err_unknown_and_continues() {
     let mut hs = started(TlsMode::None);
     hs.receive(&option(OptionType::GO, &go_payload("nope")));
-    assert!(matches!(hs.advance(&Catalog).unwrap(), HandshakeStatus::NeedInput));
+    assert!(matches!(
+        hs.advance(&Catalog).unwrap(),
+        HandshakeStatus::NeedInput
+    ));
     assert_eq!(reply_types(&hs.take_output()), vec![ReplyType::ERR_UNKNOWN]);
 }
 
@@ -111,14 +119,20 @@ fn test_option_over_32_mib_is_an_error() {
     header.extend_from_slice(&99u32.to_be_bytes());
     header.extend_from_slice(&(MAX_OPTION_LEN + 1).to_be_bytes());
     hs.receive(&header);
-    assert!(matches!(hs.advance(&Catalog), Err(HandshakeError::OptionTooLong(_))));
+    assert!(matches!(
+        hs.advance(&Catalog),
+        Err(HandshakeError::OptionTooLong(_))
+    ));
 }
 
 #[test]
 fn test_bad_option_magic_is_an_error() {
     let mut hs = started(TlsMode::None);
     hs.receive(&[0u8; 16]);
-    assert!(matches!(hs.advance(&Catalog), Err(HandshakeError::BadOptionMagic(0))));
+    assert!(matches!(
+        hs.advance(&Catalog),
+        Err(HandshakeError::BadOptionMagic(0))
+    ));
 }
 
 #[test]
@@ -134,14 +148,20 @@ fn test_tls_required_refuses_go_before_starttls() {
     let mut hs = started(TlsMode::Required);
     hs.receive(&option(OptionType::GO, &go_payload("disk")));
     hs.advance(&Catalog).unwrap();
-    assert_eq!(reply_types(&hs.take_output()), vec![ReplyType::ERR_TLS_REQD]);
+    assert_eq!(
+        reply_types(&hs.take_output()),
+        vec![ReplyType::ERR_TLS_REQD]
+    );
 }
 
 #[test]
 fn test_starttls_resets_structured_replies() {
     let mut hs = started(TlsMode::Required);
     hs.receive(&option(OptionType::STARTTLS, &[]));
-    assert!(matches!(hs.advance(&Catalog).unwrap(), HandshakeStatus::StartTls));
+    assert!(matches!(
+        hs.advance(&Catalog).unwrap(),
+        HandshakeStatus::StartTls
+    ));
     hs.tls_established();
     hs.receive(&option(OptionType::GO, &go_payload("disk")));
     let HandshakeStatus::Done(n) = hs.advance(&Catalog).unwrap() else {
@@ -167,7 +187,10 @@ fn test_request_bytes_after_go_are_leftover() {
     let mut bytes = option(OptionType::GO, &go_payload("disk"));
     bytes.extend_from_slice(b"REQUEST");
     hs.receive(&bytes);
-    assert!(matches!(hs.advance(&Catalog).unwrap(), HandshakeStatus::Done(_)));
+    assert!(matches!(
+        hs.advance(&Catalog).unwrap(),
+        HandshakeStatus::Done(_)
+    ));
     assert_eq!(hs.take_leftover(), b"REQUEST");
 }
 
@@ -177,7 +200,10 @@ fn test_export_name_without_no_zeroes_pads_124_bytes() {
     hs.take_output();
     hs.receive(&1u32.to_be_bytes());
     hs.receive(&option(OptionType::EXPORT_NAME, b"disk"));
-    assert!(matches!(hs.advance(&Catalog).unwrap(), HandshakeStatus::Done(_)));
+    assert!(matches!(
+        hs.advance(&Catalog).unwrap(),
+        HandshakeStatus::Done(_)
+    ));
     assert_eq!(hs.take_output().len(), 8 + 2 + 124);
 }
 
@@ -185,7 +211,10 @@ fn test_export_name_without_no_zeroes_pads_124_bytes() {
 fn test_abort_is_acked_then_closed() {
     let mut hs = started(TlsMode::None);
     hs.receive(&option(OptionType::ABORT, &[]));
-    assert!(matches!(hs.advance(&Catalog).unwrap(), HandshakeStatus::Closed));
+    assert!(matches!(
+        hs.advance(&Catalog).unwrap(),
+        HandshakeStatus::Closed
+    ));
     assert_eq!(reply_types(&hs.take_output()), vec![ReplyType::ACK]);
 }
 
@@ -194,5 +223,8 @@ fn test_list_sends_server_then_ack() {
     let mut hs = started(TlsMode::None);
     hs.receive(&option(OptionType::LIST, &[]));
     hs.advance(&Catalog).unwrap();
-    assert_eq!(reply_types(&hs.take_output()), vec![ReplyType::SERVER, ReplyType::ACK]);
+    assert_eq!(
+        reply_types(&hs.take_output()),
+        vec![ReplyType::SERVER, ReplyType::ACK]
+    );
 }

@@ -27,7 +27,8 @@ impl<'a> Reader<'a> {
     }
 
     pub(crate) fn u32(&mut self) -> Option<u32> {
-        self.bytes(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        self.bytes(4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
     /// A u32-length-prefixed string of at most MAX_STRING bytes.

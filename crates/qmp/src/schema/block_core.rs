@@ -132,14 +132,16 @@ fn read_base(f: &mut Fields) -> Result<BlockdevBase, QmpError> {
 
 fn read_specific(driver: BlockdevDriver, f: &mut Fields) -> Result<BlockdevSpecific, QmpError> {
     Ok(match driver {
-        BlockdevDriver::File | BlockdevDriver::HostDevice => BlockdevSpecific::File(BlockdevOptionsFile {
-            filename: f.required("filename")?,
-            pr_manager: f.optional("pr-manager")?,
-            locking: f.optional("locking")?,
-            aio: f.optional("aio")?,
-            aio_max_batch: f.optional("aio-max-batch")?,
-            drop_cache: f.optional("drop-cache")?,
-        }),
+        BlockdevDriver::File | BlockdevDriver::HostDevice => {
+            BlockdevSpecific::File(BlockdevOptionsFile {
+                filename: f.required("filename")?,
+                pr_manager: f.optional("pr-manager")?,
+                locking: f.optional("locking")?,
+                aio: f.optional("aio")?,
+                aio_max_batch: f.optional("aio-max-batch")?,
+                drop_cache: f.optional("drop-cache")?,
+            })
+        }
         BlockdevDriver::Raw => BlockdevSpecific::Raw {
             file: f.required("file")?,
             offset: f.optional("offset")?,
@@ -156,9 +158,21 @@ fn read_specific(driver: BlockdevDriver, f: &mut Fields) -> Result<BlockdevSpeci
                 file: f.required("file")?,
             };
             // Cache and feature members are accepted; the qcow2 driver is a later issue.
-            for key in ["lazy-refcounts", "pass-discard-request", "pass-discard-snapshot", "pass-discard-other",
-                "discard-no-unref", "overlap-check", "cache-size", "l2-cache-size", "l2-cache-entry-size",
-                "refcount-cache-size", "cache-clean-interval", "encrypt", "data-file"] {
+            for key in [
+                "lazy-refcounts",
+                "pass-discard-request",
+                "pass-discard-snapshot",
+                "pass-discard-other",
+                "discard-no-unref",
+                "overlap-check",
+                "cache-size",
+                "l2-cache-size",
+                "l2-cache-entry-size",
+                "refcount-cache-size",
+                "cache-clean-interval",
+                "encrypt",
+                "data-file",
+            ] {
                 let _: Option<Value> = f.optional(key)?;
             }
             r
@@ -185,9 +199,17 @@ mod tests {
 
     #[test]
     fn test_keyval_raw_with_nested_file() {
-        let v = parse_keyval("driver=raw,node-name=r,file.driver=file,file.filename=/a,,b", Some("driver")).unwrap();
+        let v = parse_keyval(
+            "driver=raw,node-name=r,file.driver=file,file.filename=/a,,b",
+            Some("driver"),
+        )
+        .unwrap();
         let o: BlockdevOptions = from_value(v, InputMode::Keyval).unwrap();
-        let BlockdevSpecific::Raw { file: BlockdevRef::Definition(inner), .. } = o.specific else {
+        let BlockdevSpecific::Raw {
+            file: BlockdevRef::Definition(inner),
+            ..
+        } = o.specific
+        else {
             panic!("expected an inline file");
         };
         assert!(matches!(inner.specific, BlockdevSpecific::File(ref f) if f.filename == "/a,b"));
@@ -195,7 +217,8 @@ mod tests {
 
     #[test]
     fn test_unknown_driver_is_refused() {
-        let e = from_value::<BlockdevOptions>(json!({"driver": "bogus"}), InputMode::Json).unwrap_err();
+        let e =
+            from_value::<BlockdevOptions>(json!({"driver": "bogus"}), InputMode::Json).unwrap_err();
         assert_eq!(e.desc, "Parameter 'driver' does not accept value 'bogus'");
     }
 
@@ -208,7 +231,11 @@ mod tests {
 
     #[test]
     fn test_cache_direct_keyval_garbage() {
-        let v = parse_keyval("file,node-name=f,filename=x,cache.direct=maybe", Some("driver")).unwrap();
+        let v = parse_keyval(
+            "file,node-name=f,filename=x,cache.direct=maybe",
+            Some("driver"),
+        )
+        .unwrap();
         let e = from_value::<BlockdevOptions>(v, InputMode::Keyval).unwrap_err();
         assert_eq!(e.desc, "Parameter 'cache.direct' expects 'on' or 'off'");
     }

@@ -156,7 +156,11 @@ impl FromQapi for NbdServerAddOptions {
 }
 
 /// block-export-del (`id`) and nbd-server-remove (`name`): the key plus an optional mode.
-pub fn read_removal(value: Value, ctx: &Ctx, key: &str) -> Result<(String, Option<BlockExportRemoveMode>), QmpError> {
+pub fn read_removal(
+    value: Value,
+    ctx: &Ctx,
+    key: &str,
+) -> Result<(String, Option<BlockExportRemoveMode>), QmpError> {
     let mut f = Fields::new(value, ctx)?;
     let id: String = f.required(key)?;
     let mode = f.optional("mode")?;
@@ -172,7 +176,11 @@ mod tests {
 
     #[test]
     fn test_export_missing_id() {
-        let e = from_value::<BlockExportOptions>(json!({"type": "nbd", "node-name": "n"}), InputMode::Json).unwrap_err();
+        let e = from_value::<BlockExportOptions>(
+            json!({"type": "nbd", "node-name": "n"}),
+            InputMode::Json,
+        )
+        .unwrap_err();
         assert_eq!(e.desc, "Parameter 'id' is missing");
     }
 
@@ -181,14 +189,20 @@ mod tests {
         let v = json!({"type": "nbd", "id": "e", "node-name": "n", "writable": "on", "bitmaps": ["b0"]});
         let o: BlockExportOptions = from_value(v, InputMode::Keyval).unwrap();
         assert_eq!(o.writable, Some(true));
-        assert_eq!(o.nbd.unwrap().bitmaps, Some(vec![BlockDirtyBitmapOrStr::Local("b0".into())]));
+        assert_eq!(
+            o.nbd.unwrap().bitmaps,
+            Some(vec![BlockDirtyBitmapOrStr::Local("b0".into())])
+        );
     }
 
     #[test]
     fn test_export_json_writable_string_is_type_error() {
         let v = json!({"type": "nbd", "id": "e", "node-name": "n", "writable": "yes"});
         let e = from_value::<BlockExportOptions>(v, InputMode::Json).unwrap_err();
-        assert_eq!(e.desc, "Invalid parameter type for 'writable', expected: boolean");
+        assert_eq!(
+            e.desc,
+            "Invalid parameter type for 'writable', expected: boolean"
+        );
     }
 
     #[test]

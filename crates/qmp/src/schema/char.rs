@@ -33,7 +33,18 @@ impl FromQapi for ChardevSocket {
             server: f.optional("server")?,
             wait: f.optional("wait")?,
         };
-        for key in ["nodelay", "ipv4", "ipv6", "to", "tight", "abstract", "telnet", "logfile", "logappend", "mux"] {
+        for key in [
+            "nodelay",
+            "ipv4",
+            "ipv6",
+            "to",
+            "tight",
+            "abstract",
+            "telnet",
+            "logfile",
+            "logappend",
+            "mux",
+        ] {
             let _: Option<Value> = f.optional(key)?;
         }
         f.finish()?;

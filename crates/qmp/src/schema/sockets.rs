@@ -64,7 +64,9 @@ fn variant(kind: SocketAddressType, f: &mut Fields) -> Result<SocketAddress, Qmp
             cid: f.required("cid")?,
             port: f.required("port")?,
         },
-        SocketAddressType::Fd => SocketAddress::Fd { str: f.required("str")? },
+        SocketAddressType::Fd => SocketAddress::Fd {
+            str: f.required("str")?,
+        },
     })
 }
 
@@ -103,7 +105,8 @@ mod tests {
 
     #[test]
     fn test_flat_unix_address() {
-        let a: SocketAddress = from_value(json!({"type": "unix", "path": "/s"}), InputMode::Json).unwrap();
+        let a: SocketAddress =
+            from_value(json!({"type": "unix", "path": "/s"}), InputMode::Json).unwrap();
         assert!(matches!(a, SocketAddress::Unix(u) if u.path == "/s"));
     }
 
@@ -116,7 +119,8 @@ mod tests {
 
     #[test]
     fn test_bad_type_is_refused() {
-        let e = from_value::<SocketAddress>(json!({"type": "bogus"}), InputMode::Keyval).unwrap_err();
+        let e =
+            from_value::<SocketAddress>(json!({"type": "bogus"}), InputMode::Keyval).unwrap_err();
         assert_eq!(e.desc, "Parameter 'type' does not accept value 'bogus'");
     }
 }
