@@ -118,7 +118,10 @@ impl FileDriver {
 
     fn is_aligned(&self, offset: u64, len: usize, ptr: *const u8) -> bool {
         let a = ALIGNMENT as u64;
-        !self.direct || (offset.is_multiple_of(a) && (len as u64).is_multiple_of(a) && (ptr as usize).is_multiple_of(ALIGNMENT))
+        !self.direct
+            || (offset.is_multiple_of(a)
+                && (len as u64).is_multiple_of(a)
+                && (ptr as usize).is_multiple_of(ALIGNMENT))
     }
 
     /// pread until `buf` is full; past the end of the file reads as zeroes.
