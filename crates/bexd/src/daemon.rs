@@ -169,7 +169,7 @@ impl Daemon {
             if mode == RemoveMode::Safe && export.connection_count() > 0 {
                 return Err(QmpError::generic(format!(
                     "export '{}' still in use",
-                    export.name()
+                    export.id()
                 )));
             }
             export.begin_shutdown(mode == RemoveMode::Hard);

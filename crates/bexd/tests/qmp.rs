@@ -115,7 +115,7 @@ fn test_safe_removal_refused_while_a_client_is_connected() {
 
     let safe = q.execute("block-export-del", json!({"id": "e0"}));
     assert_eq!(safe["error"]["class"], json!("GenericError"));
-    assert_eq!(safe["error"]["desc"], json!("export 'n0' still in use"));
+    assert_eq!(safe["error"]["desc"], json!("export 'e0' still in use"));
     let hard = q.execute("block-export-del", json!({"id": "e0", "mode": "hard"}));
     assert_eq!(hard, json!({"return": {}}));
     let event = q.read();

@@ -1,0 +1,165 @@
+"""QMP with the qemu.qmp library: negotiation, queries, errors, events, quit."""
+
+import asyncio
+import json
+import socket
+
+import nbd
+import pytest
+from qemu.qmp import EventListener, ExecuteError, QMPClient
+
+from conftest import file_export, wait_until
+
+
+def qmp_session(d, body, server_closes=False):
+    async def main():
+        client = QMPClient("test")
+        await client.connect(str(d.qmp_sock))
+        try:
+            return await body(client)
+        finally:
+            try:
+                await client.disconnect()
+            except EOFError:
+                # After `quit` the server closes first; qemu.qmp reports that here.
+                if not server_closes:
+                    raise
+    return asyncio.run(main())
+
+
+def test_query_version_and_exports(start, image):
+    d = start(*file_export(image()))
+
+    async def body(q):
+        version = await q.execute("query-version")
+        exports = await q.execute("query-block-exports")
+        names = [c["name"] for c in await q.execute("query-commands")]
+        return version, exports, names
+
+    version, exports, names = qmp_session(d, body)
+    assert set(version["qemu"]) == {"major", "minor", "micro"}
+    assert exports == [{"id": "exp-disk0", "type": "nbd", "node-name": "disk0", "shutting-down": False}]
+    assert {"block-export-add", "nbd-server-start", "query-block-exports"} <= set(names)
+
+
+def test_unknown_command_is_command_not_found(start, image):
+    d = start(*file_export(image()))
+
+    async def body(q):
+        with pytest.raises(ExecuteError) as e:
+            await q.execute("no-such-command")
+        return e.value.error_class
+
+    assert qmp_session(d, body) == "CommandNotFound"
+
+
+def test_command_before_capabilities_is_refused(start, image):
+    d = start(*file_export(image()))
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(str(d.qmp_sock))
+    f = s.makefile("rwb")
+    assert "QMP" in json.loads(f.readline())
+    f.write(b'{"execute": "query-version"}\n')
+    f.flush()
+    reply = json.loads(f.readline())
+    assert reply["error"]["class"] == "CommandNotFound"
+
+
+def test_export_add_del_with_event_and_errors(start, image):
+    d = start(*file_export(image()))
+
+    async def body(q):
+        listener = EventListener()
+        with q.listen(listener):
+            await q.execute("block-export-add", {"type": "nbd", "id": "e1", "node-name": "disk0", "name": "d1"})
+            with pytest.raises(ExecuteError) as dup:
+                await q.execute("block-export-add", {"type": "nbd", "id": "e1", "node-name": "disk0"})
+            with pytest.raises(ExecuteError) as missing:
+                await q.execute("block-export-add", {"type": "nbd", "id": "e2"})
+            with pytest.raises(ExecuteError) as nonode:
+                await q.execute("block-export-add", {"type": "nbd", "id": "e2", "node-name": "nope"})
+            await q.execute("block-export-del", {"id": "e1"})
+            event = await asyncio.wait_for(listener.get(), 5)
+            return dup.value.error_class, missing.value.error.error.desc, nonode.value.error.error.desc, event
+
+    dup, missing, nonode, event = qmp_session(d, body)
+    assert dup == "GenericError"
+    assert missing == "Parameter 'node-name' is missing"
+    assert nonode == "Cannot find device='' nor node-name='nope'"
+    assert event["event"] == "BLOCK_EXPORT_DELETED" and event["data"] == {"id": "e1"}
+
+
+def test_safe_and_hard_removal_with_a_live_client(start, image):
+    d = start(*file_export(image()))
+    h = nbd.NBD()
+    h.connect_uri(d.uri("disk"))
+
+    async def body(q):
+        with pytest.raises(ExecuteError) as safe:
+            await q.execute("block-export-del", {"id": "exp-disk0"})
+        listener = EventListener()
+        with q.listen(listener):
+            await q.execute("block-export-del", {"id": "exp-disk0", "mode": "hard"})
+            event = await asyncio.wait_for(listener.get(), 5)
+        after = await q.execute("query-block-exports")
+        await q.execute("block-export-add", {"type": "nbd", "id": "exp-disk0", "node-name": "disk0", "name": "disk"})
+        return safe.value.error.error.desc, event, after
+
+    safe, event, after = qmp_session(d, body)
+    assert safe == "export 'exp-disk0' still in use"
+    assert event["data"] == {"id": "exp-disk0"}
+    assert after == []
+    with pytest.raises(nbd.Error):
+        h.pread(512, 0)
+    h2 = nbd.NBD()
+    h2.connect_uri(d.uri("disk"))
+    assert h2.pread(512, 0) == bytes(512)
+
+
+def test_live_blockdev_and_export_then_qemu_img_reads_it(start, image, tmp_path):
+    import subprocess
+    d = start(*file_export(image()))
+    extra = image(8 << 20, [(0, b"live" * 1024)], name="live.img")
+
+    async def body(q):
+        await q.execute("blockdev-add", {"driver": "file", "node-name": "live0", "filename": str(extra)})
+        await q.execute("block-export-add", {"type": "nbd", "id": "live", "node-name": "live0"})
+        with pytest.raises(ExecuteError) as busy:
+            await q.execute("blockdev-del", {"node-name": "live0"})
+        return busy.value.error.error.desc
+
+    assert qmp_session(d, body) == "Node live0 is in use"
+    out = tmp_path / "out.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", d.uri("live0"), str(out)], check=True)
+    assert out.read_bytes()[:4096] == b"live" * 1024
+
+
+def test_max_connections_queues_extra_clients(start, image):
+    d = start(*file_export(image()), server_extra=",max-connections=2")
+    a, b = nbd.NBD(), nbd.NBD()
+    a.connect_uri(d.uri("disk"))
+    b.connect_uri(d.uri("disk"))
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(0.5)
+    s.connect(str(d.sock))
+    with pytest.raises(socket.timeout):
+        s.recv(1)  # no greeting while the server is full
+    a.shutdown()
+    del a
+    s.settimeout(5)
+    assert s.recv(8) == b"NBDMAGIC"  # a freed slot serves the queued client
+
+
+def test_quit_exits_zero(start, image):
+    d = start(*file_export(image()))
+
+    async def body(q):
+        try:
+            await q.execute("quit")
+        except EOFError:
+            pass  # qemu.qmp may see the close before it hands back the reply (as with QEMU)
+
+    qmp_session(d, body, server_closes=True)
+    wait_until(lambda: not d.alive(), what="exit after quit")
+    assert d.proc.returncode == 0
