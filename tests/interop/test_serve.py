@@ -1,0 +1,63 @@
+"""`bexd serve IMAGE`: the one-image shortcut, checked with real clients."""
+
+import os
+import signal
+import subprocess
+
+import nbd
+import pytest
+
+from conftest import daemon_binary, free_port
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def serve():
+    procs = []
+
+    def _serve(*args):
+        p = subprocess.Popen(daemon_binary("bexd") + ["serve", *args], stdout=subprocess.PIPE, text=True)
+        procs.append(p)
+        return p, p.stdout.readline().strip()
+
+    yield _serve
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=20) == 0
+
+
+def test_serve_prints_a_uri_that_clients_can_use(serve, image):
+    if os.environ.get("DAEMON", "bexd") != "bexd":
+        pytest.skip("bexd serve is bexd's own")
+    img = image(8 * MIB, [(0, b"serve" * 100)])
+    port = free_port()
+    _, uri = serve("--port", str(port), str(img))
+    assert uri == f"nbd://127.0.0.1:{port}/"
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    assert h.get_size() == 8 * MIB
+    assert h.pread(500, 0) == b"serve" * 100
+    assert not h.is_read_only()
+
+
+def test_serve_read_only_on_a_unix_socket_with_a_name(serve, image, tmp_path):
+    if os.environ.get("DAEMON", "bexd") != "bexd":
+        pytest.skip("bexd serve is bexd's own")
+    sock = tmp_path / "s.sock"
+    _, uri = serve("--socket", str(sock), "--read-only", "--name", "d0", str(image(4 * MIB)))
+    assert uri == f"nbd+unix:///d0?socket={sock}"
+    out = subprocess.run(["qemu-img", "info", "--output=json", uri], check=True, capture_output=True, text=True)
+    assert '"virtual-size": 4194304' in out.stdout
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    assert h.is_read_only()
+
+
+def test_serve_missing_image_exits_1_with_one_line(tmp_path):
+    if os.environ.get("DAEMON", "bexd") != "bexd":
+        pytest.skip("bexd serve is bexd's own")
+    p = subprocess.run(daemon_binary("bexd") + ["serve", str(tmp_path / "nope.img")], capture_output=True, text=True)
+    assert p.returncode == 1
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert "nope.img" in p.stderr
