@@ -18,6 +18,7 @@ use tokio::sync::broadcast;
 use crate::commands;
 use crate::daemon::Daemon;
 use crate::events::QmpEvent;
+use crate::nbd_server::{ClientStream, Listener};
 
 /// A socket chardev as `--chardev socket,...` describes it.
 #[derive(Clone, Debug)]
@@ -42,43 +43,38 @@ pub async fn start_monitor(daemon: &Arc<Daemon>, chardev: &ChardevConfig) -> Res
         ))
     };
     let weak = Arc::downgrade(daemon);
-    match &chardev.addr {
+    let (listener, socket_file) = match &chardev.addr {
         ChardevAddr::Unix(path) => {
             let _ = std::fs::remove_file(path);
-            let listener = UnixListener::bind(path).map_err(bind_err)?;
-            daemon.tasks.spawn(async move {
-                while let Some(d) = weak.upgrade() {
-                    let shutdown = d.shutdown.clone();
-                    drop(d);
-                    let accepted = tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        a = listener.accept() => a,
-                    };
-                    if let Ok((stream, _)) = accepted {
-                        serve_client(stream, weak.clone()).await;
-                    }
-                }
-            });
+            let l = UnixListener::bind(path).map_err(bind_err)?;
+            (Listener::Unix(l), Some(path.clone()))
         }
         ChardevAddr::Tcp { host, port } => {
-            let listener = TcpListener::bind((host.as_str(), *port))
+            let l = TcpListener::bind((host.as_str(), *port))
                 .await
                 .map_err(bind_err)?;
-            daemon.tasks.spawn(async move {
-                while let Some(d) = weak.upgrade() {
-                    let shutdown = d.shutdown.clone();
-                    drop(d);
-                    let accepted = tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        a = listener.accept() => a,
-                    };
-                    if let Ok((stream, _)) = accepted {
-                        serve_client(stream, weak.clone()).await;
-                    }
-                }
-            });
+            (Listener::Tcp(l), None)
         }
-    }
+    };
+    daemon.tasks.spawn(async move {
+        while let Some(d) = weak.upgrade() {
+            let shutdown = d.shutdown.clone();
+            drop(d);
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok(ClientStream::Unix(s)) => serve_client(s, weak.clone()).await,
+                Ok(ClientStream::Tcp(s)) => serve_client(s, weak.clone()).await,
+                Err(e) => tracing::warn!(error = %e, "QMP accept failed"),
+            }
+        }
+        // Like QEMU, leave no stale socket file behind.
+        if let Some(path) = socket_file {
+            let _ = std::fs::remove_file(path);
+        }
+    });
     Ok(())
 }
 

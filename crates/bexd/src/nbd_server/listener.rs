@@ -39,7 +39,7 @@ impl Listener {
         }
     }
 
-    async fn accept(&self) -> std::io::Result<ClientStream> {
+    pub async fn accept(&self) -> std::io::Result<ClientStream> {
         match self {
             Self::Tcp(l) => {
                 let (s, _) = l.accept().await?;

@@ -12,6 +12,9 @@ mod listener;
 mod reply;
 mod transmission;
 
+pub(crate) use conn::ClientStream;
+pub(crate) use listener::Listener;
+
 use std::path::PathBuf;
 use std::sync::Weak;
 use std::time::Duration;
