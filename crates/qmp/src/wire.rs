@@ -290,11 +290,11 @@ pub fn encode_event(name: &str, data: Option<&Value>, now: SystemTime) -> String
         Err(_) => (-1, -1),
     };
     let mut text = format!(
-        "{{\"timestamp\": {{\"seconds\": {seconds}, \"microseconds\": {micros}}}, \"event\": {}",
+        "{{\"timestamp\":{{\"seconds\":{seconds},\"microseconds\":{micros}}},\"event\":{}",
         ascii_json(&Value::String(name.to_string()))
     );
     if let Some(d) = data {
-        text.push_str(", \"data\": ");
+        text.push_str(",\"data\":");
         text.push_str(&ascii_json(d));
     }
     text.push_str("}\r\n");
@@ -438,7 +438,7 @@ mod tests {
             Some(&json!({"id": "e0"})),
             UNIX_EPOCH,
         );
-        assert!(s.starts_with("{\"timestamp\": {\"seconds\": 0, \"microseconds\": 0}, \"event\""));
+        assert!(s.starts_with("{\"timestamp\":{\"seconds\":0,\"microseconds\":0},\"event\""));
         let v: Value = serde_json::from_str(&s).unwrap();
         assert_eq!(v["data"], json!({"id": "e0"}));
     }
