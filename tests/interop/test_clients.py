@@ -109,3 +109,13 @@ def test_fio_nbd_engine_verified_random_writes(start, image, tmp_path):
     assert job["error"] == 0
     assert job["write"]["io_bytes"] >= 16 * MIB
     assert job["read"]["io_bytes"] >= 16 * MIB, "verification reads ran"
+
+
+def test_tcp_transport_qemu_img_convert(start, image, tmp_path):
+    need("qemu-img")
+    src = patterned(image)
+    d = start(*file_export(src, writable=False), tcp=True)
+    assert d.uri("disk").startswith("nbd://127.0.0.1:")
+    out = tmp_path / "tcp.raw"
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", d.uri("disk"), str(out))
+    assert filecmp.cmp(src, out, shallow=False)

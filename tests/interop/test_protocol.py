@@ -185,3 +185,53 @@ def test_many_requests_in_flight_complete(start, image):
         h.poll(-1)
     for i in range(64):
         assert h.pread(65536, i * 65536) == bytes([i]) * 65536
+
+
+def test_df_read_is_one_data_chunk(start, image):
+    img = image(4 * MIB, [(0, b"x" * 4096)])
+    d = start(*file_export(img, writable=False))
+    h = connect(d)
+    chunks = []
+    h.pread_structured(256 * 1024, 0, lambda buf, off, status, err: chunks.append(status) or 0, nbd.CMD_FLAG_DF)
+    assert chunks == [nbd.READ_DATA]
+
+
+def test_sparse_read_sends_holes(start, image):
+    img = image(4 * MIB, [(0, b"x" * 4096)])
+    d = start(*file_export(img, writable=False))
+    h = connect(d)
+    chunks = []
+    data = h.pread_structured(MIB, 0, lambda buf, off, status, err: chunks.append((status, off, len(buf))) or 0)
+    assert data[:4096] == b"x" * 4096 and data[4096:] == bytes(MIB - 4096)
+    assert (nbd.READ_HOLE, 4096, MIB - 4096) in chunks
+
+
+def test_block_status_req_one_returns_one_extent(start, image):
+    img = image(8 * MIB, [(MIB, b"d" * MIB)])
+    d = start(*file_export(img, writable=False))
+    h = connect(d)
+    seen = []
+    h.block_status(8 * MIB, 0, lambda ctx, off, extents, err: seen.append(extents) or 0, nbd.CMD_FLAG_REQ_ONE)
+    assert seen == [[MIB, 3]]
+
+
+def test_flushed_write_is_in_the_file(start, image):
+    img = image(4 * MIB)
+    d = start(*file_export(img))
+    h = connect(d)
+    h.pwrite(b"durable!" * 512, 8192)
+    h.flush()
+    with open(img, "rb") as f:
+        f.seek(8192)
+        assert f.read(4096) == b"durable!" * 512
+
+
+def test_client_vanishing_with_requests_in_flight(start, image):
+    d = start(*file_export(image(16 * MIB)))
+    h = connect(d)
+    for i in range(32):
+        h.aio_pread(nbd.Buffer(65536), i * 65536)
+    del h  # closes the socket with replies still owed
+    other = connect(d)
+    assert other.pread(4096, 0) == bytes(4096)
+    assert d.alive()

@@ -191,3 +191,27 @@ fn test_node_round_trips_through_blocking_pool() {
     assert!(got[..512].iter().all(|&b| b == 0));
     assert!(got[512..].iter().all(|&b| b == 7));
 }
+
+#[test]
+fn test_block_status_sees_a_hole_punched_after_a_cached_query() {
+    let (_dir, opts) = image(4 * MIB);
+    let d = FileDriver::open(&opts).unwrap();
+    d.write_at(&[1u8; 1 << 20], MIB, false).unwrap();
+    assert!(d.block_status(MIB, MIB).unwrap().allocated);
+    d.discard(MIB, MIB).unwrap();
+    let after = d.block_status(MIB, MIB).unwrap();
+    assert!(
+        !after.allocated && after.zero,
+        "discard must invalidate the data cache"
+    );
+}
+
+#[test]
+fn test_block_status_cache_merges_queries_into_one_data_range() {
+    let (_dir, opts) = image(4 * MIB);
+    let d = FileDriver::open(&opts).unwrap();
+    d.write_at(&[1u8; 4 << 20], 0, false).unwrap();
+    assert_eq!(d.block_status(2 * MIB, MIB).unwrap().len, MIB);
+    assert_eq!(d.block_status(0, 4 * MIB).unwrap().len, 4 * MIB);
+    assert_eq!(d.block_status(MIB, 3 * MIB).unwrap().len, 3 * MIB);
+}

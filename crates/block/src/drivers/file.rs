@@ -68,6 +68,12 @@ pub struct FileDriver {
     block_device: bool,
     /// Serialises read-modify-write of unaligned O_DIRECT writes.
     rmw: Mutex<()>,
+    /// The last data extent SEEK_DATA/SEEK_HOLE found. On tmpfs and others
+    /// SEEK_HOLE walks the page cache up to the next hole, so without this a
+    /// fully allocated image pays O(file size) per query. Writes only turn
+    /// holes into data, so a cached data range stays true until a discard or
+    /// hole punch, which clears it. (QEMU keeps the same kind of cache.)
+    data_cache: Mutex<Option<(u64, u64)>>,
 }
 
 impl FileDriver {
@@ -104,6 +110,7 @@ impl FileDriver {
             discard: opts.discard,
             block_device,
             rmw: Mutex::new(()),
+            data_cache: Mutex::new(None),
         })
     }
 
@@ -212,6 +219,27 @@ impl FileDriver {
             pos += n as u64;
         }
         Ok(())
+    }
+
+    fn cached_data_end(&self, offset: u64) -> Option<u64> {
+        let cache = self.data_cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .filter(|&(start, end)| start <= offset && offset < end)
+            .map(|(_, end)| end)
+    }
+
+    fn clear_data_cache(&self) {
+        *self.data_cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Remembers a data range, merged with the cached one when they touch
+    /// (random queries into one big data extent then converge on all of it).
+    fn remember_data(&self, start: u64, end: u64) {
+        let mut cache = self.data_cache.lock().unwrap_or_else(|e| e.into_inner());
+        *cache = match *cache {
+            Some((s, e)) if start <= e && s <= end => Some((s.min(start), e.max(end))),
+            _ => Some((start, end)),
+        };
     }
 
     fn seek(&self, offset: u64, whence: i32) -> io::Result<Option<u64>> {
@@ -337,6 +365,7 @@ impl Driver for FileDriver {
         if !self.discard || len == 0 {
             return Ok(());
         }
+        self.clear_data_cache();
         let r = match self.block_device {
             true => self.blk_ioctl(BLKDISCARD, offset, len),
             false => self.fallocate(
@@ -363,6 +392,7 @@ impl Driver for FileDriver {
         if len == 0 {
             return Ok(());
         }
+        self.clear_data_cache();
         let cheap = match (self.block_device, flags.may_unmap && self.discard) {
             (false, true) => self.fallocate(
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -397,6 +427,12 @@ impl Driver for FileDriver {
             return Ok(data);
         }
         let end = offset + len;
+        if let Some(data_end) = self.cached_data_end(offset) {
+            return Ok(Extent {
+                len: data_end.min(end) - offset,
+                ..data
+            });
+        }
         let next_data = match self.seek(offset, libc::SEEK_DATA) {
             Ok(d) => d,
             // Filesystems without SEEK_DATA: everything is data.
@@ -409,6 +445,7 @@ impl Driver for FileDriver {
                     .ok()
                     .flatten()
                     .unwrap_or(end);
+                self.remember_data(offset, hole.max(offset + 1));
                 Ok(Extent {
                     len: hole.clamp(offset + 1, end) - offset,
                     ..data
