@@ -1,13 +1,7 @@
 //! Small helpers shared across the daemon.
 
-/// The error text of an I/O error without Rust's " (os error N)" suffix, as QEMU prints it.
-pub fn strerror(e: &std::io::Error) -> String {
-    let text = e.to_string();
-    match text.find(" (os error") {
-        Some(i) => text[..i].to_string(),
-        None => text,
-    }
-}
+/// The error text of an I/O error as QEMU prints it (no " (os error N)" suffix).
+pub use block::error::strerror;
 
 #[cfg(test)]
 mod tests {

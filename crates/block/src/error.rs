@@ -75,8 +75,8 @@ impl BlockError {
     }
 }
 
-/// The OS's text for an error, without Rust's " (os error N)" suffix.
-fn strerror(e: &std::io::Error) -> String {
+/// The OS's text for an error, without Rust's " (os error N)" suffix, as QEMU prints it.
+pub fn strerror(e: &std::io::Error) -> String {
     let text = e.to_string();
     match text.find(" (os error") {
         Some(i) => text[..i].to_string(),
