@@ -8,7 +8,7 @@ pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
 /// "IHAVEOPT": the newstyle magic, and the prefix of every option request.
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 /// The oldstyle greeting magic; obsolete, never sent by this server.
-pub const OLDSTYLE_MAGIC: u64 = 0x0042_0281_8612_53;
+pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Prefix of every option reply.
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 /// Prefix of every compact (28-byte) transmission request.

@@ -15,10 +15,10 @@
 //! ```
 //!
 //! The decision about an option is taken from its 16-byte header alone
-//! ([`ServerHandshake::plan`]): options that can only be answered with an
+//! (`ServerHandshake::plan`): options that can only be answered with an
 //! error (unknown ones, ones that need TLS first, ones with a payload where
 //! none is allowed, oversized ones) are skipped as their bytes stream in and
-//! never buffered. Everything negotiated lives in one [`Session`] value that a
+//! never buffered. Everything negotiated lives in one `Session` value that a
 //! completed STARTTLS replaces wholesale, so nothing negotiated in plaintext
 //! survives the upgrade (the lesson of nbdkit's CVE-2021-3716).
 

@@ -67,14 +67,12 @@ fn started(tls: TlsMode) -> ServerHandshake {
     hs
 }
 
+type Status = Result<HandshakeStatus, HandshakeError>;
+/// An option reply's type and data.
+type Reply = (OptionReplyType, Vec<u8>);
+
 /// Feeds `bytes`, advances once, and returns the status and the replies.
-fn exchange(
-    hs: &mut ServerHandshake,
-    bytes: &[u8],
-) -> (
-    Result<HandshakeStatus, HandshakeError>,
-    Vec<(OptionReplyType, Vec<u8>)>,
-) {
+fn exchange(hs: &mut ServerHandshake, bytes: &[u8]) -> (Status, Vec<Reply>) {
     hs.receive(bytes);
     let status = hs.advance(&Catalog);
     (status, replies(&hs.take_output()))
@@ -88,7 +86,7 @@ fn send(hs: &mut ServerHandshake, bytes: &[u8]) {
 }
 
 /// Option replies in the output: (type, data).
-fn replies(out: &[u8]) -> Vec<(OptionReplyType, Vec<u8>)> {
+fn replies(out: &[u8]) -> Vec<Reply> {
     let mut found = Vec::new();
     let mut rest = out;
     while rest.len() >= 20 {
@@ -100,16 +98,16 @@ fn replies(out: &[u8]) -> Vec<(OptionReplyType, Vec<u8>)> {
     found
 }
 
-fn types(replies: &[(OptionReplyType, Vec<u8>)]) -> Vec<OptionReplyType> {
+fn types(replies: &[Reply]) -> Vec<OptionReplyType> {
     replies.iter().map(|(t, _)| *t).collect()
 }
 
-fn message(replies: &[(OptionReplyType, Vec<u8>)]) -> String {
+fn message(replies: &[Reply]) -> String {
     String::from_utf8(replies[0].1.clone()).unwrap()
 }
 
 /// The BLOCK_SIZE info in `replies`: (min, preferred, max).
-fn block_size(replies: &[(OptionReplyType, Vec<u8>)]) -> (u32, u32, u32) {
+fn block_size(replies: &[Reply]) -> (u32, u32, u32) {
     let (_, d) = replies
         .iter()
         .find(|(t, d)| *t == OptionReplyType::INFO && d[..2] == [0, 3])
@@ -118,7 +116,7 @@ fn block_size(replies: &[(OptionReplyType, Vec<u8>)]) -> (u32, u32, u32) {
     (be(2), be(6), be(10))
 }
 
-fn done(status: Result<HandshakeStatus, HandshakeError>) -> Box<Negotiated> {
+fn done(status: Status) -> Box<Negotiated> {
     match status {
         Ok(HandshakeStatus::Done(n)) => n,
         other => panic!("expected Done, got {other:?}"),
