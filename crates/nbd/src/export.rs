@@ -129,21 +129,51 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn test_transmission_flags_writable_structured_is_qemu_0xded() {
+    fn test_transmission_flags_when_writable_structured_returns_qemu_0xded() {
         assert_eq!(writable_export().transmission_flags(true), 0xded);
     }
 
     #[test]
-    fn test_transmission_flags_writable_simple_is_qemu_0xd6d() {
+    fn test_transmission_flags_when_writable_simple_returns_qemu_0xd6d() {
         assert_eq!(writable_export().transmission_flags(false), 0xd6d);
     }
 
     #[test]
-    fn test_context_id_numbers_bitmaps_from_2() {
+    fn test_context_id_when_bitmap_returns_2_plus_index() {
         let e = writable_export();
         assert_eq!(
             e.context_id(&MetaContext::DirtyBitmap("b0".into())),
             Some(2)
         );
+    }
+
+    #[test]
+    fn test_transmission_flags_when_read_only_omits_write_flags() {
+        let mut e = writable_export();
+        e.read_only = true;
+        assert_eq!(e.transmission_flags(false), 0x50f);
+    }
+
+    #[test]
+    fn test_transmission_flags_when_single_connection_omits_multi_conn() {
+        let mut e = writable_export();
+        e.can_multi_conn = false;
+        assert_eq!(e.transmission_flags(true) & FLAG_CAN_MULTI_CONN, 0);
+    }
+
+    #[test]
+    fn test_context_id_when_allocation_depth_absent_still_numbers_bitmaps_from_2() {
+        let mut e = writable_export();
+        e.meta_contexts.push(MetaContext::DirtyBitmap("b1".into()));
+        assert_eq!(
+            e.context_id(&MetaContext::DirtyBitmap("b1".into())),
+            Some(3)
+        );
+    }
+
+    #[test]
+    fn test_name_when_bitmap_returns_qemu_dirty_bitmap_prefix() {
+        let name = MetaContext::DirtyBitmap("b0".into()).name();
+        assert_eq!(name, "qemu:dirty-bitmap:b0");
     }
 }
