@@ -163,3 +163,36 @@ def test_quit_exits_zero(start, image):
     qmp_session(d, body, server_closes=True)
     wait_until(lambda: not d.alive(), what="exit after quit")
     assert d.proc.returncode == 0
+
+
+def schema_member_path(schema, command, path):
+    """Walks a libvirt-style probe path (`arg-type/+nbd/bitmaps`) through query-qmp-schema."""
+    by_name = {e["name"]: e for e in schema}
+    entry = by_name[by_name[command]["arg-type"]]
+    for step in path:
+        if step.startswith("+"):
+            variant = next(v for v in entry["variants"] if v["case"] == step[1:])
+            entry = by_name[variant["type"]]
+        else:
+            member = next(m for m in entry["members"] if m["name"] == step)
+            entry = by_name[member["type"]]
+    return entry
+
+
+def test_query_qmp_schema_answers_libvirt_probes(start, image):
+    d = start(*file_export(image()))
+
+    async def body(q):
+        return await q.execute("query-qmp-schema")
+
+    schema = qmp_session(d, body)
+    by_name = {e["name"]: e for e in schema}
+    assert by_name["block-export-add"]["meta-type"] == "command"
+    assert "deprecated" in by_name["nbd-server-add"].get("features", [])
+    assert by_name["BLOCK_EXPORT_DELETED"]["meta-type"] == "event"
+    bitmaps = schema_member_path(schema, "block-export-add", ["+nbd", "bitmaps"])
+    assert bitmaps["meta-type"] == "array"
+    addr = schema_member_path(schema, "nbd-server-start", ["addr"])
+    assert addr["tag"] == "type" and {v["case"] for v in addr["variants"]} >= {"inet", "unix"}
+    mode = schema_member_path(schema, "block-export-del", ["mode"])
+    assert mode["values"] == ["safe", "hard"]
