@@ -196,3 +196,33 @@ def test_query_qmp_schema_answers_libvirt_probes(start, image):
     assert addr["tag"] == "type" and {v["case"] for v in addr["variants"]} >= {"inet", "unix"}
     mode = schema_member_path(schema, "block-export-del", ["mode"])
     assert mode["values"] == ["safe", "hard"]
+
+
+def test_qemu_qmp_shell_drives_the_daemon(start, image):
+    import shutil
+    import subprocess
+    if shutil.which("qmp-shell") is None:
+        pytest.skip("qmp-shell not installed")
+    d = start(*file_export(image()))
+    script = "query-block-exports\nblock-export-del id=nope\n"
+    out = subprocess.run(["qmp-shell", str(d.qmp_sock)], input=script, capture_output=True, text=True,
+                         timeout=30).stdout
+    assert '"id": "exp-disk0"' in out
+    assert "Export 'nope' is not found" in out
+
+
+def test_bexd_qmp_shell_scripted(start, image):
+    import os
+    import subprocess
+    from conftest import daemon_binary
+    if os.environ.get("DAEMON", "bexd") != "bexd":
+        pytest.skip("bexd qmp is bexd's own client")
+    d = start(*file_export(image()))
+    script = ("block-export-add type=nbd id=e1 node-name=disk0 name=second\n"
+              "query-block-exports\nblock-export-del id=e1\nblock-export-del id=nope\n")
+    out = subprocess.run(daemon_binary("bexd") + ["qmp", str(d.qmp_sock)], input=script, capture_output=True,
+                         text=True, timeout=30, env={**os.environ, "HOME": str(d.tmp)}).stdout
+    assert out.startswith("Connected to bexd")
+    assert '"id": "e1"' in out
+    assert 'event BLOCK_EXPORT_DELETED {"id":"e1"}' in out
+    assert "error: GenericError: Export 'nope' is not found" in out
