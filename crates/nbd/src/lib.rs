@@ -1,16 +1,31 @@
 //! The NBD protocol, sans-IO: no sockets, no runtime, no clock.
 //!
-//! ```text
-//!   socket bytes ──► ServerHandshake::receive ─► advance(catalog) ─► HandshakeStatus
-//!                                                    │
-//!   socket  ◄──────────── take_output() ◄────────────┘  (option replies)
+//! The daemon owns the sockets (and TLS, and timeouts); this crate only turns
+//! bytes into typed events and typed answers into bytes, so every protocol
+//! rule can be unit-tested, driven against the bundled client codec in
+//! memory, and fuzzed.
 //!
-//!   transmission:  28-byte header ─► request::decode_request ─► request::validate
-//!                  reply::* encoders append headers; data stays in the caller's buffer
+//! ```text
+//!                 handshake                              transmission
+//!   socket ─bytes─► ServerHandshake::receive      socket ─28 bytes─► request::decode_request
+//!                        │                                               │ RequestHeader
+//!                        ▼                                               ▼
+//!   ExportCatalog ─► advance(catalog) ─► HandshakeStatus       request::validate(&Negotiated)
+//!                        │   NeedInput │ StartTls │ Closed         │ Ok │ Reject{errno,msg}
+//!                        │   Done(Negotiated) ──────────────────►  │    │ Disconnect
+//!                        ▼                                         ▼
+//!   socket ◄─bytes─ take_output()                 socket ◄─ reply::* (headers only; the
+//!                   take_leftover() ─► first requests      data goes out with vectored I/O)
 //! ```
 //!
-//! The daemon owns the sockets; this crate only turns bytes into typed events
-//! and typed answers into bytes, so every rule here is unit-tested and fuzzed.
+//! Layout:
+//! - [`consts`]: magics, flag bits, limits.
+//! - [`types`]: open newtypes for wire enumerations (`OptionType`, `CommandType`, ...).
+//! - [`export`]: what the daemon tells the handshake about its exports.
+//! - [`handshake`]: the server's option negotiation, QEMU's behaviour exactly.
+//! - [`request`]: request header decoding and validation.
+//! - [`reply`]: simple and structured reply encoders.
+//! - `client` (feature `client`): a client codec for tests, fuzzing and benches.
 
 pub mod consts;
 pub mod export;

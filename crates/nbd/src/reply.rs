@@ -2,7 +2,7 @@
 //! caller's I/O buffer and goes out with a vectored write after the header.
 
 use crate::consts::*;
-use crate::types::{ChunkType, NbdErrno};
+use crate::types::{NbdErrno, ReplyType};
 
 /// A simple reply (16 bytes); a successful READ's data follows it.
 pub fn simple_reply(out: &mut Vec<u8>, cookie: u64, error: NbdErrno) {
@@ -11,7 +11,8 @@ pub fn simple_reply(out: &mut Vec<u8>, cookie: u64, error: NbdErrno) {
     out.extend_from_slice(&cookie.to_be_bytes());
 }
 
-fn chunk_header(out: &mut Vec<u8>, cookie: u64, done: bool, chunk: ChunkType, len: u32) {
+/// The 20-byte structured chunk header; `len` bytes of payload follow.
+fn chunk_header(out: &mut Vec<u8>, cookie: u64, done: bool, chunk: ReplyType, len: u32) {
     let flags: u16 = if done { REPLY_FLAG_DONE } else { 0 };
     out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
     out.extend_from_slice(&flags.to_be_bytes());
@@ -26,33 +27,37 @@ pub fn offset_data_header(out: &mut Vec<u8>, cookie: u64, done: bool, offset: u6
         out,
         cookie,
         done,
-        ChunkType::OFFSET_DATA,
+        ReplyType::OFFSET_DATA,
         data_len.saturating_add(8),
     );
     out.extend_from_slice(&offset.to_be_bytes());
 }
 
+/// OFFSET_HOLE chunk: `len` bytes at `offset` read as zeroes.
 pub fn offset_hole(out: &mut Vec<u8>, cookie: u64, done: bool, offset: u64, len: u32) {
-    chunk_header(out, cookie, done, ChunkType::OFFSET_HOLE, 12);
+    chunk_header(out, cookie, done, ReplyType::OFFSET_HOLE, 12);
     out.extend_from_slice(&offset.to_be_bytes());
     out.extend_from_slice(&len.to_be_bytes());
 }
 
 /// The NONE chunk: ends a structured reply with no content.
 pub fn none_chunk(out: &mut Vec<u8>, cookie: u64) {
-    chunk_header(out, cookie, true, ChunkType::NONE, 0);
+    chunk_header(out, cookie, true, ReplyType::NONE, 0);
 }
 
 /// An ERROR chunk (with DONE) carrying a message of at most 4096 bytes.
 pub fn error_chunk(out: &mut Vec<u8>, cookie: u64, error: NbdErrno, message: &str) {
     let msg = truncate_utf8(message, MAX_STRING);
-    chunk_header(out, cookie, true, ChunkType::ERROR, 6 + msg.len() as u32);
+    chunk_header(out, cookie, true, ReplyType::ERROR, 6 + msg.len() as u32);
     out.extend_from_slice(&error.0.to_be_bytes());
     out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     out.extend_from_slice(msg.as_bytes());
 }
 
 /// A BLOCK_STATUS chunk: the context id and (length, flags) descriptors.
+/// The caller keeps `extents` to a sane count (QEMU sends at most 2^17 per
+/// chunk; the spec asks for at most 2^20); far beyond that the length field
+/// would saturate.
 pub fn block_status_chunk(
     out: &mut Vec<u8>,
     cookie: u64,
@@ -60,8 +65,11 @@ pub fn block_status_chunk(
     context_id: u32,
     extents: &[(u32, u32)],
 ) {
-    let len = 4 + 8 * extents.len() as u32;
-    chunk_header(out, cookie, done, ChunkType::BLOCK_STATUS, len);
+    let len = u32::try_from(extents.len())
+        .unwrap_or(u32::MAX)
+        .saturating_mul(8)
+        .saturating_add(4);
+    chunk_header(out, cookie, done, ReplyType::BLOCK_STATUS, len);
     out.extend_from_slice(&context_id.to_be_bytes());
     for (length, flags) in extents {
         out.extend_from_slice(&length.to_be_bytes());
@@ -69,7 +77,8 @@ pub fn block_status_chunk(
     }
 }
 
-fn truncate_utf8(s: &str, max: usize) -> &str {
+/// `s` cut to at most `max` bytes, on a character boundary.
+pub(crate) fn truncate_utf8(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }
@@ -85,7 +94,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn test_simple_reply_is_16_bytes_with_magic() {
+    fn test_simple_reply_when_error_returns_16_bytes_with_errno() {
         let mut out = Vec::new();
         simple_reply(&mut out, 9, NbdErrno::EIO);
         assert_eq!(out.len(), SIMPLE_REPLY_LEN);
@@ -94,7 +103,7 @@ mod tests {
     }
 
     #[test]
-    fn test_offset_hole_is_header_plus_12() {
+    fn test_offset_hole_when_done_returns_header_plus_12_with_done_flag() {
         let mut out = Vec::new();
         offset_hole(&mut out, 1, true, 0, 4096);
         assert_eq!(out.len(), CHUNK_HEADER_LEN + 12);
@@ -102,7 +111,7 @@ mod tests {
     }
 
     #[test]
-    fn test_error_chunk_truncates_long_message_on_char_boundary() {
+    fn test_error_chunk_when_message_long_truncates_on_char_boundary() {
         let mut out = Vec::new();
         let message = "é".repeat(3000);
         error_chunk(&mut out, 1, NbdErrno::EINVAL, &message);
@@ -112,9 +121,33 @@ mod tests {
     }
 
     #[test]
-    fn test_block_status_chunk_length_counts_descriptors() {
+    fn test_block_status_chunk_when_two_extents_returns_length_20() {
         let mut out = Vec::new();
         block_status_chunk(&mut out, 1, true, 0, &[(512, 0), (512, 3)]);
         assert_eq!(u32::from_be_bytes(out[16..20].try_into().unwrap()), 4 + 16);
+    }
+
+    #[test]
+    fn test_offset_data_header_when_data_follows_counts_offset_in_length() {
+        let mut out = Vec::new();
+        offset_data_header(&mut out, 1, true, 4096, 512);
+        assert_eq!(out.len(), CHUNK_HEADER_LEN + 8);
+        assert_eq!(u32::from_be_bytes(out[16..20].try_into().unwrap()), 520);
+    }
+
+    #[test]
+    fn test_none_chunk_when_written_has_done_flag_and_no_payload() {
+        let mut out = Vec::new();
+        none_chunk(&mut out, 3);
+        assert_eq!(out.len(), CHUNK_HEADER_LEN);
+        assert_eq!(&out[4..8], &[0, 1, 0, 0]);
+    }
+
+    #[test]
+    fn test_error_chunk_when_short_message_has_error_type_and_text() {
+        let mut out = Vec::new();
+        error_chunk(&mut out, 1, NbdErrno::EIO, "bad");
+        assert_eq!(&out[6..8], &ReplyType::ERROR.0.to_be_bytes());
+        assert_eq!(&out[26..], b"bad");
     }
 }

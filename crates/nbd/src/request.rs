@@ -66,7 +66,8 @@ impl RequestHeader {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Ok,
-    /// Answer with this error; the connection goes on.
+    /// Answer with this error; the connection goes on. A WRITE's payload
+    /// (`payload_len()` bytes) must still be read and discarded first.
     Reject {
         errno: NbdErrno,
         message: String,
@@ -84,92 +85,134 @@ fn reject(errno: NbdErrno, message: impl Into<String>) -> Verdict {
     }
 }
 
-/// Validates `header` against the negotiated session, as QEMU's server does,
-/// using the errno the NBD spec prefers where QEMU is looser (EPERM for
-/// writes to a read-only export, ENOSPC for writes past the end).
+/// The name QEMU gives a command in its messages (`nbd_cmd_lookup`).
+pub fn command_name(command: CommandType) -> &'static str {
+    match command {
+        CommandType::READ => "read",
+        CommandType::WRITE => "write",
+        CommandType::DISC => "disconnect",
+        CommandType::FLUSH => "flush",
+        CommandType::TRIM => "trim",
+        CommandType::CACHE => "cache",
+        CommandType::WRITE_ZEROES => "write zeroes",
+        CommandType::BLOCK_STATUS => "block status",
+        _ => "<unknown>",
+    }
+}
+
+/// Validates `header` against the negotiated session, with QEMU's checks in
+/// QEMU's order (`nbd_co_receive_request`, then `nbd_handle_request`) and
+/// QEMU's messages, but with the errno the NBD spec prefers where QEMU sends
+/// EINVAL for everything: EPERM for writes to a read-only export, ENOSPC for
+/// writes past the end.
+///
+/// DISC is always Ok: the shell closes without a reply, whatever its fields.
 pub fn validate(header: &RequestHeader, negotiated: &Negotiated) -> Verdict {
     let cmd = header.command;
-    let flags = negotiated.transmission_flags;
     if cmd == CommandType::DISC {
         return Verdict::Ok;
+    }
+    if let Some(verdict) = check_length(header) {
+        return verdict;
     }
     let writes = matches!(
         cmd,
         CommandType::WRITE | CommandType::TRIM | CommandType::WRITE_ZEROES
     );
-    let ranged = writes
-        || matches!(
-            cmd,
-            CommandType::READ | CommandType::CACHE | CommandType::BLOCK_STATUS
-        );
-    if !ranged && cmd != CommandType::FLUSH {
-        return reject(
-            NbdErrno::EINVAL,
-            format!("invalid request type ({}) received", cmd.0),
-        );
+    if writes && negotiated.transmission_flags & FLAG_READ_ONLY != 0 {
+        return reject(NbdErrno::EPERM, "Export is read-only");
     }
-    if header.length > MAX_PAYLOAD && cmd == CommandType::WRITE {
-        return Verdict::Disconnect {
-            reason: format!(
-                "WRITE payload of {} bytes exceeds {MAX_PAYLOAD}",
-                header.length
-            ),
-        };
+    if let Some(verdict) = check_range(header, negotiated.export.size) {
+        return verdict;
     }
-    if let Some(v) = check_flags(header, negotiated) {
-        return v;
-    }
-    if writes && flags & FLAG_READ_ONLY != 0 {
-        return reject(NbdErrno::EPERM, "export is read-only");
-    }
-    if header.length > MAX_PAYLOAD && cmd == CommandType::READ {
-        return reject(
-            NbdErrno::EINVAL,
-            format!(
-                "len ({}) is larger than max len ({MAX_PAYLOAD})",
-                header.length
-            ),
-        );
-    }
-    let size = negotiated.export.size;
-    let end = header.offset.checked_add(u64::from(header.length));
-    if ranged && end.is_none_or(|e| e > size) {
-        let errno = match cmd {
-            CommandType::WRITE | CommandType::WRITE_ZEROES => NbdErrno::ENOSPC,
-            _ => NbdErrno::EINVAL,
-        };
+    let invalid = header.flags & !valid_flags(cmd, negotiated);
+    if invalid != 0 {
         let message = format!(
-            "operation past EOF; From: {}, Len: {}, Size: {size}",
-            header.offset, header.length
+            "unsupported flags for command {} (got 0x{:x})",
+            command_name(cmd),
+            header.flags
         );
-        return reject(errno, message);
+        return reject(NbdErrno::EINVAL, message);
     }
-    if cmd == CommandType::BLOCK_STATUS && negotiated.meta_contexts.is_empty() {
-        return reject(NbdErrno::EINVAL, "CMD_BLOCK_STATUS not negotiated");
-    }
-    Verdict::Ok
+    check_command(header, negotiated)
 }
 
-/// Flags must be ones this command accepts and the server advertised.
-fn check_flags(header: &RequestHeader, negotiated: &Negotiated) -> Option<Verdict> {
-    let mut allowed = CMD_FLAG_FUA;
-    match header.command {
-        CommandType::READ if negotiated.structured_replies => allowed |= CMD_FLAG_DF,
-        CommandType::WRITE_ZEROES => {
-            allowed |= CMD_FLAG_NO_HOLE;
-            if negotiated.transmission_flags & FLAG_SEND_FAST_ZERO != 0 {
-                allowed |= CMD_FLAG_FAST_ZERO;
-            }
-        }
-        CommandType::BLOCK_STATUS => allowed |= CMD_FLAG_REQ_ONE,
-        _ => {}
+/// READ, WRITE and CACHE are bounded by the 32 MiB buffer. A WRITE that big
+/// cannot even be skipped safely, so QEMU drops the client.
+fn check_length(header: &RequestHeader) -> Option<Verdict> {
+    let cmd = header.command;
+    let bounded = matches!(
+        cmd,
+        CommandType::READ | CommandType::WRITE | CommandType::CACHE
+    );
+    if !bounded || header.length <= MAX_PAYLOAD {
+        return None;
     }
-    (header.flags & !allowed != 0).then(|| {
-        reject(
-            NbdErrno::EINVAL,
-            format!("unsupported flags (got 0x{:x})", header.flags),
-        )
+    let message = format!(
+        "len ({}) is larger than max len ({MAX_PAYLOAD})",
+        header.length
+    );
+    Some(match cmd {
+        CommandType::WRITE => Verdict::Disconnect { reason: message },
+        _ => reject(NbdErrno::EINVAL, message),
     })
+}
+
+/// Every command but DISC must stay inside the export, even FLUSH and
+/// unknown ones (QEMU checks `from`/`len` for all of them).
+fn check_range(header: &RequestHeader, size: u64) -> Option<Verdict> {
+    let end = header.offset.checked_add(u64::from(header.length));
+    if end.is_some_and(|end| end <= size) {
+        return None;
+    }
+    let errno = match header.command {
+        CommandType::WRITE | CommandType::WRITE_ZEROES => NbdErrno::ENOSPC,
+        _ => NbdErrno::EINVAL,
+    };
+    let message = format!(
+        "operation past EOF; From: {}, Len: {}, Size: {size}",
+        header.offset, header.length
+    );
+    Some(reject(errno, message))
+}
+
+/// Flags each command accepts: FUA everywhere (QEMU always advertises it),
+/// DF on READ once structured replies are on, NO_HOLE and (if advertised)
+/// FAST_ZERO on WRITE_ZEROES, REQ_ONE on BLOCK_STATUS.
+fn valid_flags(cmd: CommandType, negotiated: &Negotiated) -> u16 {
+    let fast_zero = negotiated.transmission_flags & FLAG_SEND_FAST_ZERO != 0;
+    CMD_FLAG_FUA
+        | match cmd {
+            CommandType::READ if negotiated.structured_replies => CMD_FLAG_DF,
+            CommandType::WRITE_ZEROES if fast_zero => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            CommandType::WRITE_ZEROES => CMD_FLAG_NO_HOLE,
+            CommandType::BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+            _ => 0,
+        }
+}
+
+/// The checks QEMU makes while dispatching: unknown commands, and
+/// BLOCK_STATUS without a context or without a length.
+fn check_command(header: &RequestHeader, negotiated: &Negotiated) -> Verdict {
+    match header.command {
+        CommandType::READ
+        | CommandType::WRITE
+        | CommandType::FLUSH
+        | CommandType::TRIM
+        | CommandType::CACHE
+        | CommandType::WRITE_ZEROES => Verdict::Ok,
+        CommandType::BLOCK_STATUS if negotiated.meta_contexts.is_empty() => {
+            reject(NbdErrno::EINVAL, "CMD_BLOCK_STATUS not negotiated")
+        }
+        CommandType::BLOCK_STATUS if header.length == 0 => {
+            reject(NbdErrno::EINVAL, "need non-zero length")
+        }
+        CommandType::BLOCK_STATUS => Verdict::Ok,
+        other => reject(
+            NbdErrno::EINVAL,
+            format!("invalid request type ({}) received", other.0),
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -199,8 +242,16 @@ mod tests {
         }
     }
 
+    /// The errno of a rejection, or None for Ok/Disconnect.
+    fn errno(verdict: Verdict) -> Option<NbdErrno> {
+        match verdict {
+            Verdict::Reject { errno, .. } => Some(errno),
+            _ => None,
+        }
+    }
+
     #[test]
-    fn test_decode_request_roundtrips_encode() {
+    fn test_decode_request_when_encoded_returns_same_header() {
         let r = req(CommandType::WRITE, 4096, 512, CMD_FLAG_FUA);
         let mut bytes = Vec::new();
         r.encode(&mut bytes);
@@ -209,59 +260,108 @@ mod tests {
     }
 
     #[test]
-    fn test_decode_request_bad_magic_is_an_error() {
+    fn test_decode_request_when_magic_wrong_returns_bad_magic() {
         let arr = [0u8; REQUEST_HEADER_LEN];
         assert_eq!(decode_request(&arr), Err(RequestDecodeError::BadMagic(0)));
     }
 
     #[test]
-    fn test_validate_write_on_read_only_is_eperm() {
+    fn test_payload_len_when_write_returns_length() {
+        assert_eq!(req(CommandType::WRITE, 0, 512, 0).payload_len(), 512);
+    }
+
+    #[test]
+    fn test_payload_len_when_trim_returns_zero() {
+        assert_eq!(req(CommandType::TRIM, 0, 512, 0).payload_len(), 0);
+    }
+
+    #[test]
+    fn test_validate_when_read_in_range_returns_ok() {
+        let v = validate(
+            &req(CommandType::READ, 0, 4096, CMD_FLAG_DF),
+            &session(false),
+        );
+        assert_eq!(v, Verdict::Ok);
+    }
+
+    #[test]
+    fn test_validate_when_write_on_read_only_returns_eperm() {
         let v = validate(&req(CommandType::WRITE, 0, 512, 0), &session(true));
-        assert!(matches!(
-            v,
-            Verdict::Reject {
-                errno: NbdErrno::EPERM,
-                ..
-            }
-        ));
+        assert_eq!(v, reject(NbdErrno::EPERM, "Export is read-only"));
     }
 
     #[test]
-    fn test_validate_write_past_end_is_enospc() {
+    fn test_validate_when_trim_on_read_only_returns_eperm() {
+        let v = validate(&req(CommandType::TRIM, 0, 512, 0), &session(true));
+        assert_eq!(errno(v), Some(NbdErrno::EPERM));
+    }
+
+    #[test]
+    fn test_validate_when_write_past_end_returns_enospc() {
         let v = validate(&req(CommandType::WRITE, 1 << 20, 512, 0), &session(false));
-        assert!(matches!(
-            v,
-            Verdict::Reject {
-                errno: NbdErrno::ENOSPC,
-                ..
-            }
-        ));
+        assert_eq!(errno(v), Some(NbdErrno::ENOSPC));
     }
 
     #[test]
-    fn test_validate_read_past_end_has_qemu_message() {
+    fn test_validate_when_write_zeroes_past_end_returns_enospc() {
+        let v = validate(
+            &req(CommandType::WRITE_ZEROES, 1 << 20, 1, 0),
+            &session(false),
+        );
+        assert_eq!(errno(v), Some(NbdErrno::ENOSPC));
+    }
+
+    #[test]
+    fn test_validate_when_read_past_end_returns_qemu_message() {
         let v = validate(&req(CommandType::READ, 1 << 20, 512, 0), &session(false));
         let expected = "operation past EOF; From: 1048576, Len: 512, Size: 1048576";
         assert_eq!(v, reject(NbdErrno::EINVAL, expected));
     }
 
     #[test]
-    fn test_validate_huge_read_is_einval() {
+    fn test_validate_when_block_status_past_end_returns_einval() {
+        let v = validate(
+            &req(CommandType::BLOCK_STATUS, 1 << 20, 1, 0),
+            &session(false),
+        );
+        assert_eq!(errno(v), Some(NbdErrno::EINVAL));
+    }
+
+    #[test]
+    fn test_validate_when_flush_has_range_past_end_returns_einval() {
+        let v = validate(&req(CommandType::FLUSH, 1 << 21, 0, 0), &session(false));
+        assert_eq!(errno(v), Some(NbdErrno::EINVAL));
+    }
+
+    #[test]
+    fn test_validate_when_read_over_32_mib_returns_qemu_message() {
         let v = validate(
             &req(CommandType::READ, 0, MAX_PAYLOAD + 1, 0),
             &session(false),
         );
-        assert!(matches!(
-            v,
-            Verdict::Reject {
-                errno: NbdErrno::EINVAL,
-                ..
-            }
-        ));
+        let expected = "len (33554433) is larger than max len (33554432)";
+        assert_eq!(v, reject(NbdErrno::EINVAL, expected));
     }
 
     #[test]
-    fn test_validate_huge_write_disconnects() {
+    fn test_validate_when_cache_over_32_mib_returns_einval() {
+        let v = validate(
+            &req(CommandType::CACHE, 0, MAX_PAYLOAD + 1, 0),
+            &session(false),
+        );
+        assert_eq!(errno(v), Some(NbdErrno::EINVAL));
+    }
+
+    #[test]
+    fn test_validate_when_trim_over_32_mib_is_not_length_checked() {
+        let mut s = session(false);
+        s.export.size = 1 << 30;
+        let v = validate(&req(CommandType::TRIM, 0, MAX_PAYLOAD + 1, 0), &s);
+        assert_eq!(v, Verdict::Ok);
+    }
+
+    #[test]
+    fn test_validate_when_write_over_32_mib_returns_disconnect() {
         let v = validate(
             &req(CommandType::WRITE, 0, MAX_PAYLOAD + 1, 0),
             &session(false),
@@ -270,55 +370,80 @@ mod tests {
     }
 
     #[test]
-    fn test_validate_offset_overflow_is_rejected() {
+    fn test_validate_when_offset_overflows_returns_einval() {
         let v = validate(&req(CommandType::READ, u64::MAX, 1, 0), &session(false));
-        assert!(matches!(
-            v,
-            Verdict::Reject {
-                errno: NbdErrno::EINVAL,
-                ..
-            }
-        ));
+        assert_eq!(errno(v), Some(NbdErrno::EINVAL));
     }
 
     #[test]
-    fn test_validate_req_one_on_read_is_einval() {
+    fn test_validate_when_req_one_on_read_returns_qemu_message() {
         let v = validate(
             &req(CommandType::READ, 0, 512, CMD_FLAG_REQ_ONE),
             &session(false),
         );
-        assert!(matches!(
-            v,
-            Verdict::Reject {
-                errno: NbdErrno::EINVAL,
-                ..
-            }
-        ));
+        let expected = "unsupported flags for command read (got 0x8)";
+        assert_eq!(v, reject(NbdErrno::EINVAL, expected));
     }
 
     #[test]
-    fn test_validate_unknown_command_is_einval() {
+    fn test_validate_when_df_without_structured_returns_einval() {
+        let mut s = session(false);
+        s.structured_replies = false;
+        let v = validate(&req(CommandType::READ, 0, 512, CMD_FLAG_DF), &s);
+        assert_eq!(errno(v), Some(NbdErrno::EINVAL));
+    }
+
+    #[test]
+    fn test_validate_when_fast_zero_not_advertised_returns_einval() {
+        let mut s = session(false);
+        s.transmission_flags &= !FLAG_SEND_FAST_ZERO;
+        let flags = CMD_FLAG_FAST_ZERO;
+        let v = validate(&req(CommandType::WRITE_ZEROES, 0, 512, flags), &s);
+        assert_eq!(errno(v), Some(NbdErrno::EINVAL));
+    }
+
+    #[test]
+    fn test_validate_when_fast_zero_advertised_returns_ok() {
+        let flags = CMD_FLAG_FAST_ZERO | CMD_FLAG_NO_HOLE | CMD_FLAG_FUA;
+        let v = validate(
+            &req(CommandType::WRITE_ZEROES, 0, 512, flags),
+            &session(false),
+        );
+        assert_eq!(v, Verdict::Ok);
+    }
+
+    #[test]
+    fn test_validate_when_unknown_command_returns_qemu_message() {
         let v = validate(&req(CommandType(42), 0, 0, 0), &session(false));
-        assert!(matches!(
+        assert_eq!(
             v,
-            Verdict::Reject {
-                errno: NbdErrno::EINVAL,
-                ..
-            }
-        ));
+            reject(NbdErrno::EINVAL, "invalid request type (42) received")
+        );
     }
 
     #[test]
-    fn test_validate_block_status_without_context_is_einval() {
+    fn test_validate_when_disc_has_garbage_fields_returns_ok() {
+        let v = validate(
+            &req(CommandType::DISC, u64::MAX, u32::MAX, 0xffff),
+            &session(false),
+        );
+        assert_eq!(v, Verdict::Ok);
+    }
+
+    #[test]
+    fn test_validate_when_block_status_without_context_returns_einval() {
         let mut s = session(false);
         s.meta_contexts.clear();
         let v = validate(&req(CommandType::BLOCK_STATUS, 0, 512, 0), &s);
-        assert!(matches!(
+        assert_eq!(
             v,
-            Verdict::Reject {
-                errno: NbdErrno::EINVAL,
-                ..
-            }
-        ));
+            reject(NbdErrno::EINVAL, "CMD_BLOCK_STATUS not negotiated")
+        );
+    }
+
+    #[test]
+    fn test_validate_when_block_status_has_zero_length_returns_einval() {
+        let v = validate(&req(CommandType::BLOCK_STATUS, 0, 0, 0), &session(false));
+        assert_eq!(v, reject(NbdErrno::EINVAL, "need non-zero length"));
     }
 }

@@ -50,7 +50,7 @@ wire_enum! {
 
 wire_enum! {
     /// NBD_REP_*: option reply types (errors have bit 31 set).
-    ReplyType(u32) {
+    OptionReplyType(u32) {
         ACK = 1,
         SERVER = 2,
         INFO = 3,
@@ -68,9 +68,20 @@ wire_enum! {
     }
 }
 
-impl ReplyType {
+impl OptionReplyType {
+    /// Error replies have bit 31 set; clients treat unknown ones as errors too.
     pub fn is_error(self) -> bool {
         self.0 & 0x8000_0000 != 0
+    }
+}
+
+wire_enum! {
+    /// NBD_INFO_*: what an NBD_REP_INFO carries, and what INFO/GO may ask for.
+    InfoType(u16) {
+        EXPORT = 0,
+        NAME = 1,
+        DESCRIPTION = 2,
+        BLOCK_SIZE = 3,
     }
 }
 
@@ -90,14 +101,22 @@ wire_enum! {
 }
 
 wire_enum! {
-    /// NBD_REPLY_TYPE_*: structured reply chunk types.
-    ChunkType(u16) {
+    /// NBD_REPLY_TYPE_*: structured reply chunk types (bit 15 marks errors).
+    ReplyType(u16) {
         NONE = 0,
         OFFSET_DATA = 1,
         OFFSET_HOLE = 2,
         BLOCK_STATUS = 5,
+        BLOCK_STATUS_EXT = 6,
         ERROR = 0x8001,
         ERROR_OFFSET = 0x8002,
+    }
+}
+
+impl ReplyType {
+    /// Error chunks have bit 15 set, so a client can recognise even unknown ones.
+    pub fn is_error(self) -> bool {
+        self.0 & 0x8000 != 0
     }
 }
 
@@ -118,7 +137,11 @@ wire_enum! {
 
 impl NbdErrno {
     /// Maps a Linux errno to the NBD value the spec asks for: quota and
-    /// file-size errors are ENOSPC, anything unknown is EINVAL.
+    /// file-size errors are ENOSPC, anything unknown is EINVAL (which is what
+    /// clients assume for values they do not know anyway).
+    ///
+    /// The numbers are Linux's; this crate links no libc, and the daemon only
+    /// runs on Linux.
     pub fn from_os_errno(errno: i32) -> Self {
         match errno {
             0 => Self::OK,
@@ -128,7 +151,7 @@ impl NbdErrno {
             22 => Self::EINVAL,
             27 | 28 | 122 => Self::ENOSPC, // EFBIG, ENOSPC, EDQUOT
             75 => Self::EOVERFLOW,
-            95 => Self::ENOTSUP, // EOPNOTSUPP == ENOTSUP on Linux
+            95 => Self::ENOTSUP, // EOPNOTSUPP and ENOTSUP are both 95 on Linux
             108 => Self::ESHUTDOWN,
             _ => Self::EINVAL,
         }
@@ -140,22 +163,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn test_debug_prints_known_name() {
+    fn test_debug_when_known_prints_name() {
         assert_eq!(format!("{:?}", OptionType::GO), "GO");
     }
 
     #[test]
-    fn test_debug_prints_unknown_value_in_hex() {
+    fn test_debug_when_unknown_prints_hex() {
         assert_eq!(format!("{:?}", OptionType(0x99)), "OptionType(0x99)");
     }
 
     #[test]
-    fn test_from_os_errno_maps_quota_to_enospc() {
+    fn test_from_os_errno_when_edquot_returns_enospc() {
         assert_eq!(NbdErrno::from_os_errno(122), NbdErrno::ENOSPC);
     }
 
     #[test]
-    fn test_from_os_errno_unknown_is_einval() {
+    fn test_from_os_errno_when_efbig_returns_enospc() {
+        assert_eq!(NbdErrno::from_os_errno(27), NbdErrno::ENOSPC);
+    }
+
+    #[test]
+    fn test_from_os_errno_when_eopnotsupp_returns_enotsup() {
+        assert_eq!(NbdErrno::from_os_errno(95), NbdErrno::ENOTSUP);
+    }
+
+    #[test]
+    fn test_debug_when_errno_known_prints_name() {
+        assert_eq!(format!("{:?}", NbdErrno::ESHUTDOWN), "ESHUTDOWN");
+    }
+
+    #[test]
+    fn test_is_error_when_chunk_type_has_bit_15_returns_true() {
+        assert!(ReplyType(0x8005).is_error());
+    }
+
+    #[test]
+    fn test_from_os_errno_when_unknown_returns_einval() {
         assert_eq!(NbdErrno::from_os_errno(9999), NbdErrno::EINVAL);
     }
 }

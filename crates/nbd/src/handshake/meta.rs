@@ -10,8 +10,10 @@ pub(crate) enum QueryMode {
 }
 
 /// The contexts of `export` that `queries` select, without duplicates, in
-/// the export's order. Unknown namespaces and leaves are ignored, as the spec asks.
-pub(crate) fn select(export: &ExportInfo, queries: &[String], mode: QueryMode) -> Vec<MetaContext> {
+/// the export's order (which is QEMU's reply order). Unknown namespaces and
+/// leaves are ignored, as the spec asks. Queries are raw bytes: one that is
+/// not UTF-8 simply matches nothing.
+pub(crate) fn select(export: &ExportInfo, queries: &[&[u8]], mode: QueryMode) -> Vec<MetaContext> {
     if queries.is_empty() {
         return match mode {
             QueryMode::List => export.meta_contexts.clone(),
@@ -26,18 +28,19 @@ pub(crate) fn select(export: &ExportInfo, queries: &[String], mode: QueryMode) -
         .collect()
 }
 
-fn matches(ctx: &MetaContext, query: &str, mode: QueryMode) -> bool {
-    let name = ctx.name();
-    if name == query {
+/// Exact names match in both modes; LIST also takes QEMU's namespace
+/// wildcards (`base:`, `qemu:`, `qemu:dirty-bitmap:`).
+fn matches(ctx: &MetaContext, query: &[u8], mode: QueryMode) -> bool {
+    if ctx.name().as_bytes() == query {
         return true;
     }
     if mode == QueryMode::Set {
         return false;
     }
     match ctx {
-        MetaContext::BaseAllocation => query == "base:",
-        MetaContext::AllocationDepth => query == "qemu:",
-        MetaContext::DirtyBitmap(_) => query == "qemu:" || query == "qemu:dirty-bitmap:",
+        MetaContext::BaseAllocation => query == b"base:",
+        MetaContext::AllocationDepth => query == b"qemu:",
+        MetaContext::DirtyBitmap(_) => query == b"qemu:" || query == b"qemu:dirty-bitmap:",
     }
 }
 
@@ -47,27 +50,64 @@ mod tests {
     use crate::export::tests::writable_export;
 
     #[test]
-    fn test_select_list_empty_query_returns_all() {
+    fn test_select_when_list_has_no_queries_returns_all() {
         let e = writable_export();
         assert_eq!(select(&e, &[], QueryMode::List).len(), 2);
     }
 
     #[test]
-    fn test_select_set_ignores_namespace_wildcard() {
+    fn test_select_when_set_has_no_queries_returns_none() {
         let e = writable_export();
-        assert!(select(&e, &["base:".into()], QueryMode::Set).is_empty());
+        assert!(select(&e, &[], QueryMode::Set).is_empty());
     }
 
     #[test]
-    fn test_select_list_bitmap_prefix_returns_bitmaps() {
+    fn test_select_when_set_uses_namespace_wildcard_returns_none() {
         let e = writable_export();
-        let got = select(&e, &["qemu:dirty-bitmap:".into()], QueryMode::List);
+        assert!(select(&e, &[b"base:"], QueryMode::Set).is_empty());
+    }
+
+    #[test]
+    fn test_select_when_list_uses_base_wildcard_returns_base_allocation() {
+        let e = writable_export();
+        let got = select(&e, &[b"base:"], QueryMode::List);
+        assert_eq!(got, vec![MetaContext::BaseAllocation]);
+    }
+
+    #[test]
+    fn test_select_when_list_uses_bitmap_prefix_returns_bitmaps() {
+        let e = writable_export();
+        let got = select(&e, &[b"qemu:dirty-bitmap:"], QueryMode::List);
         assert_eq!(got, vec![MetaContext::DirtyBitmap("b0".into())]);
     }
 
     #[test]
-    fn test_select_unknown_namespace_is_ignored() {
+    fn test_select_when_set_names_bitmap_returns_it() {
         let e = writable_export();
-        assert!(select(&e, &["x-foo:bar".into()], QueryMode::Set).is_empty());
+        let got = select(&e, &[b"qemu:dirty-bitmap:b0"], QueryMode::Set);
+        assert_eq!(got, vec![MetaContext::DirtyBitmap("b0".into())]);
+    }
+
+    #[test]
+    fn test_select_when_query_repeated_returns_context_once() {
+        let e = writable_export();
+        let got = select(
+            &e,
+            &[b"base:allocation", b"base:allocation"],
+            QueryMode::Set,
+        );
+        assert_eq!(got, vec![MetaContext::BaseAllocation]);
+    }
+
+    #[test]
+    fn test_select_when_namespace_unknown_returns_none() {
+        let e = writable_export();
+        assert!(select(&e, &[b"x-foo:bar"], QueryMode::Set).is_empty());
+    }
+
+    #[test]
+    fn test_select_when_allocation_depth_not_offered_returns_none() {
+        let e = writable_export();
+        assert!(select(&e, &[b"qemu:allocation-depth"], QueryMode::Set).is_empty());
     }
 }

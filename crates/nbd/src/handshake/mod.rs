@@ -2,27 +2,44 @@
 //!
 //! The shell feeds socket bytes with [`ServerHandshake::receive`], calls
 //! [`ServerHandshake::advance`] and writes [`ServerHandshake::take_output`]
-//! after every call. Everything negotiated lives in one [`Session`] value that
-//! a completed STARTTLS replaces wholesale, so nothing negotiated in plaintext
-//! survives the upgrade (the lesson of CVE-2021-3716).
+//! after every call (also after `Closed`, `Done` and errors: an error reply or
+//! the final ACK may be pending).
+//!
+//! ```text
+//!  ClientFlags ──► OptionHeader ──► Payload ──► (option handler) ──┐
+//!                      ▲  │                                         │
+//!                      │  └──► Skipping ──► (queued error reply) ───┤
+//!                      └────────────────────────────────────────────┘
+//!                         STARTTLS ─► AwaitingTls ─► tls_established ─► OptionHeader
+//!                         GO / EXPORT_NAME ─► Finished (Done)   ABORT ─► Finished (Closed)
+//! ```
+//!
+//! The decision about an option is taken from its 16-byte header alone
+//! (`ServerHandshake::plan`): options that can only be answered with an
+//! error (unknown ones, ones that need TLS first, ones with a payload where
+//! none is allowed, oversized ones) are skipped as their bytes stream in and
+//! never buffered. Everything negotiated lives in one `Session` value that a
+//! completed STARTTLS replaces wholesale, so nothing negotiated in plaintext
+//! survives the upgrade (the lesson of nbdkit's CVE-2021-3716).
 
 mod meta;
+mod options;
 mod wire;
 
 use thiserror::Error;
 
 use crate::consts::*;
 use crate::export::{ExportCatalog, ExportInfo, MetaContext};
-use crate::types::{OptionType, ReplyType};
-use meta::QueryMode;
-use wire::{error_reply, option_reply, parse_info_request, parse_meta_request};
+use crate::types::{OptionReplyType, OptionType};
+use wire::{error_reply, option_name, option_reply};
 
-/// Option payloads up to this size are buffered; longer ones are skipped as
-/// they stream in (no known option needs more), so a handshaking client pins
-/// at most this much memory.
+/// Option payloads up to this size are buffered and parsed. No well-formed
+/// option a real client sends comes close (a GO is a name of at most 4 KiB
+/// plus a few info requests); longer ones get NBD_REP_ERR_TOO_BIG after being
+/// skipped, so a handshaking client pins at most this much memory.
 const MAX_BUFFERED_OPTION: u32 = 64 * 1024;
 
-/// Whether the server requires TLS.
+/// Whether the server requires TLS (NOTLS or FORCEDTLS in the spec's terms).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TlsMode {
     None,
@@ -34,13 +51,16 @@ pub struct HandshakeConfig {
     pub tls: TlsMode,
 }
 
-/// The outcome of a successful handshake.
+/// The outcome of a successful handshake: what transmission needs.
 #[derive(Clone, Debug)]
 pub struct Negotiated {
     pub export: ExportInfo,
+    /// READ replies must be structured, and errors may carry messages.
     pub structured_replies: bool,
-    /// Selected contexts with their ids, for BLOCK_STATUS.
+    /// Contexts selected by the last SET_META_CONTEXT for this export, with
+    /// their ids, for BLOCK_STATUS. Empty means BLOCK_STATUS gets EINVAL.
     pub meta_contexts: Vec<(u32, MetaContext)>,
+    /// The flags the client was told; request validation checks against these.
     pub transmission_flags: u16,
 }
 
@@ -60,21 +80,23 @@ pub enum HandshakeStatus {
 /// A violation that ends the connection (after writing any pending output).
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum HandshakeError {
-    #[error("client sent unknown client flags {0:#x}")]
+    #[error("Unknown client flags {0:#x} received")]
     UnknownClientFlags(u32),
-    #[error("bad option magic {0:#x}")]
+    #[error("Bad option magic {0:#x} received")]
     BadOptionMagic(u64),
-    #[error("option length {0} is too large")]
-    OptionTooLong(u32),
-    #[error("client without fixed newstyle sent option {0:?}")]
+    #[error("Option {option:?} length {len} exceeds the 32 MiB limit")]
+    OptionTooLong { option: OptionType, len: u32 },
+    #[error("Client without fixed newstyle sent option {0:?}; only EXPORT_NAME is allowed")]
     NotFixedNewstyle(OptionType),
+    #[error("NBD_OPT_EXPORT_NAME with a name of {0} bytes (bad length received)")]
+    ExportNameTooLong(u32),
     #[error("NBD_OPT_EXPORT_NAME for unknown export '{0}'")]
     UnknownExport(String),
-    #[error("NBD_OPT_EXPORT_NAME before TLS")]
-    TlsRequired,
-    #[error("export name is not a valid string")]
-    BadExportName,
-    #[error("handshake already finished")]
+    #[error("Option {0:#x} not permitted before TLS")]
+    TlsRequired(u32),
+    #[error("NBD_OPT_STARTTLS with a payload; cannot start TLS")]
+    StartTlsWithPayload,
+    #[error("Handshake already finished")]
     Finished,
 }
 
@@ -82,29 +104,60 @@ pub enum HandshakeError {
 #[derive(Debug, Default)]
 struct Session {
     structured_replies: bool,
-    /// The export name given to SET_META_CONTEXT and what it selected.
+    /// The export name given to the last SET_META_CONTEXT and what it
+    /// selected; only valid if GO later picks the same export.
     meta: Option<(String, Vec<(u32, MetaContext)>)>,
 }
 
+/// Where the input stream is.
 #[derive(Debug)]
 enum Phase {
+    /// Waiting for the 4-byte client flags.
     ClientFlags,
-    Options,
-    /// Discarding the rest of an oversized option payload, then answering it.
+    /// Waiting for a 16-byte option header.
+    OptionHeader,
+    /// Waiting for `len` bytes of payload to parse.
+    Payload { option: OptionType, len: u32 },
+    /// Discarding `remaining` bytes, then sending `reply` with `message`.
     Skipping {
         option: OptionType,
-        remaining: u64,
+        remaining: u32,
+        reply: OptionReplyType,
+        message: String,
     },
+    /// STARTTLS was acked; the shell runs the TLS handshake.
     AwaitingTls,
-    Done,
+    /// GO, EXPORT_NAME, ABORT or an error ended the handshake.
+    Finished,
 }
 
+/// What the option header alone decides.
+enum Plan {
+    /// Buffer the payload, then parse and handle it.
+    Read,
+    /// Skip the payload, then answer with this error.
+    Skip(OptionReplyType, String),
+    /// Answer ABORT (ACK, or an error before TLS) and close.
+    Abort(OptionReplyType, String),
+}
+
+/// What handling one option decided.
+enum Step {
+    Continue,
+    StartTls,
+    Done(Box<Negotiated>),
+    Closed,
+}
+
+/// The server's handshake with one client.
 pub struct ServerHandshake {
     config: HandshakeConfig,
+    /// Bytes received and not yet consumed; after the end, the leftover.
     input: Vec<u8>,
     output: Vec<u8>,
     phase: Phase,
     session: Session,
+    /// From the client flags: these survive STARTTLS (they precede it).
     fixed_newstyle: bool,
     no_zeroes: bool,
     tls_active: bool,
@@ -114,17 +167,10 @@ impl std::fmt::Debug for ServerHandshake {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerHandshake")
             .field("phase", &self.phase)
+            .field("session", &self.session)
             .field("tls_active", &self.tls_active)
             .finish_non_exhaustive()
     }
-}
-
-/// What handling one option decided.
-enum Step {
-    Continue,
-    StartTls,
-    Done(Box<Negotiated>),
-    Closed,
 }
 
 impl ServerHandshake {
@@ -146,10 +192,12 @@ impl ServerHandshake {
         }
     }
 
+    /// Appends bytes read from the socket; nothing is processed until `advance`.
     pub fn receive(&mut self, data: &[u8]) {
         self.input.extend_from_slice(data);
     }
 
+    /// Bytes to write to the socket now (may be empty).
     pub fn take_output(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.output)
     }
@@ -160,400 +208,249 @@ impl ServerHandshake {
     }
 
     /// The TLS session is up: forget everything negotiated in plaintext,
-    /// including any plaintext the client sent after STARTTLS.
+    /// including any plaintext the client sent after STARTTLS (it could have
+    /// been injected by a man in the middle). Ignored unless STARTTLS was acked.
     pub fn tls_established(&mut self) {
+        if !matches!(self.phase, Phase::AwaitingTls) {
+            return;
+        }
         self.tls_active = true;
         self.session = Session::default();
         self.input.clear();
-        self.phase = Phase::Options;
+        self.phase = Phase::OptionHeader;
     }
 
-    /// Processes buffered input as far as it goes.
+    /// Processes buffered input as far as it goes. After an error the
+    /// handshake is over: write the output, then close.
     pub fn advance(
         &mut self,
         catalog: &dyn ExportCatalog,
     ) -> Result<HandshakeStatus, HandshakeError> {
+        let result = self.run(catalog);
+        if result.is_err() {
+            self.phase = Phase::Finished;
+        }
+        result
+    }
+
+    fn run(&mut self, catalog: &dyn ExportCatalog) -> Result<HandshakeStatus, HandshakeError> {
         loop {
-            match self.phase {
-                Phase::Done => return Err(HandshakeError::Finished),
-                Phase::AwaitingTls => return Ok(HandshakeStatus::StartTls),
-                Phase::ClientFlags => {
-                    let Some(flags) = self.take_u32() else {
-                        return Ok(HandshakeStatus::NeedInput);
-                    };
-                    self.accept_client_flags(flags)?;
+            let step = match self.poll_step(catalog)? {
+                None => return Ok(HandshakeStatus::NeedInput),
+                Some(step) => step,
+            };
+            match step {
+                Step::Continue => {}
+                Step::StartTls => {
+                    self.phase = Phase::AwaitingTls;
+                    return Ok(HandshakeStatus::StartTls);
                 }
-                Phase::Skipping { option, remaining } => {
-                    let n = remaining.min(self.input.len() as u64) as usize;
-                    self.input.drain(..n);
-                    let remaining = remaining - n as u64;
-                    if remaining > 0 {
-                        self.phase = Phase::Skipping { option, remaining };
-                        return Ok(HandshakeStatus::NeedInput);
-                    }
-                    self.phase = Phase::Options;
-                    self.answer_skipped(option);
+                Step::Done(negotiated) => {
+                    self.phase = Phase::Finished;
+                    return Ok(HandshakeStatus::Done(negotiated));
                 }
-                Phase::Options => match self.next_option(catalog)? {
-                    None => return Ok(HandshakeStatus::NeedInput),
-                    Some(Step::Continue) => {}
-                    Some(Step::StartTls) => {
-                        self.phase = Phase::AwaitingTls;
-                        return Ok(HandshakeStatus::StartTls);
-                    }
-                    Some(Step::Done(n)) => {
-                        self.phase = Phase::Done;
-                        return Ok(HandshakeStatus::Done(n));
-                    }
-                    Some(Step::Closed) => {
-                        self.phase = Phase::Done;
-                        return Ok(HandshakeStatus::Closed);
-                    }
-                },
+                Step::Closed => {
+                    self.phase = Phase::Finished;
+                    return Ok(HandshakeStatus::Closed);
+                }
             }
         }
     }
 
-    fn take_u32(&mut self) -> Option<u32> {
-        let bytes: [u8; 4] = self.input.get(..4)?.try_into().ok()?;
-        self.input.drain(..4);
-        Some(u32::from_be_bytes(bytes))
+    /// Makes one step of progress, or `None` if more input is needed.
+    fn poll_step(&mut self, catalog: &dyn ExportCatalog) -> Result<Option<Step>, HandshakeError> {
+        match std::mem::replace(&mut self.phase, Phase::Finished) {
+            Phase::Finished => Err(HandshakeError::Finished),
+            Phase::AwaitingTls => {
+                self.phase = Phase::AwaitingTls;
+                Ok(Some(Step::StartTls))
+            }
+            Phase::ClientFlags => self.read_client_flags(),
+            Phase::OptionHeader => self.read_option_header(),
+            Phase::Payload { option, len } => self.read_payload(option, len, catalog),
+            Phase::Skipping {
+                option,
+                remaining,
+                reply,
+                message,
+            } => Ok(self.skip(option, remaining, reply, message)),
+        }
     }
 
-    fn accept_client_flags(&mut self, flags: u32) -> Result<(), HandshakeError> {
+    fn read_client_flags(&mut self) -> Result<Option<Step>, HandshakeError> {
+        let Some(flags) = self.take_array::<4>().map(u32::from_be_bytes) else {
+            self.phase = Phase::ClientFlags;
+            return Ok(None);
+        };
         let known = CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES;
         if flags & !known != 0 {
             return Err(HandshakeError::UnknownClientFlags(flags));
         }
         self.fixed_newstyle = flags & CLIENT_FLAG_FIXED_NEWSTYLE != 0;
         self.no_zeroes = flags & CLIENT_FLAG_NO_ZEROES != 0;
-        self.phase = Phase::Options;
-        Ok(())
+        self.phase = Phase::OptionHeader;
+        Ok(Some(Step::Continue))
     }
 
-    /// Reads one option header (and payload, when small) and handles it.
-    fn next_option(&mut self, catalog: &dyn ExportCatalog) -> Result<Option<Step>, HandshakeError> {
-        let Some(header) = self.input.get(..OPTION_HEADER_LEN) else {
+    fn read_option_header(&mut self) -> Result<Option<Step>, HandshakeError> {
+        let Some(header) = self.take_array::<OPTION_HEADER_LEN>() else {
+            self.phase = Phase::OptionHeader;
             return Ok(None);
         };
-        let magic = u64::from_be_bytes(header[..8].try_into().unwrap_or_default());
-        let option = OptionType(u32::from_be_bytes(
-            header[8..12].try_into().unwrap_or_default(),
-        ));
-        let len = u32::from_be_bytes(header[12..16].try_into().unwrap_or_default());
+        let [m0, m1, m2, m3, m4, m5, m6, m7, o0, o1, o2, o3, l0, l1, l2, l3] = header;
+        let magic = u64::from_be_bytes([m0, m1, m2, m3, m4, m5, m6, m7]);
+        let option = OptionType(u32::from_be_bytes([o0, o1, o2, o3]));
+        let len = u32::from_be_bytes([l0, l1, l2, l3]);
         if magic != IHAVEOPT {
             return Err(HandshakeError::BadOptionMagic(magic));
         }
+        match self.plan(option, len)? {
+            Plan::Read => self.phase = Phase::Payload { option, len },
+            Plan::Skip(reply, message) => {
+                self.phase = Phase::Skipping {
+                    option,
+                    remaining: len,
+                    reply,
+                    message,
+                }
+            }
+            Plan::Abort(reply, message) => {
+                // The client may not even wait for this reply; its payload
+                // (there should be none) is irrelevant since we close.
+                option_reply(&mut self.output, option, reply, message.as_bytes());
+                return Ok(Some(Step::Closed));
+            }
+        }
+        Ok(Some(Step::Continue))
+    }
+
+    /// Decides from the header alone how to treat an option, like QEMU's
+    /// `nbd_negotiate_options` does before reading any payload.
+    fn plan(&self, option: OptionType, len: u32) -> Result<Plan, HandshakeError> {
         if len > MAX_OPTION_LEN {
-            return Err(HandshakeError::OptionTooLong(len));
+            return Err(HandshakeError::OptionTooLong { option, len });
         }
         if !self.fixed_newstyle && option != OptionType::EXPORT_NAME {
             return Err(HandshakeError::NotFixedNewstyle(option));
         }
-        if len > MAX_BUFFERED_OPTION {
-            self.input.drain(..OPTION_HEADER_LEN);
-            self.phase = Phase::Skipping {
-                option,
-                remaining: u64::from(len),
-            };
-            return Ok(Some(Step::Continue));
+        if self.config.tls == TlsMode::Required && !self.tls_active {
+            return Self::plan_before_tls(option, len);
         }
-        let total = OPTION_HEADER_LEN + len as usize;
-        if self.input.len() < total {
+        let invalid = |msg: String| Plan::Skip(OptionReplyType::ERR_INVALID, msg);
+        let plan = match option {
+            OptionType::EXPORT_NAME if len as usize > MAX_STRING => {
+                return Err(HandshakeError::ExportNameTooLong(len))
+            }
+            OptionType::ABORT => Plan::Abort(OptionReplyType::ACK, String::new()),
+            OptionType::LIST | OptionType::STARTTLS | OptionType::STRUCTURED_REPLY if len > 0 => {
+                invalid(unexpected_length(option))
+            }
+            OptionType::EXPORT_NAME
+            | OptionType::LIST
+            | OptionType::STARTTLS
+            | OptionType::STRUCTURED_REPLY => Plan::Read,
+            OptionType::INFO
+            | OptionType::GO
+            | OptionType::LIST_META_CONTEXT
+            | OptionType::SET_META_CONTEXT => match len > MAX_BUFFERED_OPTION {
+                true => Plan::Skip(OptionReplyType::ERR_TOO_BIG, too_big(option, len)),
+                false => Plan::Read,
+            },
+            _ => Plan::Skip(OptionReplyType::ERR_UNSUP, unsupported(option)),
+        };
+        Ok(plan)
+    }
+
+    /// FORCEDTLS before the upgrade: only STARTTLS gets anywhere. As in
+    /// QEMU, EXPORT_NAME disconnects, ABORT is answered with TLS_REQD and
+    /// closes, and STARTTLS with a payload is refused and disconnects.
+    fn plan_before_tls(option: OptionType, len: u32) -> Result<Plan, HandshakeError> {
+        let not_permitted = format!("Option {:#x} not permitted before TLS", option.0);
+        match option {
+            OptionType::STARTTLS if len > 0 => Err(HandshakeError::StartTlsWithPayload),
+            OptionType::STARTTLS => Ok(Plan::Read),
+            OptionType::EXPORT_NAME => Err(HandshakeError::TlsRequired(option.0)),
+            OptionType::ABORT => Ok(Plan::Abort(OptionReplyType::ERR_TLS_REQD, not_permitted)),
+            _ => Ok(Plan::Skip(OptionReplyType::ERR_TLS_REQD, not_permitted)),
+        }
+    }
+
+    fn read_payload(
+        &mut self,
+        option: OptionType,
+        len: u32,
+        catalog: &dyn ExportCatalog,
+    ) -> Result<Option<Step>, HandshakeError> {
+        let len = len as usize;
+        if self.input.len() < len {
+            self.phase = Phase::Payload {
+                option,
+                len: len as u32,
+            };
             return Ok(None);
         }
-        let payload: Vec<u8> = self.input[OPTION_HEADER_LEN..total].to_vec();
-        self.input.drain(..total);
+        let payload: Vec<u8> = self.input.drain(..len).collect();
+        self.phase = Phase::OptionHeader;
         self.handle_option(option, &payload, catalog).map(Some)
     }
 
-    /// Answers an option whose payload was too large to buffer.
-    fn answer_skipped(&mut self, option: OptionType) {
-        let out = &mut self.output;
-        if self.config.tls == TlsMode::Required && !self.tls_active {
-            let msg = format!("Option {:#x} not permitted before TLS", option.0);
-            return error_reply(out, option, ReplyType::ERR_TLS_REQD, &msg);
-        }
-        match option.name() {
-            None => error_reply(out, option, ReplyType::ERR_UNSUP, &unsupported(option)),
-            Some(_) => error_reply(
-                out,
-                option,
-                ReplyType::ERR_TOO_BIG,
-                "option payload too large",
-            ),
-        }
-    }
-
-    fn handle_option(
+    /// Discards what has arrived of a skipped payload; once all of it is
+    /// gone, sends the decided error reply.
+    fn skip(
         &mut self,
         option: OptionType,
-        payload: &[u8],
-        catalog: &dyn ExportCatalog,
-    ) -> Result<Step, HandshakeError> {
-        if self.config.tls == TlsMode::Required && !self.tls_active {
-            return self.handle_before_tls(option, payload);
-        }
-        match option {
-            OptionType::EXPORT_NAME => self.export_name(payload, catalog),
-            OptionType::ABORT => {
-                option_reply(&mut self.output, option, ReplyType::ACK, &[]);
-                Ok(Step::Closed)
-            }
-            OptionType::LIST => Ok(self.list(payload, catalog)),
-            OptionType::STARTTLS => Ok(self.starttls(payload)),
-            OptionType::INFO | OptionType::GO => Ok(self.info_or_go(option, payload, catalog)),
-            OptionType::STRUCTURED_REPLY => Ok(self.structured_reply(payload)),
-            OptionType::LIST_META_CONTEXT => {
-                Ok(self.meta_context(option, payload, catalog, QueryMode::List))
-            }
-            OptionType::SET_META_CONTEXT => {
-                Ok(self.meta_context(option, payload, catalog, QueryMode::Set))
-            }
-            _ => {
-                error_reply(
-                    &mut self.output,
-                    option,
-                    ReplyType::ERR_UNSUP,
-                    &unsupported(option),
-                );
-                Ok(Step::Continue)
-            }
-        }
-    }
-
-    /// FORCEDTLS before the upgrade: only STARTTLS (and ABORT) get anywhere.
-    fn handle_before_tls(
-        &mut self,
-        option: OptionType,
-        payload: &[u8],
-    ) -> Result<Step, HandshakeError> {
-        match option {
-            OptionType::STARTTLS => Ok(self.starttls(payload)),
-            OptionType::EXPORT_NAME => Err(HandshakeError::TlsRequired),
-            OptionType::ABORT => {
-                option_reply(&mut self.output, option, ReplyType::ACK, &[]);
-                Ok(Step::Closed)
-            }
-            _ => {
-                let msg = format!("Option {:#x} not permitted before TLS", option.0);
-                error_reply(&mut self.output, option, ReplyType::ERR_TLS_REQD, &msg);
-                Ok(Step::Continue)
-            }
-        }
-    }
-
-    fn export_name(
-        &mut self,
-        payload: &[u8],
-        catalog: &dyn ExportCatalog,
-    ) -> Result<Step, HandshakeError> {
-        if payload.len() > MAX_STRING {
-            return Err(HandshakeError::BadExportName);
-        }
-        let name = std::str::from_utf8(payload).map_err(|_| HandshakeError::BadExportName)?;
-        let export = catalog
-            .lookup(name)
-            .ok_or_else(|| HandshakeError::UnknownExport(name.to_string()))?;
-        let negotiated = self.negotiated(export);
-        self.output
-            .extend_from_slice(&negotiated.export.size.to_be_bytes());
-        self.output
-            .extend_from_slice(&negotiated.transmission_flags.to_be_bytes());
-        if !self.no_zeroes {
-            self.output.extend_from_slice(&[0u8; 124]);
-        }
-        Ok(Step::Done(Box::new(negotiated)))
-    }
-
-    /// The final state for `export`: meta contexts only if SET named this export.
-    fn negotiated(&mut self, export: ExportInfo) -> Negotiated {
-        let structured = self.session.structured_replies;
-        let meta_contexts = match self.session.meta.take() {
-            Some((name, contexts)) if name == export.name => contexts,
-            _ => Vec::new(),
-        };
-        Negotiated {
-            transmission_flags: export.transmission_flags(structured),
-            structured_replies: structured,
-            meta_contexts,
-            export,
-        }
-    }
-
-    fn list(&mut self, payload: &[u8], catalog: &dyn ExportCatalog) -> Step {
-        let option = OptionType::LIST;
-        if !payload.is_empty() {
-            error_reply(
-                &mut self.output,
+        remaining: u32,
+        reply: OptionReplyType,
+        message: String,
+    ) -> Option<Step> {
+        let n = (remaining as usize).min(self.input.len());
+        self.input.drain(..n);
+        let remaining = remaining - n as u32;
+        if remaining > 0 {
+            self.phase = Phase::Skipping {
                 option,
-                ReplyType::ERR_INVALID,
-                "no payload expected",
-            );
-            return Step::Continue;
-        }
-        for (name, description) in catalog.list() {
-            let mut data = Vec::with_capacity(4 + name.len());
-            data.extend_from_slice(&(name.len() as u32).to_be_bytes());
-            data.extend_from_slice(name.as_bytes());
-            if let Some(d) = description {
-                data.extend_from_slice(d.as_bytes());
-            }
-            option_reply(&mut self.output, option, ReplyType::SERVER, &data);
-        }
-        option_reply(&mut self.output, option, ReplyType::ACK, &[]);
-        Step::Continue
-    }
-
-    fn starttls(&mut self, payload: &[u8]) -> Step {
-        let option = OptionType::STARTTLS;
-        let out = &mut self.output;
-        if !payload.is_empty() {
-            error_reply(out, option, ReplyType::ERR_INVALID, "no payload expected");
-        } else if self.config.tls == TlsMode::None {
-            error_reply(out, option, ReplyType::ERR_POLICY, "TLS not configured");
-        } else if self.tls_active {
-            error_reply(out, option, ReplyType::ERR_INVALID, "TLS already enabled");
-        } else {
-            option_reply(out, option, ReplyType::ACK, &[]);
-            return Step::StartTls;
-        }
-        Step::Continue
-    }
-
-    fn structured_reply(&mut self, payload: &[u8]) -> Step {
-        let option = OptionType::STRUCTURED_REPLY;
-        let out = &mut self.output;
-        if !payload.is_empty() {
-            error_reply(out, option, ReplyType::ERR_INVALID, "no payload expected");
-        } else if self.session.structured_replies {
-            error_reply(
-                out,
-                option,
-                ReplyType::ERR_INVALID,
-                "structured reply already negotiated",
-            );
-        } else {
-            self.session.structured_replies = true;
-            option_reply(out, option, ReplyType::ACK, &[]);
-        }
-        Step::Continue
-    }
-
-    fn info_or_go(
-        &mut self,
-        option: OptionType,
-        payload: &[u8],
-        catalog: &dyn ExportCatalog,
-    ) -> Step {
-        let Some(request) = parse_info_request(payload) else {
-            error_reply(
-                &mut self.output,
-                option,
-                ReplyType::ERR_INVALID,
-                "malformed NBD_OPT_INFO/GO request",
-            );
-            return Step::Continue;
-        };
-        let Some(export) = catalog.lookup(&request.name) else {
-            let msg = format!("export '{}' not present", request.name);
-            error_reply(&mut self.output, option, ReplyType::ERR_UNKNOWN, &msg);
-            return Step::Continue;
-        };
-        let asked_block_size = request.requests.contains(&INFO_BLOCK_SIZE);
-        if request.requests.contains(&INFO_NAME) {
-            let mut data = INFO_NAME.to_be_bytes().to_vec();
-            data.extend_from_slice(export.name.as_bytes());
-            option_reply(&mut self.output, option, ReplyType::INFO, &data);
-        }
-        if let Some(d) = &export.description {
-            let mut data = INFO_DESCRIPTION.to_be_bytes().to_vec();
-            data.extend_from_slice(d.as_bytes());
-            option_reply(&mut self.output, option, ReplyType::INFO, &data);
-        }
-        // QEMU advertises the real minimum only to clients that can honour it.
-        let honest_min = asked_block_size || option == OptionType::INFO;
-        let bs = export.block_size;
-        let min = if honest_min { bs.min } else { 1 };
-        let mut data = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-        data.extend_from_slice(&min.to_be_bytes());
-        data.extend_from_slice(&bs.preferred.max(min).to_be_bytes());
-        data.extend_from_slice(&bs.max.to_be_bytes());
-        option_reply(&mut self.output, option, ReplyType::INFO, &data);
-        if option == OptionType::INFO && !asked_block_size && bs.min > 1 {
-            let msg = "request NBD_INFO_BLOCK_SIZE to use this export";
-            error_reply(
-                &mut self.output,
-                option,
-                ReplyType::ERR_BLOCK_SIZE_REQD,
-                msg,
-            );
-            return Step::Continue;
-        }
-        let flags = export.transmission_flags(self.session.structured_replies);
-        let mut data = INFO_EXPORT.to_be_bytes().to_vec();
-        data.extend_from_slice(&export.size.to_be_bytes());
-        data.extend_from_slice(&flags.to_be_bytes());
-        option_reply(&mut self.output, option, ReplyType::INFO, &data);
-        option_reply(&mut self.output, option, ReplyType::ACK, &[]);
-        if option == OptionType::GO {
-            return Step::Done(Box::new(self.negotiated(export)));
-        }
-        Step::Continue
-    }
-
-    fn meta_context(
-        &mut self,
-        option: OptionType,
-        payload: &[u8],
-        catalog: &dyn ExportCatalog,
-        mode: QueryMode,
-    ) -> Step {
-        if mode == QueryMode::Set {
-            // SET replaces the selection, even when it then fails.
-            self.session.meta = None;
-            if !self.session.structured_replies {
-                let msg = "request structured replies first";
-                error_reply(&mut self.output, option, ReplyType::ERR_INVALID, msg);
-                return Step::Continue;
-            }
-        }
-        let Some(request) = parse_meta_request(payload) else {
-            error_reply(
-                &mut self.output,
-                option,
-                ReplyType::ERR_INVALID,
-                "malformed meta context request",
-            );
-            return Step::Continue;
-        };
-        let Some(export) = catalog.lookup(&request.export) else {
-            let msg = format!("export '{}' not present", request.export);
-            error_reply(&mut self.output, option, ReplyType::ERR_UNKNOWN, &msg);
-            return Step::Continue;
-        };
-        let selected = meta::select(&export, &request.queries, mode);
-        let mut chosen = Vec::with_capacity(selected.len());
-        for context in selected {
-            let id = match mode {
-                QueryMode::List => 0,
-                QueryMode::Set => export.context_id(&context).unwrap_or(0),
+                remaining,
+                reply,
+                message,
             };
-            let mut data = id.to_be_bytes().to_vec();
-            data.extend_from_slice(context.name().as_bytes());
-            option_reply(&mut self.output, option, ReplyType::META_CONTEXT, &data);
-            chosen.push((id, context));
+            return None;
         }
-        option_reply(&mut self.output, option, ReplyType::ACK, &[]);
-        if mode == QueryMode::Set {
-            self.session.meta = Some((request.export, chosen));
-        }
-        Step::Continue
+        error_reply(&mut self.output, option, reply, &message);
+        self.phase = Phase::OptionHeader;
+        Some(Step::Continue)
+    }
+
+    fn take_array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let bytes: [u8; N] = self.input.get(..N)?.try_into().ok()?;
+        self.input.drain(..N);
+        Some(bytes)
+    }
+
+    /// Appends an ACK (or any payload-free success reply).
+    fn ack(&mut self, option: OptionType) {
+        option_reply(&mut self.output, option, OptionReplyType::ACK, &[]);
+    }
+
+    fn error(&mut self, option: OptionType, reply: OptionReplyType, message: &str) {
+        error_reply(&mut self.output, option, reply, message);
     }
 }
 
+/// QEMU's text for ERR_UNSUP.
 fn unsupported(option: OptionType) -> String {
-    format!("Unsupported option {} ({:?})", option.0, option)
+    format!("Unsupported option {} ({})", option.0, option_name(option))
+}
+
+/// QEMU's text for a payload on an option that takes none.
+fn unexpected_length(option: OptionType) -> String {
+    format!("option '{}' has unexpected length", option_name(option))
+}
+
+fn too_big(option: OptionType, len: u32) -> String {
+    format!(
+        "option '{}' payload of {len} bytes is too large",
+        option_name(option)
+    )
 }
 
 #[cfg(test)]
