@@ -163,3 +163,129 @@ def test_quit_exits_zero(start, image):
     qmp_session(d, body, server_closes=True)
     wait_until(lambda: not d.alive(), what="exit after quit")
     assert d.proc.returncode == 0
+
+
+def schema_member_path(schema, command, path):
+    """Walks a libvirt-style probe path (`arg-type/+nbd/bitmaps`) through query-qmp-schema."""
+    by_name = {e["name"]: e for e in schema}
+    entry = by_name[by_name[command]["arg-type"]]
+    for step in path:
+        if step.startswith("+"):
+            variant = next(v for v in entry["variants"] if v["case"] == step[1:])
+            entry = by_name[variant["type"]]
+        else:
+            member = next(m for m in entry["members"] if m["name"] == step)
+            entry = by_name[member["type"]]
+    return entry
+
+
+def test_query_qmp_schema_answers_libvirt_probes(start, image):
+    d = start(*file_export(image()))
+
+    async def body(q):
+        return await q.execute("query-qmp-schema")
+
+    schema = qmp_session(d, body)
+    by_name = {e["name"]: e for e in schema}
+    assert by_name["block-export-add"]["meta-type"] == "command"
+    assert "deprecated" in by_name["nbd-server-add"].get("features", [])
+    assert by_name["BLOCK_EXPORT_DELETED"]["meta-type"] == "event"
+    bitmaps = schema_member_path(schema, "block-export-add", ["+nbd", "bitmaps"])
+    assert bitmaps["meta-type"] == "array"
+    addr = schema_member_path(schema, "nbd-server-start", ["addr"])
+    assert addr["tag"] == "type" and {v["case"] for v in addr["variants"]} >= {"inet", "unix"}
+    mode = schema_member_path(schema, "block-export-del", ["mode"])
+    assert mode["values"] == ["safe", "hard"]
+
+
+def test_qemu_qmp_shell_drives_the_daemon(start, image):
+    import shutil
+    import subprocess
+    if shutil.which("qmp-shell") is None:
+        pytest.skip("qmp-shell not installed")
+    d = start(*file_export(image()))
+    script = "query-block-exports\nblock-export-del id=nope\n"
+    out = subprocess.run(["qmp-shell", str(d.qmp_sock)], input=script, capture_output=True, text=True,
+                         timeout=30).stdout
+    assert '"id": "exp-disk0"' in out
+    assert "Export 'nope' is not found" in out
+
+
+def test_bexd_qmp_shell_scripted(start, image):
+    import os
+    import subprocess
+    from conftest import daemon_binary
+    if os.environ.get("DAEMON", "bexd") != "bexd":
+        pytest.skip("bexd qmp is bexd's own client")
+    d = start(*file_export(image()))
+    script = ("block-export-add type=nbd id=e1 node-name=disk0 name=second\n"
+              "query-block-exports\nblock-export-del id=e1\nblock-export-del id=nope\n")
+    out = subprocess.run(daemon_binary("bexd") + ["qmp", str(d.qmp_sock)], input=script, capture_output=True,
+                         text=True, timeout=30, env={**os.environ, "HOME": str(d.tmp)}).stdout
+    assert out.startswith("Connected to bexd")
+    assert '"id": "e1"' in out
+    assert 'event BLOCK_EXPORT_DELETED {"id":"e1"}' in out
+    assert "error: GenericError: Export 'nope' is not found" in out
+
+
+def test_nbd_server_stop_removes_every_export_and_can_restart(start, image, tmp_path):
+    d = start(*file_export(image()))
+
+    async def body(q):
+        listener = EventListener()
+        with q.listen(listener):
+            await q.execute("block-export-add", {"type": "nbd", "id": "e2", "node-name": "disk0", "name": "two"})
+            await q.execute("nbd-server-stop")
+            events = {(await asyncio.wait_for(listener.get(), 5))["data"]["id"] for _ in range(2)}
+        with pytest.raises(ExecuteError) as stopped:
+            await q.execute("nbd-server-stop")
+        left = await q.execute("query-block-exports")
+        await q.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(d.sock)}}})
+        await q.execute("block-export-add", {"type": "nbd", "id": "e3", "node-name": "disk0", "name": "disk"})
+        return events, stopped.value.error.error.desc, left
+
+    events, stopped, left = qmp_session(d, body)
+    assert events == {"exp-disk0", "e2"}
+    assert stopped == "NBD server not running"
+    assert left == []
+    h = nbd.NBD()
+    h.connect_uri(d.uri("disk"))
+    assert h.get_size() == 64 << 20
+
+
+def test_events_reach_every_monitor(tmp_path):
+    import os
+    if os.environ.get("DAEMON", "bexd") != "bexd":
+        pytest.skip("started by hand with bexd's binary")
+    import subprocess
+    from conftest import daemon_binary, wait_until, can_connect_unix
+    nbd_sock = tmp_path / "two.sock"
+    first, second = tmp_path / "first-qmp.sock", tmp_path / "second-qmp.sock"
+    p = subprocess.Popen(daemon_binary("bexd") + [
+        "--blockdev", "null-co,node-name=n0,size=1048576",
+        "--chardev", f"socket,id=a,path={first},server=on,wait=off", "--monitor", "chardev=a",
+        "--chardev", f"socket,id=b,path={second},server=on,wait=off", "--monitor", "chardev=b",
+        "--nbd-server", f"addr.type=unix,addr.path={nbd_sock}",
+        "--export", "type=nbd,id=e0,node-name=n0"])
+    try:
+        wait_until(lambda: can_connect_unix(first) and can_connect_unix(second), what="two monitors")
+
+        async def main():
+            a, b = QMPClient("a"), QMPClient("b")
+            await a.connect(str(first))
+            await b.connect(str(second))
+            la, lb = EventListener(), EventListener()
+            with a.listen(la), b.listen(lb):
+                await a.execute("block-export-del", {"id": "e0"})
+                ea = await asyncio.wait_for(la.get(), 5)
+                eb = await asyncio.wait_for(lb.get(), 5)
+            await a.disconnect()
+            await b.disconnect()
+            return ea, eb
+
+        ea, eb = asyncio.run(main())
+        assert ea["event"] == eb["event"] == "BLOCK_EXPORT_DELETED"
+        assert ea["timestamp"] == eb["timestamp"]
+    finally:
+        p.terminate()
+        assert p.wait(timeout=20) == 0

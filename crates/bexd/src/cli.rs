@@ -64,6 +64,8 @@ pub enum Invocation {
     Daemon(Vec<CliOption>),
     /// `bexd serve ...`: the one-image shortcut; the arguments after `serve`.
     Serve(Vec<String>),
+    /// `bexd qmp ...`: the interactive QMP shell; the arguments after `qmp`.
+    Qmp(Vec<String>),
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -80,8 +82,10 @@ pub enum CliError {
 
 /// Parses argv (without the program name).
 pub fn parse_args(args: &[String]) -> Result<Invocation, CliError> {
-    if args.first().map(String::as_str) == Some("serve") {
-        return Ok(Invocation::Serve(args[1..].to_vec()));
+    match args.first().map(String::as_str) {
+        Some("serve") => return Ok(Invocation::Serve(args[1..].to_vec())),
+        Some("qmp") => return Ok(Invocation::Qmp(args[1..].to_vec())),
+        _ => {}
     }
     let mut options = Vec::new();
     let mut iter = args.iter();
@@ -139,7 +143,8 @@ fn make_option(name: &str, value: String) -> CliOption {
 /// The `--help` text: qemu-storage-daemon's, for the options bexd implements.
 pub const HELP: &str = "\
 Usage: bexd [options]
-       bexd serve [--help] IMAGE
+       bexd serve [--help] IMAGE       serve one image (like qemu-nbd)
+       bexd qmp SOCKET|HOST:PORT       interactive QMP shell
 bexd: the block export daemon (a drop-in for qemu-storage-daemon's NBD exports)
 
   -h, --help             display this help and exit

@@ -9,6 +9,7 @@
 //! - [`nbd_server`]: listener, handshake and transmission (crate `nbd` does the protocol).
 //! - [`monitor`] and [`commands`]: QMP over socket chardevs.
 //! - [`serve`]: `bexd serve IMAGE`, the one-image shortcut.
+//! - [`shell`]: `bexd qmp SOCKET`, an interactive QMP shell.
 
 pub mod blockdev;
 pub mod cli;
@@ -21,6 +22,7 @@ pub mod nbd_server;
 pub mod process;
 pub mod qapi;
 pub mod serve;
+pub mod shell;
 pub mod startup;
 pub mod util;
 

@@ -36,6 +36,7 @@ pub fn main(args: &[String]) -> i32 {
             0
         }
         Ok(Invocation::Serve(rest)) => crate::serve::main(&rest),
+        Ok(Invocation::Qmp(rest)) => crate::shell::main(&rest),
         Ok(Invocation::Daemon(options)) => run_daemon(options),
     }
 }

@@ -8,6 +8,7 @@
 //! - [`schema`]: the QAPI types bexd implements, written against the visitor.
 
 pub mod error;
+pub mod introspect;
 pub mod keyval;
 pub mod schema;
 pub mod visitor;

@@ -196,12 +196,17 @@ fn parse_error(what: &str) -> QmpError {
     QmpError::generic(format!("JSON parse error, {what}"))
 }
 
-/// serde_json's message without its position suffix.
+/// serde_json's message without its position suffix, in QEMU's words where
+/// they differ ("expecting value" is what QEMU's parser says).
 fn describe(e: &serde_json::Error) -> String {
     let text = e.to_string();
-    match text.find(" at line ") {
-        Some(i) => text[..i].to_string(),
-        None => text,
+    let text = match text.find(" at line ") {
+        Some(i) => &text[..i],
+        None => &text,
+    };
+    match text {
+        "expected value" => "expecting value".to_string(),
+        other => other.to_string(),
     }
 }
 

@@ -42,8 +42,14 @@ pub fn block_export_del(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpEr
 
 /// Deprecated: the export's id is its name, which defaults to the device.
 pub fn nbd_server_add(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
-    let (config, node_name) = qapi::nbd_server_add_config(Value::Object(args))?;
-    daemon.add_export_config(config, &node_name).map(|()| ok())
+    let (config, device) = qapi::nbd_server_add_config(Value::Object(args))?;
+    // `device` may name a device or a node; bexd has only nodes, but the text is QEMU's.
+    if daemon.state().nbd.is_some() && daemon.find_node(&device).is_none() {
+        return Err(QmpError::generic(format!(
+            "Cannot find device='{device}' nor node-name='{device}'"
+        )));
+    }
+    daemon.add_export_config(config, &device).map(|()| ok())
 }
 
 /// Deprecated: `name` is looked up as an export id, as QEMU does.

@@ -3,6 +3,7 @@
 
 mod blockdev;
 mod export;
+mod introspection;
 mod query;
 
 pub use export::{block_export_add, nbd_server_start};
@@ -20,6 +21,7 @@ pub const COMMANDS: &[&str] = &[
     "qmp_capabilities",
     "query-version",
     "query-commands",
+    "query-qmp-schema",
     "quit",
     "blockdev-add",
     "blockdev-del",
@@ -41,6 +43,7 @@ pub async fn dispatch(daemon: &Arc<Daemon>, name: &str, args: Args) -> Result<Va
     match name {
         "query-version" => no_args(name, args).map(|()| query::version()),
         "query-commands" => no_args(name, args).map(|()| query::commands()),
+        "query-qmp-schema" => no_args(name, args).map(|()| introspection::schema()),
         "quit" => no_args(name, args).map(|()| {
             // QEMU announces every export's deletion before the quit's return.
             daemon.remove_all_exports();

@@ -1,0 +1,337 @@
+//! The schema bexd answers `query-qmp-schema` with: exactly the commands,
+//! arguments and event it implements, in QEMU's introspection format.
+
+use qmp::introspect::{any, array, bool, int, named, opt, req, str, Schema, EMPTY};
+use serde_json::Value;
+
+/// The rendered SchemaInfo list.
+pub fn schema() -> Value {
+    let mut s = Schema::new();
+    core(&mut s);
+    blockdev(&mut s);
+    sockets(&mut s);
+    exports(&mut s);
+    s.render()
+}
+
+fn core(s: &mut Schema) {
+    s.enumeration("QMPCapability", vec!["oob"]);
+    s.object(
+        "QmpCapabilitiesArgs",
+        vec![opt("enable", array(named("QMPCapability")))],
+    );
+    s.object(
+        "VersionTriple",
+        vec![
+            req("major", int()),
+            req("minor", int()),
+            req("micro", int()),
+        ],
+    );
+    s.object(
+        "VersionInfo",
+        vec![req("qemu", named("VersionTriple")), req("package", str())],
+    );
+    s.object("CommandInfo", vec![req("name", str())]);
+    s.command("qmp_capabilities", "QmpCapabilitiesArgs", named(EMPTY), &[]);
+    s.command("query-version", EMPTY, named("VersionInfo"), &[]);
+    s.command("query-commands", EMPTY, array(named("CommandInfo")), &[]);
+    s.command("query-qmp-schema", EMPTY, array(any()), &[]);
+    s.command("quit", EMPTY, named(EMPTY), &[]);
+}
+
+fn blockdev(s: &mut Schema) {
+    s.enumeration(
+        "BlockdevDriver",
+        vec!["file", "host_device", "null-aio", "null-co", "raw"],
+    );
+    s.enumeration("BlockdevDiscardOptions", vec!["ignore", "unmap"]);
+    s.enumeration("BlockdevDetectZeroesOptions", vec!["off", "on", "unmap"]);
+    s.enumeration("OnOffAuto", vec!["auto", "on", "off"]);
+    s.enumeration("BlockdevAioOptions", vec!["threads", "native", "io_uring"]);
+    s.object(
+        "BlockdevCacheOptions",
+        vec![opt("direct", bool()), opt("no-flush", bool())],
+    );
+    s.union(
+        "BlockdevOptions",
+        vec![
+            req("driver", named("BlockdevDriver")),
+            opt("node-name", str()),
+            opt("discard", named("BlockdevDiscardOptions")),
+            opt("cache", named("BlockdevCacheOptions")),
+            opt("read-only", bool()),
+            opt("auto-read-only", bool()),
+            opt("force-share", bool()),
+            opt("detect-zeroes", named("BlockdevDetectZeroesOptions")),
+        ],
+        "driver",
+        vec![
+            ("file", "BlockdevOptionsFile"),
+            ("host_device", "BlockdevOptionsFile"),
+            ("null-aio", "BlockdevOptionsNull"),
+            ("null-co", "BlockdevOptionsNull"),
+            ("raw", "BlockdevOptionsRaw"),
+        ],
+    );
+    s.object(
+        "BlockdevOptionsFile",
+        vec![
+            req("filename", str()),
+            opt("pr-manager", str()),
+            opt("locking", named("OnOffAuto")),
+            opt("aio", named("BlockdevAioOptions")),
+            opt("aio-max-batch", int()),
+            opt("drop-cache", bool()),
+        ],
+    );
+    s.object(
+        "BlockdevOptionsNull",
+        vec![
+            opt("size", int()),
+            opt("latency-ns", int()),
+            opt("read-zeroes", bool()),
+        ],
+    );
+    s.alternate("BlockdevRef", vec![named("BlockdevOptions"), str()]);
+    s.object(
+        "BlockdevOptionsRaw",
+        vec![
+            req("file", named("BlockdevRef")),
+            opt("offset", int()),
+            opt("size", int()),
+        ],
+    );
+    s.object("BlockdevDelArgs", vec![req("node-name", str())]);
+    s.object("QueryNamedBlockNodesArgs", vec![opt("flat", bool())]);
+    s.object(
+        "BlockDeviceInfo",
+        vec![
+            req("file", str()),
+            opt("node-name", str()),
+            req("ro", bool()),
+            req("drv", str()),
+            req("encrypted", bool()),
+            req("detect_zeroes", named("BlockdevDetectZeroesOptions")),
+            req("backing_file_depth", int()),
+            req("write_threshold", int()),
+            req("image", any()),
+            req("cache", any()),
+        ],
+    );
+    s.command("blockdev-add", "BlockdevOptions", named(EMPTY), &[]);
+    s.command("blockdev-del", "BlockdevDelArgs", named(EMPTY), &[]);
+    s.command(
+        "query-named-block-nodes",
+        "QueryNamedBlockNodesArgs",
+        array(named("BlockDeviceInfo")),
+        &[],
+    );
+}
+
+fn sockets(s: &mut Schema) {
+    s.enumeration("SocketAddressType", vec!["inet", "unix", "vsock", "fd"]);
+    s.object(
+        "InetSocketAddress",
+        vec![
+            opt("numeric", bool()),
+            req("host", str()),
+            req("port", str()),
+            opt("to", int()),
+            opt("ipv4", bool()),
+            opt("ipv6", bool()),
+            opt("keep-alive", bool()),
+            opt("mptcp", bool()),
+        ],
+    );
+    s.object(
+        "UnixSocketAddress",
+        vec![
+            req("path", str()),
+            opt("abstract", bool()),
+            opt("tight", bool()),
+        ],
+    );
+    s.object(
+        "VsockSocketAddress",
+        vec![req("cid", str()), req("port", str())],
+    );
+    s.object("FdSocketAddress", vec![req("str", str())]);
+    for (wrapper, inner) in [
+        ("InetSocketAddressWrapper", "InetSocketAddress"),
+        ("UnixSocketAddressWrapper", "UnixSocketAddress"),
+        ("VsockSocketAddressWrapper", "VsockSocketAddress"),
+        ("FdSocketAddressWrapper", "FdSocketAddress"),
+    ] {
+        s.object(wrapper, vec![req("data", named(inner))]);
+    }
+    s.union(
+        "SocketAddressLegacy",
+        vec![req("type", named("SocketAddressType"))],
+        "type",
+        vec![
+            ("inet", "InetSocketAddressWrapper"),
+            ("unix", "UnixSocketAddressWrapper"),
+            ("vsock", "VsockSocketAddressWrapper"),
+            ("fd", "FdSocketAddressWrapper"),
+        ],
+    );
+}
+
+fn exports(s: &mut Schema) {
+    s.enumeration("BlockExportType", vec!["nbd"]);
+    s.enumeration("BlockExportRemoveMode", vec!["safe", "hard"]);
+    s.object(
+        "BlockDirtyBitmap",
+        vec![req("node", str()), req("name", str())],
+    );
+    s.alternate(
+        "BlockDirtyBitmapOrStr",
+        vec![str(), named("BlockDirtyBitmap")],
+    );
+    s.object(
+        "NbdServerOptionsLegacy",
+        vec![
+            opt("handshake-max-seconds", int()),
+            opt("tls-creds", str()),
+            opt("tls-authz", str()),
+            opt("max-connections", int()),
+            req("addr", named("SocketAddressLegacy")),
+        ],
+    );
+    s.union(
+        "BlockExportOptions",
+        vec![
+            req("type", named("BlockExportType")),
+            req("id", str()),
+            opt("fixed-iothread", bool()),
+            opt("iothread", str()),
+            req("node-name", str()),
+            opt("writable", bool()),
+            opt("writethrough", bool()),
+            opt("allow-inactive", bool()),
+        ],
+        "type",
+        vec![("nbd", "BlockExportOptionsNbd")],
+    );
+    s.object(
+        "BlockExportOptionsNbd",
+        vec![
+            opt("name", str()),
+            opt("description", str()),
+            opt("bitmaps", array(named("BlockDirtyBitmapOrStr"))),
+            opt("allocation-depth", bool()),
+        ],
+    );
+    s.object(
+        "NbdServerAddOptions",
+        vec![
+            opt("name", str()),
+            opt("description", str()),
+            req("device", str()),
+            opt("writable", bool()),
+            opt("bitmap", str()),
+        ],
+    );
+    s.object(
+        "NbdServerRemoveArgs",
+        vec![
+            req("name", str()),
+            opt("mode", named("BlockExportRemoveMode")),
+        ],
+    );
+    s.object(
+        "BlockExportDelArgs",
+        vec![
+            req("id", str()),
+            opt("mode", named("BlockExportRemoveMode")),
+        ],
+    );
+    s.object(
+        "BlockExportInfo",
+        vec![
+            req("id", str()),
+            req("type", named("BlockExportType")),
+            req("node-name", str()),
+            req("shutting-down", bool()),
+        ],
+    );
+    s.object("BlockExportDeletedEvent", vec![req("id", str())]);
+    s.command(
+        "nbd-server-start",
+        "NbdServerOptionsLegacy",
+        named(EMPTY),
+        &[],
+    );
+    s.command("nbd-server-stop", EMPTY, named(EMPTY), &[]);
+    s.command(
+        "nbd-server-add",
+        "NbdServerAddOptions",
+        named(EMPTY),
+        &["deprecated"],
+    );
+    s.command(
+        "nbd-server-remove",
+        "NbdServerRemoveArgs",
+        named(EMPTY),
+        &["deprecated"],
+    );
+    s.command("block-export-add", "BlockExportOptions", named(EMPTY), &[]);
+    s.command("block-export-del", "BlockExportDelArgs", named(EMPTY), &[]);
+    s.command(
+        "query-block-exports",
+        EMPTY,
+        array(named("BlockExportInfo")),
+        &[],
+    );
+    s.event("BLOCK_EXPORT_DELETED", "BlockExportDeletedEvent");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commands::COMMANDS;
+
+    #[test]
+    fn test_schema_lists_every_dispatched_command() {
+        let v = schema();
+        let commands: Vec<&str> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["meta-type"] == "command")
+            .filter_map(|e| e["name"].as_str())
+            .collect();
+        let mut expected: Vec<&str> = COMMANDS.to_vec();
+        let mut got = commands.clone();
+        expected.sort_unstable();
+        got.sort_unstable();
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn test_every_type_reference_resolves() {
+        let v = schema();
+        let list = v.as_array().unwrap();
+        let names: Vec<&str> = list.iter().filter_map(|e| e["name"].as_str()).collect();
+        let mut refs = Vec::new();
+        for e in list {
+            for key in ["arg-type", "ret-type", "element-type"] {
+                if let Some(r) = e[key].as_str() {
+                    refs.push(r);
+                }
+            }
+            for m in e["members"].as_array().into_iter().flatten() {
+                if let Some(t) = m["type"].as_str() {
+                    refs.push(t);
+                }
+            }
+            for variant in e["variants"].as_array().into_iter().flatten() {
+                refs.push(variant["type"].as_str().unwrap());
+            }
+        }
+        for r in refs {
+            assert!(names.contains(&r), "dangling type reference {r}");
+        }
+    }
+}

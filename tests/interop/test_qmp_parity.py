@@ -1,0 +1,108 @@
+"""The same QMP commands, good and bad, against qemu-storage-daemon and bexd:
+the same error class and text, the same results."""
+
+import asyncio
+import shutil
+
+import pytest
+from qemu.qmp import ExecuteError, QMPClient
+
+from conftest import file_export
+
+# (command, arguments): each runs on a fresh pair of daemons that export disk0 as exp-disk0.
+CASES = [
+    ("block-export-add", {"type": "nbd", "id": "exp-disk0", "node-name": "disk0", "name": "x"}),
+    ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "disk0", "name": "disk"}),
+    ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "nope"}),
+    ("block-export-add", {"type": "nbd", "id": "e1"}),
+    ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "disk0", "bogus": 1}),
+    ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "disk0", "writable": "yes"}),
+    ("block-export-add", {"type": "nbd", "id": "1bad", "node-name": "disk0"}),
+    ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "disk0", "name": "n" * 4097}),
+    ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "disk0", "bitmaps": ["nope"]}),
+    ("block-export-add", {"type": "nope", "id": "e1", "node-name": "disk0"}),
+    ("block-export-del", {"id": "nope"}),
+    ("block-export-del", {"id": "exp-disk0", "mode": "sideways"}),
+    ("block-export-del", {}),
+    ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "/tmp/never"}}}),
+    ("nbd-server-start", {"addr": {"type": "unix"}}),
+    ("nbd-server-remove", {"name": "nope"}),
+    ("nbd-server-add", {"device": "nope"}),
+    ("nbd-server-add", {"device": "disk0", "name": "disk"}),
+    ("blockdev-del", {"node-name": "disk0"}),
+    ("blockdev-del", {"node-name": "nope"}),
+    ("blockdev-add", {"driver": "null-co", "node-name": "disk0"}),
+    ("blockdev-add", {"driver": "null-co"}),
+    ("blockdev-add", {"driver": "bogus", "node-name": "x"}),
+    ("blockdev-add", {"driver": "file", "node-name": "x", "filename": "/nonexistent/img"}),
+    ("blockdev-add", {"driver": "null-co", "node-name": "1x"}),
+    ("query-block-exports", {"bogus": 1}),
+    ("query-version", {"x": 1}),
+    ("no-such-command", {}),
+]
+
+
+async def outcome(sock, command, arguments):
+    q = QMPClient("parity")
+    await q.connect(str(sock))
+    try:
+        return ("ok", await q.execute(command, arguments))
+    except ExecuteError as e:
+        return (e.error.error.class_, e.error.error.desc)
+    finally:
+        await q.disconnect()
+
+
+@pytest.mark.parametrize("command,arguments", CASES, ids=[f"{c}-{i}" for i, (c, _) in enumerate(CASES)])
+def test_same_outcome_as_qemu_storage_daemon(start, image, command, arguments):
+    if shutil.which("qemu-storage-daemon") is None:
+        pytest.skip("qemu-storage-daemon not installed")
+    ours = start(*file_export(image(name="a.img")), which="bexd")
+    theirs = start(*file_export(image(name="b.img")), which="qsd")
+    got = asyncio.run(outcome(ours.qmp_sock, command, arguments))
+    expected = asyncio.run(outcome(theirs.qmp_sock, command, arguments))
+    assert got == expected
+
+
+RAW = [
+    b'{"execute": }',
+    b'[1, 2]',
+    b'"just a string"',
+    b'{"foo": 1}',
+    b'{"execute": 1, "id": 3}',
+    b'{"execute": "query-block-exports", "arguments": [], "id": "x"}',
+    b'{"exec-oob": "query-block-exports", "id": 4}',
+    b"{'execute': 'nosuch', 'id': 'single'}",
+    b'{"execute": "nosuch", "id": {"deep": [1, {"x": null}]}}',
+    b'{"execute": "qmp_capabilities", "id": 5}',
+    b'{"execute": "query-block-exports", "id": 6} {"execute": "nosuch", "id": 7}',
+]
+
+
+def raw_session(sock, line):
+    import json
+    import socket
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(str(sock))
+    f = s.makefile("rwb")
+    f.readline()
+    f.write(b'{"execute": "qmp_capabilities"}\n')
+    f.flush()
+    f.readline()
+    f.write(line + b"\n")
+    f.flush()
+    replies = [json.loads(f.readline())]
+    if line.count(b"execute") > 1:
+        replies.append(json.loads(f.readline()))
+    s.close()
+    return replies
+
+
+@pytest.mark.parametrize("line", RAW, ids=[f"raw-{i}" for i in range(len(RAW))])
+def test_same_protocol_errors_as_qemu_storage_daemon(start, image, line):
+    if shutil.which("qemu-storage-daemon") is None:
+        pytest.skip("qemu-storage-daemon not installed")
+    ours = start(*file_export(image(name="a.img")), which="bexd")
+    theirs = start(*file_export(image(name="b.img")), which="qsd")
+    assert raw_session(ours.qmp_sock, line) == raw_session(theirs.qmp_sock, line)
