@@ -139,6 +139,8 @@ enum Plan {
     Skip(OptionReplyType, String),
     /// Answer ABORT (ACK, or an error before TLS) and close.
     Abort(OptionReplyType, String),
+    /// Send this error reply, then end the connection with the error.
+    Fatal(OptionReplyType, String, HandshakeError),
 }
 
 /// What handling one option decided.
@@ -320,6 +322,10 @@ impl ServerHandshake {
                 option_reply(&mut self.output, option, reply, message.as_bytes());
                 return Ok(Some(Step::Closed));
             }
+            Plan::Fatal(reply, message, error) => {
+                error_reply(&mut self.output, option, reply, &message);
+                return Err(error);
+            }
         }
         Ok(Some(Step::Continue))
     }
@@ -363,11 +369,15 @@ impl ServerHandshake {
 
     /// FORCEDTLS before the upgrade: only STARTTLS gets anywhere. As in
     /// QEMU, EXPORT_NAME disconnects, ABORT is answered with TLS_REQD and
-    /// closes, and STARTTLS with a payload is refused and disconnects.
+    /// closes, and STARTTLS with a payload gets ERR_INVALID and disconnects.
     fn plan_before_tls(option: OptionType, len: u32) -> Result<Plan, HandshakeError> {
         let not_permitted = format!("Option {:#x} not permitted before TLS", option.0);
         match option {
-            OptionType::STARTTLS if len > 0 => Err(HandshakeError::StartTlsWithPayload),
+            OptionType::STARTTLS if len > 0 => Ok(Plan::Fatal(
+                OptionReplyType::ERR_INVALID,
+                unexpected_length(option),
+                HandshakeError::StartTlsWithPayload,
+            )),
             OptionType::STARTTLS => Ok(Plan::Read),
             OptionType::EXPORT_NAME => Err(HandshakeError::TlsRequired(option.0)),
             OptionType::ABORT => Ok(Plan::Abort(OptionReplyType::ERR_TLS_REQD, not_permitted)),

@@ -329,6 +329,13 @@ fn test_starttls_when_payload_and_tls_required_returns_error() {
 }
 
 #[test]
+fn test_starttls_when_payload_and_tls_required_sends_err_invalid_before_closing() {
+    let mut hs = started(TlsMode::Required);
+    let (_, replies) = exchange(&mut hs, &option(OptionType::STARTTLS, b"x"));
+    assert_eq!(types(&replies), [OptionReplyType::ERR_INVALID]);
+}
+
+#[test]
 fn test_starttls_when_payload_and_no_tls_returns_err_invalid() {
     let mut hs = started(TlsMode::None);
     let (_, replies) = exchange(&mut hs, &option(OptionType::STARTTLS, b"x"));
