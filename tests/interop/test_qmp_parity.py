@@ -39,7 +39,49 @@ CASES = [
     ("query-block-exports", {"bogus": 1}),
     ("query-version", {"x": 1}),
     ("no-such-command", {}),
+    ("object-add", {"qom-type": "authz-simple", "id": "a1", "identity": "CN=x"}),
+    ("object-add", {"qom-type": "authz-simple", "id": "a1"}),
+    ("object-add", {"qom-type": "authz-simple", "id": "1bad", "identity": "x"}),
+    ("object-add", {"qom-type": "authz-list", "id": "l1", "policy": "maybe"}),
+    ("object-add", {"qom-type": "authz-list", "id": "l1", "rules": [{"match": "x"}]}),
+    ("object-add", {"qom-type": "authz-list", "id": "l1", "policy": "allow",
+                    "rules": [{"match": "CN=*", "policy": "deny", "format": "glob"}]}),
+    ("object-add", {"qom-type": "iothread", "id": "io0"}),
+    ("object-add", {"qom-type": "iothread", "id": "io0", "bogus": 1}),
+    ("object-add", {"qom-type": "bogus", "id": "b"}),
+    ("object-add", {"id": "b"}),
+    ("object-del", {"id": "nope"}),
+    ("object-del", {}),
+    ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "disk0", "iothread": "nope"}),
 ]
+
+
+SEQUENCES = [
+    [("object-add", {"qom-type": "authz-simple", "id": "a1", "identity": "CN=x"}),
+     ("object-add", {"qom-type": "iothread", "id": "a1"}),
+     ("object-del", {"id": "a1"}),
+     ("object-del", {"id": "a1"})],
+    [("object-add", {"qom-type": "iothread", "id": "io0"}),
+     ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "disk0", "name": "in-io0", "iothread": "io0"}),
+     ("query-block-exports", {}),
+     ("object-del", {"id": "io0"})],
+]
+
+
+@pytest.mark.parametrize("steps", SEQUENCES, ids=[f"seq-{i}" for i in range(len(SEQUENCES))])
+def test_same_outcomes_for_a_sequence(start, image, steps):
+    if shutil.which("qemu-storage-daemon") is None:
+        pytest.skip("qemu-storage-daemon not installed")
+    ours = start(*file_export(image(name="a.img")), which="bexd")
+    theirs = start(*file_export(image(name="b.img")), which="qsd")
+
+    async def run_all(sock):
+        return [await outcome(sock, c, a) for c, a in steps]
+
+    got, expected = asyncio.run(run_all(ours.qmp_sock)), asyncio.run(run_all(theirs.qmp_sock))
+    normalise = lambda results: [(k, sorted(v, key=lambda e: e["id"]) if isinstance(v, list) else v)
+                                 for k, v in results]
+    assert normalise(got) == normalise(expected)
 
 
 async def outcome(sock, command, arguments):

@@ -18,6 +18,7 @@ use crate::events::EventBus;
 use crate::export::{Export, ExportClient, ExportConfig};
 use crate::monitor::ChardevConfig;
 use crate::nbd_server::{NbdServer, NbdServerConfig};
+use crate::objects::Object;
 
 /// How `block-export-del` treats connected clients.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +50,8 @@ pub struct State {
     pub exports: Vec<Arc<Export>>,
     pub nbd: Option<NbdServer>,
     pub chardevs: BTreeMap<String, ChardevConfig>,
+    /// `--object` / `object-add` objects by id.
+    pub objects: BTreeMap<String, Object>,
 }
 
 #[derive(Debug)]
@@ -271,12 +274,46 @@ impl Daemon {
         let node = self.find_node(node_name).ok_or_else(|| {
             QmpError::generic(format!("Cannot find device='' nor node-name='{node_name}'"))
         })?;
+        if let Some(iothread) = &config.iothread {
+            if !matches!(self.state().objects.get(iothread), Some(Object::Iothread)) {
+                return Err(QmpError::generic(format!(
+                    "iothread \"{iothread}\" not found"
+                )));
+            }
+        }
         if config.writable && node.read_only() {
             return Err(QmpError::generic(
                 "Cannot export read-only node as writable",
             ));
         }
         self.add_export(Export::new(config, node))
+    }
+
+    pub fn add_object(&self, id: String, object: Object) -> Result<(), QmpError> {
+        let mut state = self.state();
+        if state.objects.contains_key(&id) {
+            return Err(QmpError::generic(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            )));
+        }
+        state.objects.insert(id, object);
+        Ok(())
+    }
+
+    pub fn delete_object(&self, id: &str) -> Result<(), QmpError> {
+        match self.state().objects.remove(id) {
+            Some(_) => Ok(()),
+            None => Err(QmpError::generic(format!("object '{id}' not found"))),
+        }
+    }
+
+    /// Whether the authz object `authz_id` lets `identity` in. Looked up now,
+    /// at the time of use; a missing object (or one of another type) denies.
+    pub fn authorize(&self, authz_id: &str, identity: &str) -> bool {
+        match self.state().objects.get(authz_id) {
+            Some(Object::Authz(a)) => a.is_allowed(identity),
+            _ => false,
+        }
     }
 
     /// `quit`: the main task notices and shuts the daemon down.

@@ -27,6 +27,8 @@ pub struct ExportConfig {
     pub writable: bool,
     pub writethrough: bool,
     pub allocation_depth: bool,
+    /// The iothread object it was placed in (accepted; bexd serves exports on all its threads).
+    pub iothread: Option<String>,
 }
 
 #[derive(Debug)]

@@ -19,6 +19,7 @@ pub mod events;
 pub mod export;
 pub mod monitor;
 pub mod nbd_server;
+pub mod objects;
 pub mod process;
 pub mod qapi;
 pub mod serve;

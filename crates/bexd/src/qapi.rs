@@ -155,11 +155,12 @@ pub fn export_config(value: Value, mode: InputMode) -> Result<(ExportConfig, Str
                 "NBD export does not support multi-threading",
             ))
         }
-        Some(BlockExportIothreads::Single(name)) => {
-            return Err(QmpError::generic(format!("iothread \"{name}\" not found")))
-        }
-        None => {}
+        Some(BlockExportIothreads::Single(_)) | None => {}
     }
+    let iothread = match o.iothread {
+        Some(BlockExportIothreads::Single(name)) => Some(name),
+        _ => None,
+    };
     let nbd = o.nbd.unwrap_or_default();
     if let Some(bitmap) = nbd.bitmaps.as_ref().and_then(|b| b.first()) {
         let name = match bitmap {
@@ -168,7 +169,7 @@ pub fn export_config(value: Value, mode: InputMode) -> Result<(ExportConfig, Str
         };
         return Err(QmpError::generic(format!("Bitmap '{name}' is not found")));
     }
-    let config = checked_config(
+    let mut config = checked_config(
         o.id,
         nbd.name.unwrap_or_else(|| o.node_name.clone()),
         nbd.description,
@@ -176,6 +177,7 @@ pub fn export_config(value: Value, mode: InputMode) -> Result<(ExportConfig, Str
         o.writethrough.unwrap_or(false),
         nbd.allocation_depth.unwrap_or(false),
     )?;
+    config.iothread = iothread;
     Ok((config, o.node_name))
 }
 
@@ -218,6 +220,7 @@ fn checked_config(
         writable,
         writethrough,
         allocation_depth,
+        iothread: None,
     })
 }
 
@@ -229,6 +232,14 @@ pub fn export_removal(value: Value, key: &str) -> Result<(String, RemoveMode), Q
         Some(BlockExportRemoveMode::Hard) => RemoveMode::Hard,
     };
     Ok((id, mode))
+}
+
+/// object-del's single argument.
+pub fn object_id_arg(value: Value) -> Result<String, QmpError> {
+    let mut f = Fields::new(value, &Ctx::root(InputMode::Json))?;
+    let id: String = f.required("id")?;
+    f.finish()?;
+    Ok(id)
 }
 
 /// blockdev-del's single argument.

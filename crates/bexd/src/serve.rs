@@ -151,6 +151,7 @@ async fn set_up(daemon: &Arc<Daemon>, args: &ServeArgs) -> Result<Option<PidFile
         writable: !args.read_only,
         writethrough: false,
         allocation_depth: false,
+        iothread: None,
     };
     daemon
         .add_export_config(export, "disk0")

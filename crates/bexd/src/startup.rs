@@ -155,11 +155,9 @@ async fn apply_one(daemon: &Arc<Daemon>, option: &CliOption) -> Result<(), QmpEr
             monitor::start_monitor(daemon, &chardev).await
         }
         CliOption::Object(s) => {
-            let (value, _) = option_value(s, Some("qom-type"))?;
-            let ty = value.get("qom-type").and_then(Value::as_str).unwrap_or("");
-            Err(QmpError::generic(format!(
-                "Object type '{ty}' is not supported by bexd yet"
-            )))
+            let (value, mode) = option_value(s, Some("qom-type"))?;
+            let (id, object) = crate::objects::create(value, mode)?;
+            daemon.add_object(id, object)
         }
         CliOption::Pidfile(_) | CliOption::Daemonize | CliOption::Trace(_) => Ok(()),
     }

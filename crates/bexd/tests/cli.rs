@@ -131,3 +131,20 @@ fn test_daemonize_failure_makes_the_parent_exit_1() {
     let out = bexd(&["--blockdev", "driver=bogus,node-name=n0", "--daemonize"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn test_object_missing_member_is_named() {
+    let out = bexd(&["--object", "authz-simple,id=a0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr_line(&out),
+        "bexd: --object authz-simple,id=a0: Parameter 'identity' is missing"
+    );
+}
+
+#[test]
+fn test_tls_credentials_are_refused_clearly_until_supported() {
+    let out = bexd(&["--object", "tls-creds-x509,id=t0,dir=/tmp,endpoint=server"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_line(&out).contains("'tls-creds-x509' is not supported by bexd yet"));
+}

@@ -11,6 +11,7 @@ pub fn schema() -> Value {
     blockdev(&mut s);
     sockets(&mut s);
     exports(&mut s);
+    objects(&mut s);
     s.render()
 }
 
@@ -285,6 +286,67 @@ fn exports(s: &mut Schema) {
         &[],
     );
     s.event("BLOCK_EXPORT_DELETED", "BlockExportDeletedEvent");
+}
+
+fn objects(s: &mut Schema) {
+    s.enumeration(
+        "ObjectType",
+        vec![
+            "authz-list",
+            "authz-list-file",
+            "authz-listfile",
+            "authz-simple",
+            "iothread",
+        ],
+    );
+    s.enumeration("QAuthZListPolicy", vec!["deny", "allow"]);
+    s.enumeration("QAuthZListFormat", vec!["exact", "glob"]);
+    s.object(
+        "QAuthZListRule",
+        vec![
+            req("match", str()),
+            req("policy", named("QAuthZListPolicy")),
+            opt("format", named("QAuthZListFormat")),
+        ],
+    );
+    s.object("AuthZSimpleProperties", vec![req("identity", str())]);
+    s.object(
+        "AuthZListProperties",
+        vec![
+            opt("policy", named("QAuthZListPolicy")),
+            opt("rules", array(named("QAuthZListRule"))),
+        ],
+    );
+    s.object(
+        "AuthZListFileProperties",
+        vec![req("filename", str()), opt("refresh", bool())],
+    );
+    s.object(
+        "IothreadProperties",
+        vec![
+            opt("poll-max-ns", int()),
+            opt("poll-grow", int()),
+            opt("poll-shrink", int()),
+            opt("aio-max-batch", int()),
+            opt("thread-pool-min", int()),
+            opt("thread-pool-max", int()),
+        ],
+    );
+    s.union(
+        "ObjectOptions",
+        vec![req("qom-type", named("ObjectType")), req("id", str())],
+        "qom-type",
+        vec![
+            ("authz-list", "AuthZListProperties"),
+            ("authz-list-file", "AuthZListFileProperties"),
+            ("authz-listfile", "AuthZListFileProperties"),
+            ("authz-simple", "AuthZSimpleProperties"),
+            ("iothread", "IothreadProperties"),
+        ],
+    );
+    s.object("ObjectDelArgs", vec![req("id", str())]);
+    s.command("object-add", "ObjectOptions", named(EMPTY), &[]);
+    s.command("object-del", "ObjectDelArgs", named(EMPTY), &[]);
 }
 
 #[cfg(test)]

@@ -26,6 +26,8 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-add",
     "blockdev-del",
     "query-named-block-nodes",
+    "object-add",
+    "object-del",
     "nbd-server-start",
     "nbd-server-stop",
     "nbd-server-add",
@@ -52,6 +54,12 @@ pub async fn dispatch(daemon: &Arc<Daemon>, name: &str, args: Args) -> Result<Va
         "blockdev-add" => blockdev::add(daemon, Value::Object(args), json),
         "blockdev-del" => blockdev::del(daemon, args),
         "query-named-block-nodes" => query::named_block_nodes(daemon, args),
+        "object-add" => crate::objects::create(Value::Object(args), json)
+            .and_then(|(id, object)| daemon.add_object(id, object))
+            .map(|()| ok()),
+        "object-del" => crate::qapi::object_id_arg(Value::Object(args))
+            .and_then(|id| daemon.delete_object(&id))
+            .map(|()| ok()),
         "nbd-server-start" => export::nbd_server_start(daemon, Value::Object(args), true, json),
         "nbd-server-stop" => no_args(name, args).and_then(|()| export::nbd_server_stop(daemon)),
         "nbd-server-add" => export::nbd_server_add(daemon, args),

@@ -4,4 +4,5 @@
 pub mod block_core;
 pub mod block_export;
 pub mod char;
+pub mod object;
 pub mod sockets;

@@ -1,0 +1,240 @@
+//! User-created objects (`--object`, `object-add`/`object-del`): the
+//! authorization objects the NBD server's `tls-authz` names, and iothreads.
+//!
+//! The NBD server keeps only the *id* of its authz object and looks it up at
+//! each connection, so an authz object may be deleted and re-created while the
+//! server runs; a missing object denies (`Daemon::authorize`).
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use qmp::schema::object::{
+    ObjectOptions, ObjectProps, QAuthZListFormat, QAuthZListPolicy, QAuthZListRule,
+};
+use qmp::visitor::{from_value, InputMode};
+use qmp::QmpError;
+use serde_json::Value;
+
+use crate::blockdev::is_well_formed_id;
+
+/// An object in the registry.
+#[derive(Debug)]
+pub enum Object {
+    Authz(Authz),
+    /// Accepted for compatibility: bexd's runtime serves every export on all
+    /// its threads, so placing an export in an iothread changes nothing.
+    Iothread,
+}
+
+/// QEMU's QAuthZ family: decides whether an identity (an x509 DN) may connect.
+#[derive(Debug)]
+pub enum Authz {
+    Simple {
+        identity: String,
+    },
+    List(AuthzList),
+    /// `authz-list-file`: the list in a JSON file, re-read on every check when `refresh`.
+    ListFile {
+        path: PathBuf,
+        refresh: bool,
+        last_good: Mutex<AuthzList>,
+    },
+}
+
+/// `authz-list`: rules checked in order, first match decides, else the default policy.
+#[derive(Debug, Clone)]
+pub struct AuthzList {
+    policy: QAuthZListPolicy,
+    rules: Vec<QAuthZListRule>,
+}
+
+impl AuthzList {
+    fn is_allowed(&self, identity: &str) -> bool {
+        let decided =
+            self.rules
+                .iter()
+                .find(|r| match r.format.unwrap_or(QAuthZListFormat::Exact) {
+                    QAuthZListFormat::Exact => r.r#match == identity,
+                    QAuthZListFormat::Glob => glob_match(&r.r#match, identity),
+                });
+        decided.map_or(self.policy, |r| r.policy) == QAuthZListPolicy::Allow
+    }
+
+    /// Reads a list from the JSON form QEMU's authz-list-file uses:
+    /// `{"policy": "deny", "rules": [{"match": "...", "policy": "allow", "format": "glob"}]}`.
+    fn load(path: &PathBuf) -> Result<Self, QmpError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            QmpError::generic(format!(
+                "Unable to read '{}': {}",
+                path.display(),
+                crate::util::strerror(&e)
+            ))
+        })?;
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|e| QmpError::generic(format!("Unable to parse '{}': {e}", path.display())))?;
+        let mut v = value;
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("qom-type".into(), "authz-list".into());
+            obj.insert("id".into(), "file".into());
+        }
+        match from_value::<ObjectOptions>(v, InputMode::Json)?.props {
+            ObjectProps::AuthzList { policy, rules } => Ok(Self {
+                policy: policy.unwrap_or(QAuthZListPolicy::Deny),
+                rules: rules.unwrap_or_default(),
+            }),
+            _ => Err(QmpError::generic("authz list file is not a list")),
+        }
+    }
+}
+
+impl Authz {
+    pub fn is_allowed(&self, identity: &str) -> bool {
+        match self {
+            Self::Simple { identity: allowed } => allowed == identity,
+            Self::List(list) => list.is_allowed(identity),
+            Self::ListFile {
+                path,
+                refresh,
+                last_good,
+            } => {
+                let mut list = last_good.lock().unwrap_or_else(|e| e.into_inner());
+                if *refresh {
+                    match AuthzList::load(path) {
+                        Ok(fresh) => *list = fresh,
+                        Err(e) => {
+                            tracing::warn!(error = %e.desc, "keeping the last good authz list")
+                        }
+                    }
+                }
+                list.is_allowed(identity)
+            }
+        }
+    }
+}
+
+/// GLib's simple patterns, as QEMU's authz-list uses them: `*` is any run, `?` one character.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti) = (0, 0);
+    let mut backtrack: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        match p.get(pi) {
+            Some('*') => {
+                backtrack = Some((pi, ti));
+                pi += 1;
+            }
+            Some(&c) if c == '?' || c == t[ti] => {
+                pi += 1;
+                ti += 1;
+            }
+            _ => match backtrack {
+                Some((bp, bt)) => {
+                    pi = bp + 1;
+                    ti = bt + 1;
+                    backtrack = Some((bp, bt + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// Builds an object from `object-add` / `--object` arguments.
+pub fn create(value: Value, mode: InputMode) -> Result<(String, Object), QmpError> {
+    let options: ObjectOptions = from_value(value, mode)?;
+    if !is_well_formed_id(&options.id) {
+        return Err(QmpError::generic("Parameter 'id' expects an identifier"));
+    }
+    let object = match options.props {
+        ObjectProps::AuthzSimple { identity } => Object::Authz(Authz::Simple { identity }),
+        ObjectProps::AuthzList { policy, rules } => Object::Authz(Authz::List(AuthzList {
+            policy: policy.unwrap_or(QAuthZListPolicy::Deny),
+            rules: rules.unwrap_or_default(),
+        })),
+        ObjectProps::AuthzListFile { filename, refresh } => {
+            let path = PathBuf::from(filename);
+            let list = AuthzList::load(&path)?;
+            Object::Authz(Authz::ListFile {
+                path,
+                refresh: refresh.unwrap_or(true),
+                last_good: Mutex::new(list),
+            })
+        }
+        ObjectProps::Iothread => Object::Iothread,
+        ObjectProps::TlsCreds { qom_type } => {
+            return Err(QmpError::generic(format!(
+                "Object type '{qom_type}' is not supported by bexd yet (TLS arrives with its own issue)"
+            )))
+        }
+    };
+    Ok((options.id, object))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn test_glob_star_and_question_mark() {
+        assert!(glob_match(
+            "C=GB,O=*,CN=client-?",
+            "C=GB,O=Example,CN=client-1"
+        ));
+        assert!(!glob_match(
+            "C=GB,O=*,CN=client-?",
+            "C=GB,O=Example,CN=client-12"
+        ));
+        assert!(glob_match("*", ""));
+        assert!(!glob_match("a*b", "acd"));
+    }
+
+    #[test]
+    fn test_authz_list_first_matching_rule_decides() {
+        let v = json!({"qom-type": "authz-list", "id": "l", "policy": "allow", "rules": [
+            {"match": "CN=bad*", "policy": "deny", "format": "glob"}]});
+        let (_, Object::Authz(a)) = create(v, InputMode::Json).unwrap() else {
+            panic!("expected an authz object");
+        };
+        assert!(!a.is_allowed("CN=bad-client"));
+        assert!(a.is_allowed("CN=good"));
+    }
+
+    #[test]
+    fn test_authz_list_defaults_to_deny() {
+        let (_, Object::Authz(a)) = create(
+            json!({"qom-type": "authz-list", "id": "l"}),
+            InputMode::Json,
+        )
+        .unwrap() else {
+            panic!("expected an authz object");
+        };
+        assert!(!a.is_allowed("CN=anyone"));
+    }
+
+    #[test]
+    fn test_authz_list_file_is_reread_when_refreshing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("acl.json");
+        std::fs::write(
+            &path,
+            r#"{"policy": "deny", "rules": [{"match": "CN=a", "policy": "allow"}]}"#,
+        )
+        .unwrap();
+        let v =
+            json!({"qom-type": "authz-list-file", "id": "f", "filename": path.to_str().unwrap()});
+        let (_, Object::Authz(a)) = create(v, InputMode::Json).unwrap() else {
+            panic!("expected an authz object");
+        };
+        assert!(a.is_allowed("CN=a"));
+        std::fs::write(&path, r#"{"policy": "deny", "rules": []}"#).unwrap();
+        assert!(!a.is_allowed("CN=a"));
+    }
+
+    #[test]
+    fn test_bad_id_is_refused() {
+        let e = create(json!({"qom-type": "iothread", "id": "1x"}), InputMode::Json).unwrap_err();
+        assert_eq!(e.desc, "Parameter 'id' expects an identifier");
+    }
+}
