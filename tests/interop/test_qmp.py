@@ -289,3 +289,26 @@ def test_events_reach_every_monitor(tmp_path):
     finally:
         p.terminate()
         assert p.wait(timeout=20) == 0
+
+
+def test_huge_and_deep_documents_get_errors_and_the_monitor_survives(start, image):
+    import os
+    if os.environ.get("DAEMON", "bexd") != "bexd":
+        pytest.skip("bexd's own limits (QEMU's differ)")
+    d = start(*file_export(image()))
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(30)
+    s.connect(str(d.qmp_sock))
+    f = s.makefile("rwb")
+    f.readline()
+    f.write(b'{"execute": "qmp_capabilities"}\n')
+    f.flush()
+    f.readline()
+    f.write(b'{"execute": "query-version", "arguments": {"x": "' + b"a" * (20 << 20) + b'"}}\n')
+    f.write(b"[" * 5000 + b"]" * 5000 + b"\n")
+    f.write(b'{"execute": "query-block-exports", "id": "after"}\n')
+    f.flush()
+    replies = [json.loads(f.readline()) for _ in range(3)]
+    assert replies[0]["error"]["desc"] == "JSON parse error, JSON token size limit exceeded"
+    assert replies[1]["error"]["desc"] == "JSON parse error, JSON nesting depth limit exceeded"
+    assert replies[2]["id"] == "after" and replies[2]["return"][0]["id"] == "exp-disk0"
