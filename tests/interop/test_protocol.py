@@ -235,3 +235,12 @@ def test_client_vanishing_with_requests_in_flight(start, image):
     other = connect(d)
     assert other.pread(4096, 0) == bytes(4096)
     assert d.alive()
+
+
+def test_read_of_a_hole_is_one_hole_chunk(start, image):
+    d = start(*file_export(image(4 * MIB), writable=False))
+    h = connect(d)
+    chunks = []
+    data = h.pread_structured(MIB, MIB, lambda buf, off, status, err: chunks.append((status, off, len(buf))) or 0)
+    assert data == bytes(MIB)
+    assert chunks == [(nbd.READ_HOLE, MIB, MIB)]

@@ -259,13 +259,10 @@ async fn read(ctx: &Context, req: &RequestHeader) -> Reply {
             .unwrap_or_default(),
         false => Vec::new(),
     };
-    if extents.len() > 1 {
+    if !extents.is_empty() {
         push_sparse_chunks(&mut r, req, &extents);
     } else if structured {
-        r.push_with_data(
-            |out| reply::offset_data_header(out, req.cookie, true, req.offset, req.length),
-            0..len,
-        );
+        push_data_chunk(&mut r, req, 0, req.length, true);
     } else {
         r.push_with_data(
             |out| reply::simple_reply(out, req.cookie, NbdErrno(0)),
@@ -276,31 +273,36 @@ async fn read(ctx: &Context, req: &RequestHeader) -> Reply {
     r
 }
 
-/// One chunk per extent: holes as OFFSET_HOLE, data as OFFSET_DATA from the read buffer.
+/// One chunk per extent: holes as OFFSET_HOLE, data as OFFSET_DATA from the
+/// read buffer. The chunks always cover the whole request, and only the last
+/// carries DONE, even if the extents stop short (the rest goes out as data).
 fn push_sparse_chunks(r: &mut Reply, req: &RequestHeader, extents: &[(u32, u32)]) {
     let mut pos = 0u32;
-    let count = extents.len();
-    for (i, &(len, flags)) in extents.iter().enumerate() {
+    for &(len, flags) in extents {
         let len = len.min(req.length - pos);
         if len == 0 {
             break;
         }
-        let done = i + 1 == count || pos + len == req.length;
+        let done = pos + len == req.length;
         let offset = req.offset + u64::from(pos);
         if flags & STATE_ZERO != 0 {
             r.push_meta(|out| reply::offset_hole(out, req.cookie, done, offset, len));
         } else {
-            let range = pos as usize..(pos + len) as usize;
-            r.push_with_data(
-                |out| reply::offset_data_header(out, req.cookie, done, offset, len),
-                range,
-            );
+            push_data_chunk(r, req, pos, len, done);
         }
         pos += len;
-        if done {
-            break;
-        }
     }
+    if pos < req.length {
+        push_data_chunk(r, req, pos, req.length - pos, true);
+    }
+}
+
+fn push_data_chunk(r: &mut Reply, req: &RequestHeader, pos: u32, len: u32, done: bool) {
+    let offset = req.offset + u64::from(pos);
+    r.push_with_data(
+        |out| reply::offset_data_header(out, req.cookie, done, offset, len),
+        pos as usize..(pos + len) as usize,
+    );
 }
 
 /// base:allocation extents covering `[offset, offset+len)`, equal neighbours merged.
