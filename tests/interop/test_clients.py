@@ -119,3 +119,17 @@ def test_tcp_transport_qemu_img_convert(start, image, tmp_path):
     out = tmp_path / "tcp.raw"
     run("qemu-img", "convert", "-f", "raw", "-O", "raw", d.uri("disk"), str(out))
     assert filecmp.cmp(src, out, shallow=False)
+
+
+def test_cache_direct_with_unaligned_io(start, image):
+    need("qemu-io")
+    img = image(16 * MIB)
+    d = start([f"driver=file,node-name=disk0,filename={img},cache.direct=on"],
+              ["type=nbd,id=e0,node-name=disk0,name=disk,writable=on"])
+    out = run("qemu-io", "-f", "raw", "-c", "write -P 0x11 1000 3000", "-c", "read -P 0x11 1000 3000",
+              "-c", "read -P 0 0 1000", "-c", "read -P 0 4000 96", d.uri("disk")).stdout
+    assert "Pattern verification failed" not in out
+    assert out.count("read ") == 3
+    with open(img, "rb") as f:
+        f.seek(1000)
+        assert f.read(3000) == b"\x11" * 3000
