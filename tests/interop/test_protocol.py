@@ -244,3 +244,18 @@ def test_read_of_a_hole_is_one_hole_chunk(start, image):
     data = h.pread_structured(MIB, MIB, lambda buf, off, status, err: chunks.append((status, off, len(buf))) or 0)
     assert data == bytes(MIB)
     assert chunks == [(nbd.READ_HOLE, MIB, MIB)]
+
+
+def test_requests_on_one_connection_run_concurrently(start):
+    """null-co with latency-ns=1s: 8 reads issued together finish together,
+    not one after another (8 s). The bound is 4x the latency, far from serial."""
+    import time
+    d = start(["driver=null-co,node-name=slow,size=1048576,latency-ns=1000000000,read-zeroes=on"],
+              ["type=nbd,id=e0,node-name=slow,name=disk"])
+    h = connect(d)
+    began = time.monotonic()
+    for i in range(8):
+        h.aio_pread(nbd.Buffer(4096), i * 4096)
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    assert time.monotonic() - began < 4.0

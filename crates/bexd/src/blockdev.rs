@@ -46,6 +46,7 @@ pub enum NodeSpec {
     Null {
         size: u64,
         read_zeroes: bool,
+        latency_ns: u64,
     },
 }
 
@@ -54,6 +55,7 @@ impl Default for NodeSpec {
         Self::Null {
             size: 1 << 30,
             read_zeroes: false,
+            latency_ns: 0,
         }
     }
 }
@@ -157,8 +159,13 @@ fn open_driver(daemon: &Arc<Daemon>, options: &NodeOptions) -> Result<Opened, Qm
                 RawDriver::new(child, *offset, *size, options.discard).map_err(block_error)?;
             Ok((Arc::new(driver), vec![child_name], filename))
         }
-        NodeSpec::Null { size, read_zeroes } => {
-            let driver = NullDriver::new(*size, *read_zeroes);
+        NodeSpec::Null {
+            size,
+            read_zeroes,
+            latency_ns,
+        } => {
+            let latency = std::time::Duration::from_nanos(*latency_ns);
+            let driver = NullDriver::with_latency(*size, *read_zeroes, latency);
             Ok((Arc::new(driver), Vec::new(), "null-co://".to_string()))
         }
     }

@@ -58,8 +58,11 @@ fn convert_node(o: BlockdevOptions) -> Result<NodeOptions, QmpError> {
             size: size.map(|s| non_negative(s, "size")).transpose()?,
         },
         BlockdevSpecific::Null {
-            size, read_zeroes, ..
+            size,
+            read_zeroes,
+            latency_ns,
         } => NodeSpec::Null {
+            latency_ns: latency_ns.unwrap_or(0),
             size: size
                 .map(|s| non_negative(s, "size"))
                 .transpose()?

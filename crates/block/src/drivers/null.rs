@@ -1,5 +1,7 @@
 //! `null-co`: a device of a given size that discards writes, for tests and benchmarks.
 
+use std::time::Duration;
+
 use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
 use crate::error::BlockResult;
 
@@ -7,11 +9,27 @@ use crate::error::BlockResult;
 pub struct NullDriver {
     size: u64,
     read_zeroes: bool,
+    /// QEMU's `latency-ns`: every request takes this long (for testing clients).
+    latency: Duration,
 }
 
 impl NullDriver {
     pub fn new(size: u64, read_zeroes: bool) -> Self {
-        Self { size, read_zeroes }
+        Self::with_latency(size, read_zeroes, Duration::ZERO)
+    }
+
+    pub fn with_latency(size: u64, read_zeroes: bool, latency: Duration) -> Self {
+        Self {
+            size,
+            read_zeroes,
+            latency,
+        }
+    }
+
+    fn delay(&self) {
+        if !self.latency.is_zero() {
+            std::thread::sleep(self.latency);
+        }
     }
 }
 
@@ -31,11 +49,13 @@ impl Driver for NullDriver {
             can_write_zeroes_fast: true,
             request_alignment: 1,
             max_transfer: 0,
-            nonblocking: true,
+            // With a latency the calls sleep, so they belong on the blocking pool.
+            nonblocking: self.latency.is_zero(),
         }
     }
 
     fn read_at(&self, buf: &mut [u8], _offset: u64) -> BlockResult<()> {
+        self.delay();
         // QEMU leaves the buffer untouched without read-zeroes; zeroes are
         // never wrong and never leak memory contents, so always zero.
         buf.fill(0);
@@ -43,6 +63,7 @@ impl Driver for NullDriver {
     }
 
     fn write_at(&self, _buf: &[u8], _offset: u64, _fua: bool) -> BlockResult<()> {
+        self.delay();
         Ok(())
     }
 
