@@ -259,3 +259,19 @@ def test_requests_on_one_connection_run_concurrently(start):
     while h.aio_in_flight() > 0:
         h.poll(-1)
     assert time.monotonic() - began < 4.0
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits_zero(start):
+    """A read that takes 1 s is in flight when SIGTERM arrives: it is answered, then the daemon exits 0."""
+    import signal
+    d = start(["driver=null-co,node-name=slow,size=1048576,latency-ns=1000000000,read-zeroes=on"],
+              ["type=nbd,id=e0,node-name=slow,name=disk"])
+    h = connect(d)
+    buf = nbd.Buffer(4096)
+    cookie = h.aio_pread(buf, 0)
+    h.poll(0)  # make sure the request went out
+    d.proc.send_signal(signal.SIGTERM)
+    while not h.aio_command_completed(cookie):
+        h.poll(-1)
+    assert buf.to_bytearray() == bytearray(4096)
+    assert d.proc.wait(timeout=20) == 0
