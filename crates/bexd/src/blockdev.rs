@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use block::drivers::blkdebug::{BlkdebugDriver, InjectError};
 use block::drivers::file::{AioMode, FileDriver, FileOptions, LockingMode};
 use block::drivers::null::NullDriver;
 use block::drivers::raw::RawDriver;
@@ -33,6 +34,10 @@ pub struct NodeOptions {
 /// The driver-specific part.
 #[derive(Clone, Debug)]
 pub enum NodeSpec {
+    Blkdebug {
+        image: ChildRef,
+        rules: Vec<InjectError>,
+    },
     File {
         filename: PathBuf,
         aio: AioMode,
@@ -133,30 +138,14 @@ fn open_driver(daemon: &Arc<Daemon>, options: &NodeOptions) -> Result<Opened, Qm
             Ok((Arc::new(driver), Vec::new(), filename.display().to_string()))
         }
         NodeSpec::Raw { file, offset, size } => {
-            let child_name = match file {
-                ChildRef::Name(n) => n.clone(),
-                ChildRef::Inline(child) => {
-                    let mut child = (**child).clone();
-                    // An implicit child inherits read-only from its parent, as in QEMU.
-                    child.read_only |= options.read_only;
-                    child.auto_read_only |= options.auto_read_only;
-                    open(daemon, child, true)?
-                }
-            };
-            let child_entry = {
-                let state = daemon.state();
-                state
-                    .nodes
-                    .get(&child_name)
-                    .map(|e| (e.node.clone(), e.filename.clone()))
-            };
-            let (child, filename) = child_entry.ok_or_else(|| {
-                QmpError::generic(format!(
-                    "Cannot find device='{child_name}' nor node-name='{child_name}'"
-                ))
-            })?;
+            let (child, child_name, filename) = open_child(daemon, options, file)?;
             let driver =
                 RawDriver::new(child, *offset, *size, options.discard).map_err(block_error)?;
+            Ok((Arc::new(driver), vec![child_name], filename))
+        }
+        NodeSpec::Blkdebug { image, rules } => {
+            let (child, child_name, filename) = open_child(daemon, options, image)?;
+            let driver = BlkdebugDriver::new(child, rules.clone());
             Ok((Arc::new(driver), vec![child_name], filename))
         }
         NodeSpec::Null {
@@ -169,6 +158,38 @@ fn open_driver(daemon: &Arc<Daemon>, options: &NodeOptions) -> Result<Opened, Qm
             Ok((Arc::new(driver), Vec::new(), "null-co://".to_string()))
         }
     }
+}
+
+/// Resolves a child given by name or opens an inline one; returns the node,
+/// its name and the filename it shows.
+fn open_child(
+    daemon: &Arc<Daemon>,
+    parent: &NodeOptions,
+    child: &ChildRef,
+) -> Result<(Arc<BlockNode>, String, String), QmpError> {
+    let child_name = match child {
+        ChildRef::Name(n) => n.clone(),
+        ChildRef::Inline(child) => {
+            let mut child = (**child).clone();
+            // An implicit child inherits read-only from its parent, as in QEMU.
+            child.read_only |= parent.read_only;
+            child.auto_read_only |= parent.auto_read_only;
+            open(daemon, child, true)?
+        }
+    };
+    let entry = {
+        let state = daemon.state();
+        state
+            .nodes
+            .get(&child_name)
+            .map(|e| (e.node.clone(), e.filename.clone()))
+    };
+    let (node, filename) = entry.ok_or_else(|| {
+        QmpError::generic(format!(
+            "Cannot find device='{child_name}' nor node-name='{child_name}'"
+        ))
+    })?;
+    Ok((node, child_name, filename))
 }
 
 fn block_error(e: BlockError) -> QmpError {

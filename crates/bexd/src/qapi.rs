@@ -5,10 +5,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use block::drivers::blkdebug::{InjectError, IoType};
 use block::drivers::file::{AioMode, LockingMode};
 use qmp::schema::block_core::{
-    BlockdevAioOptions, BlockdevDiscardOptions, BlockdevOptions, BlockdevRef, BlockdevSpecific,
-    OnOffAuto,
+    BlkdebugIOType, BlkdebugInjectError, BlockdevAioOptions, BlockdevDiscardOptions,
+    BlockdevOptions, BlockdevRef, BlockdevSpecific, OnOffAuto,
 };
 use qmp::schema::block_export::{
     read_removal, BlockExportIothreads, BlockExportOptions, BlockExportRemoveMode, BlockExportType,
@@ -69,6 +70,18 @@ fn convert_node(o: BlockdevOptions) -> Result<NodeOptions, QmpError> {
                 .unwrap_or(NULL_DEFAULT_SIZE),
             read_zeroes: read_zeroes.unwrap_or(false),
         },
+        BlockdevSpecific::Blkdebug {
+            image,
+            inject_error,
+        } => NodeSpec::Blkdebug {
+            image: child_ref(image)?,
+            rules: inject_error
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| blkdebug_rule(r, i))
+                .collect::<Result<_, _>>()?,
+        },
         BlockdevSpecific::Qcow2 { .. } => {
             return Err(QmpError::generic(
                 "Driver 'qcow2' is not supported by bexd yet",
@@ -84,6 +97,76 @@ fn convert_node(o: BlockdevOptions) -> Result<NodeOptions, QmpError> {
         cache_no_flush: cache.no_flush.unwrap_or(false),
         spec,
     })
+}
+
+/// One blkdebug rule. Rules are always armed (no event state machine), so
+/// the event only picks the I/O type when `iotype` is not given.
+fn blkdebug_rule(r: BlkdebugInjectError, index: usize) -> Result<InjectError, QmpError> {
+    let member = |m: &str| format!("inject-error[{index}].{m}");
+    if r.state.is_some_and(|s| s != 1) {
+        return Err(QmpError::generic(format!(
+            "Parameter '{}': blkdebug states are not supported by bexd",
+            member("state")
+        )));
+    }
+    let errno = r.errno.unwrap_or(i64::from(libc::EIO));
+    let errno = i32::try_from(errno)
+        .ok()
+        .filter(|e| (1..4096).contains(e))
+        .ok_or_else(|| {
+            QmpError::generic(format!(
+                "Parameter '{}' expects a positive errno",
+                member("errno")
+            ))
+        })?;
+    let sector = match r.sector {
+        Some(s) => Some(u64::try_from(s).map_err(|_| {
+            QmpError::generic(format!(
+                "Parameter '{}' must not be negative",
+                member("sector")
+            ))
+        })?),
+        None => None,
+    };
+    let iotypes = match r.iotype {
+        Some(t) => vec![io_type(t)],
+        None => event_io_types(&r.event),
+    };
+    Ok(InjectError {
+        iotypes,
+        errno,
+        sector,
+        once: r.once.unwrap_or(false),
+        after: r.x_after.unwrap_or(0),
+    })
+}
+
+fn io_type(t: BlkdebugIOType) -> IoType {
+    match t {
+        BlkdebugIOType::Read => IoType::Read,
+        BlkdebugIOType::Write => IoType::Write,
+        BlkdebugIOType::WriteZeroes => IoType::WriteZeroes,
+        BlkdebugIOType::Discard => IoType::Discard,
+        BlkdebugIOType::Flush => IoType::Flush,
+        BlkdebugIOType::BlockStatus => IoType::BlockStatus,
+    }
+}
+
+/// The I/O a QEMU blkdebug event stands for; other events mean any data I/O.
+fn event_io_types(event: &str) -> Vec<IoType> {
+    match event {
+        "read_aio" | "read_backing_aio" | "read_compressed" => vec![IoType::Read],
+        "write_aio" | "pwritev" | "pwritev_rmw_head" | "pwritev_rmw_tail" => vec![IoType::Write],
+        "pwritev_zero" => vec![IoType::WriteZeroes],
+        "flush_to_os" | "flush_to_disk" => vec![IoType::Flush],
+        _ => vec![
+            IoType::Read,
+            IoType::Write,
+            IoType::WriteZeroes,
+            IoType::Discard,
+            IoType::Flush,
+        ],
+    }
 }
 
 fn child_ref(r: BlockdevRef) -> Result<ChildRef, QmpError> {

@@ -44,7 +44,45 @@ fn core(s: &mut Schema) {
 fn blockdev(s: &mut Schema) {
     s.enumeration(
         "BlockdevDriver",
-        vec!["file", "host_device", "null-aio", "null-co", "raw"],
+        vec![
+            "blkdebug",
+            "file",
+            "host_device",
+            "null-aio",
+            "null-co",
+            "raw",
+        ],
+    );
+    s.enumeration(
+        "BlkdebugIOType",
+        vec![
+            "read",
+            "write",
+            "write-zeroes",
+            "discard",
+            "flush",
+            "block-status",
+        ],
+    );
+    s.object(
+        "BlkdebugInjectErrorOptions",
+        vec![
+            req("event", str()),
+            opt("state", int()),
+            opt("iotype", named("BlkdebugIOType")),
+            opt("errno", int()),
+            opt("sector", int()),
+            opt("once", bool()),
+            opt("immediately", bool()),
+            opt("x-after", int()),
+        ],
+    );
+    s.object(
+        "BlockdevOptionsBlkdebug",
+        vec![
+            req("image", named("BlockdevRef")),
+            opt("inject-error", array(named("BlkdebugInjectErrorOptions"))),
+        ],
     );
     s.enumeration("BlockdevDiscardOptions", vec!["ignore", "unmap"]);
     s.enumeration("BlockdevDetectZeroesOptions", vec!["off", "on", "unmap"]);
@@ -68,6 +106,7 @@ fn blockdev(s: &mut Schema) {
         ],
         "driver",
         vec![
+            ("blkdebug", "BlockdevOptionsBlkdebug"),
             ("file", "BlockdevOptionsFile"),
             ("host_device", "BlockdevOptionsFile"),
             ("null-aio", "BlockdevOptionsNull"),

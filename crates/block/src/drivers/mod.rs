@@ -1,5 +1,6 @@
 //! The drivers: `file` (protocol), `raw` (format over a child node), `null-co`.
 
+pub mod blkdebug;
 pub mod file;
 mod lock;
 pub mod null;

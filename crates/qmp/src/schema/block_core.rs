@@ -6,6 +6,7 @@ use crate::visitor::{Ctx, Fields, FromQapi};
 use crate::{qapi_enum, QmpError};
 
 qapi_enum!(BlockdevDriver {
+    Blkdebug = "blkdebug",
     File = "file",
     HostDevice = "host_device",
     Raw = "raw",
@@ -92,8 +93,52 @@ impl FromQapi for BlockdevRefOrNull {
     }
 }
 
+qapi_enum!(BlkdebugIOType {
+    Read = "read",
+    Write = "write",
+    WriteZeroes = "write-zeroes",
+    Discard = "discard",
+    Flush = "flush",
+    BlockStatus = "block-status",
+});
+
+/// One `inject-error` rule of blkdebug (plus bexd's `x-after`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlkdebugInjectError {
+    pub event: String,
+    pub state: Option<i64>,
+    pub iotype: Option<BlkdebugIOType>,
+    pub errno: Option<i64>,
+    pub sector: Option<i64>,
+    pub once: Option<bool>,
+    pub immediately: Option<bool>,
+    pub x_after: Option<u64>,
+}
+
+impl FromQapi for BlkdebugInjectError {
+    fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
+        let mut f = Fields::new(value, ctx)?;
+        let r = Self {
+            event: f.required("event")?,
+            state: f.optional("state")?,
+            iotype: f.optional("iotype")?,
+            errno: f.optional("errno")?,
+            sector: f.optional("sector")?,
+            once: f.optional("once")?,
+            immediately: f.optional("immediately")?,
+            x_after: f.optional("x-after")?,
+        };
+        f.finish()?;
+        Ok(r)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BlockdevSpecific {
+    Blkdebug {
+        image: BlockdevRef,
+        inject_error: Option<Vec<BlkdebugInjectError>>,
+    },
     File(BlockdevOptionsFile),
     Raw {
         file: BlockdevRef,
@@ -132,6 +177,10 @@ fn read_base(f: &mut Fields) -> Result<BlockdevBase, QmpError> {
 
 fn read_specific(driver: BlockdevDriver, f: &mut Fields) -> Result<BlockdevSpecific, QmpError> {
     Ok(match driver {
+        BlockdevDriver::Blkdebug => BlockdevSpecific::Blkdebug {
+            image: f.required("image")?,
+            inject_error: f.optional("inject-error")?,
+        },
         BlockdevDriver::File | BlockdevDriver::HostDevice => {
             BlockdevSpecific::File(BlockdevOptionsFile {
                 filename: f.required("filename")?,
