@@ -11,10 +11,22 @@ use std::ptr::NonNull;
 /// Alignment of every buffer: enough for O_DIRECT on any common device.
 pub const ALIGNMENT: usize = 4096;
 
+/// Buffers at least this large come straight from mmap: zero-filled by the
+/// kernel and populated lazily, so a 32 MiB payload buffer for a client that
+/// then sends 4 KiB pins 4 KiB, not 32 MiB (an aligned calloc would memset it all).
+const MMAP_MIN: usize = 128 * 1024;
+
 pub struct IoBuf {
     ptr: NonNull<u8>,
     len: usize,
-    layout: Layout,
+    /// Size of the allocation and where it came from.
+    source: Source,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    Heap(Layout),
+    Mmap(usize),
 }
 
 // SAFETY: IoBuf uniquely owns its allocation (like Vec<u8>); moving it to
@@ -27,6 +39,15 @@ impl IoBuf {
     /// A zero-filled buffer of `len` bytes.
     pub fn zeroed(len: usize) -> Self {
         let size = len.max(1).next_multiple_of(ALIGNMENT);
+        if size >= MMAP_MIN {
+            if let Some(ptr) = map_anonymous(size) {
+                return Self {
+                    ptr,
+                    len,
+                    source: Source::Mmap(size),
+                };
+            }
+        }
         let layout = match Layout::from_size_align(size, ALIGNMENT) {
             Ok(l) => l,
             Err(_) => alloc::handle_alloc_error(Layout::new::<u8>()),
@@ -36,7 +57,11 @@ impl IoBuf {
         let Some(ptr) = NonNull::new(raw) else {
             alloc::handle_alloc_error(layout);
         };
-        Self { ptr, len, layout }
+        Self {
+            ptr,
+            len,
+            source: Source::Heap(layout),
+        }
     }
 
     /// A buffer holding a copy of `data`.
@@ -50,6 +75,25 @@ impl IoBuf {
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
+}
+
+/// Private anonymous memory: page-aligned (ALIGNMENT is the page size) and zero.
+fn map_anonymous(size: usize) -> Option<NonNull<u8>> {
+    // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return None;
+    }
+    NonNull::new(raw.cast::<u8>())
 }
 
 impl Deref for IoBuf {
@@ -71,8 +115,14 @@ impl DerefMut for IoBuf {
 
 impl Drop for IoBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with exactly this layout.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+        match self.source {
+            // SAFETY: allocated in `zeroed` with exactly this layout.
+            Source::Heap(layout) => unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) },
+            // SAFETY: mapped in `zeroed` with exactly this size; nothing borrows it any more.
+            Source::Mmap(size) => unsafe {
+                libc::munmap(self.ptr.as_ptr().cast(), size);
+            },
+        }
     }
 }
 
@@ -98,6 +148,15 @@ mod tests {
     fn test_zero_length_buffer_is_valid() {
         let b = IoBuf::zeroed(0);
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn test_large_buffer_is_mapped_aligned_and_zero() {
+        let mut b = IoBuf::zeroed(1 << 20);
+        assert_eq!(b.as_ptr() as usize % ALIGNMENT, 0);
+        assert!(b.iter().all(|&x| x == 0));
+        b[(1 << 20) - 1] = 7;
+        assert_eq!(b[(1 << 20) - 1], 7);
     }
 
     #[test]
