@@ -133,7 +133,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
         let payload = match request.payload_len() {
             0 => None,
             len => {
-                let mut buf = IoBuf::zeroed(len);
+                let mut buf = IoBuf::for_overwrite(len);
                 if input.read_exact(&mut buf).await.is_err() {
                     return;
                 }
@@ -247,7 +247,8 @@ async fn read(ctx: &Context, req: &RequestHeader) -> Reply {
         }
         return r;
     }
-    let (buf, result) = ctx.node.read(IoBuf::zeroed(len), req.offset).await;
+    // Every driver fills a read buffer completely on success, so a reused one is fine.
+    let (buf, result) = ctx.node.read(IoBuf::for_overwrite(len), req.offset).await;
     if let Err(e) = result {
         return block_error_reply(ctx, req, &e);
     }
