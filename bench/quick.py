@@ -34,7 +34,7 @@ def free_port():
 
 
 def start(kind, image, port):
-    binary = [str(REPO / "target/release/bexd")] if kind == "bexd" else ["qemu-storage-daemon"]
+    binary = [os.environ.get("BEXD", str(REPO / "target/release/bexd"))] if kind == "bexd" else ["qemu-storage-daemon"]
     argv = binary + ["--blockdev", f"driver=file,node-name=f,filename={image}",
                      "--nbd-server", f"addr.type=inet,addr.host=127.0.0.1,addr.port={port}",
                      "--export", "type=nbd,id=e,node-name=f,writable=on"]
