@@ -9,6 +9,16 @@ from qemu.qmp import ExecuteError, QMPClient
 
 from conftest import file_export
 
+@pytest.fixture
+def both(start, image):
+    """bexd and qemu-storage-daemon, each exporting its own image as exp-disk0."""
+    if shutil.which("qemu-storage-daemon") is None:
+        pytest.skip("qemu-storage-daemon not installed")
+    ours = start(*file_export(image(name="a.img")), which="bexd")
+    theirs = start(*file_export(image(name="b.img")), which="qsd")
+    return ours, theirs
+
+
 # (command, arguments): each runs on a fresh pair of daemons that export disk0 as exp-disk0.
 CASES = [
     ("block-export-add", {"type": "nbd", "id": "exp-disk0", "node-name": "disk0", "name": "x"}),
@@ -69,11 +79,8 @@ SEQUENCES = [
 
 
 @pytest.mark.parametrize("steps", SEQUENCES, ids=[f"seq-{i}" for i in range(len(SEQUENCES))])
-def test_same_outcomes_for_a_sequence(start, image, steps):
-    if shutil.which("qemu-storage-daemon") is None:
-        pytest.skip("qemu-storage-daemon not installed")
-    ours = start(*file_export(image(name="a.img")), which="bexd")
-    theirs = start(*file_export(image(name="b.img")), which="qsd")
+def test_same_outcomes_for_a_sequence(both, steps):
+    ours, theirs = both
 
     async def run_all(sock):
         return [await outcome(sock, c, a) for c, a in steps]
@@ -96,11 +103,8 @@ async def outcome(sock, command, arguments):
 
 
 @pytest.mark.parametrize("command,arguments", CASES, ids=[f"{c}-{i}" for i, (c, _) in enumerate(CASES)])
-def test_same_outcome_as_qemu_storage_daemon(start, image, command, arguments):
-    if shutil.which("qemu-storage-daemon") is None:
-        pytest.skip("qemu-storage-daemon not installed")
-    ours = start(*file_export(image(name="a.img")), which="bexd")
-    theirs = start(*file_export(image(name="b.img")), which="qsd")
+def test_same_outcome_as_qemu_storage_daemon(both, command, arguments):
+    ours, theirs = both
     got = asyncio.run(outcome(ours.qmp_sock, command, arguments))
     expected = asyncio.run(outcome(theirs.qmp_sock, command, arguments))
     assert got == expected
@@ -142,9 +146,6 @@ def raw_session(sock, line):
 
 
 @pytest.mark.parametrize("line", RAW, ids=[f"raw-{i}" for i in range(len(RAW))])
-def test_same_protocol_errors_as_qemu_storage_daemon(start, image, line):
-    if shutil.which("qemu-storage-daemon") is None:
-        pytest.skip("qemu-storage-daemon not installed")
-    ours = start(*file_export(image(name="a.img")), which="bexd")
-    theirs = start(*file_export(image(name="b.img")), which="qsd")
+def test_same_protocol_errors_as_qemu_storage_daemon(both, line):
+    ours, theirs = both
     assert raw_session(ours.qmp_sock, line) == raw_session(theirs.qmp_sock, line)
