@@ -84,6 +84,7 @@ pub fn main(args: &[String]) -> i32 {
         }
     };
     rt.block_on(async move {
+        let signals = crate::startup::StopSignals::install();
         let daemon = Daemon::new();
         let pidfile = match set_up(&daemon, &parsed).await {
             Ok(p) => p,
@@ -92,7 +93,7 @@ pub fn main(args: &[String]) -> i32 {
                 return 1;
             }
         };
-        crate::startup::run_until_shutdown(daemon, None, pidfile).await
+        crate::startup::run_until_shutdown(daemon, signals, None, pidfile).await
     })
 }
 

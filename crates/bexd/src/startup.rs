@@ -78,6 +78,7 @@ fn run_daemon(options: Vec<CliOption>) -> i32 {
         }
     };
     rt.block_on(async move {
+        let signals = StopSignals::install();
         let daemon = Daemon::new();
         let pidfile = match apply_options(&daemon, &options).await {
             Ok(p) => p,
@@ -86,7 +87,7 @@ fn run_daemon(options: Vec<CliOption>) -> i32 {
                 return 1;
             }
         };
-        run_until_shutdown(daemon, notifier, pidfile).await
+        run_until_shutdown(daemon, signals, notifier, pidfile).await
     })
 }
 
@@ -179,6 +180,7 @@ fn option_value(s: &str, implied_key: Option<&str>) -> Result<(Value, InputMode)
 /// Serves until SIGTERM, SIGINT or `quit`; then drains, flushes and returns 0.
 pub async fn run_until_shutdown(
     daemon: Arc<Daemon>,
+    signals: StopSignals,
     notifier: Option<StartupNotifier>,
     pidfile: Option<PidFile>,
 ) -> i32 {
@@ -186,27 +188,50 @@ pub async fn run_until_shutdown(
         n.success();
         let _ = std::env::set_current_dir("/");
     }
-    wait_for_stop(&daemon).await;
+    signals.wait(&daemon).await;
     shut_down(&daemon).await;
     drop(pidfile);
     0
 }
 
-async fn wait_for_stop(daemon: &Daemon) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        daemon.shutdown.cancelled().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-        _ = hup.recv() => tracing::info!("SIGHUP: shutting down"),
-        _ = daemon.shutdown.cancelled() => tracing::info!("quit: shutting down"),
+/// The signals that stop the daemon gracefully.
+///
+/// Installed before any option is applied: a supervisor may send SIGTERM as
+/// soon as the pid file or a socket exists, and until a handler is installed
+/// the default action kills the process without flushing or removing the pid
+/// file.
+#[derive(Debug)]
+pub struct StopSignals {
+    streams: Option<[tokio::signal::unix::Signal; 3]>,
+}
+
+impl StopSignals {
+    /// Must be called inside the runtime.
+    pub fn install() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        let streams = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(term), Ok(int), Ok(hup)) => Some([term, int, hup]),
+            _ => None,
+        };
+        Self { streams }
+    }
+
+    /// Returns on SIGTERM, SIGINT, SIGHUP or `quit`.
+    async fn wait(self, daemon: &Daemon) {
+        let Some([mut term, mut int, mut hup]) = self.streams else {
+            daemon.shutdown.cancelled().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            _ = hup.recv() => tracing::info!("SIGHUP: shutting down"),
+            _ = daemon.shutdown.cancelled() => tracing::info!("quit: shutting down"),
+        }
     }
 }
 
