@@ -7,8 +7,9 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 # Debian packages: qemu-utils (qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon),
-# libnbd-bin (nbdinfo, nbdcopy, nbdsh), python3-libnbd, fio, pytest.
-packages=(qemu-utils libnbd-bin python3-libnbd fio python3-pytest python3-pip)
+# libnbd-bin (nbdinfo, nbdcopy, nbdsh), python3-libnbd, fio, pytest; the benchmark peers
+# and ceilings (nbdkit, nbd-server, iperf3) and openssl for its TLS credentials.
+packages=(qemu-utils libnbd-bin python3-libnbd fio python3-pytest python3-pip nbdkit nbd-server iperf3 openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
