@@ -14,7 +14,8 @@ pub struct Capabilities {
     pub request_alignment: u32,
     /// Largest single transfer, 0 for no limit.
     pub max_transfer: u32,
-    /// Calls never block (null-co): the node may run them inline.
+    /// Calls never wait for a device (null-co, files in tmpfs): the node runs
+    /// small requests inline instead of hopping to the blocking pool.
     pub nonblocking: bool,
 }
 

@@ -6,6 +6,9 @@ use crate::buf::IoBuf;
 use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 
+/// The largest request a non-blocking driver runs inline on the caller's thread.
+const INLINE_MAX: u64 = 256 * 1024;
+
 #[derive(Debug)]
 pub struct BlockNode {
     node_name: String,
@@ -73,9 +76,16 @@ impl BlockNode {
         }
     }
 
-    /// Runs `f` on the blocking pool, or inline for drivers that never block.
-    async fn run<T: Send + 'static>(&self, f: impl FnOnce(&dyn Driver) -> T + Send + 'static) -> T {
-        if self.caps.nonblocking {
+    /// Runs `f`, which touches `len` bytes, on the blocking pool, or inline
+    /// when the driver never blocks and the request is small. For a 4 KiB
+    /// request the hop to the pool (two thread wake-ups) costs more than the
+    /// copy itself; a large copy inline would stall the runtime's other tasks.
+    async fn run<T: Send + 'static>(
+        &self,
+        len: u64,
+        f: impl FnOnce(&dyn Driver) -> T + Send + 'static,
+    ) -> T {
+        if self.caps.nonblocking && len <= INLINE_MAX {
             return f(self.driver.as_ref());
         }
         let driver = self.driver.clone();
@@ -89,7 +99,7 @@ impl BlockNode {
         if let Err(e) = self.check_range(offset, buf.len() as u64) {
             return (buf, Err(e));
         }
-        self.run(move |d| {
+        self.run(buf.len() as u64, move |d| {
             let r = d.read_at(&mut buf, offset);
             (buf, r)
         })
@@ -103,7 +113,7 @@ impl BlockNode {
         {
             return (buf, Err(e));
         }
-        self.run(move |d| {
+        self.run(buf.len() as u64, move |d| {
             let r = d.write_at(&buf, offset, fua);
             (buf, r)
         })
@@ -114,28 +124,29 @@ impl BlockNode {
         if self.read_only {
             return Ok(());
         }
-        self.run(|d| d.flush()).await
+        self.run(0, |d| d.flush()).await
     }
 
     pub async fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        self.run(move |d| d.discard(offset, len)).await
+        self.run(len, move |d| d.discard(offset, len)).await
     }
 
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        self.run(move |d| d.write_zeroes(offset, len, flags)).await
+        self.run(len, move |d| d.write_zeroes(offset, len, flags))
+            .await
     }
 
     pub async fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
         self.check_range(offset, len)?;
-        self.run(move |d| d.block_status(offset, len)).await
+        self.run(len, move |d| d.block_status(offset, len)).await
     }
 
     pub async fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
         self.check_range(offset, len)?;
-        self.run(move |d| d.cache(offset, len)).await
+        self.run(len, move |d| d.cache(offset, len)).await
     }
 }

@@ -215,3 +215,41 @@ fn test_block_status_cache_merges_queries_into_one_data_range() {
     assert_eq!(d.block_status(0, 4 * MIB).unwrap().len, 4 * MIB);
     assert_eq!(d.block_status(MIB, 3 * MIB).unwrap().len, 3 * MIB);
 }
+
+#[test]
+fn test_memory_backed_file_runs_inline_and_disk_file_does_not() {
+    let (_dir, on_disk) = image(MIB);
+    let disk = FileDriver::open(&on_disk).unwrap();
+    assert!(
+        !disk.capabilities().nonblocking,
+        "a file on a disk filesystem may block"
+    );
+    let shm = tempfile::tempdir_in("/dev/shm").expect("/dev/shm is a tmpfs on Linux");
+    let path = shm.path().join("disk.img");
+    std::fs::File::create(&path).unwrap().set_len(MIB).unwrap();
+    let mem = FileDriver::open(&FileOptions {
+        filename: path,
+        ..FileOptions::default()
+    })
+    .unwrap();
+    assert!(mem.capabilities().nonblocking, "tmpfs I/O is a memory copy");
+    // Inline or not, the node's results are the same.
+    let node = BlockNode::new("m".into(), Arc::new(mem), false);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let got = rt.block_on(async {
+        let (_, w) = node
+            .write(IoBuf::from_slice(&[9u8; 4096]), 4096, false)
+            .await;
+        w.unwrap();
+        let (big, w) = node
+            .write(IoBuf::from_slice(&[5u8; 512 * 1024]), 0, false)
+            .await;
+        drop(big);
+        w.unwrap();
+        node.read(IoBuf::zeroed(4096), 4096).await
+    });
+    got.1.unwrap();
+    assert!(got.0.iter().all(|&b| b == 5));
+}

@@ -66,6 +66,9 @@ pub struct FileDriver {
     no_flush: bool,
     discard: bool,
     block_device: bool,
+    /// The file lives in memory (tmpfs, ramfs): I/O is a page-cache copy that
+    /// never waits for a device, so the node may run small requests inline.
+    memory_backed: bool,
     /// Serialises read-modify-write of unaligned O_DIRECT writes.
     rmw: Mutex<()>,
     /// The last data extent SEEK_DATA/SEEK_HOLE found. On tmpfs and others
@@ -100,6 +103,7 @@ impl FileDriver {
             };
             lock_image(&file, perms, unshared)?;
         }
+        let memory_backed = !block_device && is_memory_backed(&file);
         Ok(Self {
             file,
             path: opts.filename.clone(),
@@ -109,6 +113,7 @@ impl FileDriver {
             no_flush: opts.cache_no_flush,
             discard: opts.discard,
             block_device,
+            memory_backed,
             rmw: Mutex::new(()),
             data_cache: Mutex::new(None),
         })
@@ -287,6 +292,21 @@ fn is_permission_error(e: &io::Error) -> bool {
     )
 }
 
+/// True for files on tmpfs or ramfs, whose reads and writes are memory copies.
+fn is_memory_backed(file: &File) -> bool {
+    const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
+    const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
+    // SAFETY: an all-zero statfs is a valid value for fstatfs to overwrite.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes one statfs through the pointer; the fd is open.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    #[allow(clippy::unnecessary_cast)]
+    let fs_type = st.f_type as libc::c_long;
+    matches!(fs_type, TMPFS_MAGIC | RAMFS_MAGIC)
+}
+
 fn block_device_size(file: &File) -> io::Result<u64> {
     let mut size: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
@@ -324,7 +344,7 @@ impl Driver for FileDriver {
             can_write_zeroes_fast: true,
             request_alignment: if self.direct { 512 } else { 1 },
             max_transfer: 0,
-            nonblocking: false,
+            nonblocking: self.memory_backed,
         }
     }
 
