@@ -53,6 +53,12 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()>;
     /// The extent starting at `offset`, at most `len` long, never empty.
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent>;
+    /// Reads at once if that cannot block (the data is in the page cache);
+    /// `None` if it would block, and the node then runs `read_at` on the
+    /// blocking pool. Lets cached reads skip the hop to a worker thread.
+    fn try_read_now(&self, _buf: &mut [u8], _offset: u64) -> Option<BlockResult<()>> {
+        None
+    }
     /// Readahead hint.
     fn cache(&self, _offset: u64, _len: u64) -> BlockResult<()> {
         Ok(())

@@ -99,6 +99,11 @@ impl BlockNode {
         if let Err(e) = self.check_range(offset, buf.len() as u64) {
             return (buf, Err(e));
         }
+        if !self.caps.nonblocking && buf.len() as u64 <= INLINE_MAX {
+            if let Some(r) = self.driver.try_read_now(&mut buf, offset) {
+                return (buf, r);
+            }
+        }
         self.run(buf.len() as u64, move |d| {
             let r = d.read_at(&mut buf, offset);
             (buf, r)

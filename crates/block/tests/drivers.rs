@@ -253,3 +253,29 @@ fn test_memory_backed_file_runs_inline_and_disk_file_does_not() {
     got.1.unwrap();
     assert!(got.0.iter().all(|&b| b == 5));
 }
+
+#[test]
+fn test_cached_read_is_served_at_once_and_matches() {
+    let (_dir, opts) = image(MIB);
+    let f = FileDriver::open(&opts).unwrap();
+    f.write_at(&[3u8; 8192], 65536, false).unwrap();
+    let mut buf = vec![0u8; 8192];
+    // Just written, so in the page cache: RWF_NOWAIT succeeds on ext4, xfs, btrfs.
+    match f.try_read_now(&mut buf, 65536) {
+        Some(r) => {
+            r.unwrap();
+            assert!(buf.iter().all(|&b| b == 3));
+        }
+        None => panic!("a page-cache hit must not need the blocking pool"),
+    }
+    let direct = FileDriver::open(&FileOptions {
+        cache_direct: true,
+        ..opts.clone()
+    });
+    if let Ok(direct) = direct {
+        assert!(
+            direct.try_read_now(&mut buf, 0).is_none(),
+            "O_DIRECT reads always go to the pool"
+        );
+    }
+}

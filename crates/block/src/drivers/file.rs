@@ -10,6 +10,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use super::lock::{lock_image, PERM_READ, PERM_RESIZE, PERM_WRITE};
@@ -69,6 +70,9 @@ pub struct FileDriver {
     /// The file lives in memory (tmpfs, ramfs): I/O is a page-cache copy that
     /// never waits for a device, so the node may run small requests inline.
     memory_backed: bool,
+    /// `preadv2(RWF_NOWAIT)` works here; cleared the first time the kernel
+    /// says it does not (EOPNOTSUPP), so unsupported files stop trying.
+    nowait_reads: AtomicBool,
     /// Serialises read-modify-write of unaligned O_DIRECT writes.
     rmw: Mutex<()>,
     /// The last data extent SEEK_DATA/SEEK_HOLE found. On tmpfs and others
@@ -114,6 +118,7 @@ impl FileDriver {
             discard: opts.discard,
             block_device,
             memory_backed,
+            nowait_reads: AtomicBool::new(!opts.cache_direct && !memory_backed),
             rmw: Mutex::new(()),
             data_cache: Mutex::new(None),
         })
@@ -354,6 +359,39 @@ impl Driver for FileDriver {
             false => self.read_bounced(buf, offset),
         };
         r.map_err(|e| self.io_err("Could not read from", e))
+    }
+
+    fn try_read_now(&self, buf: &mut [u8], offset: u64) -> Option<BlockResult<()>> {
+        if !self.nowait_reads.load(Ordering::Relaxed) {
+            return None;
+        }
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: one iovec describing `buf`, which stays borrowed mutably for the call.
+        let n = unsafe {
+            libc::preadv2(
+                self.file.as_raw_fd(),
+                &iov,
+                1,
+                offset as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if n >= 0 {
+            // A short read is partly cached or at EOF: the pool reads it whole.
+            return (n as usize == buf.len()).then_some(Ok(()));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN | libc::EINTR) => None,
+            Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS) => {
+                self.nowait_reads.store(false, Ordering::Relaxed);
+                None
+            }
+            _ => Some(Err(self.io_err("Could not read from", e))),
+        }
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {

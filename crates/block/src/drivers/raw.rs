@@ -65,6 +65,10 @@ impl Driver for RawDriver {
         self.inner().read_at(buf, self.offset + offset)
     }
 
+    fn try_read_now(&self, buf: &mut [u8], offset: u64) -> Option<BlockResult<()>> {
+        self.inner().try_read_now(buf, self.offset + offset)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
         self.inner().write_at(buf, self.offset + offset, fua)
     }
