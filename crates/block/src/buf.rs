@@ -17,21 +17,45 @@ pub const ALIGNMENT: usize = 4096;
 /// then sends 4 KiB pins 4 KiB, not 32 MiB (an aligned calloc would memset it all).
 const MMAP_MIN: usize = 128 * 1024;
 
-/// Mapped buffers kept for reuse by [`IoBuf::for_overwrite`]: reusing them
-/// saves a page fault and a kernel page clear per 4 KiB of every large request.
-static POOL: Mutex<Vec<Mapping>> = Mutex::new(Vec::new());
+/// Buffers kept for reuse by [`IoBuf::for_overwrite`]: reusing a mapping
+/// saves a page fault and a kernel page clear per 4 KiB of every large
+/// request, and reusing a heap buffer saves the memset of `alloc_zeroed`.
+static POOL: Mutex<Vec<Parked>> = Mutex::new(Vec::new());
+/// Buffers smaller than this are not worth parking.
+const POOL_MIN: usize = 16 * 1024;
 /// Bytes the pool may hold, and buffers it may hold.
 const POOL_MAX_BYTES: usize = 256 << 20;
-const POOL_MAX_BUFFERS: usize = 64;
+const POOL_MAX_BUFFERS: usize = 256;
 
-/// A raw mapping parked in the pool.
-struct Mapping {
+/// An allocation parked in the pool.
+struct Parked {
     ptr: NonNull<u8>,
-    size: usize,
+    source: Source,
 }
 
-// SAFETY: a parked mapping is owned by the pool alone; handing it to another thread is fine.
-unsafe impl Send for Mapping {}
+impl Parked {
+    fn size(&self) -> usize {
+        match self.source {
+            Source::Heap(layout) => layout.size(),
+            Source::Mmap(size) => size,
+        }
+    }
+
+    /// Returns the memory to the allocator or the kernel.
+    fn release(self) {
+        match self.source {
+            // SAFETY: allocated in `IoBuf::zeroed` with exactly this layout; nothing borrows it.
+            Source::Heap(layout) => unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) },
+            // SAFETY: mapped in `IoBuf::zeroed` with exactly this size; nothing borrows it.
+            Source::Mmap(size) => unsafe {
+                libc::munmap(self.ptr.as_ptr().cast(), size);
+            },
+        }
+    }
+}
+
+// SAFETY: a parked allocation is owned by the pool alone; handing it to another thread is fine.
+unsafe impl Send for Parked {}
 
 pub struct IoBuf {
     ptr: NonNull<u8>,
@@ -86,12 +110,12 @@ impl IoBuf {
     /// large buffers be reused from a pool.
     pub fn for_overwrite(len: usize) -> Self {
         let size = len.max(1).next_multiple_of(ALIGNMENT);
-        if size >= MMAP_MIN {
-            if let Some(m) = take_pooled(size) {
+        if size >= POOL_MIN {
+            if let Some(p) = take_pooled(size) {
                 return Self {
-                    ptr: m.ptr,
+                    ptr: p.ptr,
                     len,
-                    source: Source::Mmap(size),
+                    source: p.source,
                 };
             }
         }
@@ -111,20 +135,24 @@ impl IoBuf {
     }
 }
 
-fn take_pooled(size: usize) -> Option<Mapping> {
+fn take_pooled(size: usize) -> Option<Parked> {
     let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    let index = pool.iter().position(|m| m.size == size)?;
+    let index = pool.iter().position(|p| p.size() == size)?;
     Some(pool.swap_remove(index))
 }
 
-/// Parks a mapping for reuse; false if the pool is full (the caller unmaps it).
-fn park(mapping: Mapping) -> Result<(), Mapping> {
-    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    let held: usize = pool.iter().map(|m| m.size).sum();
-    if pool.len() >= POOL_MAX_BUFFERS || held + mapping.size > POOL_MAX_BYTES {
-        return Err(mapping);
+/// Parks an allocation for reuse; gives it back if it is too small or the
+/// pool is full (the caller frees it).
+fn park(parked: Parked) -> Result<(), Parked> {
+    if parked.size() < POOL_MIN {
+        return Err(parked);
     }
-    pool.push(mapping);
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let held: usize = pool.iter().map(Parked::size).sum();
+    if pool.len() >= POOL_MAX_BUFFERS || held + parked.size() > POOL_MAX_BYTES {
+        return Err(parked);
+    }
+    pool.push(parked);
     Ok(())
 }
 
@@ -166,18 +194,12 @@ impl DerefMut for IoBuf {
 
 impl Drop for IoBuf {
     fn drop(&mut self) {
-        match self.source {
-            // SAFETY: allocated in `zeroed` with exactly this layout.
-            Source::Heap(layout) => unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) },
-            Source::Mmap(size) => {
-                if let Err(m) = park(Mapping {
-                    ptr: self.ptr,
-                    size,
-                }) {
-                    // SAFETY: mapped in `zeroed` with exactly this size; nothing borrows it any more.
-                    unsafe { libc::munmap(m.ptr.as_ptr().cast(), m.size) };
-                }
-            }
+        let parked = Parked {
+            ptr: self.ptr,
+            source: self.source,
+        };
+        if let Err(p) = park(parked) {
+            p.release();
         }
     }
 }

@@ -22,11 +22,11 @@ use nbd::handshake::Negotiated;
 use nbd::reply;
 use nbd::request::{decode_request, validate, RequestHeader, Verdict};
 use nbd::types::{CommandType, NbdErrno};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::reply::Reply;
+use super::reply::{write_batch, Reply};
 use crate::export::ExportClient;
 
 /// Budget units: one per request plus one per 4 KiB of payload.
@@ -100,7 +100,7 @@ impl Session {
 }
 
 async fn read_requests<R: AsyncRead + Unpin>(
-    mut input: R,
+    mut input: BufReader<R>,
     ctx: Arc<Context>,
     tx: mpsc::UnboundedSender<Reply>,
 ) {
@@ -134,7 +134,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
             0 => None,
             len => {
                 let mut buf = IoBuf::for_overwrite(len);
-                if input.read_exact(&mut buf).await.is_err() {
+                if read_payload(&mut input, &mut buf).await.is_err() {
                     return;
                 }
                 Some(buf)
@@ -156,23 +156,51 @@ async fn read_requests<R: AsyncRead + Unpin>(
     }
 }
 
-async fn write_replies<W: AsyncWrite + Unpin>(writer: W, mut rx: mpsc::UnboundedReceiver<Reply>) {
-    let mut out = BufWriter::with_capacity(256 * 1024, writer);
+/// Reads a WRITE payload: what the buffered reader already holds is copied,
+/// the rest goes from the socket straight into `buf` instead of through the
+/// reader's buffer (a second copy of every payload byte).
+async fn read_payload<R: AsyncRead + Unpin>(
+    input: &mut BufReader<R>,
+    buf: &mut [u8],
+) -> std::io::Result<()> {
+    let buffered = input.buffer();
+    let n = buffered.len().min(buf.len());
+    buf[..n].copy_from_slice(&buffered[..n]);
+    std::pin::Pin::new(&mut *input).consume(n);
+    if n < buf.len() {
+        input.get_mut().read_exact(&mut buf[n..]).await?;
+    }
+    Ok(())
+}
+
+/// Replies gathered into one write at most; bounds the iovec list.
+const MAX_BATCH: usize = 64;
+
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut scratch = Vec::new();
     while let Some(reply) = rx.recv().await {
-        if reply.write_to(&mut out).await.is_err() {
-            return;
-        }
-        // Batch whatever else is ready into the same flush.
-        while let Ok(more) = rx.try_recv() {
-            if more.write_to(&mut out).await.is_err() {
-                return;
+        batch.push(reply);
+        // Batch whatever else is ready into the same write.
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
             }
         }
-        if out.flush().await.is_err() {
+        if write_batch(&mut writer, &batch, &mut scratch)
+            .await
+            .is_err()
+        {
             return;
         }
+        // Dropping the replies releases their buffers and budget.
+        batch.clear();
     }
-    let _ = out.shutdown().await;
+    let _ = writer.shutdown().await;
 }
 
 async fn handle(ctx: &Context, req: &RequestHeader, payload: Option<IoBuf>) -> Reply {
