@@ -1,14 +1,14 @@
 //! The transmission phase of one connection.
 //!
 //! ```text
-//!  socket ─► reader loop: header, validate, payload ─► tokio task per request ─┐
-//!                 (bounded by an in-flight budget)                             │ Reply
-//!  socket ◄── writer task: replies in completion order, batched, whole ◄───────┘
+//!  socket ─► reader loop: header, validate, payload ─► polled once; if it must ─┐
+//!                 (bounded by an in-flight budget)     wait, a task of its own  │ Reply
+//!  socket ◄── writer task: replies in completion order, one writev per batch ◄──┘
 //! ```
 //!
-//! The reader never waits for a request to finish, so a slow request does not
-//! stall the ones behind it. The budget (requests and payload bytes) bounds
-//! the memory one client can pin.
+//! The reader never waits for a request that blocks, so a slow request does
+//! not stall the ones behind it. The budget (requests and payload bytes)
+//! bounds the memory one client can pin.
 
 use std::future::Future;
 use std::pin::Pin;
