@@ -125,7 +125,7 @@ RAW = [
 ]
 
 
-def raw_session(sock, line):
+def raw_session(sock, line, negotiate=b'{"execute": "qmp_capabilities"}'):
     import json
     import socket
     s = socket.socket(socket.AF_UNIX)
@@ -133,7 +133,7 @@ def raw_session(sock, line):
     s.connect(str(sock))
     f = s.makefile("rwb")
     f.readline()
-    f.write(b'{"execute": "qmp_capabilities"}\n')
+    f.write(negotiate + b"\n")
     f.flush()
     f.readline()
     f.write(line + b"\n")
@@ -149,3 +149,23 @@ def raw_session(sock, line):
 def test_same_protocol_errors_as_qemu_storage_daemon(both, line):
     ours, theirs = both
     assert raw_session(ours.qmp_sock, line) == raw_session(theirs.qmp_sock, line)
+
+
+# With the oob capability enabled: QEMU looks the command up first, then refuses
+# out-of-band execution, and only then runs it.
+OOB = [
+    b'{"exec-oob": "query-version", "id": 1}',
+    b'{"exec-oob": "qmp_capabilities", "id": 2}',
+    b'{"exec-oob": "nosuch", "id": 3}',
+    b'{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}, "id": 4}',
+    b'{"execute": "query-block-exports", "id": 5}',
+]
+
+
+@pytest.mark.parametrize("line", OOB, ids=[f"oob-{i}" for i in range(len(OOB))])
+def test_same_oob_outcomes_as_qemu_storage_daemon(both, line):
+    ours, theirs = both
+    negotiate = b'{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}'
+    got = raw_session(ours.qmp_sock, line, negotiate)
+    assert got == raw_session(theirs.qmp_sock, line, negotiate)
+    assert "id" in got[0]

@@ -193,20 +193,33 @@ async fn execute(
     session: &mut Session,
     request: &Request,
 ) -> Result<Value, QmpError> {
-    if request.command == "qmp_capabilities" {
-        return negotiate(daemon, session, request);
-    }
     if !session.negotiated {
+        return match request.command.as_str() {
+            "qmp_capabilities" => negotiate(daemon, session, request),
+            _ => Err(QmpError::new(
+                ErrorClass::CommandNotFound,
+                "Expecting capabilities negotiation with 'qmp_capabilities'",
+            )),
+        };
+    }
+    // QEMU's order: an unknown command, then one that cannot run out of band,
+    // then the command itself (qmp_capabilities refuses a second negotiation).
+    if request.oob {
+        return Err(
+            match commands::COMMANDS.contains(&request.command.as_str()) {
+                true => QmpError::generic(format!(
+                    "The command {} does not support OOB",
+                    request.command
+                )),
+                false => commands::not_found(&request.command),
+            },
+        );
+    }
+    if request.command == "qmp_capabilities" {
         return Err(QmpError::new(
             ErrorClass::CommandNotFound,
-            "Expecting capabilities negotiation with 'qmp_capabilities'",
+            "Capabilities negotiation is already complete, command ignored",
         ));
-    }
-    if request.oob {
-        return Err(QmpError::generic(format!(
-            "The command {} does not support OOB",
-            request.command
-        )));
     }
     commands::dispatch(daemon, &request.command, request.arguments.clone()).await
 }
@@ -216,12 +229,6 @@ fn negotiate(
     session: &mut Session,
     request: &Request,
 ) -> Result<Value, QmpError> {
-    if session.negotiated {
-        return Err(QmpError::new(
-            ErrorClass::CommandNotFound,
-            "Capabilities negotiation is already complete, command ignored",
-        ));
-    }
     let mut oob = false;
     for (key, value) in &request.arguments {
         if key != "enable" {

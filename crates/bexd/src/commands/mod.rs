@@ -67,11 +67,16 @@ pub async fn dispatch(daemon: &Arc<Daemon>, name: &str, args: Args) -> Result<Va
         "block-export-add" => export::block_export_add(daemon, Value::Object(args), json),
         "block-export-del" => export::block_export_del(daemon, args),
         "query-block-exports" => no_args(name, args).map(|()| query::block_exports(daemon)),
-        _ => Err(QmpError::new(
-            ErrorClass::CommandNotFound,
-            format!("The command {name} has not been found"),
-        )),
+        _ => Err(not_found(name)),
     }
+}
+
+/// The error for a command bexd does not have.
+pub fn not_found(name: &str) -> QmpError {
+    QmpError::new(
+        ErrorClass::CommandNotFound,
+        format!("The command {name} has not been found"),
+    )
 }
 
 /// Commands without arguments still refuse unknown ones, as QEMU does.
