@@ -86,7 +86,10 @@ impl PskServer {
         b.set_min_proto_version(Some(SslVersion::TLS1_2))
             .map_err(setup)?;
         // TLS 1.2: only forward-secret PSK key exchanges. TLS 1.3 suites stay default.
-        b.set_cipher_list("ECDHEPSK:!eNULL:!aNULL").map_err(setup)?;
+        b.set_cipher_list(
+            "ECDHE-PSK-CHACHA20-POLY1305:ECDHE-PSK-AES256-CBC-SHA384:ECDHE-PSK-AES128-CBC-SHA256",
+        )
+        .map_err(setup)?;
         b.set_psk_server_callback(move |ssl, identity, out| {
             let Some(found) = identity
                 .and_then(|id| std::str::from_utf8(id).ok())
