@@ -108,6 +108,48 @@ fn hex_der(a: &AttributeTypeAndValue<'_>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+
+    /// The expected strings are what qemu-storage-daemon 10.0.2 (GnuTLS) printed in its
+    /// "TLS x509 authz check for ... is denied" line for these same certificates.
+    fn dn_of_pem(pem: &str) -> String {
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        dn_of_certificate(der.as_ref()).unwrap()
+    }
+
+    #[test]
+    fn test_dn_escapes_like_gnutls() {
+        assert_eq!(
+            dn_of_pem(include_str!("testdata/escaped-dn.pem")),
+            r#"C=GB,O=Acme\, Inc.,OU=x\+y,CN=\#two \"q\" \;\<\>=\\\ "#
+        );
+    }
+
+    #[test]
+    fn test_dn_multi_valued_rdn_and_email() {
+        assert_eq!(
+            dn_of_pem(include_str!("testdata/multi-valued-rdn.pem")),
+            "C=GB,O=Example,CN=multi+UID=b,EMAIL=a@b.c"
+        );
+    }
+
+    #[test]
+    fn test_dn_attribute_names_like_gnutls() {
+        assert_eq!(
+            dn_of_pem(include_str!("testdata/many-attributes.pem")),
+            "DC=org,DC=ex,C=GB,ST=Sx,L=Ldn,street=1 Rd,postalCode=N1,O=Ex,OU=U,title=T,\
+             surName=Sur,givenName=Giv,initials=I,generationQualifier=Jr,dnQualifier=dq,\
+             pseudonym=ps,serialNumber=42,name=nm,description=de,telephoneNumber=#0c023132,\
+             CN=c,UID=u,EMAIL=e@x"
+        );
+    }
+
+    #[test]
+    fn test_garbage_certificate_is_an_error_not_a_panic() {
+        assert!(dn_of_certificate(b"\x30\x03\x02\x01").is_err());
+        assert!(dn_of_certificate(b"").is_err());
+    }
 
     #[test]
     fn test_escape_specials_and_edges() {
