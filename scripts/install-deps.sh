@@ -7,8 +7,10 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 # Debian packages: qemu-utils (qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon),
-# libnbd-bin (nbdinfo, nbdcopy, nbdsh), python3-libnbd, fio, pytest.
-packages=(qemu-utils libnbd-bin python3-libnbd fio python3-pytest python3-pip)
+# libnbd-bin (nbdinfo, nbdcopy, nbdsh), python3-libnbd, fio, pytest; libssl-dev and
+# pkg-config to build the openssl crate (TLS-PSK), openssl to make the TLS tests' certificates.
+packages=(qemu-utils libnbd-bin python3-libnbd fio python3-pytest python3-pip
+          libssl-dev pkg-config openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
