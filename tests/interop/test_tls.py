@@ -199,6 +199,8 @@ def test_untrusted_client_is_refused_and_others_still_served(tls_daemon, pki, ki
         assert not qemu_io_reads(d, pki[client])
     assert libnbd_reads(d, cert_dir=pki["one"])
     assert d.alive()
+    if kind == "bexd":
+        assert "TLS handshake with an NBD client failed" in (d.tmp / "bexd.stderr").read_text()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -240,6 +242,8 @@ def test_authz_simple_allows_only_the_named_dn(tls_daemon, pki, kind):
     assert not libnbd_reads(d, cert_dir=pki["two"])
     assert not qemu_io_reads(d, pki["two"])
     assert d.alive()
+    log = (d.tmp / f"{kind}.stderr").read_text()
+    assert "C=GB,O=Example,CN=client-two" in log, log
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -281,13 +285,14 @@ def test_authz_list_file_is_reread(tls_daemon, pki, tmp_path, qom_type):
     assert libnbd_reads(d, cert_dir=pki["two"])
 
 
-def test_authz_with_verify_peer_off_denies(tls_daemon, pki):
-    """bexd only, on purpose: without verify-peer no identity is proven, so bexd denies where
-    QEMU would skip the check and let any client in."""
+@pytest.mark.parametrize("kind", KINDS)
+def test_authz_with_verify_peer_off_denies_in_bexd(tls_daemon, pki, kind):
+    """A deliberate difference: without verify-peer no identity is proven, so bexd denies;
+    qemu-storage-daemon skips the check and lets any client in (asserted, so this stays true)."""
     creds = f"tls-creds-x509,id=tls0,dir={pki['server']},endpoint=server,verify-peer=off"
-    d = tls_daemon("bexd", creds=creds, authz="auth0",
+    d = tls_daemon(kind, creds=creds, authz="auth0",
                    objects=[f"authz-simple,id=auth0,identity={keyval(CLIENT_ONE_DN)}"])
-    assert not libnbd_reads(d, cert_dir=pki["one"])
+    assert libnbd_reads(d, cert_dir=pki["one"]) == (kind == "qsd")
 
 
 # --- PSK --------------------------------------------------------------------------------------
@@ -303,15 +308,24 @@ def test_psk_clients_connect_and_a_wrong_key_is_refused(tls_daemon, pki, kind):
     assert not libnbd_reads(d, psk=("carol", pki["psk-alice"]))
     assert not libnbd_reads(d, cert_dir=pki["one"])
     assert d.alive()
+    log = (d.tmp / f"{kind}.stderr").read_text()
+    for keyfile in ("psk-server", "psk-wrong"):
+        for line in (pki[keyfile] / "keys.psk").read_text().split():
+            assert line.split(":")[1] not in log, "a key reached the log"
 
 
-def test_psk_authz_checks_the_username(tls_daemon, pki):
-    """bexd only, on purpose: qemu-storage-daemon 10.0 ignores tls-authz for PSK clients."""
+@pytest.mark.parametrize("kind", KINDS)
+def test_psk_authz_checks_the_username_in_bexd(tls_daemon, pki, kind):
+    """A deliberate difference: bexd authorizes PSK clients by username; qemu-storage-daemon
+    10.0 ignores tls-authz for PSK clients (asserted, so this stays true)."""
     creds = f"tls-creds-psk,id=tls0,dir={pki['psk-server']},endpoint=server"
-    d = tls_daemon("bexd", creds=creds, authz="auth0",
+    d = tls_daemon(kind, creds=creds, authz="auth0",
                    objects=["authz-simple,id=auth0,identity=alice"])
     assert libnbd_reads(d, psk=("alice", pki["psk-alice"]))
-    assert not libnbd_reads(d, psk=("bob", pki["psk-bob"]))
+    assert libnbd_reads(d, psk=("bob", pki["psk-bob"])) == (kind == "qsd")
+    if kind == "bexd":
+        log = (d.tmp / "bexd.stderr").read_text()
+        assert "TLS client denied by tls-authz" in log and '"bob"' in log
 
 
 # --- configuration errors: the same class and text as QEMU ------------------------------------
@@ -352,6 +366,7 @@ def error_cases(pki, tmp_path):
         ["--object", f"{x509}{junk_ca}"],
         ["--object", f"{x509}{junk_cert}"],
         ["--object", f"{x509}{mismatch}"],
+        ["--object", f"{x509}{pki['expired-server']}"],
         ["--object", f"{x509}{pki['server']},endpoint=sideways"],
         ["--object", f"{x509}{pki['server']},bogus=1"],
         ["--object", f"tls-creds-psk,id=t0,endpoint=server,dir={empty}"],

@@ -64,6 +64,9 @@ def make_pki(root):
     dirs = {}
     # -days 0: valid only for the second it is made in, so expired by the time it is used.
     dirs["expired"] = _client(ca, root / "expired", "/C=GB/O=Example/CN=client-one", days="0")
+    dirs["expired-server"] = _issue(ca, root / "expired-server", "server", "/CN=localhost",
+                                    ["extendedKeyUsage=serverAuth",
+                                     "subjectAltName=DNS:localhost"], days="0")
     dirs["server"] = _issue(ca, root / "server", "server", "/O=Example/CN=localhost",
                             ["keyUsage=critical,digitalSignature,keyEncipherment",
                              "extendedKeyUsage=serverAuth",

@@ -22,10 +22,11 @@ pub enum TlsError {
         key: PathBuf,
         reason: &'static str,
     },
-    #[error("The certificate {} has expired", path.display())]
-    Expired { path: PathBuf },
-    #[error("The certificate {} is not yet active", path.display())]
-    NotYetActive { path: PathBuf },
+    /// `role` is "server" or "CA", as in QEMU's text.
+    #[error("The {role} certificate {} has expired", path.display())]
+    Expired { role: &'static str, path: PathBuf },
+    #[error("The {role} certificate {} is not yet active", path.display())]
+    NotYetActive { role: &'static str, path: PathBuf },
     #[error("Unable to read PSK keys file {}: {reason}", path.display())]
     PskFile { path: PathBuf, reason: String },
     #[error("Encrypted private keys (passwordid) are not supported by bexd")]

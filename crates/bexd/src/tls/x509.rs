@@ -32,10 +32,13 @@ impl X509Server {
         must_exist(&ca)?;
         must_exist(&cert)?;
         must_exist(&key)?;
-        let roots = read_ca(&ca)?;
+        let (roots, ca_certs) = read_ca(&ca)?;
         let chain = read_chain(&cert)?;
         if sanity_check {
-            check_times(&chain[0], &cert)?;
+            for c in &ca_certs {
+                check_times(c, &ca, "CA")?;
+            }
+            check_times(&chain[0], &cert, "server")?;
         }
         let key_der = PrivateKeyDer::from_pem_file(&key).map_err(|_| TlsError::CertKey {
             cert: cert.clone(),
@@ -98,7 +101,10 @@ impl X509Server {
     }
 }
 
-fn read_ca(path: &Path) -> Result<RootCertStore, TlsError> {
+/// The trust anchors, and the certificates they came from (for sanity-check).
+type CaCerts = (RootCertStore, Vec<CertificateDer<'static>>);
+
+fn read_ca(path: &Path) -> Result<CaCerts, TlsError> {
     let bad = || TlsError::BadCa {
         path: path.to_path_buf(),
     };
@@ -110,10 +116,10 @@ fn read_ca(path: &Path) -> Result<RootCertStore, TlsError> {
         return Err(bad());
     }
     let mut roots = RootCertStore::empty();
-    for c in certs {
-        roots.add(c).map_err(|_| bad())?;
+    for c in &certs {
+        roots.add(c.clone()).map_err(|_| bad())?;
     }
-    Ok(roots)
+    Ok((roots, certs))
 }
 
 fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -145,9 +151,9 @@ fn read_crls(path: &PathBuf) -> Result<Vec<CertificateRevocationListDer<'static>
         .map_err(bad)
 }
 
-/// sanity-check=on: refuse a server certificate outside its validity period
-/// now, rather than have every client refuse it later.
-fn check_times(cert: &CertificateDer<'_>, path: &Path) -> Result<(), TlsError> {
+/// sanity-check=on: refuse a server or CA certificate outside its validity
+/// period now, rather than have every client refuse it later.
+fn check_times(cert: &CertificateDer<'_>, path: &Path, role: &'static str) -> Result<(), TlsError> {
     let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
         return Err(TlsError::BadCert {
             path: path.to_path_buf(),
@@ -158,11 +164,13 @@ fn check_times(cert: &CertificateDer<'_>, path: &Path) -> Result<(), TlsError> {
     let validity = parsed.validity();
     if now < validity.not_before {
         return Err(TlsError::NotYetActive {
+            role,
             path: path.to_path_buf(),
         });
     }
     if now > validity.not_after {
         return Err(TlsError::Expired {
+            role,
             path: path.to_path_buf(),
         });
     }
