@@ -382,3 +382,20 @@ def test_configuration_errors_match_qemu(pki, tmp_path):
         pytest.fail("qemu-storage-daemon is needed for the parity scenarios")
     for args in error_cases(pki, tmp_path):
         assert first_error("bexd", args) == first_error("qsd", args), args
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_qmp_object_add_tls_creds_and_nbd_server_start(start, image, pki, kind):
+    """TLS credentials made over QMP, then a TLS server started over QMP."""
+    img = image(1 << 20, [(0, DATA)], name=f"{kind}.img")
+    d = start(*file_export(img, writable=False), which=kind)
+    qmp(d, ("nbd-server-stop", {}),
+        ("object-add", {"qom-type": "tls-creds-x509", "id": "tls1", "dir": str(pki["server"]),
+                        "endpoint": "server"}),
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(d.sock)}},
+                              "tls-creds": "tls1"}),
+        ("block-export-add", {"type": "nbd", "id": "e2", "node-name": "disk0", "name": "disk"}))
+    assert libnbd_reads(d, cert_dir=pki["one"])
+    h = nbd.NBD()
+    with pytest.raises(nbd.Error):
+        h.connect_uri(d.uri("disk"))
