@@ -176,9 +176,10 @@ pub fn create(value: Value, mode: InputMode) -> Result<(String, Object), QmpErro
             sanity_check.unwrap_or(true),
             passwordid.as_deref(),
         ))?,
-        ObjectProps::TlsCredsPsk { common, username } => {
-            tls_object(TlsCreds::psk(&common, username.as_deref()))?
-        }
+        ObjectProps::TlsCredsPsk {
+            common,
+            username: _,
+        } => tls_object(TlsCreds::psk(&common))?,
     };
     Ok((options.id, object))
 }

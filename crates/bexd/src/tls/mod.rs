@@ -37,7 +37,6 @@ pub enum PeerIdentity {
 
 /// A `tls-creds-*` object. Keys inside are never printed (`Debug` omits them).
 pub struct TlsCreds {
-    pub endpoint: QCryptoTLSCredsEndpoint,
     /// `None` for client-endpoint objects: bexd accepts them (QEMU does) but
     /// only a server endpoint can be used by the NBD server.
     server: Option<ServerCreds>,
@@ -85,17 +84,16 @@ impl TlsCreds {
                 None
             }
         };
-        Ok(Self { endpoint, server })
+        Ok(Self { server })
     }
 
     /// Loads `tls-creds-psk`: `dir/keys.psk` holds `username:hexkey` lines.
-    pub fn psk(common: &TlsCredsCommon, username: Option<&str>) -> Result<Self, TlsError> {
+    /// (Its `username` member is what a client endpoint sends; a server looks
+    /// the client's username up in the file instead, so it is not needed here.)
+    pub fn psk(common: &TlsCredsCommon) -> Result<Self, TlsError> {
         let dir = creds_dir(common)?;
         let endpoint = common.endpoint.unwrap_or(QCryptoTLSCredsEndpoint::Client);
         let file = dir.join("keys.psk");
-        // The username is what a client endpoint sends; a server looks the
-        // client's username up in the file instead.
-        let _ = username;
         let server = match endpoint {
             QCryptoTLSCredsEndpoint::Server => {
                 let keys = psk::read_keys(&file)?;
@@ -106,7 +104,7 @@ impl TlsCreds {
                 None
             }
         };
-        Ok(Self { endpoint, server })
+        Ok(Self { server })
     }
 
     pub fn is_server(&self) -> bool {
@@ -145,4 +143,50 @@ fn must_exist(path: &Path) -> Result<(), TlsError> {
             path: path.to_path_buf(),
             reason: crate::util::strerror(&e),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn common(dir: &Path, endpoint: QCryptoTLSCredsEndpoint) -> TlsCredsCommon {
+        TlsCredsCommon {
+            verify_peer: None,
+            dir: Some(dir.display().to_string()),
+            endpoint: Some(endpoint),
+            priority: None,
+        }
+    }
+
+    #[test]
+    fn test_psk_server_creds_debug_prints_no_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = "00112233445566778899aabbccddeeff";
+        std::fs::write(dir.path().join("keys.psk"), format!("alice:{key}\n")).unwrap();
+        let creds = TlsCreds::psk(&common(dir.path(), QCryptoTLSCredsEndpoint::Server)).unwrap();
+        assert!(creds.is_server());
+        let shown = format!("{creds:?}");
+        assert!(!shown.contains(key) && !shown.contains("alice"), "{shown}");
+    }
+
+    #[test]
+    fn test_missing_dir_and_files_are_named_like_qemu() {
+        let mut c = common(Path::new("/nonexistent"), QCryptoTLSCredsEndpoint::Server);
+        let e = TlsCreds::x509(&c, true, None).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "Unable to access credentials /nonexistent/ca-cert.pem: No such file or directory"
+        );
+        c.dir = None;
+        let e = TlsCreds::psk(&c).unwrap_err().to_string();
+        assert_eq!(e, "Missing 'dir' property value");
+    }
+
+    #[test]
+    fn test_client_endpoint_creds_are_not_server_creds() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("keys.psk"), "qemu:00ff\n").unwrap();
+        let creds = TlsCreds::psk(&common(dir.path(), QCryptoTLSCredsEndpoint::Client)).unwrap();
+        assert!(!creds.is_server());
+    }
 }
