@@ -147,6 +147,12 @@ def test_x509_clients_read_over_a_unix_socket(tls_daemon, pki, kind):
     d = tls_daemon(kind)
     assert qemu_io_reads(d, pki["one"])
     assert libnbd_reads(d, cert_dir=pki["one"])
+    info = subprocess.run(["qemu-img", "info", "--output=json",
+                           "--object", f"tls-creds-x509,id=tls0,dir={pki['two']},endpoint=client",
+                           "--image-opts", f"driver=nbd,server.type=unix,server.path={d.sock},"
+                           "tls-hostname=localhost,export=disk,tls-creds=tls0"],
+                          capture_output=True, text=True, timeout=30, check=True)
+    assert json.loads(info.stdout)["virtual-size"] == 1 << 20
     out = subprocess.run(["nbdinfo", "--json", f"nbds+unix:///disk?socket={d.sock}"
                           f"&tls-certificates={pki['two']}"],
                          capture_output=True, text=True, timeout=30, check=True)
@@ -225,6 +231,17 @@ def test_stalled_tls_handshake_times_out(tls_daemon, kind):
         except ConnectionResetError:
             pass
         assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_garbage_instead_of_a_tls_hello_is_dropped(tls_daemon, pki, kind):
+    d = tls_daemon(kind)
+    with plaintext_start(d) as s:
+        reply, _ = send_option(s, 5)  # STARTTLS
+        assert reply == NBD_REP_ACK
+        s.sendall(b"\x16\x03\x01\x00\x05hello, this is not TLS" * 4)
+        assert b"NBD" not in recv_to_eof(s)
+    assert libnbd_reads(d, cert_dir=pki["one"])
 
 
 # --- authorization by distinguished name ------------------------------------------------------
