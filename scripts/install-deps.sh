@@ -7,9 +7,11 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 # Debian packages: qemu-utils (qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon),
-# libnbd-bin (nbdinfo, nbdcopy, nbdsh), python3-libnbd, fio, pytest; the benchmark peers
-# and ceilings (nbdkit, nbd-server, iperf3) and openssl for its TLS credentials.
-packages=(qemu-utils libnbd-bin python3-libnbd fio python3-pytest python3-pip nbdkit nbd-server iperf3 openssl)
+# libnbd-bin (nbdinfo, nbdcopy, nbdsh), python3-libnbd, fio, pytest; libssl-dev and
+# pkg-config to build the openssl crate (TLS-PSK), openssl for the TLS tests' certificates;
+# the benchmark peers and ceilings (nbdkit, nbd-server, iperf3).
+packages=(qemu-utils libnbd-bin python3-libnbd fio python3-pytest python3-pip
+          libssl-dev pkg-config openssl nbdkit nbd-server iperf3)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

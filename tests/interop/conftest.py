@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TOOLS = ["qemu-img", "qemu-io", "qemu-storage-daemon", "nbdinfo", "nbdcopy", "nbdsh", "fio"]
+TOOLS = ["qemu-img", "qemu-io", "qemu-storage-daemon", "nbdinfo", "nbdcopy", "nbdsh", "fio",
+         "openssl"]
 MODULES = ["nbd", "qemu.qmp"]
 
 
@@ -69,7 +70,7 @@ def free_port():
 class Daemon:
     """A running server with an NBD unix socket and a QMP unix socket."""
 
-    def __init__(self, tmp, kind, blockdevs, exports, server_extra="", tcp=False):
+    def __init__(self, tmp, kind, blockdevs, exports, server_extra="", tcp=False, objects=()):
         self.kind = kind
         self.tmp = Path(tmp)
         self.sock = self.tmp / f"{kind}-nbd.sock"
@@ -80,6 +81,8 @@ class Daemon:
         else:
             addr = f"addr.type=unix,addr.path={self.sock}"
         argv = daemon_binary(kind)
+        for o in objects:
+            argv += ["--object", o]
         for b in blockdevs:
             argv += ["--blockdev", b]
         argv += ["--chardev", f"socket,id=m0,path={self.qmp_sock},server=on,wait=off",
@@ -137,8 +140,8 @@ def start(tmp_path, kind):
     """start(blockdevs, exports, ...) -> Daemon; stopped (exit 0 asserted) at teardown."""
     daemons = []
 
-    def _start(blockdevs, exports, server_extra="", tcp=False, which=None):
-        d = Daemon(tmp_path, which or kind, blockdevs, exports, server_extra, tcp)
+    def _start(blockdevs, exports, server_extra="", tcp=False, which=None, objects=()):
+        d = Daemon(tmp_path, which or kind, blockdevs, exports, server_extra, tcp, objects)
         daemons.append(d)
         return d
 

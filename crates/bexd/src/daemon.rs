@@ -19,6 +19,7 @@ use crate::export::{Export, ExportClient, ExportConfig};
 use crate::monitor::ChardevConfig;
 use crate::nbd_server::{NbdServer, NbdServerConfig};
 use crate::objects::Object;
+use crate::tls::TlsCreds;
 
 /// How `block-export-del` treats connected clients.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -236,10 +237,14 @@ impl Daemon {
             .collect()
     }
 
-    pub fn start_nbd_server(&self, config: NbdServerConfig) -> Result<(), QmpError> {
+    pub fn start_nbd_server(&self, mut config: NbdServerConfig) -> Result<(), QmpError> {
         if self.state().nbd.is_some() {
             return Err(QmpError::generic("NBD server already running"));
         }
+        config.tls = match &config.tls_creds {
+            Some(id) => Some(self.server_tls_creds(id)?),
+            None => None,
+        };
         let server = NbdServer::start(config, self.weak())?;
         let mut state = self.state();
         if state.nbd.is_some() {
@@ -304,6 +309,22 @@ impl Daemon {
         match self.state().objects.remove(id) {
             Some(_) => Ok(()),
             None => Err(QmpError::generic(format!("object '{id}' not found"))),
+        }
+    }
+
+    /// The server-endpoint TLS credentials `tls-creds` names, with QEMU's errors.
+    pub fn server_tls_creds(&self, id: &str) -> Result<Arc<TlsCreds>, QmpError> {
+        match self.state().objects.get(id) {
+            None => Err(QmpError::generic(format!(
+                "No TLS credentials with id '{id}'"
+            ))),
+            Some(Object::TlsCreds(c)) if c.is_server() => Ok(c.clone()),
+            Some(Object::TlsCreds(_)) => Err(QmpError::generic(
+                "Expected TLS credentials for a server endpoint",
+            )),
+            Some(_) => Err(QmpError::generic(format!(
+                "Object with id '{id}' is not TLS credentials"
+            ))),
         }
     }
 

@@ -25,6 +25,7 @@ pub mod qapi;
 pub mod serve;
 pub mod shell;
 pub mod startup;
+pub mod tls;
 pub mod util;
 
 /// The QEMU version bexd's QMP interface corresponds to (tools gate features on it).

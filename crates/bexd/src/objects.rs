@@ -1,12 +1,13 @@
-//! User-created objects (`--object`, `object-add`/`object-del`): the
-//! authorization objects the NBD server's `tls-authz` names, and iothreads.
+//! User-created objects (`--object`, `object-add`/`object-del`): the TLS
+//! credentials the NBD server's `tls-creds` names, the authorization objects
+//! its `tls-authz` names, and iothreads.
 //!
 //! The NBD server keeps only the *id* of its authz object and looks it up at
 //! each connection, so an authz object may be deleted and re-created while the
 //! server runs; a missing object denies (`Daemon::authorize`).
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use qmp::schema::object::{
     ObjectOptions, ObjectProps, QAuthZListFormat, QAuthZListPolicy, QAuthZListRule,
@@ -16,11 +17,15 @@ use qmp::QmpError;
 use serde_json::Value;
 
 use crate::blockdev::is_well_formed_id;
+use crate::tls::TlsCreds;
 
 /// An object in the registry.
 #[derive(Debug)]
 pub enum Object {
     Authz(Authz),
+    /// Loaded when created; a running NBD server keeps its own reference, so
+    /// deleting the object does not affect it (as in QEMU).
+    TlsCreds(Arc<TlsCreds>),
     /// Accepted for compatibility: bexd's runtime serves every export on all
     /// its threads, so placing an export in an iothread changes nothing.
     Iothread,
@@ -162,13 +167,27 @@ pub fn create(value: Value, mode: InputMode) -> Result<(String, Object), QmpErro
             })
         }
         ObjectProps::Iothread => Object::Iothread,
-        ObjectProps::TlsCreds { qom_type } => {
-            return Err(QmpError::generic(format!(
-                "Object type '{qom_type}' is not supported by bexd yet (TLS arrives with its own issue)"
-            )))
-        }
+        ObjectProps::TlsCredsX509 {
+            common,
+            sanity_check,
+            passwordid,
+        } => tls_object(TlsCreds::x509(
+            &common,
+            sanity_check.unwrap_or(true),
+            passwordid.as_deref(),
+        ))?,
+        ObjectProps::TlsCredsPsk {
+            common,
+            username: _,
+        } => tls_object(TlsCreds::psk(&common))?,
     };
     Ok((options.id, object))
+}
+
+fn tls_object(creds: Result<TlsCreds, crate::tls::TlsError>) -> Result<Object, QmpError> {
+    creds
+        .map(|c| Object::TlsCreds(Arc::new(c)))
+        .map_err(|e| QmpError::generic(e.to_string()))
 }
 
 #[cfg(test)]

@@ -215,6 +215,7 @@ pub fn nbd_server_config(
         addr,
         tls_creds: o.tls_creds,
         tls_authz: o.tls_authz,
+        tls: None,
         max_connections: o.max_connections.unwrap_or(100),
         handshake_max: match o.handshake_max_seconds.unwrap_or(10) {
             0 => None,

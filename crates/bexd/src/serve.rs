@@ -141,6 +141,7 @@ async fn set_up(daemon: &Arc<Daemon>, args: &ServeArgs) -> Result<Option<PidFile
             addr: addr.clone(),
             tls_creds: None,
             tls_authz: None,
+            tls: None,
             max_connections: args.shared,
             handshake_max: Some(Duration::from_secs(10)),
         })

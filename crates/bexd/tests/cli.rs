@@ -143,8 +143,31 @@ fn test_object_missing_member_is_named() {
 }
 
 #[test]
-fn test_tls_credentials_are_refused_clearly_until_supported() {
-    let out = bexd(&["--object", "tls-creds-x509,id=t0,dir=/tmp,endpoint=server"]);
+fn test_tls_credentials_missing_file_is_named_as_qemu_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let arg = format!(
+        "tls-creds-x509,id=t0,dir={},endpoint=server",
+        dir.path().display()
+    );
+    let out = bexd(&["--object", &arg]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr_line(&out).contains("'tls-creds-x509' is not supported by bexd yet"));
+    assert_eq!(
+        stderr_line(&out),
+        format!(
+            "bexd: --object {arg}: Unable to access credentials {}/ca-cert.pem: No such file or directory",
+            dir.path().display()
+        )
+    );
+}
+
+#[test]
+fn test_tls_creds_must_name_tls_credentials() {
+    let out = bexd(&[
+        "--object",
+        "authz-simple,id=a0,identity=x",
+        "--nbd-server",
+        "addr.type=unix,addr.path=/nonexistent/x.sock,tls-creds=a0",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_line(&out).ends_with("Object with id 'a0' is not TLS credentials"));
 }

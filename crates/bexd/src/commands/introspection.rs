@@ -336,8 +336,25 @@ fn objects(s: &mut Schema) {
             "authz-listfile",
             "authz-simple",
             "iothread",
+            "tls-creds-psk",
+            "tls-creds-x509",
         ],
     );
+    s.enumeration("QCryptoTLSCredsEndpoint", vec!["client", "server"]);
+    let tls_common = || {
+        vec![
+            opt("verify-peer", bool()),
+            opt("dir", str()),
+            opt("endpoint", named("QCryptoTLSCredsEndpoint")),
+            opt("priority", str()),
+        ]
+    };
+    let mut x509 = tls_common();
+    x509.extend([opt("sanity-check", bool()), opt("passwordid", str())]);
+    s.object("TlsCredsX509Properties", x509);
+    let mut psk = tls_common();
+    psk.push(opt("username", str()));
+    s.object("TlsCredsPskProperties", psk);
     s.enumeration("QAuthZListPolicy", vec!["deny", "allow"]);
     s.enumeration("QAuthZListFormat", vec!["exact", "glob"]);
     s.object(
@@ -381,6 +398,8 @@ fn objects(s: &mut Schema) {
             ("authz-listfile", "AuthZListFileProperties"),
             ("authz-simple", "AuthZSimpleProperties"),
             ("iothread", "IothreadProperties"),
+            ("tls-creds-psk", "TlsCredsPskProperties"),
+            ("tls-creds-x509", "TlsCredsX509Properties"),
         ],
     );
     s.object("ObjectDelArgs", vec![req("id", str())]);

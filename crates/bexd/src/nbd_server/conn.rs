@@ -10,9 +10,10 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
-use super::transmission;
 use super::NbdServerConfig;
+use super::{tls, transmission};
 use crate::daemon::Daemon;
+use crate::tls::TlsIo;
 
 /// An accepted client socket.
 #[derive(Debug)]
@@ -24,7 +25,7 @@ pub enum ClientStream {
 /// Serves one client from greeting to close. `_slot` holds a max-connections
 /// slot for as long as the connection lives.
 pub async fn run(
-    mut stream: ClientStream,
+    stream: ClientStream,
     daemon: Weak<Daemon>,
     config: NbdServerConfig,
     cancel: CancellationToken,
@@ -32,14 +33,10 @@ pub async fn run(
 ) {
     let Some(d) = daemon.upgrade() else { return };
     let shutdown = d.shutdown.clone();
-    let multi_conn = config.max_connections != 1;
     drop(d);
-    let handshake = async {
-        match &mut stream {
-            ClientStream::Tcp(s) => negotiate(s, &daemon, multi_conn).await,
-            ClientStream::Unix(s) => negotiate(s, &daemon, multi_conn).await,
-        }
-    };
+    // The limit covers the whole handshake, TLS included: a client that stalls
+    // in the middle of a TLS handshake is dropped like any other.
+    let handshake = handshake(stream, &daemon, &config);
     let limited = async {
         match config.handshake_max {
             Some(limit) => tokio::time::timeout(limit, handshake)
@@ -53,7 +50,7 @@ pub async fn run(
         _ = shutdown.cancelled() => return,
         r = limited => r,
     };
-    let (negotiated, leftover) = match outcome {
+    let (negotiated, leftover, transport) = match outcome {
         Ok(Some(done)) => done,
         Ok(None) => return,
         Err(reason) => {
@@ -70,15 +67,68 @@ pub async fn run(
     };
     let stop = client.export().kicked();
     let session = transmission::Session::new(negotiated, client, leftover);
-    match stream {
-        ClientStream::Tcp(s) => {
+    match transport {
+        Transport::Plain(ClientStream::Tcp(s)) => {
             let (r, w) = s.into_split();
             session.run(r, w, stop, shutdown).await;
         }
-        ClientStream::Unix(s) => {
+        Transport::Plain(ClientStream::Unix(s)) => {
             let (r, w) = s.into_split();
             session.run(r, w, stop, shutdown).await;
         }
+        Transport::Tls(io) => {
+            let (r, w) = tokio::io::split(io);
+            session.run(r, w, stop, shutdown).await;
+        }
+    }
+}
+
+/// What the transmission phase runs over.
+enum Transport {
+    Plain(ClientStream),
+    /// After STARTTLS: nothing is ever sent in plaintext again.
+    Tls(Box<dyn TlsIo>),
+}
+
+/// The whole handshake: plaintext options, and with tls-creds the TLS upgrade
+/// and the options after it. `Ok(None)`: the client left cleanly.
+async fn handshake(
+    mut stream: ClientStream,
+    daemon: &Weak<Daemon>,
+    config: &NbdServerConfig,
+) -> HandshakeResult {
+    let multi_conn = config.max_connections != 1;
+    let tls = match config.tls {
+        Some(_) => TlsMode::Required,
+        None => TlsMode::None,
+    };
+    let mut hs = ServerHandshake::new(HandshakeConfig { tls });
+    let step = match &mut stream {
+        ClientStream::Tcp(s) => negotiate(s, &mut hs, daemon, multi_conn).await?,
+        ClientStream::Unix(s) => negotiate(s, &mut hs, daemon, multi_conn).await?,
+    };
+    let creds = match step {
+        Step::Done(n, leftover) => return Ok(Some((n, leftover, Transport::Plain(stream)))),
+        Step::Closed => return Ok(None),
+        Step::StartTls => config
+            .tls
+            .as_ref()
+            .ok_or("STARTTLS without TLS configured")?,
+    };
+    // The client must wait for the STARTTLS reply before its TLS hello.
+    if !hs.take_leftover().is_empty() {
+        return Err("client sent data before the STARTTLS reply".into());
+    }
+    let authz = config.tls_authz.as_deref();
+    let mut io = match stream {
+        ClientStream::Tcp(s) => tls::upgrade(s, creds, authz, daemon).await?,
+        ClientStream::Unix(s) => tls::upgrade(s, creds, authz, daemon).await?,
+    };
+    hs.tls_established();
+    match negotiate(&mut io, &mut hs, daemon, multi_conn).await? {
+        Step::Done(n, leftover) => Ok(Some((n, leftover, Transport::Tls(io)))),
+        Step::Closed => Ok(None),
+        Step::StartTls => Err("STARTTLS inside TLS".into()),
     }
 }
 
@@ -106,19 +156,30 @@ impl ExportCatalog for Catalog<'_> {
     }
 }
 
-type HandshakeResult = Result<Option<(Negotiated, Vec<u8>)>, String>;
+type HandshakeResult = Result<Option<(Negotiated, Vec<u8>, Transport)>, String>;
 
-/// Runs the handshake to completion. `Ok(None)`: the client left cleanly (ABORT, EOF).
-async fn negotiate<S>(stream: &mut S, daemon: &Weak<Daemon>, multi_conn: bool) -> HandshakeResult
+/// Where one stretch of option haggling ended.
+enum Step {
+    Done(Negotiated, Vec<u8>),
+    Closed,
+    StartTls,
+}
+
+/// Feeds `stream` to the handshake until it finishes or asks for TLS.
+async fn negotiate<S>(
+    stream: &mut S,
+    hs: &mut ServerHandshake,
+    daemon: &Weak<Daemon>,
+    multi_conn: bool,
+) -> Result<Step, String>
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
 {
-    let mut hs = ServerHandshake::new(HandshakeConfig { tls: TlsMode::None });
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let status = {
             let Some(d) = daemon.upgrade() else {
-                return Ok(None);
+                return Ok(Step::Closed);
             };
             let catalog = Catalog {
                 daemon: &d,
@@ -129,20 +190,21 @@ where
         let out = hs.take_output();
         if !out.is_empty() {
             stream.write_all(&out).await.map_err(|e| e.to_string())?;
+            stream.flush().await.map_err(|e| e.to_string())?;
         }
         match status? {
             HandshakeStatus::NeedInput => {
                 let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
                 if n == 0 {
-                    return Ok(None);
+                    return Ok(Step::Closed);
                 }
                 hs.receive(&buf[..n]);
             }
             HandshakeStatus::Done(negotiated) => {
-                return Ok(Some((*negotiated, hs.take_leftover())));
+                return Ok(Step::Done(*negotiated, hs.take_leftover()));
             }
-            HandshakeStatus::Closed => return Ok(None),
-            HandshakeStatus::StartTls => return Err("STARTTLS without TLS configured".into()),
+            HandshakeStatus::Closed => return Ok(Step::Closed),
+            HandshakeStatus::StartTls => return Ok(Step::StartTls),
         }
     }
 }

@@ -5,24 +5,29 @@
 //!                                                          │ Negotiated + ExportClient guard
 //!                                                          ▼
 //!                                   transmission.rs: reader ─► request tasks ─► writer (replies, any order)
+//!
+//! With tls-creds, the handshake stops at STARTTLS, `tls.rs` upgrades the
+//! socket and checks tls-authz, and the handshake continues over TLS.
 //! ```
 
 mod conn;
 mod listener;
 mod reply;
+mod tls;
 mod transmission;
 
 pub(crate) use conn::ClientStream;
 pub(crate) use listener::Listener;
 
 use std::path::PathBuf;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use qmp::QmpError;
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::Daemon;
+use crate::tls::TlsCreds;
 
 /// Where the server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,6 +66,10 @@ impl ListenAddr {
 pub struct NbdServerConfig {
     pub addr: ListenAddr,
     pub tls_creds: Option<String>,
+    /// The `tls-creds` object, resolved when the server starts (QEMU keeps a
+    /// reference too, so a later object-del does not affect the server).
+    pub tls: Option<Arc<TlsCreds>>,
+    /// Looked up at each connection; a missing object denies.
     pub tls_authz: Option<String>,
     /// 0 means unlimited. QEMU's default is 100.
     pub max_connections: u32,
@@ -80,10 +89,8 @@ pub struct NbdServer {
 impl NbdServer {
     /// Binds the listening socket now (so errors reach the caller) and starts accepting.
     pub fn start(config: NbdServerConfig, daemon: Weak<Daemon>) -> Result<Self, QmpError> {
-        if config.tls_creds.is_some() {
-            return Err(QmpError::generic(
-                "TLS is not supported by this build of bexd yet (tls-creds)",
-            ));
+        if config.tls_creds.is_some() && config.tls.is_none() {
+            return Err(QmpError::generic("tls-creds were not resolved"));
         }
         let listener = listener::bind(&config.addr)?;
         let bound = listener.local_addr(&config.addr);

@@ -7,6 +7,28 @@ use crate::{qapi_enum, QmpError};
 
 qapi_enum!(QAuthZListPolicy { Deny = "deny", Allow = "allow" });
 qapi_enum!(QAuthZListFormat { Exact = "exact", Glob = "glob" });
+qapi_enum!(QCryptoTLSCredsEndpoint { Client = "client", Server = "server" });
+
+/// The members every `tls-creds-*` object has (QEMU's `TlsCredsProperties`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsCredsCommon {
+    pub verify_peer: Option<bool>,
+    pub dir: Option<String>,
+    pub endpoint: Option<QCryptoTLSCredsEndpoint>,
+    /// A GnuTLS priority string: accepted for compatibility, see docs/architecture.md.
+    pub priority: Option<String>,
+}
+
+impl TlsCredsCommon {
+    fn read(f: &mut Fields) -> Result<Self, QmpError> {
+        Ok(Self {
+            verify_peer: f.optional("verify-peer")?,
+            dir: f.optional("dir")?,
+            endpoint: f.optional("endpoint")?,
+            priority: f.optional("priority")?,
+        })
+    }
+}
 
 /// One `authz-list` rule.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,9 +66,16 @@ pub enum ObjectProps {
         refresh: Option<bool>,
     },
     Iothread,
-    /// TLS credentials: recognised, implemented with TLS support.
-    TlsCreds {
-        qom_type: String,
+    /// `tls-creds-x509`: certificates in `dir` (ca-cert.pem, server-cert.pem, ...).
+    TlsCredsX509 {
+        common: TlsCredsCommon,
+        sanity_check: Option<bool>,
+        passwordid: Option<String>,
+    },
+    /// `tls-creds-psk`: pre-shared keys in `dir/keys.psk`.
+    TlsCredsPsk {
+        common: TlsCredsCommon,
+        username: Option<String>,
     },
 }
 
@@ -103,17 +132,15 @@ impl FromQapi for ObjectOptions {
                 }
                 ObjectProps::Iothread
             }
-            _ => {
-                // Members are checked when TLS support reads them.
-                f.discard_rest();
-                return Ok(Self {
-                    props: ObjectProps::TlsCreds {
-                        qom_type: qom_type.clone(),
-                    },
-                    qom_type,
-                    id,
-                });
-            }
+            "tls-creds-x509" => ObjectProps::TlsCredsX509 {
+                common: TlsCredsCommon::read(&mut f)?,
+                sanity_check: f.optional("sanity-check")?,
+                passwordid: f.optional("passwordid")?,
+            },
+            _ => ObjectProps::TlsCredsPsk {
+                common: TlsCredsCommon::read(&mut f)?,
+                username: f.optional("username")?,
+            },
         };
         f.finish()?;
         Ok(Self {
@@ -143,6 +170,31 @@ mod tests {
             from_value::<ObjectOptions>(json!({"qom-type": "bogus", "id": "b"}), InputMode::Json)
                 .unwrap_err();
         assert_eq!(e.desc, "Parameter 'qom-type' does not accept value 'bogus'");
+    }
+
+    #[test]
+    fn test_tls_creds_x509_members_are_read_in_keyval_form() {
+        let v = json!({"qom-type": "tls-creds-x509", "id": "t", "dir": "/d",
+                       "endpoint": "server", "verify-peer": "off", "sanity-check": "on"});
+        let o = from_value::<ObjectOptions>(v, InputMode::Keyval).unwrap();
+        let ObjectProps::TlsCredsX509 {
+            common,
+            sanity_check,
+            ..
+        } = o.props
+        else {
+            panic!("expected x509 credentials");
+        };
+        assert_eq!(common.verify_peer, Some(false));
+        assert_eq!(common.endpoint, Some(QCryptoTLSCredsEndpoint::Server));
+        assert_eq!(sanity_check, Some(true));
+    }
+
+    #[test]
+    fn test_tls_creds_unknown_member_is_unexpected() {
+        let v = json!({"qom-type": "tls-creds-psk", "id": "p", "bogus": 1});
+        let e = from_value::<ObjectOptions>(v, InputMode::Json).unwrap_err();
+        assert_eq!(e.desc, "Parameter 'bogus' is unexpected");
     }
 
     #[test]
