@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::NbdServerConfig;
 use super::{tls, transmission};
 use crate::daemon::Daemon;
+use crate::export::ExportClient;
 use crate::tls::TlsIo;
 
 /// An accepted client socket.
@@ -50,20 +51,13 @@ pub async fn run(
         _ = shutdown.cancelled() => return,
         r = limited => r,
     };
-    let (negotiated, leftover, transport) = match outcome {
+    let (negotiated, leftover, transport, client) = match outcome {
         Ok(Some(done)) => done,
         Ok(None) => return,
         Err(reason) => {
             tracing::info!(%reason, "NBD client dropped during handshake");
             return;
         }
-    };
-    let Some(client) = daemon
-        .upgrade()
-        .and_then(|d| d.attach_client(&negotiated.export.name))
-    else {
-        tracing::info!(name = %negotiated.export.name, "export vanished during handshake");
-        return;
     };
     let stop = client.export().kicked();
     let session = transmission::Session::new(negotiated, client, leftover);
@@ -108,7 +102,9 @@ async fn handshake(
         ClientStream::Unix(s) => negotiate(s, &mut hs, daemon, multi_conn).await?,
     };
     let creds = match step {
-        Step::Done(n, leftover) => return Ok(Some((n, leftover, Transport::Plain(stream)))),
+        Step::Done(n, leftover, client) => {
+            return Ok(Some((n, leftover, Transport::Plain(stream), client)))
+        }
         Step::Closed => return Ok(None),
         Step::StartTls => config
             .tls
@@ -126,7 +122,7 @@ async fn handshake(
     };
     hs.tls_established();
     match negotiate(&mut io, &mut hs, daemon, multi_conn).await? {
-        Step::Done(n, leftover) => Ok(Some((n, leftover, Transport::Tls(io)))),
+        Step::Done(n, leftover, client) => Ok(Some((n, leftover, Transport::Tls(io), client))),
         Step::Closed => Ok(None),
         Step::StartTls => Err("STARTTLS inside TLS".into()),
     }
@@ -156,11 +152,12 @@ impl ExportCatalog for Catalog<'_> {
     }
 }
 
-type HandshakeResult = Result<Option<(Negotiated, Vec<u8>, Transport)>, String>;
+type HandshakeResult = Result<Option<(Negotiated, Vec<u8>, Transport, ExportClient)>, String>;
 
 /// Where one stretch of option haggling ended.
 enum Step {
-    Done(Negotiated, Vec<u8>),
+    /// The export is chosen and the client already attached to it.
+    Done(Negotiated, Vec<u8>, ExportClient),
     Closed,
     StartTls,
 }
@@ -187,6 +184,19 @@ where
             };
             hs.advance(&catalog).map_err(|e| e.to_string())
         };
+        // The client is attached before it reads the reply that ends its
+        // handshake: once it has that reply it counts as connected (a safe
+        // block-export-del is refused), and an export removed in between is
+        // never entered.
+        let client = match &status {
+            Ok(HandshakeStatus::Done(n)) => Some(
+                daemon
+                    .upgrade()
+                    .and_then(|d| d.attach_client(&n.export.name))
+                    .ok_or("export removed during the handshake")?,
+            ),
+            _ => None,
+        };
         let out = hs.take_output();
         if !out.is_empty() {
             stream.write_all(&out).await.map_err(|e| e.to_string())?;
@@ -201,7 +211,10 @@ where
                 hs.receive(&buf[..n]);
             }
             HandshakeStatus::Done(negotiated) => {
-                return Ok(Step::Done(*negotiated, hs.take_leftover()));
+                let leftover = hs.take_leftover();
+                return client
+                    .map(|c| Step::Done(*negotiated, leftover, c))
+                    .ok_or_else(|| "no client for a finished handshake".into());
             }
             HandshakeStatus::Closed => return Ok(Step::Closed),
             HandshakeStatus::StartTls => return Ok(Step::StartTls),
