@@ -378,11 +378,14 @@ def verifying_client(uri, stop, latencies, errors, size):
 
 
 def eof_after_greeting(s):
-    """True once the server has closed: whatever greeting bytes, then EOF."""
+    """True once the server has closed: whatever bytes it sent, then EOF (or
+    ECONNRESET: AF_UNIX reports that when the server closed with our bytes unread)."""
     s.settimeout(5)
     try:
-        while s.recv(4096):
+        while s.recv(1 << 16):
             pass
+        return True
+    except ConnectionResetError:
         return True
     except (socket.timeout, OSError):
         return False
@@ -530,3 +533,58 @@ def test_clients_that_disconnect_mid_reply(start, tmp_path):
     del h
     print(f"\n40 clients vanished mid-reply: fds {fds0} -> peak {peak_fds}; RSS {rss0} -> peak {peak_rss} KiB")
     assert peak_rss - rss0 < 256 * 1024
+
+
+def flood_unread(path, count=2000):
+    """A client that pipelines 1 MiB READs and never reads a reply."""
+    s = raw_client(path)
+    s.setblocking(False)
+    request = struct.pack(">IHHQQI", 0x25609513, 0, 0, 7, 0, MIB)
+    sent, deadline = 0, time.monotonic() + 3
+    while sent < count and time.monotonic() < deadline:
+        try:
+            s.send(request)
+            sent += 1
+        except BlockingIOError:
+            time.sleep(0.01)
+    return s
+
+
+def test_hard_removal_drops_a_client_that_does_not_read_replies(start, image):
+    """block-export-del mode=hard must not wait for a client that stopped
+    reading (the server's reply writer is blocked on a full socket): QEMU
+    shuts the socket down; the export goes away and the event arrives."""
+    d = start(*file_export(image(64 * MIB)))
+    pid = d.proc.pid
+    fds0 = stats(pid)[0]
+    s = flood_unread(d.sock)
+    time.sleep(0.5)
+
+    async def body(q):
+        listener = EventListener(("BLOCK_EXPORT_DELETED",))
+        with q.listen(listener):
+            began = time.monotonic()
+            await q.execute("block-export-del", {"id": "exp-disk0", "mode": "hard"})
+            event = await asyncio.wait_for(listener.get(), 10)
+            took = time.monotonic() - began
+        await q.execute("blockdev-del", {"node-name": "disk0"})
+        return event, took, await q.execute("query-block-exports")
+
+    event, took, exports = qmp_run(d, body)
+    print(f"\nhard removal with an unread client took {took:.2f} s")
+    assert event["data"] == {"id": "exp-disk0"} and exports == []
+    assert eof_after_greeting(s)
+    s.close()
+    fds_back_to(pid, fds0 - 1)  # the image's fd is gone too
+
+
+def test_sigterm_with_a_client_that_does_not_read_replies_exits_promptly(start, image):
+    d = start(*file_export(image(64 * MIB)))
+    s = flood_unread(d.sock)
+    time.sleep(0.5)
+    began = time.monotonic()
+    assert d.stop() == 0
+    took = time.monotonic() - began
+    s.close()
+    print(f"\nSIGTERM with an unread client: exit after {took:.2f} s")
+    assert took < 10, f"exit took {took:.2f} s"

@@ -11,6 +11,7 @@
 //! the memory one client can pin.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use block::{BlockError, BlockNode, IoBuf, ZeroFlags};
 use nbd::consts::{
@@ -82,7 +83,8 @@ impl Session {
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let (tx, rx) = mpsc::unbounded_channel();
-        let writer_task = tokio::spawn(write_replies(writer, rx));
+        let reader_done = CancellationToken::new();
+        let writer_task = tokio::spawn(write_replies(writer, rx, reader_done.clone()));
         let input = BufReader::with_capacity(
             256 * 1024,
             std::io::Cursor::new(self.leftover).chain(reader),
@@ -93,7 +95,8 @@ impl Session {
             _ = shutdown.cancelled() => {}
         }
         // The reader (and its sender) is gone; the writer ends once every
-        // request task has sent its reply.
+        // request task has sent its reply, or when the client stops taking them.
+        reader_done.cancel();
         let _ = writer_task.await;
         tracing::debug!(export = %self.ctx.client.export().name(), "NBD connection closed");
     }
@@ -156,23 +159,57 @@ async fn read_requests<R: AsyncRead + Unpin>(
     }
 }
 
-async fn write_replies<W: AsyncWrite + Unpin>(writer: W, mut rx: mpsc::UnboundedReceiver<Reply>) {
+/// Once the reader has stopped (hard export removal, shutdown, DISC, EOF),
+/// each remaining socket write gets this long. A client that stopped reading
+/// its replies would otherwise keep the connection, and with it the export
+/// and the daemon's shutdown, waiting for ever; QEMU shuts such a socket down.
+const WRITE_GRACE: Duration = Duration::from_secs(5);
+
+async fn write_replies<W: AsyncWrite + Unpin>(
+    writer: W,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+    reader_done: CancellationToken,
+) {
     let mut out = BufWriter::with_capacity(256 * 1024, writer);
     while let Some(reply) = rx.recv().await {
-        if reply.write_to(&mut out).await.is_err() {
+        if bounded_after(&reader_done, reply.write_to(&mut out))
+            .await
+            .is_err()
+        {
             return;
         }
         // Batch whatever else is ready into the same flush.
         while let Ok(more) = rx.try_recv() {
-            if more.write_to(&mut out).await.is_err() {
+            if bounded_after(&reader_done, more.write_to(&mut out))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
-        if out.flush().await.is_err() {
+        if bounded_after(&reader_done, out.flush()).await.is_err() {
             return;
         }
     }
-    let _ = out.shutdown().await;
+    let _ = bounded_after(&reader_done, out.shutdown()).await;
+}
+
+/// Runs a socket write; unbounded while `reader_done` is not cancelled, then
+/// given [`WRITE_GRACE`] from that moment (or from its start, if later).
+async fn bounded_after<F>(reader_done: &CancellationToken, write: F) -> std::io::Result<()>
+where
+    F: std::future::Future<Output = std::io::Result<()>>,
+{
+    tokio::pin!(write);
+    if !reader_done.is_cancelled() {
+        tokio::select! {
+            r = &mut write => return r,
+            _ = reader_done.cancelled() => {}
+        }
+    }
+    tokio::time::timeout(WRITE_GRACE, write)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 async fn handle(ctx: &Context, req: &RequestHeader, payload: Option<IoBuf>) -> Reply {
