@@ -138,6 +138,23 @@ class Counters:
             self.max_batch = max(self.max_batch, batch)
 
 
+class Buffers:
+    """nbd.Buffer objects reused across requests. libnbd 1.14's Python
+    aio_pread/aio_pwrite leak every buffer passed to them (about 1 KiB per
+    KiB transferred: the first soak was OOM-killed at 21 GiB), so each batch
+    slot and length has one buffer for the whole run."""
+
+    def __init__(self):
+        self._bufs = {}
+
+    def get(self, kind, slot, length):
+        key = (kind, slot, length)
+        if key not in self._bufs:
+            ba = bytearray(length)
+            self._bufs[key] = (ba, nbd.Buffer.from_buffer(ba))
+        return self._bufs[key]
+
+
 def soak_client(uri, index, nconns, stop, model, counters, errors):
     """Owns [index*REGION, (index+1)*REGION). Batches of writes (some FUA),
     write-zeroes, flushes and reads spread over its connections; every read
@@ -145,6 +162,7 @@ def soak_client(uri, index, nconns, stop, model, counters, errors):
     rng = random.Random(1000 + index)
     base = index * REGION
     handles = []
+    bufs = Buffers()
     try:
         for _ in range(nconns):
             h = nbd.NBD()
@@ -170,8 +188,9 @@ def soak_client(uri, index, nconns, stop, model, counters, errors):
                 else:
                     data = rng.randbytes(length)
                     flags = nbd.CMD_FLAG_FUA if rng.random() < 0.3 else 0
-                    cookies[id(h)].append(
-                        h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), base + off, flags=flags))
+                    ba, buf = bufs.get("w", i, length)
+                    ba[:] = data
+                    cookies[id(h)].append(h.aio_pwrite(buf, base + off, flags=flags))
                     model[off:off + length] = data
                 requests += 1
                 written += length
@@ -185,12 +204,11 @@ def soak_client(uri, index, nconns, stop, model, counters, errors):
             pending = []
             for i, (off, length) in enumerate(reads):
                 h = handles[(i + 1) % nconns]
-                buf = nbd.Buffer(length)
-                pending.append((h, h.aio_pread(buf, base + off), buf, off, length))
+                ba, buf = bufs.get("r", i, length)
+                pending.append((h, h.aio_pread(buf, base + off), ba, off, length))
             for h in handles:
                 complete_all(h, [c for hh, c, *_ in pending if hh is h])
-            for _, _, buf, off, length in pending:
-                got = buf.to_bytearray()
+            for _, _, got, off, length in pending:
                 if got != model[off:off + length]:
                     raise AssertionError(f"client {index}: mismatch at {base + off:#x}+{length}")
                 requests += 1
@@ -300,19 +318,28 @@ def test_soak_verified_io_while_exports_come_and_go(start, tmp_path):
     counters, errors = Counters(), []
     tally = dict.fromkeys(["nodes_added", "nodes_removed", "exports_added", "exports_removed",
                            "hard_removals_with_client"], 0)
-    threads = [threading.Thread(target=soak_client,
+    threads = [threading.Thread(target=soak_client, name=f"client{i}",
                                 args=(d.uri("soak"), i, 2 + i % 3, stop, models[i], counters, errors))
                for i in range(nclients)]
-    threads.append(threading.Thread(target=churn, args=(d, tmp_path, stop, tally, errors)))
+    threads.append(threading.Thread(target=churn, name="churn", args=(d, tmp_path, stop, tally, errors)))
     began = time.monotonic()
     for t in threads:
         t.start()
+    next_report = began + 30
     while time.monotonic() - began < seconds and not errors:
         time.sleep(0.2)
+        if time.monotonic() > next_report:  # progress, for long runs (-s)
+            next_report += 30
+            print(f"\n{time.monotonic() - began:.0f} s: {counters.requests} requests, "
+                  f"{counters.verified} bytes verified, {tally['exports_added']} exports; "
+                  f"fds/RSS/threads now {stats(pid)}, peak {sampler.peak}; "
+                  f"test process RSS {status(os.getpid(), 'VmRSS')} KiB", flush=True)
     stop.set()
+    join_by = time.monotonic() + 60
     for t in threads:
-        t.join(60)
-        assert not t.is_alive(), "a soak thread did not finish"
+        t.join(max(0, join_by - time.monotonic()))
+    stuck = [t.name for t in threads if t.is_alive()]
+    assert not stuck, f"soak threads did not finish: {stuck}; errors: {errors}"
     elapsed = time.monotonic() - began
     assert not errors, errors
     assert d.alive()
