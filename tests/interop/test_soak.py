@@ -376,6 +376,7 @@ OPT_MAGIC = 0x49484156454F5054
 def stalled(path, how):
     """A connection that stops somewhere in the handshake and then says nothing."""
     s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)  # a full backlog would block connect
     s.connect(str(path))
     if how == 1:
         s.sendall(struct.pack(">I", 3))  # client flags only
