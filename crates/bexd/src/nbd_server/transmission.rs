@@ -162,7 +162,8 @@ async fn read_requests<R: AsyncRead + Unpin>(
 /// Once the reader has stopped (hard export removal, shutdown, DISC, EOF),
 /// each remaining socket write gets this long. A client that stopped reading
 /// its replies would otherwise keep the connection, and with it the export
-/// and the daemon's shutdown, waiting for ever; QEMU shuts such a socket down.
+/// and the daemon's shutdown, waiting for ever. (qemu-storage-daemon 10.0
+/// does wait for ever here: no BLOCK_EXPORT_DELETED, no exit on SIGTERM.)
 const WRITE_GRACE: Duration = Duration::from_secs(5);
 
 async fn write_replies<W: AsyncWrite + Unpin>(
