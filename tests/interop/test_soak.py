@@ -636,3 +636,36 @@ def test_sigterm_with_a_client_that_does_not_read_replies_exits_promptly(start, 
     s.close()
     print(f"\nSIGTERM with an unread client: exit after {took:.2f} s")
     assert took < 10, f"exit took {took:.2f} s"
+
+
+def test_small_requests_are_bounded_by_the_per_connection_request_budget(start, image):
+    """8 clients pipeline 512-byte READs and never read a reply. The budget is
+    256 requests and 64 MiB per connection; each request pins at least a 4 KiB
+    buffer and its task, so 8 such clients must stay well under 64 MiB."""
+    d = start(*file_export(image(64 * MIB)), server_extra=",max-connections=0")
+    pid = d.proc.pid
+    rss0, threads0 = stats(pid)[1], stats(pid)[2]
+    request = struct.pack(">IHHQQI", 0x25609513, 0, 0, 7, 0, 512)
+    socks = []
+    for _ in range(8):
+        s = raw_client(d.sock)
+        s.setblocking(False)
+        sent, idle_since = 0, time.monotonic()
+        while sent < 40000 and time.monotonic() - idle_since < 0.5:
+            try:
+                s.send(request * 64)
+                sent += 64
+                idle_since = time.monotonic()
+            except BlockingIOError:
+                time.sleep(0.01)
+        socks.append(s)
+    time.sleep(0.5)
+    _, rss1, threads1 = stats(pid)
+    good = nbd.NBD()
+    good.connect_uri(d.uri("disk"))
+    assert good.pread(4096, 0) == bytes(4096)
+    del good
+    print(f"\n8 clients x unread 512-byte READs: RSS {rss0} -> {rss1} KiB, threads {threads0} -> {threads1}")
+    for s in socks:
+        s.close()
+    assert rss1 - rss0 < 64 * 1024, f"RSS grew by {rss1 - rss0} KiB"

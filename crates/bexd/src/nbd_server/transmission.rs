@@ -32,8 +32,12 @@ use crate::export::ExportClient;
 
 /// Budget units: one per request plus one per 4 KiB of payload.
 const BUDGET_UNIT: u64 = 4096;
-/// Per connection: up to 256 requests and 64 MiB of payload in flight.
+/// Per connection: up to 64 MiB of payload in flight (and one unit per request)...
 const BUDGET: usize = 256 + (64 << 20) / BUDGET_UNIT as usize;
+/// ...and up to 256 requests. Counted apart: every request pins a buffer of at
+/// least 4 KiB and a task, so as one unit each of `BUDGET` a client sending
+/// small READs could hold 16640 of them (130 MiB per connection, measured).
+const MAX_REQUESTS: usize = 256;
 /// Reads at least this large are sent sparse (holes as OFFSET_HOLE chunks), as QEMU does.
 const SPARSE_READ_MIN: u32 = 64 * 1024;
 /// Bound on the extents gathered for one BLOCK_STATUS reply.
@@ -108,6 +112,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
     tx: mpsc::UnboundedSender<Reply>,
 ) {
     let budget = Arc::new(Semaphore::new(BUDGET));
+    let slots = Arc::new(Semaphore::new(MAX_REQUESTS));
     let mut header = [0u8; REQUEST_HEADER_LEN];
     loop {
         if input.read_exact(&mut header).await.is_err() {
@@ -125,6 +130,9 @@ async fn read_requests<R: AsyncRead + Unpin>(
             tracing::info!(%reason, "disconnecting NBD client");
             return;
         }
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let cost = 1 + (u64::from(request.length) / BUDGET_UNIT) as u32;
         let Ok(permit) = budget
             .clone()
@@ -153,7 +161,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 Verdict::Reject { errno, message } => error_reply(&ctx, &request, errno, &message),
                 _ => handle(&ctx, &request, payload).await,
             };
-            reply.set_permit(permit);
+            reply.hold_permits(slot, permit);
             let _ = tx.send(reply);
         });
     }
