@@ -212,6 +212,9 @@ where
     tokio::pin!(write);
     if !reader_done.is_cancelled() {
         tokio::select! {
+            // The write first: most complete at once (into the BufWriter), and
+            // then the token is never polled (no waiter registered).
+            biased;
             r = &mut write => return r,
             _ = reader_done.cancelled() => {}
         }
