@@ -60,6 +60,26 @@ pub fn daemonize() -> std::io::Result<Forked> {
     }
 }
 
+/// Raises the soft RLIMIT_NOFILE to the hard limit, as QEMU does at startup.
+/// Every NBD connection holds a socket, and with `max-connections=0` there is
+/// no other bound: the usual soft limit of 1024 would make `accept` fail with
+/// EMFILE long before the hard limit (often 2^20) is reached.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!("cannot raise RLIMIT_NOFILE to {}", lim.rlim_max);
+            }
+        }
+    }
+}
+
 fn redirect_stdio_to_null() {
     let Ok(null) = std::fs::OpenOptions::new()
         .read(true)

@@ -76,6 +76,7 @@ pub fn main(args: &[String]) -> i32 {
             return code;
         }
     };
+    crate::process::raise_fd_limit();
     let rt = match crate::startup::runtime() {
         Ok(rt) => rt,
         Err(e) => {

@@ -59,6 +59,7 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn run_daemon(options: Vec<CliOption>) -> i32 {
+    process::raise_fd_limit();
     let notifier = match options.contains(&CliOption::Daemonize) {
         false => None,
         true => match process::daemonize() {

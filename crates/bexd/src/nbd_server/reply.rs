@@ -16,8 +16,9 @@ pub struct Reply {
     /// In wire order: a slice of `meta`, then optionally a slice of `data`.
     pieces: Vec<(Range<usize>, Option<Range<usize>>)>,
     data: Option<IoBuf>,
-    /// The in-flight budget this request holds until its reply is on the wire.
-    _permit: Option<OwnedSemaphorePermit>,
+    /// The in-flight budget this request holds until its reply is on the wire:
+    /// its request slot and its payload units.
+    _permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
 
 impl Reply {
@@ -45,8 +46,8 @@ impl Reply {
         self.data = Some(data);
     }
 
-    pub fn set_permit(&mut self, permit: OwnedSemaphorePermit) {
-        self._permit = Some(permit);
+    pub fn hold_permits(&mut self, slot: OwnedSemaphorePermit, payload: OwnedSemaphorePermit) {
+        self._permits = Some((slot, payload));
     }
 
     /// The reply's bytes in wire order, as slices of its headers and its data.

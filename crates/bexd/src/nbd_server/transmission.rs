@@ -14,6 +14,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
+use std::time::Duration;
 
 use block::{BlockError, BlockNode, IoBuf, ZeroFlags};
 use nbd::consts::{
@@ -34,8 +35,12 @@ use crate::export::ExportClient;
 
 /// Budget units: one per request plus one per 4 KiB of payload.
 const BUDGET_UNIT: u64 = 4096;
-/// Per connection: up to 256 requests and 64 MiB of payload in flight.
+/// Per connection: up to 64 MiB of payload in flight (and one unit per request)...
 const BUDGET: usize = 256 + (64 << 20) / BUDGET_UNIT as usize;
+/// ...and up to 256 requests. Counted apart: every request pins a buffer of at
+/// least 4 KiB and a task, so as one unit each of `BUDGET` a client sending
+/// small READs could hold 16640 of them (130 MiB per connection, measured).
+const MAX_REQUESTS: usize = 256;
 /// Reads at least this large are sent sparse (holes as OFFSET_HOLE chunks), as QEMU does.
 const SPARSE_READ_MIN: u32 = 64 * 1024;
 /// Bound on the extents gathered for one BLOCK_STATUS reply.
@@ -85,7 +90,8 @@ impl Session {
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let (tx, rx) = mpsc::unbounded_channel();
-        let writer_task = tokio::spawn(write_replies(writer, rx));
+        let reader_done = CancellationToken::new();
+        let writer_task = tokio::spawn(write_replies(writer, rx, reader_done.clone()));
         let input = BufReader::with_capacity(
             256 * 1024,
             std::io::Cursor::new(self.leftover).chain(reader),
@@ -96,7 +102,8 @@ impl Session {
             _ = shutdown.cancelled() => {}
         }
         // The reader (and its sender) is gone; the writer ends once every
-        // request task has sent its reply.
+        // request task has sent its reply, or when the client stops taking them.
+        reader_done.cancel();
         let _ = writer_task.await;
         tracing::debug!(export = %self.ctx.client.export().name(), "NBD connection closed");
     }
@@ -108,6 +115,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
     tx: mpsc::UnboundedSender<Reply>,
 ) {
     let budget = Arc::new(Semaphore::new(BUDGET));
+    let slots = Arc::new(Semaphore::new(MAX_REQUESTS));
     let mut header = [0u8; REQUEST_HEADER_LEN];
     loop {
         if input.read_exact(&mut header).await.is_err() {
@@ -125,6 +133,9 @@ async fn read_requests<R: AsyncRead + Unpin>(
             tracing::info!(%reason, "disconnecting NBD client");
             return;
         }
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let cost = 1 + (u64::from(request.length) / BUDGET_UNIT) as u32;
         let Ok(permit) = budget
             .clone()
@@ -153,12 +164,19 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 Verdict::Reject { errno, message } => error_reply(&ctx, &request, errno, &message),
                 _ => handle(&ctx, &request, payload).await,
             };
-            reply.set_permit(permit);
+            reply.hold_permits(slot, permit);
             let _ = tx.send(reply);
         }))
         .await;
     }
 }
+
+/// Once the reader has stopped (hard export removal, shutdown, DISC, EOF),
+/// each remaining socket write gets this long. A client that stopped reading
+/// its replies would otherwise keep the connection, and with it the export
+/// and the daemon's shutdown, waiting for ever. (qemu-storage-daemon 10.0
+/// does wait for ever here: no BLOCK_EXPORT_DELETED, no exit on SIGTERM.)
+const WRITE_GRACE: Duration = Duration::from_secs(5);
 
 /// Polls a request once on the reader's own task; only if it has to wait
 /// (a blocking-pool read, a flush) does it become a task of its own.
@@ -198,6 +216,7 @@ const MAX_BATCH: usize = 64;
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut writer: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
+    reader_done: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut scratch = Vec::new();
@@ -210,16 +229,35 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 Err(_) => break,
             }
         }
-        if write_batch(&mut writer, &batch, &mut scratch)
-            .await
-            .is_err()
-        {
+        let write = write_batch(&mut writer, &batch, &mut scratch);
+        if bounded_after(&reader_done, write).await.is_err() {
             return;
         }
         // Dropping the replies releases their buffers and budget.
         batch.clear();
     }
-    let _ = writer.shutdown().await;
+    let _ = bounded_after(&reader_done, writer.shutdown()).await;
+}
+
+/// Runs a socket write; unbounded while `reader_done` is not cancelled, then
+/// given [`WRITE_GRACE`] from that moment (or from its start, if later).
+async fn bounded_after<F>(reader_done: &CancellationToken, write: F) -> std::io::Result<()>
+where
+    F: std::future::Future<Output = std::io::Result<()>>,
+{
+    tokio::pin!(write);
+    if !reader_done.is_cancelled() {
+        tokio::select! {
+            // The write first: most complete at once (the socket has room), and
+            // then the token is never polled (no waiter registered).
+            biased;
+            r = &mut write => return r,
+            _ = reader_done.cancelled() => {}
+        }
+    }
+    tokio::time::timeout(WRITE_GRACE, write)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 async fn handle(ctx: &Context, req: &RequestHeader, payload: Option<IoBuf>) -> Reply {
