@@ -10,8 +10,10 @@
 //! - [`nbd_server`]: listener, handshake and transmission (crate `nbd` does the protocol).
 //! - [`monitor`] and [`commands`]: QMP over socket chardevs.
 //! - [`serve`]: `bexd serve IMAGE`, the one-image shortcut.
+//! - [`backup`]: `bexd backup`, an NBD client pulling full and incremental backups.
 //! - [`shell`]: `bexd qmp SOCKET`, an interactive QMP shell.
 
+pub mod backup;
 pub mod blockdev;
 pub mod cli;
 pub mod commands;
