@@ -242,3 +242,54 @@ def test_incremental_needs_the_bitmap_exported(start, image, tmp_path):
     r = subprocess.run(argv, capture_output=True, text=True)
     assert r.returncode == 1
     assert "no meta context 'qemu:dirty-bitmap:b0'" in r.stderr
+
+
+def list_contexts(uri, queries):
+    import nbd
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.connect_uri(uri)
+    h.clear_meta_contexts()
+    for q in queries:
+        h.add_meta_context(q)
+    found = []
+    h.opt_list_meta_context(lambda name: found.append(name) or 0)
+    h.opt_abort()
+    return found
+
+
+def block_status_all(uri, offset, length, flags=0):
+    """Every context's extents for one BLOCK_STATUS, with all three contexts negotiated."""
+    import nbd
+    h = nbd.NBD()
+    for c in ["base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:b0"]:
+        h.add_meta_context(c)
+    h.connect_uri(uri)
+    got = {}
+    h.block_status(length, offset, lambda ctx, off, entries, err: got.setdefault(ctx, list(entries)) and 0,
+                   flags)
+    h.shutdown()
+    return got
+
+
+def test_meta_contexts_and_block_status_as_qemu(pair):
+    """LIST with wildcards, and BLOCK_STATUS with three contexts at once: the same as qemu."""
+    import nbd
+    results = []
+    for d in pair:
+        for step in [add("r0", "b0", granularity=4096), add("r0", "b1"),
+                     ("block-export-add", {"type": "nbd", "id": "w", "node-name": "r0", "name": "w",
+                                           "writable": True, "allocation-depth": True,
+                                           "bitmaps": ["b0", "b1"]})]:
+            assert qmp(d, *step)[0] == "ok"
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 7 5000 10000", "-c", "write 3M 1M",
+                        d.uri("w")], check=True, capture_output=True)
+        uri = d.uri("w")
+        results.append({
+            "lists": [list_contexts(uri, q) for q in
+                      [[], ["qemu:"], ["qemu:dirty-bitmap:"], ["base:"], ["qemu:dirty-bitmap:b1"], ["x-y:"]]],
+            "status": [block_status_all(uri, o, n) for o, n in [(0, 64 * MIB), (4096, 8192), (3 * MIB + 1, 100)]],
+            "req_one": block_status_all(uri, 0, 64 * MIB, nbd.CMD_FLAG_REQ_ONE),
+        })
+    assert results[0] == results[1]
+    assert results[0]["lists"][2] == ["qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b1"]
