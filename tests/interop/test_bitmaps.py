@@ -157,6 +157,20 @@ def test_writes_mark_raw_and_file_bitmaps_as_in_qemu(pair):
     ours, theirs = pair
     assert bitmaps_of(ours) == bitmaps_of(theirs)
     assert bitmaps_of(ours)["r0"][0]["count"] == 65536 + 65536
+    # A failing transaction puts cleared and merged bits back; a good one applies all.
+    steps = [add("r0", "m"),
+             ("transaction", {"actions": [action(*ref("block-dirty-bitmap-clear", "f0", "b1")),
+                                          action("block-dirty-bitmap-merge", {"node": "r0", "target": "m",
+                                                                              "bitmaps": [{"node": "f0", "name": "b1"}]}),
+                                          action(*add("r0", "m"))]}),
+             ("transaction", {"actions": [action("block-dirty-bitmap-merge", {"node": "r0", "target": "m",
+                                                                              "bitmaps": [{"node": "f0", "name": "b1"}]}),
+                                          action(*ref("block-dirty-bitmap-clear", "f0", "b1"))]})]
+    for command, arguments in steps:
+        assert qmp(ours, command, arguments) == qmp(theirs, command, arguments)
+    assert bitmaps_of(ours) == bitmaps_of(theirs)
+    assert [b["count"] for b in bitmaps_of(ours)["f0"]] == [0]
+    assert bitmaps_of(ours)["r0"][0]["name"] == "m" and bitmaps_of(ours)["r0"][0]["count"] > 0
 
 
 def test_list_meta_context_offers_bitmaps_as_qemu(pair):
@@ -210,6 +224,9 @@ def test_full_then_incremental_backup_equals_source(start, image, tmp_path, serv
                                        "name": "full"})[0] == "ok"
     out = bexd_backup("--uri", d.uri("full"), "--output", str(full), "--verify")
     assert "full backup done" in out.stderr and "verified" in out.stderr
+    # Both servers advertise multi-conn (max-connections is not 1): three data ranges, three connections.
+    assert "over 3 connection(s)" in out.stderr
+    assert f"skipped {64 * MIB - 8192 - (256 << 10) - 4096} bytes" in out.stderr
     assert full.read_bytes() == src.read_bytes()
 
     assert qmp(d, "block-export-add", {"type": "nbd", "id": "e-w", "node-name": "r0",
@@ -293,3 +310,27 @@ def test_meta_contexts_and_block_status_as_qemu(pair):
         })
     assert results[0] == results[1]
     assert results[0]["lists"][2] == ["qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b1"]
+
+
+def test_qcow2_output_and_in_place_incremental(start, image, tmp_path):
+    need("qemu-img")
+    src = image(size=8 * MIB, pattern=[(MIB, b"\x05" * 70000)], name="src.img")
+    d = start(nodes(src), [], which="bexd")
+    assert qmp(d, *add("r0", "b0"))[0] == "ok"
+    assert qmp(d, "block-export-add", {"type": "nbd", "id": "w", "node-name": "r0", "name": "w",
+                                       "writable": True, "bitmaps": ["b0"]})[0] == "ok"
+    q = tmp_path / "full.qcow2"
+    bexd_backup("--uri", d.uri("w"), "--output", str(q), "--format", "qcow2")
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(q)], check=True,
+                                     capture_output=True, text=True).stdout)
+    assert info["format"] == "qcow2"
+    assert subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(q), str(src)]).returncode == 0
+    # The same image as raw, then an incremental written into it in place.
+    full = tmp_path / "full.raw"
+    bexd_backup("--uri", d.uri("w"), "--output", str(full))
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 9 7M 512", d.uri("w")], check=True,
+                   capture_output=True)
+    out = bexd_backup("--uri", d.uri("w"), "--bitmap", "b0", "--base", str(full), "--output", str(full))
+    assert subprocess.run(["cmp", str(full), str(src)]).returncode == 0
+    # b0 was added before any write, so it holds just the 7M write: one 64 KiB granule.
+    assert "read 65536 bytes" in out.stderr
