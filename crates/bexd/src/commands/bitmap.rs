@@ -285,3 +285,7 @@ pub fn query(node: &BlockNode) -> Option<Value> {
         .collect();
     Some(Value::Array(shown))
 }
+
+#[cfg(test)]
+#[path = "bitmap_tests.rs"]
+mod tests;
