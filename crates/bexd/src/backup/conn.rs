@@ -258,7 +258,7 @@ impl Conn {
     }
 
     /// BLOCK_STATUS for the negotiated context from `offset`: (length, flags)
-    /// extents, at least one, possibly ending before `offset + len`.
+    /// extents, possibly ending before `offset + len` (callers check for progress).
     pub async fn block_status(
         &mut self,
         offset: u64,

@@ -44,6 +44,7 @@ pub async fn ranges(conn: &mut Conn, mode: Mode) -> Result<Vec<(u64, u64)>, Back
     let mut pos = 0;
     while pos < size {
         let want = (size - pos).min(STATUS_SPAN) as u32;
+        let before = pos;
         for (len, flags) in conn.block_status(pos, want).await? {
             let len = u64::from(len).min(size - pos);
             if len == 0 {
@@ -56,6 +57,12 @@ pub async fn ranges(conn: &mut Conn, mode: Mode) -> Result<Vec<(u64, u64)>, Back
                 }
             }
             pos += len;
+        }
+        // A server answering with an empty first extent would have us ask forever.
+        if pos == before {
+            return Err(BackupError::Protocol(format!(
+                "block status made no progress at {pos}"
+            )));
         }
     }
     Ok(out)
