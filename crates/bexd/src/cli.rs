@@ -241,6 +241,19 @@ mod tests {
     }
 
     #[test]
+    fn test_parse_args_backup_takes_the_rest() {
+        assert_eq!(
+            parse_args(&args(&["backup", "--uri", "nbd://h/d", "--output", "x"])),
+            Ok(Invocation::Backup(args(&[
+                "--uri",
+                "nbd://h/d",
+                "--output",
+                "x"
+            ])))
+        );
+    }
+
+    #[test]
     fn test_parse_args_daemonize_rejects_inline_value() {
         assert_eq!(
             parse_args(&args(&["--daemonize=yes"])),
