@@ -71,11 +71,17 @@ impl Conn {
         Ok(())
     }
 
+    /// The next `n` bytes: what is buffered, then straight from the socket
+    /// into the result (a 4 MiB read is not staged through the small buffer).
     async fn take(&mut self, n: usize) -> Result<Vec<u8>, BackupError> {
-        while self.rbuf.len() < n {
-            self.fill().await?;
+        let have = self.rbuf.len().min(n);
+        let mut out = Vec::with_capacity(n);
+        out.extend(self.rbuf.drain(..have));
+        if have < n {
+            out.resize(n, 0);
+            self.io.read_exact(&mut out[have..]).await?;
         }
-        Ok(self.rbuf.drain(..n).collect())
+        Ok(out)
     }
 
     async fn send(&mut self, out: &[u8]) -> Result<(), BackupError> {
