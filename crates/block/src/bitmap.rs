@@ -6,6 +6,8 @@
 //! acknowledged, so a client that saw its write complete finds it in the
 //! bitmap. Marking is done whether or not the driver call succeeded: a failed
 //! write may still have changed part of the range, as QEMU reasons too.
+//! Marking after the write (not before) means a `clear` racing with a write
+//! can only leave an extra dirty granule, never lose a written one.
 //!
 //! Bitmaps live in memory only. Persistence (qcow2's bitmap extension) hooks
 //! in at [`crate::Driver::can_store_bitmaps`] and [`DirtyBitmap::words`] /
