@@ -343,3 +343,22 @@ def test_qcow2_output_and_in_place_incremental(start, image, tmp_path):
     assert subprocess.run(["cmp", str(full), str(src)]).returncode == 0
     # b0 was added before any write, so it holds just the 7M write: one 64 KiB granule.
     assert "read 65536 bytes" in out.stderr
+
+
+def test_incremental_kept_apart_then_applied(start, image, tmp_path):
+    """Without --base the incremental is a sparse file plus its extent list; --apply puts it onto the full."""
+    need("qemu-io")
+    src = image(size=8 * MIB, pattern=[(0, b"\x03" * 4096)], name="src.img")
+    d = start(nodes(src), [], which="bexd")
+    assert qmp(d, *add("r0", "b0"))[0] == "ok"
+    assert qmp(d, "block-export-add", {"type": "nbd", "id": "w", "node-name": "r0", "name": "w",
+                                       "writable": True, "bitmaps": ["b0"]})[0] == "ok"
+    full, inc, new = tmp_path / "full.raw", tmp_path / "inc.raw", tmp_path / "new.raw"
+    bexd_backup("--uri", d.uri("w"), "--output", str(full))
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 4 5M 100", "-c", "write -z 0 4k", d.uri("w")],
+                   check=True, capture_output=True)
+    bexd_backup("--uri", d.uri("w"), "--bitmap", "b0", "--output", str(inc))
+    assert json.loads((tmp_path / "inc.raw.extents.json").read_text()) == [[0, 65536], [5 * MIB, 65536]]
+    out = bexd_backup("--apply", str(inc), "--base", str(full), "--output", str(new))
+    assert "applied 131072 bytes" in out.stderr
+    assert new.read_bytes() == src.read_bytes() != full.read_bytes()

@@ -14,10 +14,12 @@
 //! to the output first (or, with `--base` equal to `--output`, updates it in
 //! place), then writes the dirty ranges, zeroes included, so the output is the
 //! export's current content. Without `--base` an incremental is a sparse file
-//! holding only the dirty ranges. `--format qcow2` writes raw next to the
+//! holding only the dirty ranges, listed in `FILE.extents.json`, and
+//! `--apply FILE --base FULL --output NEW` puts it onto a full later. `--format qcow2` writes raw next to the
 //! output and converts it with `qemu-img convert` at the end: a qcow2 writer of
 //! our own is the qcow2 driver's job, and qemu-img's is the reference one.
 
+mod apply;
 mod conn;
 mod error;
 mod plan;
@@ -46,8 +48,11 @@ use progress::Progress;
 )]
 struct BackupArgs {
     /// The export: nbd+unix:///NAME?socket=PATH or nbd://HOST[:PORT]/NAME.
-    #[arg(long)]
-    uri: String,
+    #[arg(long, required_unless_present = "apply")]
+    uri: Option<String>,
+    /// Instead of pulling: write the incremental INC (pulled without --base) onto --base.
+    #[arg(long, value_name = "INC", conflicts_with_all = ["uri", "bitmap", "verify"], requires = "base")]
+    apply: Option<PathBuf>,
     /// Where the backup goes.
     #[arg(short, long)]
     output: PathBuf,
@@ -113,12 +118,29 @@ async fn run(args: BackupArgs) -> Result<(), BackupError> {
             args.format
         )));
     }
-    if args.base.is_some() && args.bitmap.is_none() {
+    if args.base.is_some() && args.bitmap.is_none() && args.apply.is_none() {
         return Err(BackupError::Usage(
             "--base needs --bitmap (it applies an incremental)".into(),
         ));
     }
-    let target = uri::parse(&args.uri)?;
+    if args.format != "raw"
+        && (args.apply.is_some() || (args.bitmap.is_some() && args.base.is_none()))
+    {
+        return Err(BackupError::Usage(
+            "a stand-alone incremental and --apply work on raw files only".into(),
+        ));
+    }
+    if let Some(inc) = &args.apply {
+        let base = args.base.as_deref().unwrap_or(&args.output);
+        let applied = apply::apply(inc, base, &args.output)?;
+        eprintln!(
+            "bexd backup: applied {applied} bytes of {} onto {}",
+            inc.display(),
+            args.output.display()
+        );
+        return Ok(());
+    }
+    let target = uri::parse(args.uri.as_deref().unwrap_or_default())?;
     let mode = match args.bitmap {
         Some(_) => Mode::Incremental,
         None => Mode::Full,
@@ -172,6 +194,9 @@ async fn run(args: BackupArgs) -> Result<(), BackupError> {
     file.sync_all()?;
     if args.verify {
         verify(&target, &requests, &file).await?;
+    }
+    if mode == Mode::Incremental && args.base.is_none() {
+        apply::save(&args.output, &ranges)?;
     }
     if args.format == "qcow2" {
         convert_to_qcow2(&raw_path, &args.output)?;
