@@ -3,6 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use qmp::schema::bitmap::{BlockDirtyBitmap, BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, Transaction};
 use qmp::schema::block_core::BlockdevOptions;
 use qmp::schema::block_export::{BlockExportOptions, NbdServerAddOptions, NbdServerOptions};
 use qmp::visitor::{from_value, Ctx, InputMode};
@@ -13,6 +14,10 @@ fn visit_all(arguments: Value) {
         let _ = from_value::<BlockExportOptions>(arguments.clone(), mode);
         let _ = from_value::<BlockdevOptions>(arguments.clone(), mode);
         let _ = from_value::<NbdServerAddOptions>(arguments.clone(), mode);
+        let _ = from_value::<BlockDirtyBitmapAdd>(arguments.clone(), mode);
+        let _ = from_value::<BlockDirtyBitmap>(arguments.clone(), mode);
+        let _ = from_value::<BlockDirtyBitmapMerge>(arguments.clone(), mode);
+        let _ = from_value::<Transaction>(arguments.clone(), mode);
         let _ = NbdServerOptions::read(arguments.clone(), &Ctx::root(mode), true);
         let _ = NbdServerOptions::read(arguments.clone(), &Ctx::root(mode), false);
     }

@@ -66,6 +66,8 @@ pub enum Invocation {
     Serve(Vec<String>),
     /// `bexd qmp ...`: the interactive QMP shell; the arguments after `qmp`.
     Qmp(Vec<String>),
+    /// `bexd backup ...`: pull a full or incremental backup from an NBD export.
+    Backup(Vec<String>),
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -85,6 +87,7 @@ pub fn parse_args(args: &[String]) -> Result<Invocation, CliError> {
     match args.first().map(String::as_str) {
         Some("serve") => return Ok(Invocation::Serve(args[1..].to_vec())),
         Some("qmp") => return Ok(Invocation::Qmp(args[1..].to_vec())),
+        Some("backup") => return Ok(Invocation::Backup(args[1..].to_vec())),
         _ => {}
     }
     let mut options = Vec::new();
@@ -145,6 +148,8 @@ pub const HELP: &str = "\
 Usage: bexd [options]
        bexd serve [--help] IMAGE       serve one image (like qemu-nbd)
        bexd qmp SOCKET|HOST:PORT       interactive QMP shell
+       bexd backup [--help] --uri URI --output FILE [--bitmap NAME]
+                                       pull a full or incremental backup over NBD
 bexd: the block export daemon (a drop-in for qemu-storage-daemon's NBD exports)
 
   -h, --help             display this help and exit
@@ -232,6 +237,19 @@ mod tests {
         assert_eq!(
             parse_args(&args(&["serve", "disk.img", "--read-only"])),
             Ok(Invocation::Serve(args(&["disk.img", "--read-only"])))
+        );
+    }
+
+    #[test]
+    fn test_parse_args_backup_takes_the_rest() {
+        assert_eq!(
+            parse_args(&args(&["backup", "--uri", "nbd://h/d", "--output", "x"])),
+            Ok(Invocation::Backup(args(&[
+                "--uri",
+                "nbd://h/d",
+                "--output",
+                "x"
+            ])))
         );
     }
 

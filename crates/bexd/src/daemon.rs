@@ -190,9 +190,13 @@ impl Daemon {
         let removed = {
             let mut state = self.state();
             let before = state.exports.len();
-            state
-                .exports
-                .retain(|e| !(e.id() == id && e.is_shutting_down()));
+            state.exports.retain(|e| {
+                let gone = e.id() == id && e.is_shutting_down();
+                if gone {
+                    e.release_bitmaps();
+                }
+                !gone
+            });
             state.exports.len() != before
         };
         if removed {
@@ -291,7 +295,8 @@ impl Daemon {
                 "Cannot export read-only node as writable",
             ));
         }
-        self.add_export(Export::new(config, node))
+        let bitmaps = crate::export_bitmaps::resolve(self, &config, &node)?;
+        self.add_export(Export::new(config, node, bitmaps))
     }
 
     pub fn add_object(&self, id: String, object: Object) -> Result<(), QmpError> {

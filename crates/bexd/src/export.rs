@@ -7,9 +7,9 @@
 //! dropping.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
-use block::BlockNode;
+use block::{BitmapLease, BlockNode, DirtyBitmap};
 use nbd::export::{BlockSize, ExportInfo, MetaContext};
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +29,15 @@ pub struct ExportConfig {
     pub allocation_depth: bool,
     /// The iothread object it was placed in (accepted; bexd serves exports on all its threads).
     pub iothread: Option<String>,
+    /// Dirty bitmaps to offer as `qemu:dirty-bitmap:NAME`, resolved when the export is added.
+    pub bitmaps: Vec<BitmapRef>,
+}
+
+/// A bitmap named in `bitmaps` / `bitmap`: on the exported node, or on a named node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BitmapRef {
+    Local(String),
+    External { node: String, name: String },
 }
 
 #[derive(Debug)]
@@ -40,17 +49,39 @@ pub struct Export {
     /// Fired by a hard removal: every connection on this export drops at once.
     kick: CancellationToken,
     connections: AtomicUsize,
+    /// The exported bitmaps, held busy until the export is freed (QEMU's rule:
+    /// an exported bitmap cannot be changed or removed under its readers).
+    bitmaps: Mutex<Vec<BitmapLease>>,
+    /// Their names, in context-id order (fixed at creation).
+    bitmap_list: Vec<Arc<DirtyBitmap>>,
 }
 
 impl Export {
-    pub fn new(config: ExportConfig, node: Arc<BlockNode>) -> Self {
+    /// An export of `node` serving `bitmaps`, which become busy now.
+    pub fn new(config: ExportConfig, node: Arc<BlockNode>, bitmaps: Vec<Arc<DirtyBitmap>>) -> Self {
+        let leases = bitmaps.iter().cloned().map(BitmapLease::new).collect();
         Self {
             config,
             node,
+            bitmaps: Mutex::new(leases),
+            bitmap_list: bitmaps,
             shutting_down: AtomicBool::new(false),
             kick: CancellationToken::new(),
             connections: AtomicUsize::new(0),
         }
+    }
+
+    /// The exported bitmap behind `qemu:dirty-bitmap:NAME`.
+    pub fn bitmap(&self, name: &str) -> Option<&Arc<DirtyBitmap>> {
+        self.bitmap_list.iter().find(|b| b.name() == name)
+    }
+
+    /// Ends the export's hold on its bitmaps (at removal, before the event).
+    pub fn release_bitmaps(&self) {
+        self.bitmaps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     pub fn id(&self) -> &str {
@@ -93,6 +124,9 @@ impl Export {
         let mut meta_contexts = vec![MetaContext::BaseAllocation];
         if self.config.allocation_depth {
             meta_contexts.push(MetaContext::AllocationDepth);
+        }
+        for b in &self.bitmap_list {
+            meta_contexts.push(MetaContext::DirtyBitmap(b.name().to_string()));
         }
         let writable = self.config.writable;
         ExportInfo {

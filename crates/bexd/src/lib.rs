@@ -6,17 +6,21 @@
 //! - [`daemon`]: the state (nodes, exports, NBD server) and the operations CLI and QMP share.
 //! - [`qapi`]: QAPI argument types (crate `qmp`) turned into the daemon's own configs.
 //! - [`blockdev`]: opening block nodes (crate `block`) from `BlockdevOptions`.
+//! - [`export`] and [`export_bitmaps`]: exports, and the dirty bitmaps they serve.
 //! - [`nbd_server`]: listener, handshake and transmission (crate `nbd` does the protocol).
 //! - [`monitor`] and [`commands`]: QMP over socket chardevs.
 //! - [`serve`]: `bexd serve IMAGE`, the one-image shortcut.
+//! - [`backup`]: `bexd backup`, an NBD client pulling full and incremental backups.
 //! - [`shell`]: `bexd qmp SOCKET`, an interactive QMP shell.
 
+pub mod backup;
 pub mod blockdev;
 pub mod cli;
 pub mod commands;
 pub mod daemon;
 pub mod events;
 pub mod export;
+pub mod export_bitmaps;
 pub mod monitor;
 pub mod nbd_server;
 pub mod objects;

@@ -12,8 +12,8 @@ use qmp::schema::block_core::{
     BlockdevOptions, BlockdevRef, BlockdevSpecific, OnOffAuto,
 };
 use qmp::schema::block_export::{
-    read_removal, BlockExportIothreads, BlockExportOptions, BlockExportRemoveMode, BlockExportType,
-    NbdServerAddOptions, NbdServerOptions,
+    read_removal, BlockDirtyBitmapOrStr, BlockExportIothreads, BlockExportOptions,
+    BlockExportRemoveMode, BlockExportType, NbdServerAddOptions, NbdServerOptions,
 };
 use qmp::schema::char::{ChardevSocket, MonitorOptions};
 use qmp::schema::sockets::SocketAddress;
@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use crate::blockdev::{is_well_formed_id, ChildRef, NodeOptions, NodeSpec};
 use crate::daemon::RemoveMode;
-use crate::export::ExportConfig;
+use crate::export::{BitmapRef, ExportConfig};
 use crate::monitor::{ChardevAddr, ChardevConfig};
 use crate::nbd_server::{ListenAddr, NbdServerConfig};
 
@@ -249,13 +249,6 @@ pub fn export_config(value: Value, mode: InputMode) -> Result<(ExportConfig, Str
         _ => None,
     };
     let nbd = o.nbd.unwrap_or_default();
-    if let Some(bitmap) = nbd.bitmaps.as_ref().and_then(|b| b.first()) {
-        let name = match bitmap {
-            qmp::schema::block_export::BlockDirtyBitmapOrStr::Local(n) => n,
-            qmp::schema::block_export::BlockDirtyBitmapOrStr::External { name, .. } => name,
-        };
-        return Err(QmpError::generic(format!("Bitmap '{name}' is not found")));
-    }
     let mut config = checked_config(
         o.id,
         nbd.name.unwrap_or_else(|| o.node_name.clone()),
@@ -265,17 +258,23 @@ pub fn export_config(value: Value, mode: InputMode) -> Result<(ExportConfig, Str
         nbd.allocation_depth.unwrap_or(false),
     )?;
     config.iothread = iothread;
+    config.bitmaps = nbd
+        .bitmaps
+        .unwrap_or_default()
+        .into_iter()
+        .map(|b| match b {
+            BlockDirtyBitmapOrStr::Local(name) => BitmapRef::Local(name),
+            BlockDirtyBitmapOrStr::External { node, name } => BitmapRef::External { node, name },
+        })
+        .collect();
     Ok((config, o.node_name))
 }
 
 /// nbd-server-add: the export's id is its name, which defaults to the device.
 pub fn nbd_server_add_config(value: Value) -> Result<(ExportConfig, String), QmpError> {
     let o: NbdServerAddOptions = from_value(value, InputMode::Json)?;
-    if let Some(bitmap) = &o.bitmap {
-        return Err(QmpError::generic(format!("Bitmap '{bitmap}' is not found")));
-    }
     let name = o.name.unwrap_or_else(|| o.device.clone());
-    let config = checked_config(
+    let mut config = checked_config(
         name.clone(),
         name,
         o.description,
@@ -283,6 +282,7 @@ pub fn nbd_server_add_config(value: Value) -> Result<(ExportConfig, String), Qmp
         false,
         false,
     )?;
+    config.bitmaps = o.bitmap.into_iter().map(BitmapRef::Local).collect();
     Ok((config, o.device))
 }
 
@@ -308,6 +308,7 @@ fn checked_config(
         writethrough,
         allocation_depth,
         iothread: None,
+        bitmaps: Vec::new(),
     })
 }
 

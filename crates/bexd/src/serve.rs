@@ -154,6 +154,7 @@ async fn set_up(daemon: &Arc<Daemon>, args: &ServeArgs) -> Result<Option<PidFile
         writable: !args.read_only,
         writethrough: false,
         allocation_depth: false,
+        bitmaps: Vec::new(),
         iothread: None,
     };
     daemon

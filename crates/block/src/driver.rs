@@ -59,6 +59,11 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
     fn try_read_now(&self, _buf: &mut [u8], _offset: u64) -> Option<BlockResult<()>> {
         None
     }
+    /// Whether the format can store persistent dirty bitmaps (qcow2 can;
+    /// `block-dirty-bitmap-add persistent=true` is refused elsewhere).
+    fn can_store_bitmaps(&self) -> bool {
+        false
+    }
     /// Readahead hint.
     fn cache(&self, _offset: u64, _len: u64) -> BlockResult<()> {
         Ok(())

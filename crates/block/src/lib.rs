@@ -12,6 +12,7 @@
 //! at the node. The node's API already has the owned-buffer shape that an
 //! io_uring engine needs, so the engine can change without touching callers.
 
+pub mod bitmap;
 pub mod buf;
 pub mod driver;
 pub mod drivers;
@@ -21,6 +22,7 @@ pub mod node;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 
+pub use bitmap::{BitmapLease, BitmapSet, DirtyBitmap};
 pub use buf::IoBuf;
 pub use driver::{Capabilities, Driver, Extent, ZeroFlags};
 pub use error::{BlockError, BlockErrorKind, BlockResult};

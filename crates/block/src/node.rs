@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crate::bitmap::BitmapSet;
 use crate::buf::IoBuf;
 use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
@@ -15,6 +16,8 @@ pub struct BlockNode {
     driver: Arc<dyn Driver>,
     read_only: bool,
     caps: Capabilities,
+    /// Dirty bitmaps; every write through this node marks them (see `bitmap.rs`).
+    bitmaps: BitmapSet,
 }
 
 impl BlockNode {
@@ -25,6 +28,7 @@ impl BlockNode {
             read_only: read_only || !caps.can_write,
             driver,
             caps,
+            bitmaps: BitmapSet::default(),
         }
     }
 
@@ -50,6 +54,19 @@ impl BlockNode {
 
     pub fn driver(&self) -> &Arc<dyn Driver> {
         &self.driver
+    }
+
+    pub fn bitmaps(&self) -> &BitmapSet {
+        &self.bitmaps
+    }
+
+    /// Marks this node's recording bitmaps for a write that has been done.
+    /// The node calls it for its own writes; a format driver that writes its
+    /// child through the child's driver (raw, blkdebug) calls it on the child,
+    /// so a bitmap on a `file` node sees writes made through the raw node on
+    /// top, as in QEMU, where every layer tracks its own writes.
+    pub fn mark_dirty(&self, offset: u64, len: u64) {
+        self.bitmaps.mark(offset, len);
     }
 
     fn check_range(&self, offset: u64, len: u64) -> BlockResult<()> {
@@ -118,11 +135,15 @@ impl BlockNode {
         {
             return (buf, Err(e));
         }
-        self.run(buf.len() as u64, move |d| {
-            let r = d.write_at(&buf, offset, fua);
-            (buf, r)
-        })
-        .await
+        let len = buf.len() as u64;
+        let done = self
+            .run(len, move |d| {
+                let r = d.write_at(&buf, offset, fua);
+                (buf, r)
+            })
+            .await;
+        self.mark_dirty(offset, len);
+        done
     }
 
     pub async fn flush(&self) -> BlockResult<()> {
@@ -135,14 +156,22 @@ impl BlockNode {
     pub async fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        self.run(len, move |d| d.discard(offset, len)).await
+        let r = self.run(len, move |d| d.discard(offset, len)).await;
+        // QEMU leaves bitmaps alone when the node ignores discards.
+        if self.caps.can_discard {
+            self.mark_dirty(offset, len);
+        }
+        r
     }
 
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        self.run(len, move |d| d.write_zeroes(offset, len, flags))
-            .await
+        let r = self
+            .run(len, move |d| d.write_zeroes(offset, len, flags))
+            .await;
+        self.mark_dirty(offset, len);
+        r
     }
 
     pub async fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {

@@ -213,9 +213,14 @@ fn parse_int(s: &str) -> Option<i128> {
 }
 
 macro_rules! int_type {
-    ($t:ty, $name:expr) => {
+    ($t:ty, $name:expr, $unsigned:expr) => {
         impl FromQapi for $t {
             fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
+                // QEMU reads every unsigned type as uint64 first, and a JSON
+                // value that is no number fails there: "expects uint64".
+                if $unsigned && ctx.mode == InputMode::Json && !value.is_number() {
+                    return Err(ctx.expects("uint64"));
+                }
                 let n = integer(value, ctx)?;
                 <$t>::try_from(n).map_err(|_| ctx.expects($name))
             }
@@ -223,10 +228,10 @@ macro_rules! int_type {
     };
 }
 
-int_type!(u16, "uint16_t");
-int_type!(u32, "uint32_t");
-int_type!(u64, "uint64_t");
-int_type!(i64, "int64_t");
+int_type!(u16, "uint16_t", true);
+int_type!(u32, "uint32_t", true);
+int_type!(u64, "uint64_t", true);
+int_type!(i64, "int64_t", false);
 
 /// QAPI's `size`: bytes; keyval accepts k/M/G/T/P/E suffixes (powers of 1024).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

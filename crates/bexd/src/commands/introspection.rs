@@ -11,6 +11,7 @@ pub fn schema() -> Value {
     blockdev(&mut s);
     sockets(&mut s);
     exports(&mut s);
+    bitmaps(&mut s);
     objects(&mut s);
     s.render()
 }
@@ -157,6 +158,19 @@ fn blockdev(s: &mut Schema) {
             req("write_threshold", int()),
             req("image", any()),
             req("cache", any()),
+            opt("dirty-bitmaps", array(named("BlockDirtyInfo"))),
+        ],
+    );
+    s.object(
+        "BlockDirtyInfo",
+        vec![
+            req("name", str()),
+            req("count", int()),
+            req("granularity", int()),
+            req("recording", bool()),
+            req("busy", bool()),
+            req("persistent", bool()),
+            opt("inconsistent", bool()),
         ],
     );
     s.command("blockdev-add", "BlockdevOptions", named(EMPTY), &[]);
@@ -325,6 +339,98 @@ fn exports(s: &mut Schema) {
         &[],
     );
     s.event("BLOCK_EXPORT_DELETED", "BlockExportDeletedEvent");
+}
+
+/// The bitmap commands and `transaction` with its bitmap actions (QAPI wraps
+/// each action's arguments in `data`).
+fn bitmaps(s: &mut Schema) {
+    s.object(
+        "BlockDirtyBitmapAdd",
+        vec![
+            req("node", str()),
+            req("name", str()),
+            opt("granularity", int()),
+            opt("persistent", bool()),
+            opt("disabled", bool()),
+        ],
+    );
+    s.object(
+        "BlockDirtyBitmapMerge",
+        vec![
+            req("node", str()),
+            req("target", str()),
+            req("bitmaps", array(named("BlockDirtyBitmapOrStr"))),
+        ],
+    );
+    s.command(
+        "block-dirty-bitmap-add",
+        "BlockDirtyBitmapAdd",
+        named(EMPTY),
+        &[],
+    );
+    for name in [
+        "block-dirty-bitmap-remove",
+        "block-dirty-bitmap-clear",
+        "block-dirty-bitmap-enable",
+        "block-dirty-bitmap-disable",
+    ] {
+        s.command(name, "BlockDirtyBitmap", named(EMPTY), &[]);
+    }
+    s.command(
+        "block-dirty-bitmap-merge",
+        "BlockDirtyBitmapMerge",
+        named(EMPTY),
+        &[],
+    );
+    s.enumeration(
+        "TransactionActionKind",
+        vec![
+            "block-dirty-bitmap-add",
+            "block-dirty-bitmap-remove",
+            "block-dirty-bitmap-clear",
+            "block-dirty-bitmap-enable",
+            "block-dirty-bitmap-disable",
+            "block-dirty-bitmap-merge",
+        ],
+    );
+    s.object(
+        "BlockDirtyBitmapAddWrapper",
+        vec![req("data", named("BlockDirtyBitmapAdd"))],
+    );
+    s.object(
+        "BlockDirtyBitmapWrapper",
+        vec![req("data", named("BlockDirtyBitmap"))],
+    );
+    s.object(
+        "BlockDirtyBitmapMergeWrapper",
+        vec![req("data", named("BlockDirtyBitmapMerge"))],
+    );
+    s.union(
+        "TransactionAction",
+        vec![req("type", named("TransactionActionKind"))],
+        "type",
+        vec![
+            ("block-dirty-bitmap-add", "BlockDirtyBitmapAddWrapper"),
+            ("block-dirty-bitmap-remove", "BlockDirtyBitmapWrapper"),
+            ("block-dirty-bitmap-clear", "BlockDirtyBitmapWrapper"),
+            ("block-dirty-bitmap-enable", "BlockDirtyBitmapWrapper"),
+            ("block-dirty-bitmap-disable", "BlockDirtyBitmapWrapper"),
+            ("block-dirty-bitmap-merge", "BlockDirtyBitmapMergeWrapper"),
+        ],
+    );
+    s.enumeration("ActionCompletionMode", vec!["individual", "grouped"]);
+    s.object(
+        "TransactionProperties",
+        vec![opt("completion-mode", named("ActionCompletionMode"))],
+    );
+    s.object(
+        "TransactionArgs",
+        vec![
+            req("actions", array(named("TransactionAction"))),
+            opt("properties", named("TransactionProperties")),
+        ],
+    );
+    s.command("transaction", "TransactionArgs", named(EMPTY), &[]);
 }
 
 fn objects(s: &mut Schema) {

@@ -1,6 +1,7 @@
 //! QMP command dispatch. Each family lives in its own file; this table is
 //! the single list of what bexd implements (it also answers `query-commands`).
 
+pub(crate) mod bitmap;
 mod blockdev;
 mod export;
 mod introspection;
@@ -35,6 +36,13 @@ pub const COMMANDS: &[&str] = &[
     "block-export-add",
     "block-export-del",
     "query-block-exports",
+    "block-dirty-bitmap-add",
+    "block-dirty-bitmap-remove",
+    "block-dirty-bitmap-clear",
+    "block-dirty-bitmap-enable",
+    "block-dirty-bitmap-disable",
+    "block-dirty-bitmap-merge",
+    "transaction",
 ];
 
 type Args = Map<String, Value>;
@@ -67,6 +75,8 @@ pub async fn dispatch(daemon: &Arc<Daemon>, name: &str, args: Args) -> Result<Va
         "block-export-add" => export::block_export_add(daemon, Value::Object(args), json),
         "block-export-del" => export::block_export_del(daemon, args),
         "query-block-exports" => no_args(name, args).map(|()| query::block_exports(daemon)),
+        "transaction" => bitmap::transaction(daemon, args),
+        n if n.starts_with("block-dirty-bitmap-") => bitmap::command(daemon, name, args),
         _ => Err(not_found(name)),
     }
 }

@@ -62,7 +62,7 @@ pub fn named_block_nodes(daemon: &Arc<Daemon>, mut args: Args) -> Result<Value, 
         .map(|(name, entry)| {
             let node = &entry.node;
             let caps = node.capabilities();
-            json!({
+            let mut shown = json!({
                 "node-name": name,
                 "drv": node.driver_name(),
                 "ro": node.read_only(),
@@ -82,7 +82,12 @@ pub fn named_block_nodes(daemon: &Arc<Daemon>, mut args: Args) -> Result<Value, 
                     "format": node.driver_name(),
                     "virtual-size": node.size(),
                 },
-            })
+            });
+            if let (Some(bitmaps), Some(map)) = (super::bitmap::query(node), shown.as_object_mut())
+            {
+                map.insert("dirty-bitmaps".into(), bitmaps);
+            }
+            shown
         })
         .collect();
     Ok(Value::Array(list))

@@ -428,8 +428,10 @@ async fn block_status(ctx: &Context, req: &RequestHeader) -> Reply {
             MetaContext::BaseAllocation => allocation_extents(&ctx.node, offset, len, max).await,
             // A raw node is one layer: everything is allocated at depth 1.
             MetaContext::AllocationDepth => Ok(vec![(req.length, 1)]),
-            // Bitmaps arrive with their own issue; report "clean" until then.
-            MetaContext::DirtyBitmap(_) => Ok(vec![(req.length, 0)]),
+            MetaContext::DirtyBitmap(name) => Ok(match ctx.client.export().bitmap(name) {
+                Some(b) => crate::export_bitmaps::extents(b, offset, req.length, max),
+                None => vec![(req.length, 0)],
+            }),
         };
         let mut extents = match extents {
             Ok(e) => e,

@@ -110,7 +110,9 @@ impl Driver for BlkdebugDriver {
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
         self.check(IoType::Write, offset, buf.len() as u64)?;
-        self.inner().write_at(buf, offset, fua)
+        let r = self.inner().write_at(buf, offset, fua);
+        self.child.mark_dirty(offset, buf.len() as u64);
+        r
     }
 
     fn flush(&self) -> BlockResult<()> {
@@ -120,12 +122,18 @@ impl Driver for BlkdebugDriver {
 
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
         self.check(IoType::Discard, offset, len)?;
-        self.inner().discard(offset, len)
+        let r = self.inner().discard(offset, len);
+        if self.child.capabilities().can_discard {
+            self.child.mark_dirty(offset, len);
+        }
+        r
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
         self.check(IoType::WriteZeroes, offset, len)?;
-        self.inner().write_zeroes(offset, len, flags)
+        let r = self.inner().write_zeroes(offset, len, flags);
+        self.child.mark_dirty(offset, len);
+        r
     }
 
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {

@@ -70,7 +70,10 @@ impl Driver for RawDriver {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
-        self.inner().write_at(buf, self.offset + offset, fua)
+        let r = self.inner().write_at(buf, self.offset + offset, fua);
+        self.child
+            .mark_dirty(self.offset + offset, buf.len() as u64);
+        r
     }
 
     fn flush(&self) -> BlockResult<()> {
@@ -79,7 +82,13 @@ impl Driver for RawDriver {
 
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
         match self.discard {
-            true => self.inner().discard(self.offset + offset, len),
+            true => {
+                let r = self.inner().discard(self.offset + offset, len);
+                if self.child.capabilities().can_discard {
+                    self.child.mark_dirty(self.offset + offset, len);
+                }
+                r
+            }
             false => Ok(()),
         }
     }
@@ -89,7 +98,9 @@ impl Driver for RawDriver {
             may_unmap: flags.may_unmap && self.discard,
             ..flags
         };
-        self.inner().write_zeroes(self.offset + offset, len, flags)
+        let r = self.inner().write_zeroes(self.offset + offset, len, flags);
+        self.child.mark_dirty(self.offset + offset, len);
+        r
     }
 
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {

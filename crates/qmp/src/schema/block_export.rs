@@ -51,6 +51,17 @@ impl FromQapi for BlockDirtyBitmapOrStr {
         if value.is_string() {
             return String::from_qapi(value, ctx).map(Self::Local);
         }
+        if !value.is_object() {
+            // QEMU's generated alternate check names the bare member, or
+            // "null" for a list element, not the full path.
+            let name = match ctx.path.rsplit('.').next() {
+                Some(last) if !last.is_empty() && !last.ends_with(']') => last,
+                _ => "null",
+            };
+            return Err(QmpError::generic(format!(
+                "Invalid parameter type for '{name}', expected: BlockDirtyBitmapOrStr"
+            )));
+        }
         let mut f = Fields::new(value, ctx)?;
         let r = Self::External {
             node: f.required("node")?,

@@ -1,0 +1,291 @@
+//! The dirty bitmap commands and `transaction` with bitmap actions.
+//!
+//! Every command is run as a transaction of one action, so the single
+//! commands and `transaction` share one code path. A transaction applies its
+//! actions in order, each seeing the effects of the ones before (QEMU's
+//! prepare phase: `add` then `remove` of the same name works), and records
+//! how to undo each. If one fails, the done ones are undone newest first and
+//! the error is returned; otherwise the deferred parts (a `remove` frees its
+//! bitmap only at commit, holding it busy until then) are carried out.
+
+use std::sync::Arc;
+
+use block::bitmap::{DEFAULT_GRANULARITY, MAX_GRANULARITY, MIN_GRANULARITY};
+use block::{BlockNode, DirtyBitmap};
+use qmp::schema::bitmap::{
+    ActionCompletionMode, BlockDirtyBitmap, BlockDirtyBitmapAdd, BlockDirtyBitmapMerge,
+    Transaction, TransactionAction,
+};
+use qmp::schema::block_export::BlockDirtyBitmapOrStr;
+use qmp::visitor::{from_value, FromQapi, InputMode};
+use qmp::QmpError;
+use serde_json::{json, Value};
+
+use super::{ok, Args};
+use crate::daemon::Daemon;
+
+/// QEMU's limit on bitmap names (BDRV_BITMAP_MAX_NAME_SIZE).
+const MAX_NAME: usize = 1023;
+
+/// One of the single bitmap commands.
+pub fn command(daemon: &Daemon, name: &str, args: Args) -> Result<Value, QmpError> {
+    let args = Value::Object(args);
+    let action = match name {
+        "block-dirty-bitmap-add" => TransactionAction::Add(read(args)?),
+        "block-dirty-bitmap-remove" => TransactionAction::Remove(read(args)?),
+        "block-dirty-bitmap-clear" => TransactionAction::Clear(read(args)?),
+        "block-dirty-bitmap-enable" => TransactionAction::Enable(read(args)?),
+        "block-dirty-bitmap-disable" => TransactionAction::Disable(read(args)?),
+        "block-dirty-bitmap-merge" => TransactionAction::Merge(read(args)?),
+        _ => return Err(super::not_found(name)),
+    };
+    run(daemon, vec![action]).map(|()| ok())
+}
+
+fn read<T: FromQapi>(args: Value) -> Result<T, QmpError> {
+    from_value(args, InputMode::Json)
+}
+
+pub fn transaction(daemon: &Daemon, args: Args) -> Result<Value, QmpError> {
+    let t: Transaction = read(Value::Object(args))?;
+    if let (Some(ActionCompletionMode::Grouped), Some(first)) =
+        (t.completion_mode, t.actions.first())
+    {
+        return Err(QmpError::generic(format!(
+            "Action '{}' does not support transaction property completion-mode = grouped",
+            first.type_name()
+        )));
+    }
+    run(daemon, t.actions).map(|()| ok())
+}
+
+/// How to take back one applied action.
+enum Undo {
+    /// An added bitmap: remove it again.
+    Added(Arc<BlockNode>, String),
+    /// Restore the bits (clear, merge target).
+    Bits(Arc<DirtyBitmap>, Vec<u64>),
+    /// Restore recording (enable, disable).
+    Enabled(Arc<DirtyBitmap>, bool),
+    /// A pending remove: the bitmap was held busy.
+    Removing(Arc<DirtyBitmap>),
+}
+
+/// Applies all actions or none.
+fn run(daemon: &Daemon, actions: Vec<TransactionAction>) -> Result<(), QmpError> {
+    let mut undo = Vec::new();
+    let mut removals = Vec::new();
+    for action in actions {
+        if let Err(e) = apply(daemon, action, &mut undo, &mut removals) {
+            for u in undo.into_iter().rev() {
+                rollback(u);
+            }
+            return Err(e);
+        }
+    }
+    for (node, bitmap) in removals {
+        bitmap.set_busy(false);
+        node.bitmaps().remove(bitmap.name());
+    }
+    Ok(())
+}
+
+fn rollback(u: Undo) {
+    match u {
+        Undo::Added(node, name) => {
+            node.bitmaps().remove(&name);
+        }
+        Undo::Bits(b, words) => b.restore_words(words),
+        Undo::Enabled(b, enabled) => b.set_enabled(enabled),
+        Undo::Removing(b) => b.set_busy(false),
+    }
+}
+
+type Removals = Vec<(Arc<BlockNode>, Arc<DirtyBitmap>)>;
+
+fn apply(
+    daemon: &Daemon,
+    action: TransactionAction,
+    undo: &mut Vec<Undo>,
+    removals: &mut Removals,
+) -> Result<(), QmpError> {
+    match action {
+        TransactionAction::Add(a) => {
+            let node = add(daemon, &a)?;
+            undo.push(Undo::Added(node, a.name));
+        }
+        TransactionAction::Remove(r) => {
+            let (node, b) = lookup(daemon, &r)?;
+            check_usable(&b)?;
+            b.set_busy(true);
+            undo.push(Undo::Removing(b.clone()));
+            removals.push((node, b));
+        }
+        TransactionAction::Clear(r) => {
+            let (_, b) = lookup(daemon, &r)?;
+            check_usable(&b)?;
+            undo.push(Undo::Bits(b.clone(), b.words()));
+            b.clear();
+        }
+        TransactionAction::Enable(r) => set_enabled(daemon, &r, true, undo)?,
+        TransactionAction::Disable(r) => set_enabled(daemon, &r, false, undo)?,
+        TransactionAction::Merge(m) => merge(daemon, &m, undo)?,
+    }
+    Ok(())
+}
+
+fn add(daemon: &Daemon, a: &BlockDirtyBitmapAdd) -> Result<Arc<BlockNode>, QmpError> {
+    if a.name.is_empty() {
+        return Err(QmpError::generic("Bitmap name cannot be empty"));
+    }
+    let node = daemon.find_node(&a.node).ok_or_else(|| {
+        QmpError::generic(format!(
+            "Cannot find device='{0}' nor node-name='{0}'",
+            a.node
+        ))
+    })?;
+    let granularity = match a.granularity {
+        Some(g) => {
+            let g = u64::from(g);
+            if !g.is_power_of_two() || !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&g) {
+                return Err(QmpError::generic(
+                    "Granularity must be power of 2 and at least 512",
+                ));
+            }
+            g
+        }
+        None => DEFAULT_GRANULARITY,
+    };
+    let persistent = a.persistent.unwrap_or(false);
+    if persistent && !node.driver().can_store_bitmaps() {
+        return Err(QmpError::generic(format!(
+            "Can't store persistent bitmaps to {}: Operation not supported",
+            a.node
+        )));
+    }
+    if a.name.len() > MAX_NAME {
+        return Err(QmpError::generic(format!(
+            "Bitmap name too long: {}",
+            a.name
+        )));
+    }
+    if node.bitmaps().find(&a.name).is_some() {
+        return Err(QmpError::generic(format!(
+            "Bitmap already exists: {}",
+            a.name
+        )));
+    }
+    let enabled = !a.disabled.unwrap_or(false);
+    let bitmap = DirtyBitmap::new(
+        a.name.clone(),
+        node.size(),
+        granularity,
+        enabled,
+        persistent,
+    );
+    node.bitmaps().insert(Arc::new(bitmap));
+    Ok(node)
+}
+
+/// QEMU's block_dirty_bitmap_lookup: the node, then the bitmap on it.
+pub fn lookup(
+    daemon: &Daemon,
+    r: &BlockDirtyBitmap,
+) -> Result<(Arc<BlockNode>, Arc<DirtyBitmap>), QmpError> {
+    let node = daemon
+        .find_node(&r.node)
+        .ok_or_else(|| QmpError::generic(format!("Node '{}' not found", r.node)))?;
+    let bitmap = find_on(&node, &r.name)?;
+    Ok((node, bitmap))
+}
+
+fn find_on(node: &BlockNode, name: &str) -> Result<Arc<DirtyBitmap>, QmpError> {
+    node.bitmaps()
+        .find(name)
+        .ok_or_else(|| QmpError::generic(format!("Dirty bitmap '{name}' not found")))
+}
+
+/// The check QEMU makes before changing a bitmap.
+pub fn check_usable(b: &DirtyBitmap) -> Result<(), QmpError> {
+    match b.busy() {
+        true => Err(busy(b.name())),
+        false => Ok(()),
+    }
+}
+
+pub fn busy(name: &str) -> QmpError {
+    QmpError::generic(format!(
+        "Bitmap '{name}' is currently in use by another operation and cannot be used"
+    ))
+}
+
+fn set_enabled(
+    daemon: &Daemon,
+    r: &BlockDirtyBitmap,
+    enabled: bool,
+    undo: &mut Vec<Undo>,
+) -> Result<(), QmpError> {
+    let (_, b) = lookup(daemon, r)?;
+    check_usable(&b)?;
+    undo.push(Undo::Enabled(b.clone(), b.enabled()));
+    b.set_enabled(enabled);
+    Ok(())
+}
+
+fn merge(daemon: &Daemon, m: &BlockDirtyBitmapMerge, undo: &mut Vec<Undo>) -> Result<(), QmpError> {
+    let (node, target) = lookup(
+        daemon,
+        &BlockDirtyBitmap {
+            node: m.node.clone(),
+            name: m.target.clone(),
+        },
+    )?;
+    check_usable(&target)?;
+    undo.push(Undo::Bits(target.clone(), target.words()));
+    for source in &m.bitmaps {
+        let source = match source {
+            BlockDirtyBitmapOrStr::Local(name) => find_on(&node, name)?,
+            BlockDirtyBitmapOrStr::External { node, name } => {
+                lookup(
+                    daemon,
+                    &BlockDirtyBitmap {
+                        node: node.clone(),
+                        name: name.clone(),
+                    },
+                )?
+                .1
+            }
+        };
+        check_usable(&source)?;
+        target
+            .merge_from(&source)
+            .map_err(|e| QmpError::generic(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// The `dirty-bitmaps` member of a node in query-named-block-nodes.
+pub fn query(node: &BlockNode) -> Option<Value> {
+    let list = node.bitmaps().list();
+    if list.is_empty() {
+        return None;
+    }
+    let shown = list
+        .iter()
+        .map(|b| {
+            json!({
+                "name": b.name(),
+                "recording": b.enabled(),
+                "persistent": b.persistent(),
+                "busy": b.busy(),
+                "granularity": b.granularity(),
+                "count": b.count(),
+            })
+        })
+        .collect();
+    Some(Value::Array(shown))
+}
+
+#[cfg(test)]
+#[path = "bitmap_tests.rs"]
+mod tests;

@@ -1,0 +1,70 @@
+//! The dirty bitmaps an export offers: resolving `bitmaps` / `bitmap` when
+//! the export is added, with QEMU's checks, and turning a bitmap into
+//! `qemu:dirty-bitmap:NAME` extents for BLOCK_STATUS.
+
+use std::sync::Arc;
+
+use block::{BlockNode, DirtyBitmap};
+use qmp::schema::bitmap::BlockDirtyBitmap;
+use qmp::QmpError;
+
+use crate::commands::bitmap::{busy, lookup};
+use crate::daemon::Daemon;
+use crate::export::{BitmapRef, ExportConfig};
+
+/// NBD flag for a dirty region in `qemu:dirty-bitmap:*`.
+const STATE_DIRTY: u32 = 1;
+
+/// The bitmaps of `config` on `node`, checked in QEMU's order per bitmap:
+/// found, not busy, and not recording if the export is read-only while
+/// the node is writable (the client would read a bitmap that keeps changing).
+pub fn resolve(
+    daemon: &Daemon,
+    config: &ExportConfig,
+    node: &Arc<BlockNode>,
+) -> Result<Vec<Arc<DirtyBitmap>>, QmpError> {
+    let mut found = Vec::with_capacity(config.bitmaps.len());
+    for r in &config.bitmaps {
+        let bitmap = match r {
+            // bexd has no filter or backing chains, so "down the chain" is the node itself.
+            BitmapRef::Local(name) => node
+                .bitmaps()
+                .find(name)
+                .ok_or_else(|| QmpError::generic(format!("Bitmap '{name}' is not found")))?,
+            BitmapRef::External { node, name } => {
+                let r = BlockDirtyBitmap {
+                    node: node.clone(),
+                    name: name.clone(),
+                };
+                lookup(daemon, &r)?.1
+            }
+        };
+        if bitmap.busy() {
+            return Err(busy(bitmap.name()));
+        }
+        if !config.writable && !node.read_only() && bitmap.enabled() {
+            return Err(QmpError::generic(format!(
+                "Enabled bitmap '{}' incompatible with readonly export",
+                bitmap.name()
+            )));
+        }
+        found.push(bitmap);
+    }
+    Ok(found)
+}
+
+/// `qemu:dirty-bitmap` extents for `[offset, offset+len)`: (length, flags),
+/// at most `max`, in granularity-aligned runs (the first and last clipped to
+/// the request), as QEMU sends them.
+pub fn extents(bitmap: &DirtyBitmap, offset: u64, len: u32, max: usize) -> Vec<(u32, u32)> {
+    let runs = bitmap.extents(offset, u64::from(len), max);
+    let mut out: Vec<(u32, u32)> = runs
+        .into_iter()
+        .map(|(l, dirty)| (l as u32, if dirty { STATE_DIRTY } else { 0 }))
+        .collect();
+    // A request past the bitmap (cannot happen: both have the node's size) still gets an answer.
+    if out.is_empty() {
+        out.push((len, 0));
+    }
+    out
+}
