@@ -150,10 +150,19 @@ pub enum BlockdevSpecific {
         latency_ns: Option<u64>,
         read_zeroes: Option<bool>,
     },
-    Qcow2 {
-        file: BlockdevRef,
-        backing: Option<BlockdevRefOrNull>,
-    },
+    Qcow2(BlockdevOptionsQcow2),
+}
+
+/// BlockdevOptionsQcow2 (the members bexd acts on; the others are accepted).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockdevOptionsQcow2 {
+    pub file: BlockdevRef,
+    pub backing: Option<BlockdevRefOrNull>,
+    pub lazy_refcounts: Option<bool>,
+    pub cache_size: Option<i64>,
+    pub l2_cache_size: Option<i64>,
+    pub refcount_cache_size: Option<i64>,
+    pub cache_clean_interval: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -202,23 +211,23 @@ fn read_specific(driver: BlockdevDriver, f: &mut Fields) -> Result<BlockdevSpeci
             read_zeroes: f.optional("read-zeroes")?,
         },
         BlockdevDriver::Qcow2 => {
-            let r = BlockdevSpecific::Qcow2 {
+            let r = BlockdevSpecific::Qcow2(BlockdevOptionsQcow2 {
                 backing: f.optional("backing")?,
                 file: f.required("file")?,
-            };
-            // Cache and feature members are accepted; the qcow2 driver is a later issue.
+                lazy_refcounts: f.optional("lazy-refcounts")?,
+                cache_size: f.optional("cache-size")?,
+                l2_cache_size: f.optional("l2-cache-size")?,
+                refcount_cache_size: f.optional("refcount-cache-size")?,
+                cache_clean_interval: f.optional("cache-clean-interval")?,
+            });
+            // Members bexd accepts without acting on them.
             for key in [
-                "lazy-refcounts",
                 "pass-discard-request",
                 "pass-discard-snapshot",
                 "pass-discard-other",
                 "discard-no-unref",
                 "overlap-check",
-                "cache-size",
-                "l2-cache-size",
                 "l2-cache-entry-size",
-                "refcount-cache-size",
-                "cache-clean-interval",
                 "encrypt",
                 "data-file",
             ] {

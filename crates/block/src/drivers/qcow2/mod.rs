@@ -74,6 +74,23 @@ pub struct Qcow2Driver {
     clean: Mutex<CleanState>,
 }
 
+/// What `query-named-block-nodes` shows of a qcow2 image (QEMU's ImageInfoSpecificQCow2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Qcow2Info {
+    /// "0.10" for version 2, "1.1" for version 3.
+    pub compat: &'static str,
+    pub cluster_size: u64,
+    pub refcount_bits: u32,
+    pub lazy_refcounts: bool,
+    pub corrupt: bool,
+    pub extended_l2: bool,
+    /// "zlib" or "zstd".
+    pub compression_type: &'static str,
+    /// The backing file name as stored in the header.
+    pub backing_file: Option<String>,
+    pub backing_format: Option<String>,
+}
+
 /// When the caches were last trimmed, for `cache-clean-interval`.
 #[derive(Debug)]
 struct CleanState {
@@ -145,6 +162,24 @@ impl Qcow2Driver {
 
     pub fn cluster_size(&self) -> u64 {
         self.header.cluster_size()
+    }
+
+    pub fn info(&self) -> Qcow2Info {
+        let h = &self.header;
+        Qcow2Info {
+            compat: if h.version == 2 { "0.10" } else { "1.1" },
+            cluster_size: h.cluster_size(),
+            refcount_bits: 1 << h.refcount_order,
+            lazy_refcounts: self.lazy_refcounts(),
+            corrupt: h.incompatible & INCOMPAT_CORRUPT != 0,
+            extended_l2: h.extended_l2(),
+            compression_type: match h.compression {
+                header::Compression::Zlib => "zlib",
+                header::Compression::Zstd => "zstd",
+            },
+            backing_file: self.backing_file.clone(),
+            backing_format: h.backing_format.clone(),
+        }
     }
 
     /// Internal snapshots in the image (their clusters are shared, never written in place).
