@@ -331,18 +331,34 @@ def test_blockdev_add_with_backing_null_and_named_backing(start, tmp_path):
     assert h2.pread(512, 0) == b"\x61" * 512
 
 
-def test_kill_9_during_writes_never_corrupts_or_loses_flushed_data(tmp_path):
-    img = create(tmp_path, "k.qcow2", size="64M", opts="cluster_size=64k")
+def kill_image(tmp_path, layout):
+    """The image a kill test writes to: fresh, over a filled backing file, or with a snapshot."""
+    if layout == "backing":
+        base = create(tmp_path, "base.qcow2", size="64M")
+        qemu_io(base, "write -P 0x5a 0 64M")
+        return create(tmp_path, "k.qcow2", size="64M", backing=(base.name, "qcow2"))
+    img = create(tmp_path, "k.qcow2", size="64M", opts=layout if "=" in layout else "")
+    if layout == "snapshot":
+        qemu_io(img, "write -P 0x6b 0 64M")
+        run("qemu-img", "snapshot", "-c", "s1", str(img))
+    return img
+
+
+@pytest.mark.parametrize("layout", ["cluster_size=64k", "cluster_size=4k,refcount_bits=2",
+                                    "extended_l2=on", "backing", "snapshot"])
+def test_kill_9_during_writes_never_corrupts_or_loses_flushed_data(tmp_path, layout):
+    img = kill_image(tmp_path, layout)
     bs, blocks, n = 4 * KIB, 16384, 4
-    durable = {}
+    initial = to_raw(img, tmp_path / "k.raw")
+    durable = {b: initial[b * bs:(b + 1) * bs] for b in range(blocks)}
     rng = random.Random(1234)
-    rounds = int(os.environ.get("KILL_ROUNDS", "25"))
+    rounds = int(os.environ.get("KILL_ROUNDS", "12"))
     writes = leaks = checked = 0
     for rnd in range(rounds):
         d = Daemon(tmp_path, "bexd", [qcow2_node(img)], [export()])
         writers = [Writer(d.uri("disk"), k, n, blocks, bs, rnd * 10 + k) for k in range(n)]
         threads, _ = run_writers(writers, 100000)
-        time.sleep(rng.uniform(0.05, 1.0))
+        time.sleep(rng.uniform(0.05, 0.8))
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait()
         d.stderr.close()
@@ -362,6 +378,6 @@ def test_kill_9_during_writes_never_corrupts_or_loses_flushed_data(tmp_path):
         # Re-learn what the image holds now, for blocks the next round may leave alone.
         for b in range(blocks):
             durable[b] = raw[b * bs:(b + 1) * bs]
-    print(f"kill -9: {rounds} rounds, {writes} writes, {checked} durable blocks checked, "
-          f"{leaks} leaked clusters, no corruption")
+    print(f"kill -9 {layout}: {rounds} rounds, {writes} writes, {checked} durable blocks "
+          f"checked, {leaks} leaked clusters, no corruption")
     assert writes > rounds * 10
