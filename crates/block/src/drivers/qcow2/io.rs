@@ -6,6 +6,8 @@
 //! backing file or zeroes), and only then points the L2 entry at them; the
 //! old clusters are freed after the next flush has made that change durable.
 
+use std::sync::atomic::Ordering;
+
 use crate::driver::{Extent, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 
@@ -100,17 +102,24 @@ impl Qcow2Driver {
     }
 
     pub(super) fn read(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
-        let pieces = {
+        let (pieces, readers) = {
             let mut m = self.lock();
-            self.map_range(&mut m, offset, buf.len() as u64)?
+            let pieces = self.map_range(&mut m, offset, buf.len() as u64)?;
+            m.readers.fetch_add(1, Ordering::AcqRel);
+            (pieces, m.readers.clone())
         };
         let mut at = 0usize;
+        let mut r = Ok(());
         for p in pieces {
             let n = p.len as usize;
-            self.read_source(&mut buf[at..at + n], p.src)?;
+            r = self.read_source(&mut buf[at..at + n], p.src);
+            if r.is_err() {
+                break;
+            }
             at += n;
         }
-        Ok(())
+        readers.fetch_sub(1, Ordering::AcqRel);
+        r
     }
 
     fn read_source(&self, buf: &mut [u8], src: Source) -> BlockResult<()> {
@@ -281,6 +290,8 @@ impl Qcow2Driver {
         drop(m);
         let r = self.fill_new_clusters(buf, offset, host, &olds);
         let mut m = self.lock();
+        // How many new clusters the L2 table now references.
+        let mut linked = 0u64;
         let r = r.and_then(|n| {
             for (i, old) in olds.iter().enumerate() {
                 let new = L2Entry {
@@ -289,13 +300,14 @@ impl Qcow2Driver {
                 };
                 m.set_entry(self.f(), (first + i as u64) * cs, new)?;
                 m.free_entry(*old);
+                linked += 1;
             }
             Ok(n)
         });
-        if r.is_err() {
-            // Unreferenced (or only partly referenced) new clusters leak until
-            // the next flush drops their refcount; never corruption.
-            m.pending_frees.push((host, k * cs));
+        if r.is_err() && linked < k {
+            // New clusters nothing references: their refcount drops after the next flush.
+            m.pending_frees
+                .push((host + linked * cs, (k - linked) * cs));
         }
         for i in 0..k {
             m.busy.remove(&(first + i));

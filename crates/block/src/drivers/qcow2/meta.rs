@@ -13,6 +13,8 @@
 //! (leaks, which `qemu-img check -r leaks` reclaims), never the reverse.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use crate::driver::Driver;
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
@@ -43,6 +45,10 @@ pub struct Meta {
     /// Guest clusters being changed: -1 one exclusive owner (allocation,
     /// zeroing, discard), n > 0 in-place writers.
     pub busy: HashMap<u64, i32>,
+    /// Guest reads that mapped under the lock and are still reading. Their
+    /// mappings may name clusters that were just freed, so refcount
+    /// decrements (which make clusters reusable) wait until none are left.
+    pub readers: Arc<AtomicUsize>,
 }
 
 fn corrupt(msg: String) -> BlockError {
@@ -162,15 +168,16 @@ impl Meta {
     }
 
     pub fn is_dirty(&self) -> bool {
-        self.rc_cache.is_dirty()
-            || self.l2_cache.is_dirty()
-            || !self.l1_dirty.is_empty()
-            || !self.pending_frees.is_empty()
+        self.rc_cache.is_dirty() || self.l2_cache.is_dirty() || !self.l1_dirty.is_empty()
+    }
+
+    fn frees_ready(&self) -> bool {
+        !self.pending_frees.is_empty() && self.readers.load(Ordering::Acquire) == 0
     }
 
     /// Writes all metadata in the safe order (module docs). Returns true if anything was written.
     pub fn flush(&mut self, f: &dyn Driver) -> BlockResult<bool> {
-        if !self.is_dirty() {
+        if !self.is_dirty() && !self.frees_ready() {
             return Ok(false);
         }
         self.write_rc_blocks(f)?;
@@ -188,7 +195,11 @@ impl Meta {
             self.write_l1(f)?;
             f.flush()?;
         }
-        let frees = std::mem::take(&mut self.pending_frees);
+        // Readers increment under this lock, so zero here means no read holds an old mapping.
+        let frees = match self.readers.load(Ordering::Acquire) {
+            0 => std::mem::take(&mut self.pending_frees),
+            _ => Vec::new(),
+        };
         if !frees.is_empty() {
             for (off, len) in frees {
                 if let Err(e) = self.release(f, off, len) {

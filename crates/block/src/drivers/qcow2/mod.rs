@@ -297,6 +297,7 @@ fn load_meta(f: &dyn Driver, h: &Header, opts: &Qcow2Options) -> BlockResult<Met
         pending_frees: Vec::new(),
         freed: Vec::new(),
         busy: HashMap::new(),
+        readers: Arc::default(),
     })
 }
 
