@@ -102,11 +102,11 @@ impl Qcow2Driver {
     }
 
     pub(super) fn read(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
-        let (pieces, readers) = {
+        let (pieces, in_flight) = {
             let mut m = self.lock();
             let pieces = self.map_range(&mut m, offset, buf.len() as u64)?;
-            m.readers.fetch_add(1, Ordering::AcqRel);
-            (pieces, m.readers.clone())
+            m.in_flight.fetch_add(1, Ordering::AcqRel);
+            (pieces, m.in_flight.clone())
         };
         let mut at = 0usize;
         let mut r = Ok(());
@@ -118,7 +118,7 @@ impl Qcow2Driver {
             }
             at += n;
         }
-        readers.fetch_sub(1, Ordering::AcqRel);
+        in_flight.fetch_sub(1, Ordering::AcqRel);
         r
     }
 
@@ -192,7 +192,7 @@ impl Qcow2Driver {
         let cluster = offset >> bits;
         let mut m = self.lock();
         loop {
-            if m.busy.get(&cluster) == Some(&-1) {
+            if m.busy.contains(&cluster) {
                 m = self.released.wait(m).unwrap_or_else(|e| e.into_inner());
                 continue;
             }
@@ -200,16 +200,13 @@ impl Qcow2Driver {
             if Self::in_place(&m, e, offset) {
                 return self.write_in_place(m, buf, offset, e.host_offset());
             }
-            if m.busy.contains_key(&cluster) {
-                m = self.released.wait(m).unwrap_or_else(|e| e.into_inner());
-                continue;
-            }
             return self.write_allocating(m, buf, offset);
         }
     }
 
-    /// Overwrites clusters that are already ours: shared claims on them keep
-    /// zeroing or discard from freeing them under the write.
+    /// Overwrites clusters that are already ours. Counted in flight, so a
+    /// concurrent zeroing or discard cannot let their clusters be reused
+    /// under the write (see `Meta::flush`).
     fn write_in_place(
         &self,
         mut m: std::sync::MutexGuard<'_, Meta>,
@@ -218,38 +215,24 @@ impl Qcow2Driver {
         host: u64,
     ) -> BlockResult<usize> {
         let cs = self.cluster_size();
-        let first = offset / cs;
         let in_cluster = offset % cs;
         let mut n = (cs - in_cluster).min(buf.len() as u64);
-        let mut clusters = vec![first];
         while n < buf.len() as u64 {
             let g = offset + n;
             let e = m.lookup(self.f(), g)?;
             let contiguous = e.host_offset() == host + in_cluster + n;
-            if !contiguous || m.busy.get(&(g / cs)) == Some(&-1) || !Self::in_place(&m, e, g) {
+            if !contiguous || m.busy.contains(&(g / cs)) || !Self::in_place(&m, e, g) {
                 break;
             }
-            clusters.push(g / cs);
             n += cs.min(buf.len() as u64 - n);
         }
-        for c in &clusters {
-            *m.busy.entry(*c).or_insert(0) += 1;
-        }
+        m.in_flight.fetch_add(1, Ordering::AcqRel);
+        let in_flight = m.in_flight.clone();
         drop(m);
         let r = self
             .f()
             .write_at(&buf[..n as usize], host + in_cluster, false);
-        let mut m = self.lock();
-        for c in &clusters {
-            if let Some(count) = m.busy.get_mut(c) {
-                *count -= 1;
-                if *count <= 0 {
-                    m.busy.remove(c);
-                }
-            }
-        }
-        drop(m);
-        self.released.notify_all();
+        in_flight.fetch_sub(1, Ordering::AcqRel);
         r.map(|()| n as usize)
     }
 
@@ -271,7 +254,7 @@ impl Qcow2Driver {
             }
             if !olds.is_empty() {
                 let (l1i, _) = m.geom.split(c * cs);
-                if l1i != l1_first || m.busy.contains_key(&c) {
+                if l1i != l1_first || m.busy.contains(&c) {
                     break;
                 }
             }
@@ -285,7 +268,7 @@ impl Qcow2Driver {
         m.writable_l2(self.f(), offset)?;
         let host = m.alloc_clusters(self.f(), k)?;
         for i in 0..k {
-            m.busy.insert(first + i, -1);
+            m.busy.insert(first + i);
         }
         drop(m);
         let r = self.fill_new_clusters(buf, offset, host, &olds);
@@ -464,7 +447,7 @@ impl Qcow2Driver {
         let cs = self.cluster_size();
         let mut m = self.lock();
         for c in offset / cs..(offset + len).div_ceil(cs) {
-            while m.busy.contains_key(&c) {
+            while m.busy.contains(&c) {
                 m = self.released.wait(m).unwrap_or_else(|e| e.into_inner());
             }
             let old = m.lookup(self.f(), c * cs)?;

@@ -12,7 +12,7 @@
 //! A crash between steps leaves clusters with a refcount but no reference
 //! (leaks, which `qemu-img check -r leaks` reclaims), never the reverse.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -42,14 +42,19 @@ pub struct Meta {
     pub pending_frees: Vec<(u64, u64)>,
     /// Host offsets whose refcount reached 0 during the last flush, to discard.
     pub freed: Vec<u64>,
-    /// Guest clusters being changed: -1 one exclusive owner (allocation,
-    /// zeroing, discard), n > 0 in-place writers.
-    pub busy: HashMap<u64, i32>,
-    /// Guest reads that mapped under the lock and are still reading. Their
-    /// mappings may name clusters that were just freed, so refcount
-    /// decrements (which make clusters reusable) wait until none are left.
-    pub readers: Arc<AtomicUsize>,
+    /// Guest clusters an allocating write is filling; other writers and
+    /// zeroing wait for them.
+    pub busy: HashSet<u64>,
+    /// Reads and in-place writes that mapped under the lock and are still
+    /// doing their I/O. Their mappings may name clusters that were just
+    /// freed, so refcount decrements (which make clusters reusable) wait
+    /// until none are left.
+    pub in_flight: Arc<AtomicUsize>,
 }
+
+/// How long (in 100 us steps) a flush waits for in-flight I/O before it
+/// leaves refcount decrements for the next flush.
+const FREE_DRAIN_TRIES: u32 = 100;
 
 fn corrupt(msg: String) -> BlockError {
     BlockError::new(BlockErrorKind::Corrupt, msg)
@@ -172,7 +177,19 @@ impl Meta {
     }
 
     fn frees_ready(&self) -> bool {
-        !self.pending_frees.is_empty() && self.readers.load(Ordering::Acquire) == 0
+        !self.pending_frees.is_empty()
+    }
+
+    /// Waits (briefly, holding the lock so no new I/O maps) for mapped I/O to
+    /// finish; true if none is left. I/O in flight never needs this lock.
+    fn drain_in_flight(&self) -> bool {
+        for _ in 0..FREE_DRAIN_TRIES {
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+        false
     }
 
     /// Writes all metadata in the safe order (module docs). Returns true if anything was written.
@@ -195,10 +212,10 @@ impl Meta {
             self.write_l1(f)?;
             f.flush()?;
         }
-        // Readers increment under this lock, so zero here means no read holds an old mapping.
-        let frees = match self.readers.load(Ordering::Acquire) {
-            0 => std::mem::take(&mut self.pending_frees),
-            _ => Vec::new(),
+        // I/O is counted under this lock, so none in flight means no stale mapping.
+        let frees = match !self.pending_frees.is_empty() && self.drain_in_flight() {
+            true => std::mem::take(&mut self.pending_frees),
+            false => Vec::new(),
         };
         if !frees.is_empty() {
             for (off, len) in frees {

@@ -13,7 +13,8 @@
 //! One mutex guards the metadata; it is held for mapping lookups and
 //! updates, never across guest data I/O. Guest clusters being allocated are
 //! marked busy in the metadata, so two writers never allocate the same
-//! cluster and in-place writers never race a cluster that is being replaced.
+//! cluster; reads and in-place writes are counted while they do I/O, and
+//! freed clusters become reusable only when none are in flight.
 
 mod cache;
 mod compressed;
@@ -26,7 +27,7 @@ mod refcount;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -296,8 +297,8 @@ fn load_meta(f: &dyn Driver, h: &Header, opts: &Qcow2Options) -> BlockResult<Met
         free_hint: 0,
         pending_frees: Vec::new(),
         freed: Vec::new(),
-        busy: HashMap::new(),
-        readers: Arc::default(),
+        busy: HashSet::new(),
+        in_flight: Arc::default(),
     })
 }
 
