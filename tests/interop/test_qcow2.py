@@ -154,6 +154,16 @@ def test_snapshot_clusters_are_copied_on_write(start, tmp_path):
     assert to_raw(img, tmp_path / "now.raw") == bytes(now)
 
 
+def test_keyval_empty_backing_means_no_backing_file(start, tmp_path):
+    base = create(tmp_path, "b.qcow2", size="1M")
+    qemu_io(base, "write -P 0x61 0 1M")
+    top = create(tmp_path, "t.qcow2", size="1M", backing=(base.name, "qcow2"))
+    d = start([qcow2_node(top, extra=",backing=")], [export()])
+    h = nbd.NBD()
+    h.connect_uri(d.uri("disk"))
+    assert h.pread(4096, 0) == bytes(4096)
+
+
 def test_unknown_incompatible_feature_is_refused_with_a_clear_error(tmp_path):
     img = create(tmp_path, "x.qcow2", size="1M")
     data = bytearray(img.read_bytes())

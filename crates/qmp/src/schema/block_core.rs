@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::visitor::{Ctx, Fields, FromQapi};
+use crate::visitor::{Ctx, Fields, FromQapi, InputMode};
 use crate::{qapi_enum, QmpError};
 
 qapi_enum!(BlockdevDriver {
@@ -88,6 +88,8 @@ impl FromQapi for BlockdevRefOrNull {
     fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
         match value {
             Value::Null => Ok(Self::Null),
+            // Keyval has no null: QEMU reads `backing=` (empty) as null.
+            Value::String(s) if s.is_empty() && ctx.mode == InputMode::Keyval => Ok(Self::Null),
             other => BlockdevRef::from_qapi(other, ctx).map(Self::Ref),
         }
     }
@@ -252,7 +254,7 @@ impl FromQapi for BlockdevOptions {
 mod tests {
     use super::*;
     use crate::keyval::parse_keyval;
-    use crate::visitor::{from_value, InputMode};
+    use crate::visitor::from_value;
     use serde_json::json;
 
     #[test]
@@ -271,6 +273,16 @@ mod tests {
             panic!("expected an inline file");
         };
         assert!(matches!(inner.specific, BlockdevSpecific::File(ref f) if f.filename == "/a,b"));
+    }
+
+    #[test]
+    fn test_keyval_empty_backing_is_null() {
+        let v = parse_keyval("qcow2,node-name=q,file=f,backing=", Some("driver")).unwrap();
+        let o: BlockdevOptions = from_value(v, InputMode::Keyval).unwrap();
+        let BlockdevSpecific::Qcow2(q) = o.specific else {
+            panic!("expected qcow2");
+        };
+        assert_eq!(q.backing, Some(BlockdevRefOrNull::Null));
     }
 
     #[test]

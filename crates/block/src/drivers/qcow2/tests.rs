@@ -163,6 +163,8 @@ fn test_writes_check_clean_and_match_model() {
         "refcount_bits=1",
         "refcount_bits=64,cluster_size=4k",
         "extended_l2=on",
+        "lazy_refcounts=on",
+        "compression_type=zstd",
     ] {
         let dir = tempfile::tempdir().unwrap();
         let p = create(dir.path(), "w.qcow2", opts, "3M");
@@ -266,6 +268,36 @@ fn test_corrupt_bit_refuses_read_write_open() {
     let rw = Qcow2Driver::open(file_node(&p, false), &Qcow2Options::default());
     assert!(rw.unwrap_err().to_string().contains("corrupt"));
     assert!(Qcow2Driver::open(file_node(&p, true), &Qcow2Options::default()).is_ok());
+}
+
+#[test]
+fn test_dirty_bit_refuses_read_write_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = create(dir.path(), "d.qcow2", "compat=1.1,lazy_refcounts=on", "1M");
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[79] |= 1;
+    std::fs::write(&p, bytes).unwrap();
+    let rw = Qcow2Driver::open(file_node(&p, false), &Qcow2Options::default());
+    assert!(rw
+        .unwrap_err()
+        .to_string()
+        .contains("qemu-img check -r all"));
+    assert!(Qcow2Driver::open(file_node(&p, true), &Qcow2Options::default()).is_ok());
+}
+
+#[test]
+fn test_block_status_depth_without_backing() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = create(dir.path(), "b.qcow2", "compat=1.1", "1M");
+    qemu_io(&p, &["write -P 1 0 64k", "write -z 64k 64k"]);
+    let d = open(&p, true);
+    let at = |o| {
+        let e = d.block_status(o, 64 << 10).unwrap();
+        (e.allocated, e.zero, e.depth)
+    };
+    assert_eq!(at(0), (true, false, 1));
+    assert_eq!(at(64 << 10), (false, true, 1));
+    assert_eq!(at(128 << 10), (false, true, 0));
 }
 
 #[test]
