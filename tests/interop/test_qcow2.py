@@ -113,6 +113,19 @@ def test_images_qemu_img_makes_read_back_byte_for_byte(start, tmp_path, opts):
     assert nbd_bytes(d, tmp_path) == want
 
 
+@pytest.mark.parametrize("opts", ["compat=0.10", "compat=1.1", "extended_l2=on",
+                                  "cluster_size=512"])
+def test_block_status_map_equals_qsd(start, tmp_path, opts):
+    img = create(tmp_path, "m.qcow2", opts)
+    qemu_io(img, *FILL)
+    maps = []
+    for which in ("bexd", "qsd"):
+        d = start([qcow2_node(img, extra=",read-only=on")], [export(writable=False)], which=which)
+        maps.append(run("nbdinfo", "--map", d.uri("disk")).stdout)
+        assert d.stop() == 0
+    assert maps[0] == maps[1]
+
+
 @pytest.mark.parametrize("ctype", ["zlib", "zstd"])
 def test_compressed_images_read_back(start, tmp_path, ctype):
     src = create(tmp_path, "src.qcow2")

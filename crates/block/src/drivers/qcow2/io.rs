@@ -266,12 +266,18 @@ impl Qcow2Driver {
         }
         let k = olds.len() as u64;
         m.writable_l2(self.f(), offset)?;
+        let untouched = m.untouched_from;
         let host = m.alloc_clusters(self.f(), k)?;
+        // New clusters that read as zeroes, replacing clusters that read as zeroes, need only the data.
+        let fresh = host >= untouched && olds.iter().all(|e| self.reads_zero(e));
         for i in 0..k {
             m.busy.insert(first + i);
         }
         drop(m);
-        let r = self.fill_new_clusters(buf, offset, host, &olds);
+        let r = match fresh {
+            true => self.fill_fresh_clusters(buf, offset, host, k),
+            false => self.fill_new_clusters(buf, offset, host, &olds),
+        };
         let mut m = self.lock();
         // How many new clusters the L2 table now references.
         let mut linked = 0u64;
@@ -298,6 +304,32 @@ impl Qcow2Driver {
         drop(m);
         self.released.notify_all();
         r
+    }
+
+    /// True if every (sub)cluster of the entry reads as zeroes.
+    fn reads_zero(&self, e: &L2Entry) -> bool {
+        let geom = self.geom();
+        let subs = (geom.cluster_size() / geom.sub_size()) as u32;
+        (0..subs).all(|s| match e.mapping(&geom, s) {
+            Ok(Mapping::Zero) => true,
+            Ok(Mapping::Unallocated) => self.backing.is_none(),
+            _ => false,
+        })
+    }
+
+    /// Writes just the data into never-written clusters (the rest reads as zeroes).
+    fn fill_fresh_clusters(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        host: u64,
+        k: u64,
+    ) -> BlockResult<usize> {
+        let cs = self.cluster_size();
+        let start = offset % cs;
+        let n = (k * cs - start).min(buf.len() as u64) as usize;
+        self.f().write_at(&buf[..n], host + start, false)?;
+        Ok(n)
     }
 
     /// Writes the new clusters: partial first and last ones merged with their

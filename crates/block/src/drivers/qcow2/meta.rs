@@ -15,6 +15,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::driver::Driver;
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
@@ -50,6 +51,20 @@ pub struct Meta {
     /// freed, so refcount decrements (which make clusters reusable) wait
     /// until none are left.
     pub in_flight: Arc<AtomicUsize>,
+    pub clean: CleanState,
+    /// Host offsets from here on have never been written since open (past
+    /// the file's end then, and never allocated since), so they read as
+    /// zeroes: a partial write into such a new cluster needs no zero fill.
+    pub untouched_from: u64,
+}
+
+/// When the caches were last trimmed, for `cache-clean-interval`.
+#[derive(Debug)]
+pub struct CleanState {
+    pub interval: Option<Duration>,
+    pub at: Instant,
+    /// The caches' use counters at that time.
+    pub ticks: (u64, u64),
 }
 
 /// How long (in 100 us steps) a flush waits for in-flight I/O before it
@@ -61,6 +76,20 @@ fn corrupt(msg: String) -> BlockError {
 }
 
 impl Meta {
+    /// Drops clean cache entries unused for a whole `cache-clean-interval`.
+    pub fn maybe_clean(&mut self) {
+        let Some(interval) = self.clean.interval else {
+            return;
+        };
+        if self.clean.at.elapsed() < interval {
+            return;
+        }
+        self.l2_cache.drop_clean_older_than(self.clean.ticks.0);
+        self.rc_cache.drop_clean_older_than(self.clean.ticks.1);
+        self.clean.ticks = (self.l2_cache.tick(), self.rc_cache.tick());
+        self.clean.at = Instant::now();
+    }
+
     /// The L2 entry of a guest offset (all zero when no L2 table exists).
     pub fn lookup(&mut self, f: &dyn Driver, guest: u64) -> BlockResult<L2Entry> {
         let (l1i, l2i) = self.geom.split(guest);

@@ -38,7 +38,7 @@ use crate::node::BlockNode;
 use cache::TableCache;
 use header::{Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_AUTOCLEAR};
 use l2::Geometry;
-use meta::Meta;
+use meta::{CleanState, Meta};
 
 /// QEMU's defaults (docs/qcow2-cache.txt): an L2 cache big enough for the
 /// whole disk up to 32 MiB, a refcount cache of 4 clusters.
@@ -72,7 +72,6 @@ pub struct Qcow2Driver {
     meta: Mutex<Meta>,
     /// Signalled whenever a busy guest cluster is released.
     released: Condvar,
-    clean: Mutex<CleanState>,
 }
 
 /// What `query-named-block-nodes` shows of a qcow2 image (QEMU's ImageInfoSpecificQCow2).
@@ -90,14 +89,6 @@ pub struct Qcow2Info {
     /// The backing file name as stored in the header.
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
-}
-
-/// When the caches were last trimmed, for `cache-clean-interval`.
-#[derive(Debug)]
-struct CleanState {
-    interval: Option<Duration>,
-    at: Instant,
-    ticks: (u64, u64),
 }
 
 fn invalid(msg: impl Into<String>) -> BlockError {
@@ -118,7 +109,7 @@ impl Qcow2Driver {
         f.read_at(&mut cluster0, 0)?;
         let header = Header::parse(&cluster0)?;
         check_open_flags(&header, read_only)?;
-        let meta = load_meta(f, &header, opts)?;
+        let mut meta = load_meta(f, &header, opts)?;
         if !read_only && header.version == 3 && header.autoclear != 0 {
             // Bitmaps and other autoclear features become stale once we write.
             f.write_at(&[0u8; 8], OFF_AUTOCLEAR, false)?;
@@ -127,6 +118,7 @@ impl Qcow2Driver {
         let interval = opts
             .cache_clean_interval
             .unwrap_or(DEFAULT_CACHE_CLEAN_INTERVAL);
+        meta.clean.interval = (interval > 0).then(|| Duration::from_secs(interval));
         Ok(Self {
             backing_file: header.backing_file(&cluster0),
             file,
@@ -136,11 +128,6 @@ impl Qcow2Driver {
             discard: opts.discard,
             meta: Mutex::new(meta),
             released: Condvar::new(),
-            clean: Mutex::new(CleanState {
-                interval: (interval > 0).then(|| Duration::from_secs(interval)),
-                at: Instant::now(),
-                ticks: (0, 0),
-            }),
         })
     }
 
@@ -205,21 +192,8 @@ impl Qcow2Driver {
 
     fn lock(&self) -> MutexGuard<'_, Meta> {
         let mut m = self.meta.lock().unwrap_or_else(|e| e.into_inner());
-        self.maybe_clean(&mut m);
+        m.maybe_clean();
         m
-    }
-
-    /// Drops clean cache entries unused for a whole `cache-clean-interval`.
-    fn maybe_clean(&self, m: &mut Meta) {
-        let mut c = self.clean.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(interval) = c.interval else { return };
-        if c.at.elapsed() < interval {
-            return;
-        }
-        m.l2_cache.drop_clean_older_than(c.ticks.0);
-        m.rc_cache.drop_clean_older_than(c.ticks.1);
-        c.ticks = (m.l2_cache.tick(), m.rc_cache.tick());
-        c.at = Instant::now();
     }
 }
 
@@ -299,6 +273,12 @@ fn load_meta(f: &dyn Driver, h: &Header, opts: &Qcow2Options) -> BlockResult<Met
         freed: Vec::new(),
         busy: HashSet::new(),
         in_flight: Arc::default(),
+        untouched_from: f.size().next_multiple_of(cs),
+        clean: CleanState {
+            interval: None,
+            at: Instant::now(),
+            ticks: (0, 0),
+        },
     })
 }
 

@@ -184,7 +184,14 @@ impl Meta {
         if start == self.free_hint {
             self.free_hint = start + n;
         }
-        Ok(start << self.geom.cluster_bits)
+        let offset = start << self.geom.cluster_bits;
+        self.note_used(offset + (n << self.geom.cluster_bits));
+        Ok(offset)
+    }
+
+    /// Everything from `end` on was never written (reads as zeroes).
+    fn note_used(&mut self, end: u64) {
+        self.untouched_from = self.untouched_from.max(end);
     }
 
     /// The first cluster of `[start, start + n)` with a nonzero refcount.
@@ -210,6 +217,7 @@ impl Meta {
         let offset = (ti as u64 * self.rc_entries()) << self.geom.cluster_bits;
         let mut data = vec![0u8; self.geom.cluster_size() as usize];
         set(&mut data, 0, self.refcount_order, 1);
+        self.note_used(offset + self.geom.cluster_size());
         f.write_at(&data, offset, false)?;
         f.flush()?;
         let entry_at = self.rc_table_offset + ti as u64 * 8;
@@ -261,6 +269,7 @@ impl Meta {
         table.resize(new_len, 0);
         table[old_len] = block_off;
         let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.note_used(table_off + table_clusters * cs);
         f.write_at(&block, block_off, false)?;
         f.write_at(&bytes, table_off, false)?;
         f.flush()?;
