@@ -158,6 +158,8 @@ impl Meta {
     /// Allocates `n` contiguous free clusters with refcount 1; returns the host offset.
     pub fn alloc_clusters(&mut self, f: &dyn Driver, n: u64) -> BlockResult<u64> {
         let mut start = self.free_hint;
+        // The first free cluster the search passed over (too short a run), for the next search.
+        let mut skipped_free = None;
         'search: loop {
             if (start + n) << self.geom.cluster_bits >= MAX_HOST_OFFSET {
                 return Err(BlockError::new(
@@ -166,6 +168,9 @@ impl Meta {
                 ));
             }
             if let Some(used) = self.first_used(f, start, n)? {
+                if used > start {
+                    skipped_free.get_or_insert(start);
+                }
                 start = used + 1;
                 continue 'search;
             }
@@ -181,9 +186,7 @@ impl Meta {
         for c in start..start + n {
             self.update_refcount(f, c, 1)?;
         }
-        if start == self.free_hint {
-            self.free_hint = start + n;
-        }
+        self.free_hint = skipped_free.unwrap_or(start + n);
         let offset = start << self.geom.cluster_bits;
         self.note_used(offset + (n << self.geom.cluster_bits));
         Ok(offset)
