@@ -319,3 +319,33 @@ fn test_truncated_image_never_panics() {
         }
     }
 }
+
+fn header_for(size: u64) -> super::header::Header {
+    let dir = tempfile::tempdir().unwrap();
+    let p = create(dir.path(), "h.qcow2", "compat=1.1", &size.to_string());
+    let bytes = std::fs::read(&p).unwrap();
+    super::header::Header::parse(&bytes[..65536]).unwrap()
+}
+
+#[test]
+fn test_cache_defaults_cover_small_disk_and_cap_at_32_mib() {
+    let small = header_for(1 << 30);
+    let sizes = super::cache_sizes(&small, &Qcow2Options::default()).unwrap();
+    assert_eq!(sizes, (128 << 10, 4 * 65536));
+    let big = header_for(8 << 40);
+    let sizes = super::cache_sizes(&big, &Qcow2Options::default()).unwrap();
+    assert_eq!(sizes.0, 32 << 20);
+}
+
+#[test]
+fn test_cache_size_alone_leaves_four_clusters_for_refcounts() {
+    let h = header_for(64 << 30);
+    let opts = Qcow2Options {
+        cache_size: Some(4 << 20),
+        ..Default::default()
+    };
+    assert_eq!(
+        super::cache_sizes(&h, &opts).unwrap(),
+        ((4 << 20) - 4 * 65536, 4 * 65536)
+    );
+}
