@@ -368,8 +368,12 @@ def kill_image(tmp_path, layout):
 
 
 @pytest.mark.parametrize("layout", ["cluster_size=64k", "cluster_size=4k,refcount_bits=2",
-                                    "extended_l2=on", "backing", "snapshot"])
+                                    "extended_l2=on", "backing", "snapshot",
+                                    "cluster_size=512 tiny-cache"])
 def test_kill_9_during_writes_never_corrupts_or_loses_flushed_data(tmp_path, layout):
+    # tiny-cache: two-table caches, so dirty L2 tables are evicted (and everything flushed) often.
+    extra = ",l2-cache-size=1024,refcount-cache-size=1024" if "tiny-cache" in layout else ""
+    layout = layout.replace(" tiny-cache", "")
     img = kill_image(tmp_path, layout)
     bs, blocks, n = 4 * KIB, 16384, 4
     initial = to_raw(img, tmp_path / "k.raw")
@@ -378,7 +382,7 @@ def test_kill_9_during_writes_never_corrupts_or_loses_flushed_data(tmp_path, lay
     rounds = int(os.environ.get("KILL_ROUNDS", "12"))
     writes = leaks = checked = 0
     for rnd in range(rounds):
-        d = Daemon(tmp_path, "bexd", [qcow2_node(img)], [export()])
+        d = Daemon(tmp_path, "bexd", [qcow2_node(img, extra=extra)], [export()])
         writers = [Writer(d.uri("disk"), k, n, blocks, bs, rnd * 10 + k) for k in range(n)]
         threads, _ = run_writers(writers, 100000)
         time.sleep(rng.uniform(0.05, 0.8))

@@ -349,3 +349,35 @@ fn test_cache_size_alone_leaves_four_clusters_for_refcounts() {
         ((4 << 20) - 4 * 65536, 4 * 65536)
     );
 }
+
+#[test]
+fn test_tiny_caches_evict_dirty_tables_safely() {
+    // 512-byte clusters: an L2 table covers 32 KiB, so writes across 3 MiB
+    // touch ~100 tables through a 2-table cache (dirty evictions flush all).
+    let dir = tempfile::tempdir().unwrap();
+    let p = create(
+        dir.path(),
+        "e.qcow2",
+        "cluster_size=512,refcount_bits=8",
+        "3M",
+    );
+    let mut model = vec![0u8; 3 << 20];
+    {
+        let opts = Qcow2Options {
+            l2_cache_size: Some(1024),
+            refcount_cache_size: Some(1024),
+            ..Default::default()
+        };
+        let d = Qcow2Driver::open(file_node(&p, false), &opts).unwrap();
+        for i in 0..300u64 {
+            let off = (i * 10_007) % ((3 << 20) - 3000);
+            let data = vec![(i % 251) as u8 + 1; 3000];
+            d.write_at(&data, off, false).unwrap();
+            model[off as usize..off as usize + 3000].copy_from_slice(&data);
+        }
+        exercise(&d, &mut model);
+        assert!(read_all(&d) == model);
+    }
+    check(&p);
+    assert!(raw_of(&p) == model);
+}
