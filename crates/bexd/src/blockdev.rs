@@ -10,6 +10,7 @@ use std::sync::Arc;
 use block::drivers::blkdebug::{BlkdebugDriver, InjectError};
 use block::drivers::file::{AioMode, FileDriver, FileOptions, LockingMode};
 use block::drivers::null::NullDriver;
+use block::drivers::qcow2::{Qcow2Driver, Qcow2Info, Qcow2Options};
 use block::drivers::raw::RawDriver;
 use block::{BlockError, BlockNode, Driver};
 use qmp::visitor::InputMode;
@@ -17,6 +18,15 @@ use qmp::QmpError;
 use serde_json::Value;
 
 use crate::daemon::{Daemon, NodeEntry};
+
+/// What a format node shows beyond the common fields (qcow2's image info and backing).
+#[derive(Clone, Debug)]
+pub struct FormatInfo {
+    pub qcow2: Qcow2Info,
+    pub backing_node: Option<String>,
+    /// The backing file's path as opened (QEMU's full-backing-filename).
+    pub full_backing_filename: Option<String>,
+}
 
 /// Options common to every node, with QEMU's defaults.
 #[derive(Clone, Debug, Default)]
@@ -53,6 +63,29 @@ pub enum NodeSpec {
         read_zeroes: bool,
         latency_ns: u64,
     },
+    Qcow2 {
+        file: ChildRef,
+        backing: BackingSpec,
+        cache: Qcow2Cache,
+        lazy_refcounts: Option<bool>,
+    },
+}
+
+/// qcow2's `backing`: absent (open what the header names), `null`, or a node.
+#[derive(Clone, Debug)]
+pub enum BackingSpec {
+    FromHeader,
+    None,
+    Node(ChildRef),
+}
+
+/// qcow2 cache options, in bytes and seconds; `None` takes QEMU's default.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Qcow2Cache {
+    pub cache_size: Option<u64>,
+    pub l2_cache_size: Option<u64>,
+    pub refcount_cache_size: Option<u64>,
+    pub cache_clean_interval: Option<u64>,
 }
 
 impl Default for NodeSpec {
@@ -101,7 +134,12 @@ pub fn open(
         }
         None => daemon.generate_node_name(),
     };
-    let (driver, children, filename) = open_driver(daemon, &options)?;
+    let Opened {
+        driver,
+        children,
+        filename,
+        format,
+    } = open_driver(daemon, &options)?;
     let read_only = options.read_only || !driver.capabilities().can_write;
     let node = Arc::new(BlockNode::new(name.clone(), driver, read_only));
     daemon.insert_node(NodeEntry {
@@ -110,15 +148,52 @@ pub fn open(
         parents: 0,
         implicit,
         filename,
+        format,
     })?;
     tracing::info!(node = %name, "block node added");
     Ok(name)
 }
 
-type Opened = (Arc<dyn Driver>, Vec<String>, String);
+/// A driver and what the node table records about it.
+struct Opened {
+    driver: Arc<dyn Driver>,
+    children: Vec<String>,
+    filename: String,
+    format: Option<FormatInfo>,
+}
+
+impl Opened {
+    fn plain(driver: Arc<dyn Driver>, children: Vec<String>, filename: String) -> Self {
+        Self {
+            driver,
+            children,
+            filename,
+            format: None,
+        }
+    }
+}
 
 fn open_driver(daemon: &Arc<Daemon>, options: &NodeOptions) -> Result<Opened, QmpError> {
-    match &options.spec {
+    let (driver, children, filename) = match &options.spec {
+        NodeSpec::Qcow2 {
+            file,
+            backing,
+            cache,
+            lazy_refcounts,
+        } => return open_qcow2(daemon, options, file, backing, cache, *lazy_refcounts),
+        spec => open_plain(daemon, options, spec)?,
+    };
+    Ok(Opened::plain(driver, children, filename))
+}
+
+type Plain = (Arc<dyn Driver>, Vec<String>, String);
+
+fn open_plain(
+    daemon: &Arc<Daemon>,
+    options: &NodeOptions,
+    spec: &NodeSpec,
+) -> Result<Plain, QmpError> {
+    match spec {
         NodeSpec::File {
             filename,
             aio,
@@ -157,7 +232,130 @@ fn open_driver(daemon: &Arc<Daemon>, options: &NodeOptions) -> Result<Opened, Qm
             let driver = NullDriver::with_latency(*size, *read_zeroes, latency);
             Ok((Arc::new(driver), Vec::new(), "null-co://".to_string()))
         }
+        NodeSpec::Qcow2 { .. } => Err(QmpError::generic("qcow2 is opened by open_qcow2")),
     }
+}
+
+fn open_qcow2(
+    daemon: &Arc<Daemon>,
+    options: &NodeOptions,
+    file: &ChildRef,
+    backing: &BackingSpec,
+    cache: &Qcow2Cache,
+    lazy_refcounts: Option<bool>,
+) -> Result<Opened, QmpError> {
+    let (child, child_name, filename) = open_child(daemon, options, file)?;
+    let q = Qcow2Options {
+        read_only: options.read_only,
+        discard: options.discard,
+        l2_cache_size: cache.l2_cache_size,
+        refcount_cache_size: cache.refcount_cache_size,
+        cache_size: cache.cache_size,
+        cache_clean_interval: cache.cache_clean_interval,
+        lazy_refcounts,
+    };
+    let driver = Qcow2Driver::open(child, &q).map_err(block_error)?;
+    let mut children = vec![child_name];
+    let header_backing = driver
+        .backing_file()
+        .map(|(name, fmt)| (name.to_string(), fmt.map(str::to_string)));
+    let backing_ref = match backing {
+        BackingSpec::None => None,
+        BackingSpec::Node(r) => Some(r.clone()),
+        BackingSpec::FromHeader => match &header_backing {
+            Some((name, fmt)) => Some(backing_from_header(&filename, name, fmt.as_deref())?),
+            None => None,
+        },
+    };
+    let (backing_node, backing_name, backing_file) = match backing_ref {
+        None => (None, None, None),
+        Some(r) => {
+            let mut ro = options.clone();
+            ro.read_only = true;
+            let (node, name, file) = open_child(daemon, &ro, &r).map_err(|e| {
+                QmpError::generic(format!("Could not open backing file: {}", e.desc))
+            })?;
+            children.push(name.clone());
+            (Some(node), Some(name), Some(file))
+        }
+    };
+    let info = driver.info();
+    let driver = driver.with_backing(backing_node);
+    Ok(Opened {
+        driver: Arc::new(driver),
+        children,
+        filename,
+        format: Some(FormatInfo {
+            qcow2: info,
+            backing_node: backing_name,
+            full_backing_filename: backing_file,
+        }),
+    })
+}
+
+/// The node options for the backing file a header names: relative names
+/// are resolved against the image's directory, the format comes from the
+/// backing-format extension or, without one, from the file's first bytes.
+fn backing_from_header(
+    image: &str,
+    name: &str,
+    format: Option<&str>,
+) -> Result<ChildRef, QmpError> {
+    let path = match std::path::Path::new(name).is_absolute() {
+        true => PathBuf::from(name),
+        false => std::path::Path::new(image)
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join(name),
+    };
+    let format = match format {
+        Some(f) => f.to_string(),
+        None => probe_format(&path),
+    };
+    let file = NodeOptions {
+        read_only: true,
+        spec: NodeSpec::File {
+            filename: path.clone(),
+            aio: AioMode::default(),
+            locking: LockingMode::default(),
+        },
+        ..Default::default()
+    };
+    let file = ChildRef::Inline(Box::new(file));
+    let spec = match format.as_str() {
+        "qcow2" => NodeSpec::Qcow2 {
+            file,
+            backing: BackingSpec::FromHeader,
+            cache: Qcow2Cache::default(),
+            lazy_refcounts: None,
+        },
+        "raw" => NodeSpec::Raw {
+            file,
+            offset: 0,
+            size: None,
+        },
+        other => {
+            return Err(QmpError::generic(format!(
+                "Unknown driver '{other}' for backing file '{}'",
+                path.display()
+            )))
+        }
+    };
+    Ok(ChildRef::Inline(Box::new(NodeOptions {
+        read_only: true,
+        spec,
+        ..Default::default()
+    })))
+}
+
+/// qcow2 if the file starts with its magic, else raw (as QEMU probes).
+fn probe_format(path: &std::path::Path) -> String {
+    let mut magic = [0u8; 4];
+    let is_qcow2 = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok()
+        && magic == *b"QFI\xfb";
+    if is_qcow2 { "qcow2" } else { "raw" }.to_string()
 }
 
 /// Resolves a child given by name or opens an inline one; returns the node,

@@ -42,6 +42,8 @@ pub struct NodeEntry {
     pub implicit: bool,
     /// What QEMU shows as the node's `file`: the path for protocol nodes, the child's for formats.
     pub filename: String,
+    /// Format details (qcow2) for query-named-block-nodes.
+    pub format: Option<crate::blockdev::FormatInfo>,
 }
 
 #[derive(Debug, Default)]

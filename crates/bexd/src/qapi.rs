@@ -9,7 +9,8 @@ use block::drivers::blkdebug::{InjectError, IoType};
 use block::drivers::file::{AioMode, LockingMode};
 use qmp::schema::block_core::{
     BlkdebugIOType, BlkdebugInjectError, BlockdevAioOptions, BlockdevDiscardOptions,
-    BlockdevOptions, BlockdevRef, BlockdevSpecific, OnOffAuto,
+    BlockdevOptions, BlockdevOptionsQcow2, BlockdevRef, BlockdevRefOrNull, BlockdevSpecific,
+    OnOffAuto,
 };
 use qmp::schema::block_export::{
     read_removal, BlockDirtyBitmapOrStr, BlockExportIothreads, BlockExportOptions,
@@ -21,7 +22,9 @@ use qmp::visitor::{from_value, Ctx, Fields, InputMode};
 use qmp::QmpError;
 use serde_json::Value;
 
-use crate::blockdev::{is_well_formed_id, ChildRef, NodeOptions, NodeSpec};
+use crate::blockdev::{
+    is_well_formed_id, BackingSpec, ChildRef, NodeOptions, NodeSpec, Qcow2Cache,
+};
 use crate::daemon::RemoveMode;
 use crate::export::{BitmapRef, ExportConfig};
 use crate::monitor::{ChardevAddr, ChardevConfig};
@@ -82,11 +85,7 @@ fn convert_node(o: BlockdevOptions) -> Result<NodeOptions, QmpError> {
                 .map(|(i, r)| blkdebug_rule(r, i))
                 .collect::<Result<_, _>>()?,
         },
-        BlockdevSpecific::Qcow2 { .. } => {
-            return Err(QmpError::generic(
-                "Driver 'qcow2' is not supported by bexd yet",
-            ))
-        }
+        BlockdevSpecific::Qcow2(q) => qcow2_spec(q)?,
     };
     Ok(NodeOptions {
         node_name: base.node_name,
@@ -96,6 +95,25 @@ fn convert_node(o: BlockdevOptions) -> Result<NodeOptions, QmpError> {
         cache_direct: cache.direct.unwrap_or(false),
         cache_no_flush: cache.no_flush.unwrap_or(false),
         spec,
+    })
+}
+
+fn qcow2_spec(q: BlockdevOptionsQcow2) -> Result<NodeSpec, QmpError> {
+    let size = |v: Option<i64>, name: &str| v.map(|v| non_negative(v, name)).transpose();
+    Ok(NodeSpec::Qcow2 {
+        file: child_ref(q.file)?,
+        backing: match q.backing {
+            None => BackingSpec::FromHeader,
+            Some(BlockdevRefOrNull::Null) => BackingSpec::None,
+            Some(BlockdevRefOrNull::Ref(r)) => BackingSpec::Node(child_ref(r)?),
+        },
+        cache: Qcow2Cache {
+            cache_size: size(q.cache_size, "cache-size")?,
+            l2_cache_size: size(q.l2_cache_size, "l2-cache-size")?,
+            refcount_cache_size: size(q.refcount_cache_size, "refcount-cache-size")?,
+            cache_clean_interval: size(q.cache_clean_interval, "cache-clean-interval")?,
+        },
+        lazy_refcounts: q.lazy_refcounts,
     })
 }
 

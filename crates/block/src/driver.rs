@@ -36,6 +36,11 @@ pub struct Extent {
     pub allocated: bool,
     /// Reads return zeroes.
     pub zero: bool,
+    /// Which layer of a backing chain holds the range: 0 nowhere (reads come
+    /// from no layer), 1 this node, 2 its backing file, and so on. Protocol
+    /// drivers and raw answer 1 everywhere, as QEMU's allocation depth does;
+    /// it is what the `qemu:allocation-depth` meta context reports.
+    pub depth: u32,
 }
 
 /// A block driver: positional, synchronous I/O. Callers (the node) have

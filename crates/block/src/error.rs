@@ -14,6 +14,11 @@ pub enum BlockErrorKind {
     InvalidArgument,
     NotFound,
     Busy,
+    /// An image's header or layout is malformed, so it cannot be opened.
+    InvalidImage,
+    /// An image's metadata is inconsistent at run time (an L2 entry points
+    /// outside the image, a refcount would overflow): the request fails with EIO.
+    Corrupt,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +72,10 @@ impl BlockError {
             BlockErrorKind::Io => libc::EIO,
             BlockErrorKind::NoSpace => libc::ENOSPC,
             BlockErrorKind::ReadOnly => libc::EPERM,
-            BlockErrorKind::OutOfBounds | BlockErrorKind::InvalidArgument => libc::EINVAL,
+            BlockErrorKind::OutOfBounds
+            | BlockErrorKind::InvalidArgument
+            | BlockErrorKind::InvalidImage => libc::EINVAL,
+            BlockErrorKind::Corrupt => libc::EIO,
             BlockErrorKind::NotSupported => libc::ENOTSUP,
             BlockErrorKind::NotFound => libc::ENOENT,
             BlockErrorKind::Busy => libc::EBUSY,

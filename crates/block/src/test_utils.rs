@@ -72,6 +72,7 @@ impl Driver for MemDriver {
             len,
             allocated: true,
             zero: false,
+            depth: 1,
         })
     }
 }

@@ -1,7 +1,7 @@
 //! The schema bexd answers `query-qmp-schema` with: exactly the commands,
 //! arguments and event it implements, in QEMU's introspection format.
 
-use qmp::introspect::{any, array, bool, int, named, opt, req, str, Schema, EMPTY};
+use qmp::introspect::{any, array, bool, int, named, opt, req, str, Schema, Ty, EMPTY};
 use serde_json::Value;
 
 /// The rendered SchemaInfo list.
@@ -51,6 +51,7 @@ fn blockdev(s: &mut Schema) {
             "host_device",
             "null-aio",
             "null-co",
+            "qcow2",
             "raw",
         ],
     );
@@ -112,6 +113,7 @@ fn blockdev(s: &mut Schema) {
             ("host_device", "BlockdevOptionsFile"),
             ("null-aio", "BlockdevOptionsNull"),
             ("null-co", "BlockdevOptionsNull"),
+            ("qcow2", "BlockdevOptionsQcow2"),
             ("raw", "BlockdevOptionsRaw"),
         ],
     );
@@ -141,6 +143,30 @@ fn blockdev(s: &mut Schema) {
             req("file", named("BlockdevRef")),
             opt("offset", int()),
             opt("size", int()),
+        ],
+    );
+    s.alternate(
+        "BlockdevRefOrNull",
+        vec![named("BlockdevOptions"), str(), Ty::Builtin("null")],
+    );
+    s.object(
+        "BlockdevOptionsQcow2",
+        vec![
+            req("file", named("BlockdevRef")),
+            opt("backing", named("BlockdevRefOrNull")),
+            opt("lazy-refcounts", bool()),
+            opt("pass-discard-request", bool()),
+            opt("pass-discard-snapshot", bool()),
+            opt("pass-discard-other", bool()),
+            opt("discard-no-unref", bool()),
+            opt("overlap-check", any()),
+            opt("cache-size", int()),
+            opt("l2-cache-size", int()),
+            opt("l2-cache-entry-size", int()),
+            opt("refcount-cache-size", int()),
+            opt("cache-clean-interval", int()),
+            opt("encrypt", any()),
+            opt("data-file", named("BlockdevRef")),
         ],
     );
     s.object("BlockdevDelArgs", vec![req("node-name", str())]);

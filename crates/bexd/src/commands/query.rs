@@ -46,49 +46,118 @@ pub fn block_exports(daemon: &Daemon) -> Value {
 
 /// The subset of QEMU's BlockDeviceInfo that describes bexd's nodes.
 pub fn named_block_nodes(daemon: &Arc<Daemon>, mut args: Args) -> Result<Value, QmpError> {
-    // `flat` only changes whether backing images nest; bexd has no backing chains yet.
-    if let Some(flat) = args.remove("flat") {
-        if !flat.is_boolean() {
+    // `flat` only changes whether backing images nest in `image`.
+    let flat = match args.remove("flat") {
+        None => false,
+        Some(Value::Bool(b)) => b,
+        Some(_) => {
             return Err(QmpError::generic(
                 "Invalid parameter type for 'flat', expected: boolean",
-            ));
+            ))
         }
-    }
+    };
     no_args("query-named-block-nodes", args)?;
     let state = daemon.state();
     let list = state
         .nodes
         .iter()
-        .map(|(name, entry)| {
-            let node = &entry.node;
-            let caps = node.capabilities();
-            let mut shown = json!({
-                "node-name": name,
-                "drv": node.driver_name(),
-                "ro": node.read_only(),
-                "file": entry.filename,
-                "encrypted": false,
-                "detect_zeroes": "off",
-                "backing_file_depth": 0,
-                "write_threshold": 0,
-                "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
-                "cache": {
-                    "writeback": true,
-                    "direct": caps.request_alignment > 1,
-                    "no-flush": false,
-                },
-                "image": {
-                    "filename": entry.filename,
-                    "format": node.driver_name(),
-                    "virtual-size": node.size(),
-                },
-            });
-            if let (Some(bitmaps), Some(map)) = (super::bitmap::query(node), shown.as_object_mut())
-            {
-                map.insert("dirty-bitmaps".into(), bitmaps);
-            }
-            shown
-        })
+        .map(|(name, entry)| node_info(&state.nodes, name, entry, flat))
         .collect();
     Ok(Value::Array(list))
+}
+
+type Nodes = std::collections::BTreeMap<String, crate::daemon::NodeEntry>;
+
+fn node_info(nodes: &Nodes, name: &str, entry: &crate::daemon::NodeEntry, flat: bool) -> Value {
+    let node = &entry.node;
+    let caps = node.capabilities();
+    let mut info = json!({
+        "node-name": name,
+        "drv": node.driver_name(),
+        "ro": node.read_only(),
+        "file": entry.filename,
+        "encrypted": false,
+        "detect_zeroes": "off",
+        "backing_file_depth": backing_depth(nodes, entry),
+        "write_threshold": 0,
+        "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+        "cache": {
+            "writeback": true,
+            "direct": caps.request_alignment > 1,
+            "no-flush": false,
+        },
+        "image": image_info(nodes, entry, flat),
+    });
+    if let Some(full) = entry
+        .format
+        .as_ref()
+        .and_then(|f| f.full_backing_filename.clone())
+    {
+        info["backing_file"] = json!(full);
+    }
+    if let Some(bitmaps) = super::bitmap::query(node) {
+        info["dirty-bitmaps"] = bitmaps;
+    }
+    info
+}
+
+/// How many backing layers lie below a node (QEMU's backing_file_depth).
+fn backing_depth(nodes: &Nodes, entry: &crate::daemon::NodeEntry) -> u64 {
+    let mut depth = 0;
+    let mut cur = entry;
+    while let Some(next) = cur
+        .format
+        .as_ref()
+        .and_then(|f| f.backing_node.as_ref())
+        .and_then(|b| nodes.get(b))
+    {
+        depth += 1;
+        cur = next;
+        if depth > 1000 {
+            break;
+        }
+    }
+    depth
+}
+
+/// QEMU's ImageInfo: for qcow2 with format-specific data and, unless
+/// `flat`, the backing image nested.
+fn image_info(nodes: &Nodes, entry: &crate::daemon::NodeEntry, flat: bool) -> Value {
+    let node = &entry.node;
+    let mut image = json!({
+        "filename": entry.filename,
+        "format": node.driver_name(),
+        "virtual-size": node.size(),
+        "dirty-flag": false,
+    });
+    let Some(f) = &entry.format else {
+        return image;
+    };
+    let q = &f.qcow2;
+    image["cluster-size"] = json!(q.cluster_size);
+    image["format-specific"] = json!({
+        "type": "qcow2",
+        "data": {
+            "compat": q.compat,
+            "compression-type": q.compression_type,
+            "lazy-refcounts": q.lazy_refcounts,
+            "refcount-bits": q.refcount_bits,
+            "corrupt": q.corrupt,
+            "extended-l2": q.extended_l2,
+        },
+    });
+    if let Some(b) = &q.backing_file {
+        image["backing-filename"] = json!(b);
+    }
+    if let Some(b) = &f.full_backing_filename {
+        image["full-backing-filename"] = json!(b);
+    }
+    if let Some(fmt) = &q.backing_format {
+        image["backing-filename-format"] = json!(fmt);
+    }
+    let below = f.backing_node.as_ref().and_then(|b| nodes.get(b));
+    if let (false, Some(b)) = (flat, below) {
+        image["backing-image"] = image_info(nodes, b, flat);
+    }
+    image
 }

@@ -480,6 +480,7 @@ impl Driver for FileDriver {
             len,
             allocated: true,
             zero: false,
+            depth: 1,
         };
         if self.block_device || len == 0 {
             return Ok(data);
@@ -513,11 +514,13 @@ impl Driver for FileDriver {
                 len: d.min(end) - offset,
                 allocated: false,
                 zero: true,
+                depth: 1,
             }),
             None => Ok(Extent {
                 len,
                 allocated: false,
                 zero: true,
+                depth: 1,
             }),
         }
     }

@@ -4,4 +4,5 @@ pub mod blkdebug;
 pub mod file;
 mod lock;
 pub mod null;
+pub mod qcow2;
 pub mod raw;

@@ -85,6 +85,7 @@ impl Driver for NullDriver {
             len,
             allocated: false,
             zero: self.read_zeroes,
+            depth: 1,
         })
     }
 }

@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::visitor::{Ctx, Fields, FromQapi};
+use crate::visitor::{Ctx, Fields, FromQapi, InputMode};
 use crate::{qapi_enum, QmpError};
 
 qapi_enum!(BlockdevDriver {
@@ -88,6 +88,8 @@ impl FromQapi for BlockdevRefOrNull {
     fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
         match value {
             Value::Null => Ok(Self::Null),
+            // Keyval has no null: QEMU reads `backing=` (empty) as null.
+            Value::String(s) if s.is_empty() && ctx.mode == InputMode::Keyval => Ok(Self::Null),
             other => BlockdevRef::from_qapi(other, ctx).map(Self::Ref),
         }
     }
@@ -150,10 +152,19 @@ pub enum BlockdevSpecific {
         latency_ns: Option<u64>,
         read_zeroes: Option<bool>,
     },
-    Qcow2 {
-        file: BlockdevRef,
-        backing: Option<BlockdevRefOrNull>,
-    },
+    Qcow2(BlockdevOptionsQcow2),
+}
+
+/// BlockdevOptionsQcow2 (the members bexd acts on; the others are accepted).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockdevOptionsQcow2 {
+    pub file: BlockdevRef,
+    pub backing: Option<BlockdevRefOrNull>,
+    pub lazy_refcounts: Option<bool>,
+    pub cache_size: Option<i64>,
+    pub l2_cache_size: Option<i64>,
+    pub refcount_cache_size: Option<i64>,
+    pub cache_clean_interval: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -202,23 +213,23 @@ fn read_specific(driver: BlockdevDriver, f: &mut Fields) -> Result<BlockdevSpeci
             read_zeroes: f.optional("read-zeroes")?,
         },
         BlockdevDriver::Qcow2 => {
-            let r = BlockdevSpecific::Qcow2 {
+            let r = BlockdevSpecific::Qcow2(BlockdevOptionsQcow2 {
                 backing: f.optional("backing")?,
                 file: f.required("file")?,
-            };
-            // Cache and feature members are accepted; the qcow2 driver is a later issue.
+                lazy_refcounts: f.optional("lazy-refcounts")?,
+                cache_size: f.optional("cache-size")?,
+                l2_cache_size: f.optional("l2-cache-size")?,
+                refcount_cache_size: f.optional("refcount-cache-size")?,
+                cache_clean_interval: f.optional("cache-clean-interval")?,
+            });
+            // Members bexd accepts without acting on them.
             for key in [
-                "lazy-refcounts",
                 "pass-discard-request",
                 "pass-discard-snapshot",
                 "pass-discard-other",
                 "discard-no-unref",
                 "overlap-check",
-                "cache-size",
-                "l2-cache-size",
                 "l2-cache-entry-size",
-                "refcount-cache-size",
-                "cache-clean-interval",
                 "encrypt",
                 "data-file",
             ] {
@@ -243,7 +254,7 @@ impl FromQapi for BlockdevOptions {
 mod tests {
     use super::*;
     use crate::keyval::parse_keyval;
-    use crate::visitor::{from_value, InputMode};
+    use crate::visitor::from_value;
     use serde_json::json;
 
     #[test]
@@ -262,6 +273,16 @@ mod tests {
             panic!("expected an inline file");
         };
         assert!(matches!(inner.specific, BlockdevSpecific::File(ref f) if f.filename == "/a,b"));
+    }
+
+    #[test]
+    fn test_keyval_empty_backing_is_null() {
+        let v = parse_keyval("qcow2,node-name=q,file=f,backing=", Some("driver")).unwrap();
+        let o: BlockdevOptions = from_value(v, InputMode::Keyval).unwrap();
+        let BlockdevSpecific::Qcow2(q) = o.specific else {
+            panic!("expected qcow2");
+        };
+        assert_eq!(q.backing, Some(BlockdevRefOrNull::Null));
     }
 
     #[test]

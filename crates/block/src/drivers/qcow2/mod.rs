@@ -1,0 +1,344 @@
+//! The `qcow2` format driver, over a child node holding the image.
+//!
+//! ```text
+//!   header.rs      header and extensions, every field checked at open
+//!   l2.rs          L1/L2 entry decoding (standard and extended), no I/O
+//!   refcount.rs    refcount entries of 1..64 bits, allocation, table growth
+//!   cache.rs       LRU of L2 tables and refcount blocks
+//!   meta.rs        the open image's metadata and its crash-safe flush order
+//!   compressed.rs  deflate / zstd clusters
+//!   io.rs          read, write (allocation, COW), zeroes, discard, block status
+//! ```
+//!
+//! One mutex guards the metadata; it is held for mapping lookups and
+//! updates, never across guest data I/O. Guest clusters being allocated are
+//! marked busy in the metadata, so two writers never allocate the same
+//! cluster; reads and in-place writes are counted while they do I/O, and
+//! freed clusters become reusable only when none are in flight.
+
+mod cache;
+mod compressed;
+mod header;
+mod io;
+mod l2;
+mod meta;
+mod refcount;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
+use crate::error::{BlockError, BlockErrorKind, BlockResult};
+use crate::node::BlockNode;
+
+use cache::TableCache;
+use header::{Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_AUTOCLEAR};
+use l2::Geometry;
+use meta::{CleanState, Meta};
+
+/// QEMU's defaults (docs/qcow2-cache.txt): an L2 cache big enough for the
+/// whole disk up to 32 MiB, a refcount cache of 4 clusters.
+const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
+const DEFAULT_REFCOUNT_CLUSTERS: u64 = 4;
+/// QEMU's default `cache-clean-interval`, in seconds.
+pub const DEFAULT_CACHE_CLEAN_INTERVAL: u64 = 600;
+
+#[derive(Clone, Debug, Default)]
+pub struct Qcow2Options {
+    pub read_only: bool,
+    /// `discard=unmap`: guest discards deallocate clusters, freed clusters are discarded below.
+    pub discard: bool,
+    pub l2_cache_size: Option<u64>,
+    pub refcount_cache_size: Option<u64>,
+    pub cache_size: Option<u64>,
+    /// Seconds after which unused cache entries are dropped; 0 never.
+    pub cache_clean_interval: Option<u64>,
+    /// Accepted; refcounts are always kept exact, which lazy mode only relaxes.
+    pub lazy_refcounts: Option<bool>,
+}
+
+#[derive(Debug)]
+pub struct Qcow2Driver {
+    file: Arc<BlockNode>,
+    backing: Option<Arc<BlockNode>>,
+    header: Header,
+    backing_file: Option<String>,
+    read_only: bool,
+    discard: bool,
+    meta: Mutex<Meta>,
+    /// Signalled whenever a busy guest cluster is released.
+    released: Condvar,
+}
+
+/// What `query-named-block-nodes` shows of a qcow2 image (QEMU's ImageInfoSpecificQCow2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Qcow2Info {
+    /// "0.10" for version 2, "1.1" for version 3.
+    pub compat: &'static str,
+    pub cluster_size: u64,
+    pub refcount_bits: u32,
+    pub lazy_refcounts: bool,
+    pub corrupt: bool,
+    pub extended_l2: bool,
+    /// "zlib" or "zstd".
+    pub compression_type: &'static str,
+    /// The backing file name as stored in the header.
+    pub backing_file: Option<String>,
+    pub backing_format: Option<String>,
+}
+
+fn invalid(msg: impl Into<String>) -> BlockError {
+    BlockError::new(BlockErrorKind::InvalidImage, msg)
+}
+
+impl Qcow2Driver {
+    /// Opens the image on `file`. A backing file named in the header is not
+    /// opened here (that needs the node graph); see [`Self::backing_file`]
+    /// and [`Self::with_backing`].
+    pub fn open(file: Arc<BlockNode>, opts: &Qcow2Options) -> BlockResult<Self> {
+        let read_only = opts.read_only || file.read_only();
+        let f = file.driver().as_ref();
+        let mut prefix = vec![0u8; 512];
+        f.read_at(&mut prefix, 0)?;
+        let cluster_bits = Header::cluster_bits_of(&prefix)?;
+        let mut cluster0 = vec![0u8; 1 << cluster_bits];
+        f.read_at(&mut cluster0, 0)?;
+        let header = Header::parse(&cluster0)?;
+        check_open_flags(&header, read_only)?;
+        let mut meta = load_meta(f, &header, opts)?;
+        if !read_only && header.version == 3 && header.autoclear != 0 {
+            // Bitmaps and other autoclear features become stale once we write.
+            f.write_at(&[0u8; 8], OFF_AUTOCLEAR, false)?;
+            f.flush()?;
+        }
+        let interval = opts
+            .cache_clean_interval
+            .unwrap_or(DEFAULT_CACHE_CLEAN_INTERVAL);
+        meta.clean.interval = (interval > 0).then(|| Duration::from_secs(interval));
+        Ok(Self {
+            backing_file: header.backing_file(&cluster0),
+            file,
+            backing: None,
+            header,
+            read_only,
+            discard: opts.discard,
+            meta: Mutex::new(meta),
+            released: Condvar::new(),
+        })
+    }
+
+    /// The backing file name and format from the header, if the image has one.
+    pub fn backing_file(&self) -> Option<(&str, Option<&str>)> {
+        self.backing_file
+            .as_deref()
+            .map(|n| (n, self.header.backing_format.as_deref()))
+    }
+
+    /// Reads fall through to `backing` where this image has no data.
+    pub fn with_backing(mut self, backing: Option<Arc<BlockNode>>) -> Self {
+        self.backing = backing;
+        self
+    }
+
+    pub fn version(&self) -> u32 {
+        self.header.version
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        self.header.cluster_size()
+    }
+
+    pub fn info(&self) -> Qcow2Info {
+        let h = &self.header;
+        Qcow2Info {
+            compat: if h.version == 2 { "0.10" } else { "1.1" },
+            cluster_size: h.cluster_size(),
+            refcount_bits: 1 << h.refcount_order,
+            lazy_refcounts: self.lazy_refcounts(),
+            corrupt: h.incompatible & INCOMPAT_CORRUPT != 0,
+            extended_l2: h.extended_l2(),
+            compression_type: match h.compression {
+                header::Compression::Zlib => "zlib",
+                header::Compression::Zstd => "zstd",
+            },
+            backing_file: self.backing_file.clone(),
+            backing_format: h.backing_format.clone(),
+        }
+    }
+
+    /// Internal snapshots in the image (their clusters are shared, never written in place).
+    pub fn snapshots(&self) -> u32 {
+        self.header.nb_snapshots
+    }
+
+    pub fn lazy_refcounts(&self) -> bool {
+        self.header.compatible & COMPAT_LAZY_REFCOUNTS != 0
+    }
+
+    fn geom(&self) -> Geometry {
+        Geometry {
+            cluster_bits: self.header.cluster_bits,
+            extended: self.header.extended_l2(),
+        }
+    }
+
+    fn f(&self) -> &dyn Driver {
+        self.file.driver().as_ref()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Meta> {
+        let mut m = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+        m.maybe_clean();
+        m
+    }
+}
+
+fn check_open_flags(h: &Header, read_only: bool) -> BlockResult<()> {
+    if h.incompatible & INCOMPAT_CORRUPT != 0 && !read_only {
+        return Err(invalid(
+            "qcow2: Image is corrupt; cannot be opened read/write",
+        ));
+    }
+    if h.incompatible & INCOMPAT_DIRTY != 0 && !read_only {
+        // QEMU repairs such an image on open; bexd asks for the repair instead.
+        return Err(invalid(
+            "qcow2: Image was not closed cleanly (lazy refcounts); repair it with 'qemu-img check -r all' first",
+        ));
+    }
+    Ok(())
+}
+
+fn read_table(f: &dyn Driver, offset: u64, entries: usize) -> BlockResult<Vec<u64>> {
+    let mut bytes = vec![0u8; entries * 8];
+    f.read_at(&mut bytes, offset)?;
+    Ok(bytes.chunks_exact(8).map(|c| l2::be64(c, 0)).collect())
+}
+
+/// Cache sizes in bytes, resolved as QEMU does from the three options.
+fn cache_sizes(h: &Header, opts: &Qcow2Options) -> BlockResult<(u64, u64)> {
+    let cs = h.cluster_size();
+    let entry = if h.extended_l2() { 16 } else { 8 };
+    let whole_disk = h.size.div_ceil(cs) * entry;
+    let min_rc = DEFAULT_REFCOUNT_CLUSTERS * cs;
+    match (
+        opts.cache_size,
+        opts.l2_cache_size,
+        opts.refcount_cache_size,
+    ) {
+        (Some(t), Some(l2), Some(rc)) if l2 + rc > t => Err(BlockError::new(
+            BlockErrorKind::InvalidArgument,
+            "l2-cache-size + refcount-cache-size may not exceed cache-size",
+        )),
+        (_, Some(l2), Some(rc)) => Ok((l2, rc)),
+        (Some(t), Some(l2), None) => Ok((l2, t.saturating_sub(l2))),
+        (Some(t), None, Some(rc)) => Ok((t.saturating_sub(rc), rc)),
+        (Some(t), None, None) => {
+            let l2 = whole_disk.min(t.saturating_sub(min_rc));
+            Ok((l2, t - l2))
+        }
+        (None, l2, rc) => Ok((
+            l2.unwrap_or(whole_disk.min(DEFAULT_L2_CACHE_MAX)),
+            rc.unwrap_or(min_rc),
+        )),
+    }
+}
+
+fn load_meta(f: &dyn Driver, h: &Header, opts: &Qcow2Options) -> BlockResult<Meta> {
+    let cs = h.cluster_size();
+    let geom = Geometry {
+        cluster_bits: h.cluster_bits,
+        extended: h.extended_l2(),
+    };
+    let l1 = read_table(f, h.l1_table_offset, h.l1_size as usize)?;
+    let rt_entries = (u64::from(h.refcount_table_clusters) * cs / 8) as usize;
+    let rc_table = read_table(f, h.refcount_table_offset, rt_entries)?;
+    let (l2_bytes, rc_bytes) = cache_sizes(h, opts)?;
+    Ok(Meta {
+        geom,
+        refcount_order: h.refcount_order,
+        l1,
+        l1_offset: h.l1_table_offset,
+        l1_dirty: BTreeSet::new(),
+        l2_cache: TableCache::new((l2_bytes / cs) as usize),
+        rc_table,
+        rc_table_offset: h.refcount_table_offset,
+        rc_table_clusters: h.refcount_table_clusters,
+        rc_cache: TableCache::new((rc_bytes / cs) as usize),
+        free_hint: 0,
+        pending_frees: Vec::new(),
+        freed: Vec::new(),
+        busy: HashSet::new(),
+        in_flight: Arc::default(),
+        untouched_from: f.size().next_multiple_of(cs),
+        clean: CleanState {
+            interval: None,
+            at: Instant::now(),
+            ticks: (0, 0),
+        },
+    })
+}
+
+impl Driver for Qcow2Driver {
+    fn driver_name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn size(&self) -> u64 {
+        self.header.size
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            can_write: !self.read_only,
+            can_discard: self.discard,
+            can_write_zeroes_fast: true,
+            request_alignment: 1,
+            max_transfer: 0,
+            nonblocking: false,
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
+        self.read(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
+        self.write(buf, offset)?;
+        match fua {
+            true => self.flush_all(),
+            false => Ok(()),
+        }
+    }
+
+    fn flush(&self) -> BlockResult<()> {
+        self.flush_all()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
+        match self.discard {
+            true => self.discard_range(offset, len),
+            false => Ok(()),
+        }
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
+        self.zero_range(offset, len, flags)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
+        self.status(offset, len)
+    }
+}
+
+impl Drop for Qcow2Driver {
+    /// Cached metadata reaches the disk on close, as with QEMU's bdrv_close.
+    fn drop(&mut self) {
+        if !self.read_only {
+            let _ = self.flush_all();
+        }
+    }
+}
