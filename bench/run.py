@@ -53,16 +53,16 @@ def measure_server(kind, args, image, tls):
     figures = {}
     size = f"{args.size_mib}M"
     with Server(kind, image, args.format, args.transport, tls) as server:
-        uri = server.endpoint.uri()
+        uri, env = server.endpoint.uri(), server.endpoint.client_env()
         for w in FIO_WORKLOADS:
             before = server.cpu_seconds()
-            fig = run_fio(w, uri, size, args.runtime)
+            fig = run_fio(w, uri, size, args.runtime, env)
             fig["cpu_per_gib"] = (server.cpu_seconds() - before) / max(fig["bytes"] / (1 << 30), 1e-9)
             figures[w.name] = fig
         if not args.smoke:
             export_bytes = args.size_mib << 20
-            figures[COPY_DEFAULT] = run_nbdcopy(uri, export_bytes)
-            figures[COPY_ONE] = run_nbdcopy(uri, export_bytes, connections=1)
+            figures[COPY_DEFAULT] = run_nbdcopy(uri, export_bytes, env=env)
+            figures[COPY_ONE] = run_nbdcopy(uri, export_bytes, connections=1, env=env)
         if not tls:
             figures[CONN_RATE] = run_connection_rate(server.endpoint, EXPORT, min(args.runtime, 3))
     return figures

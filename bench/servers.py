@@ -34,12 +34,18 @@ class Endpoint:
     tls_dir: str = ""
 
     def uri(self):
+        # No tls-certificates= in the URI: fio's engine refuses URIs that name
+        # local files, so clients find the CA in $HOME/.pki/libnbd (client_env).
         scheme = "nbds" if self.tls_dir else "nbd"
-        query = f"tls-certificates={self.tls_dir}" if self.tls_dir else ""
         if self.transport == "unix":
-            q = f"socket={self.path}" + (f"&{query}" if query else "")
-            return f"{scheme}+unix:///{EXPORT}?{q}"
-        return f"{scheme}://127.0.0.1:{self.port}/{EXPORT}" + (f"?{query}" if query else "")
+            return f"{scheme}+unix:///{EXPORT}?socket={self.path}"
+        return f"{scheme}://127.0.0.1:{self.port}/{EXPORT}"
+
+    def client_env(self):
+        """The environment for libnbd clients (fio, nbdcopy) of this endpoint."""
+        if not self.tls_dir:
+            return None
+        return dict(os.environ, HOME=os.path.dirname(os.path.dirname(os.path.dirname(self.tls_dir))))
 
     def connect(self):
         if self.transport == "unix":

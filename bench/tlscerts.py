@@ -21,7 +21,8 @@ def _openssl(*args, cwd):
 
 def make_tls_dirs():
     root = tempfile.mkdtemp(prefix="bench-tls-")
-    server, client = os.path.join(root, "server"), os.path.join(root, "client")
+    # The client side is $HOME/.pki/libnbd of a home made for the clients.
+    server, client = os.path.join(root, "server"), os.path.join(root, "home", ".pki", "libnbd")
     os.makedirs(server)
     os.makedirs(client)
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=bench CA",

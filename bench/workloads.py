@@ -57,13 +57,13 @@ def _fio_figures(out):
     }
 
 
-def run_fio(w, uri, size, runtime):
+def run_fio(w, uri, size, runtime, env=None):
     """One fio run over NBD; every job opens its own connection."""
     argv = ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={w.rw}", f"--bs={w.bs}",
             f"--iodepth={w.depth}", f"--numjobs={w.jobs}", "--group_reporting", f"--size={size}",
             "--time_based", f"--runtime={runtime}", "--iomem_align=4096", "--rwmixread=70",
             "--randrepeat=0", "--output-format=json"]
-    return _fio_figures(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+    return _fio_figures(subprocess.run(argv, capture_output=True, text=True, check=True, env=env).stdout)
 
 
 def run_fio_on_file(w, image, size, runtime):
@@ -76,11 +76,11 @@ def run_fio_on_file(w, image, size, runtime):
     return _fio_figures(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
 
 
-def run_nbdcopy(uri, size_bytes, connections=None):
+def run_nbdcopy(uri, size_bytes, connections=None, env=None):
     """A whole-image copy to null:, timed; MiB/s of the export's size."""
     argv = ["nbdcopy"] + ([f"--connections={connections}"] if connections else []) + [uri, "null:"]
     start = time.monotonic()
-    subprocess.run(argv, check=True, capture_output=True)
+    subprocess.run(argv, check=True, capture_output=True, env=env)
     elapsed = time.monotonic() - start
     return {"mib": size_bytes / elapsed / (1 << 20), "bytes": size_bytes}
 
