@@ -408,3 +408,23 @@ def test_kill_9_during_writes_never_corrupts_or_loses_flushed_data(tmp_path, lay
     print(f"kill -9 {layout}: {rounds} rounds, {writes} writes, {checked} durable blocks "
           f"checked, {leaks} leaked clusters, no corruption")
     assert writes > rounds * 10
+
+
+def test_allocation_depth_on_a_three_layer_chain_equals_qsd(start, tmp_path):
+    """qemu:allocation-depth: 0 where no layer has data, 1 for the top, 2 and
+    3 for the backing layers; raw files below report depth 1 everywhere."""
+    base = create(tmp_path, "base.qcow2")
+    qemu_io(base, "write -P 0x01 0 1M", "write -P 0x01 8M 64k")
+    mid = create(tmp_path, "mid.qcow2", backing=(base.name, "qcow2"))
+    qemu_io(mid, "write -P 0x02 512k 1M", "write -z 4M 64k")
+    top = create(tmp_path, "top.qcow2", backing=(mid.name, "qcow2"))
+    qemu_io(top, "write -P 0x03 768k 64k", "write -P 0x03 12M 4k")
+    maps = []
+    for which in ("bexd", "qsd"):
+        d = start([qcow2_node(top, extra=",read-only=on")],
+                  [export(writable=False) + ",allocation-depth=on"], which=which)
+        maps.append(run("nbdinfo", "--map=qemu:allocation-depth", d.uri("disk")).stdout)
+        assert d.stop() == 0
+    assert maps[0] == maps[1]
+    depths = {line.split()[2] for line in maps[0].splitlines()}
+    assert {"0", "1", "2", "3"} <= depths, maps[0]

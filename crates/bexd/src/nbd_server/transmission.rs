@@ -398,22 +398,50 @@ async fn allocation_extents(
     len: u64,
     max: usize,
 ) -> Result<Vec<(u32, u32)>, BlockError> {
+    status_extents(node, offset, len, max, |e| {
+        (if e.allocated { 0 } else { STATE_HOLE }) | (if e.zero { STATE_ZERO } else { 0 })
+    })
+    .await
+}
+
+/// `qemu:allocation-depth` extents: 0 unallocated, 1 this layer, 2+ a backing layer.
+async fn depth_extents(
+    node: &BlockNode,
+    offset: u64,
+    len: u64,
+    max: usize,
+) -> Result<Vec<(u32, u32)>, BlockError> {
+    status_extents(node, offset, len, max, |e| e.depth).await
+}
+
+/// Block status over `[offset, offset+len)` as (length, `status(extent)`)
+/// descriptors, equal neighbours merged, at most `max` of them.
+async fn status_extents(
+    node: &BlockNode,
+    offset: u64,
+    len: u64,
+    max: usize,
+    status: impl Fn(&block::Extent) -> u32,
+) -> Result<Vec<(u32, u32)>, BlockError> {
     let mut extents: Vec<(u32, u32)> = Vec::new();
     let end = offset + len;
     let mut pos = offset;
-    while pos < end && extents.len() < max {
+    // One descriptor past `max` is gathered (then dropped) so that the last
+    // kept one has absorbed every equal neighbour: with REQ_ONE the answer is
+    // the whole run, as QEMU gives it, not the first driver extent of it.
+    while pos < end && extents.len() <= max {
         // Descriptor lengths are 32-bit; ask for at most ~4 GiB at once.
         let want = (end - pos).min(u64::from(u32::MAX) & !511);
         let e = node.block_status(pos, want).await?;
         let e_len = e.len.clamp(1, want) as u32;
-        let flags =
-            (if e.allocated { 0 } else { STATE_HOLE }) | (if e.zero { STATE_ZERO } else { 0 });
+        let flags = status(&e);
         match extents.last_mut() {
             Some(last) if last.1 == flags && last.0.checked_add(e_len).is_some() => last.0 += e_len,
             _ => extents.push((e_len, flags)),
         }
         pos += u64::from(e_len);
     }
+    extents.truncate(max);
     Ok(extents)
 }
 
@@ -426,8 +454,7 @@ async fn block_status(ctx: &Context, req: &RequestHeader) -> Reply {
     for (i, (id, context)) in contexts.iter().enumerate() {
         let extents = match context {
             MetaContext::BaseAllocation => allocation_extents(&ctx.node, offset, len, max).await,
-            // A raw node is one layer: everything is allocated at depth 1.
-            MetaContext::AllocationDepth => Ok(vec![(req.length, 1)]),
+            MetaContext::AllocationDepth => depth_extents(&ctx.node, offset, len, max).await,
             MetaContext::DirtyBitmap(name) => Ok(match ctx.client.export().bitmap(name) {
                 Some(b) => crate::export_bitmaps::extents(b, offset, req.length, max),
                 None => vec![(req.length, 0)],
