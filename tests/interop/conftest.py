@@ -173,3 +173,17 @@ def file_export(img, writable=True, name="disk", node="disk0", extra=""):
     w = "on" if writable else "off"
     exports = [f"type=nbd,id=exp-{node},node-name={node},name={name},writable={w}{extra}"]
     return blockdevs, exports
+
+
+async def qmp_outcome(sock, command, arguments):
+    """One QMP command on a fresh qemu.qmp connection: ("ok", return value) or
+    (error class, desc), the shape the parity tests compare between daemons."""
+    from qemu.qmp import ExecuteError, QMPClient
+    q = QMPClient("interop")
+    await q.connect(str(sock))
+    try:
+        return ("ok", await q.execute(command, arguments))
+    except ExecuteError as e:
+        return (e.error.error.class_, e.error.error.desc)
+    finally:
+        await q.disconnect()

@@ -12,9 +12,8 @@ import shutil
 import subprocess
 
 import pytest
-from qemu.qmp import ExecuteError, QMPClient
 
-from conftest import daemon_binary, need
+from conftest import daemon_binary, need, qmp_outcome
 
 MIB = 1 << 20
 
@@ -26,19 +25,8 @@ def nodes(img):
             "driver=null-co,node-name=n0,size=1048576"]
 
 
-async def outcome(sock, command, arguments):
-    q = QMPClient("bitmaps")
-    await q.connect(str(sock))
-    try:
-        return ("ok", await q.execute(command, arguments))
-    except ExecuteError as e:
-        return (e.error.error.class_, e.error.error.desc)
-    finally:
-        await q.disconnect()
-
-
 def qmp(d, command, arguments=None):
-    return asyncio.run(outcome(d.qmp_sock, command, arguments or {}))
+    return asyncio.run(qmp_outcome(d.qmp_sock, command, arguments or {}))
 
 
 def bitmaps_of(d):

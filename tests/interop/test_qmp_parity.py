@@ -5,9 +5,8 @@ import asyncio
 import shutil
 
 import pytest
-from qemu.qmp import ExecuteError, QMPClient
 
-from conftest import file_export
+from conftest import file_export, qmp_outcome
 
 @pytest.fixture
 def both(start, image):
@@ -83,7 +82,7 @@ def test_same_outcomes_for_a_sequence(both, steps):
     ours, theirs = both
 
     async def run_all(sock):
-        return [await outcome(sock, c, a) for c, a in steps]
+        return [await qmp_outcome(sock, c, a) for c, a in steps]
 
     got, expected = asyncio.run(run_all(ours.qmp_sock)), asyncio.run(run_all(theirs.qmp_sock))
     normalise = lambda results: [(k, sorted(v, key=lambda e: e["id"]) if isinstance(v, list) else v)
@@ -91,22 +90,11 @@ def test_same_outcomes_for_a_sequence(both, steps):
     assert normalise(got) == normalise(expected)
 
 
-async def outcome(sock, command, arguments):
-    q = QMPClient("parity")
-    await q.connect(str(sock))
-    try:
-        return ("ok", await q.execute(command, arguments))
-    except ExecuteError as e:
-        return (e.error.error.class_, e.error.error.desc)
-    finally:
-        await q.disconnect()
-
-
 @pytest.mark.parametrize("command,arguments", CASES, ids=[f"{c}-{i}" for i, (c, _) in enumerate(CASES)])
 def test_same_outcome_as_qemu_storage_daemon(both, command, arguments):
     ours, theirs = both
-    got = asyncio.run(outcome(ours.qmp_sock, command, arguments))
-    expected = asyncio.run(outcome(theirs.qmp_sock, command, arguments))
+    got = asyncio.run(qmp_outcome(ours.qmp_sock, command, arguments))
+    expected = asyncio.run(qmp_outcome(theirs.qmp_sock, command, arguments))
     assert got == expected
 
 
