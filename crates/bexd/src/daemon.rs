@@ -133,7 +133,15 @@ impl Daemon {
         if entry.parents > 0 {
             return Err(QmpError::generic(format!("Block device {name} is in use")));
         }
-        remove_node_tree(&mut state, name);
+        let mut removed = Vec::new();
+        remove_node_tree(&mut state, name, &mut removed);
+        drop(state);
+        // Closing stores persistent bitmaps: I/O, so outside the state lock.
+        for node in removed {
+            if let Err(e) = node.close() {
+                tracing::error!(node = node.node_name(), error = %e, "closing the node failed");
+            }
+        }
         Ok(())
     }
 
@@ -366,20 +374,40 @@ impl Daemon {
             }
         }
     }
+
+    /// Closes every node, storing persistent bitmaps; the last step of shutdown.
+    pub async fn close_all(&self) {
+        let nodes: Vec<Arc<BlockNode>> = self
+            .state()
+            .nodes
+            .values()
+            .map(|e| e.node.clone())
+            .collect();
+        let closing = tokio::task::spawn_blocking(move || {
+            for node in nodes {
+                if let Err(e) = node.close() {
+                    tracing::error!(node = node.node_name(), error = %e, "closing the node failed");
+                }
+            }
+        });
+        let _ = closing.await;
+    }
 }
 
-/// Removes a node and, recursively, the implicit children nobody else uses.
-fn remove_node_tree(state: &mut State, name: &str) {
+/// Removes a node and, recursively, the implicit children nobody else uses;
+/// `removed` gets them, parents before children, for closing.
+fn remove_node_tree(state: &mut State, name: &str, removed: &mut Vec<Arc<BlockNode>>) {
     let Some(entry) = state.nodes.remove(name) else {
         return;
     };
+    removed.push(entry.node.clone());
     for child in entry.children {
         let Some(c) = state.nodes.get_mut(&child) else {
             continue;
         };
         c.parents = c.parents.saturating_sub(1);
         if c.parents == 0 && c.implicit {
-            remove_node_tree(state, &child);
+            remove_node_tree(state, &child, removed);
         }
     }
 }

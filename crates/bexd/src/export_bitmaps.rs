@@ -8,7 +8,7 @@ use block::{BlockNode, DirtyBitmap};
 use qmp::schema::bitmap::BlockDirtyBitmap;
 use qmp::QmpError;
 
-use crate::commands::bitmap::{busy, lookup};
+use crate::commands::bitmap::{check_usable, lookup, Use};
 use crate::daemon::Daemon;
 use crate::export::{BitmapRef, ExportConfig};
 
@@ -16,7 +16,7 @@ use crate::export::{BitmapRef, ExportConfig};
 const STATE_DIRTY: u32 = 1;
 
 /// The bitmaps of `config` on `node`, checked in QEMU's order per bitmap:
-/// found, not busy, and not recording if the export is read-only while
+/// found, not busy or inconsistent, and not recording if the export is read-only while
 /// the node is writable (the client would read a bitmap that keeps changing).
 pub fn resolve(
     daemon: &Daemon,
@@ -39,9 +39,7 @@ pub fn resolve(
                 lookup(daemon, &r)?.1
             }
         };
-        if bitmap.busy() {
-            return Err(busy(bitmap.name()));
-        }
+        check_usable(&bitmap, Use::Read)?;
         if !config.writable && !node.read_only() && bitmap.enabled() {
             return Err(QmpError::generic(format!(
                 "Enabled bitmap '{}' incompatible with readonly export",

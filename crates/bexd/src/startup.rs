@@ -249,6 +249,7 @@ pub async fn shut_down(daemon: &Arc<Daemon>) {
     }
     daemon.remove_all_exports();
     daemon.flush_all().await;
+    daemon.close_all().await;
     let server = daemon.state().nbd.take();
     if let Some(server) = server {
         server.stop();

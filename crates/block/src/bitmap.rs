@@ -9,9 +9,11 @@
 //! Marking after the write (not before) means a `clear` racing with a write
 //! can only leave an extra dirty granule, never lose a written one.
 //!
-//! Bitmaps live in memory only. Persistence (qcow2's bitmap extension) hooks
-//! in at [`crate::Driver::can_store_bitmaps`] and [`DirtyBitmap::words`] /
-//! [`DirtyBitmap::new_with_words`].
+//! Bitmaps live in memory while the node is open. A persistent one on a
+//! qcow2 node is loaded at open and stored at close by the driver (see
+//! `drivers/qcow2/bitmaps.rs`); one that was not stored cleanly (the image
+//! says "in use") comes back *inconsistent*: it has no bits and can only be
+//! removed, as in QEMU. Bitmaps of an image opened read-only are *readonly*.
 
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -38,6 +40,10 @@ pub struct DirtyBitmap {
     /// Size of the node it covers, in bytes.
     size: u64,
     persistent: bool,
+    /// Loaded from an image that was not closed cleanly: its bits are lost.
+    inconsistent: bool,
+    /// Loaded from an image opened read-only: it cannot change.
+    readonly: bool,
     state: Mutex<State>,
 }
 
@@ -67,12 +73,36 @@ impl DirtyBitmap {
             granularity,
             size,
             persistent,
+            inconsistent: false,
+            readonly: false,
             state: Mutex::new(State {
                 words,
                 enabled,
                 busy: false,
             }),
         }
+    }
+
+    /// A persistent bitmap whose stored bits cannot be trusted (QEMU's
+    /// "inconsistent"): empty, not recording.
+    pub fn inconsistent(name: String, size: u64, granularity: u64) -> Self {
+        let mut b = Self::new(name, size, granularity, false, true);
+        b.inconsistent = true;
+        b
+    }
+
+    /// Marks a loaded bitmap as belonging to a read-only image.
+    pub fn into_readonly(mut self) -> Self {
+        self.readonly = true;
+        self
+    }
+
+    pub fn is_inconsistent(&self) -> bool {
+        self.inconsistent
+    }
+
+    pub fn is_readonly(&self) -> bool {
+        self.readonly
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

@@ -24,6 +24,6 @@ pub mod test_utils;
 
 pub use bitmap::{BitmapLease, BitmapSet, DirtyBitmap};
 pub use buf::IoBuf;
-pub use driver::{Capabilities, Driver, Extent, ZeroFlags};
+pub use driver::{Capabilities, Driver, Extent, StoredBitmap, ZeroFlags};
 pub use error::{BlockError, BlockErrorKind, BlockResult};
 pub use node::BlockNode;

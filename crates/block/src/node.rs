@@ -1,5 +1,6 @@
 //! `BlockNode`: a named driver instance, and the async edge of the block layer.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::bitmap::BitmapSet;
@@ -18,18 +19,35 @@ pub struct BlockNode {
     caps: Capabilities,
     /// Dirty bitmaps; every write through this node marks them (see `bitmap.rs`).
     bitmaps: BitmapSet,
+    /// Set once the persistent bitmaps have been stored (see [`Self::close`]).
+    closed: AtomicBool,
 }
 
 impl BlockNode {
     pub fn new(node_name: String, driver: Arc<dyn Driver>, read_only: bool) -> Self {
         let caps = driver.capabilities();
+        let bitmaps = BitmapSet::default();
+        for b in driver.take_loaded_bitmaps() {
+            bitmaps.insert(Arc::new(b));
+        }
         Self {
             node_name,
             read_only: read_only || !caps.can_write,
             driver,
             caps,
-            bitmaps: BitmapSet::default(),
+            bitmaps,
+            closed: AtomicBool::new(false),
         }
+    }
+
+    /// Stores the persistent bitmaps in the image, as QEMU does when it
+    /// closes a node; the node must not be written afterwards. Runs once;
+    /// dropping the node runs it too, for the nodes nobody closed.
+    pub fn close(&self) -> BlockResult<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.driver.store_persistent_bitmaps(&self.bitmaps.list())
     }
 
     pub fn node_name(&self) -> &str {
@@ -182,5 +200,13 @@ impl BlockNode {
     pub async fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
         self.check_range(offset, len)?;
         self.run(len, move |d| d.cache(offset, len)).await
+    }
+}
+
+impl Drop for BlockNode {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::error!(node = %self.node_name, error = %e, "storing persistent bitmaps failed");
+        }
     }
 }

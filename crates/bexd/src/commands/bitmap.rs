@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use block::bitmap::{DEFAULT_GRANULARITY, MAX_GRANULARITY, MIN_GRANULARITY};
+use block::bitmap::{MAX_GRANULARITY, MIN_GRANULARITY};
 use block::{BlockNode, DirtyBitmap};
 use qmp::schema::bitmap::{
     ActionCompletionMode, BlockDirtyBitmap, BlockDirtyBitmapAdd, BlockDirtyBitmapMerge,
@@ -116,14 +116,20 @@ fn apply(
         }
         TransactionAction::Remove(r) => {
             let (node, b) = lookup(daemon, &r)?;
-            check_usable(&b)?;
+            check_usable(&b, Use::Remove)?;
+            if b.persistent() {
+                // QEMU drops it from the image at once, not at commit.
+                node.driver()
+                    .remove_persistent_bitmap(b.name())
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
+            }
             b.set_busy(true);
             undo.push(Undo::Removing(b.clone()));
             removals.push((node, b));
         }
         TransactionAction::Clear(r) => {
             let (_, b) = lookup(daemon, &r)?;
-            check_usable(&b)?;
+            check_usable(&b, Use::Modify)?;
             undo.push(Undo::Bits(b.clone(), b.words()));
             b.clear();
         }
@@ -154,7 +160,7 @@ fn add(daemon: &Daemon, a: &BlockDirtyBitmapAdd) -> Result<Arc<BlockNode>, QmpEr
             }
             g
         }
-        None => DEFAULT_GRANULARITY,
+        None => node.driver().default_bitmap_granularity(),
     };
     let persistent = a.persistent.unwrap_or(false);
     if persistent && !node.driver().can_store_bitmaps() {
@@ -162,6 +168,16 @@ fn add(daemon: &Daemon, a: &BlockDirtyBitmapAdd) -> Result<Arc<BlockNode>, QmpEr
             "Can't store persistent bitmaps to {}: Operation not supported",
             a.node
         )));
+    }
+    if persistent {
+        node.driver()
+            .check_new_persistent_bitmap(&a.name, granularity)
+            .map_err(|why| {
+                QmpError::generic(format!(
+                    "Can't make bitmap '{}' persistent in '{}': {why}",
+                    a.name, a.node
+                ))
+            })?;
     }
     if a.name.len() > MAX_NAME {
         return Err(QmpError::generic(format!(
@@ -205,12 +221,36 @@ fn find_on(node: &BlockNode, name: &str) -> Result<Arc<DirtyBitmap>, QmpError> {
         .ok_or_else(|| QmpError::generic(format!("Dirty bitmap '{name}' not found")))
 }
 
-/// The check QEMU makes before changing a bitmap.
-pub fn check_usable(b: &DirtyBitmap) -> Result<(), QmpError> {
-    match b.busy() {
-        true => Err(busy(b.name())),
-        false => Ok(()),
+/// What a command may do to a bitmap; QEMU's BDRV_BITMAP_* check flags.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// Change its bits (clear, merge target): not busy, readonly or inconsistent.
+    Modify,
+    /// Read it or switch recording (export, merge source, enable, disable):
+    /// a readonly bitmap is fine.
+    Read,
+    /// Remove it: an inconsistent bitmap may be removed, that is all it is good for.
+    Remove,
+}
+
+/// QEMU's bdrv_dirty_bitmap_check: busy first, then readonly, then inconsistent.
+pub fn check_usable(b: &DirtyBitmap, usage: Use) -> Result<(), QmpError> {
+    if b.busy() {
+        return Err(busy(b.name()));
     }
+    if b.is_readonly() && usage != Use::Read {
+        return Err(QmpError::generic(format!(
+            "Bitmap '{}' is readonly and cannot be modified",
+            b.name()
+        )));
+    }
+    if b.is_inconsistent() && usage != Use::Remove {
+        return Err(QmpError::generic(format!(
+            "Bitmap '{}' is inconsistent and cannot be used",
+            b.name()
+        )));
+    }
+    Ok(())
 }
 
 pub fn busy(name: &str) -> QmpError {
@@ -226,7 +266,7 @@ fn set_enabled(
     undo: &mut Vec<Undo>,
 ) -> Result<(), QmpError> {
     let (_, b) = lookup(daemon, r)?;
-    check_usable(&b)?;
+    check_usable(&b, Use::Read)?;
     undo.push(Undo::Enabled(b.clone(), b.enabled()));
     b.set_enabled(enabled);
     Ok(())
@@ -240,7 +280,7 @@ fn merge(daemon: &Daemon, m: &BlockDirtyBitmapMerge, undo: &mut Vec<Undo>) -> Re
             name: m.target.clone(),
         },
     )?;
-    check_usable(&target)?;
+    check_usable(&target, Use::Modify)?;
     undo.push(Undo::Bits(target.clone(), target.words()));
     for source in &m.bitmaps {
         let source = match source {
@@ -256,7 +296,7 @@ fn merge(daemon: &Daemon, m: &BlockDirtyBitmapMerge, undo: &mut Vec<Undo>) -> Re
                 .1
             }
         };
-        check_usable(&source)?;
+        check_usable(&source, Use::Read)?;
         target
             .merge_from(&source)
             .map_err(|e| QmpError::generic(e.to_string()))?;
@@ -273,14 +313,18 @@ pub fn query(node: &BlockNode) -> Option<Value> {
     let shown = list
         .iter()
         .map(|b| {
-            json!({
+            let mut shown = json!({
                 "name": b.name(),
                 "recording": b.enabled(),
                 "persistent": b.persistent(),
                 "busy": b.busy(),
                 "granularity": b.granularity(),
                 "count": b.count(),
-            })
+            });
+            if b.is_inconsistent() {
+                shown["inconsistent"] = json!(true);
+            }
+            shown
         })
         .collect();
     Some(Value::Array(shown))

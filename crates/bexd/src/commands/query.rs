@@ -120,6 +120,40 @@ fn backing_depth(nodes: &Nodes, entry: &crate::daemon::NodeEntry) -> u64 {
     depth
 }
 
+/// QEMU's ImageInfoSpecificQCow2: version 2 images have only three members;
+/// `bitmaps` lists what the image holds now, when it holds any.
+fn qcow2_specific(q: &block::drivers::qcow2::Qcow2Info, stored: &[block::StoredBitmap]) -> Value {
+    if q.compat == "0.10" {
+        return json!({
+            "compat": q.compat,
+            "compression-type": q.compression_type,
+            "refcount-bits": q.refcount_bits,
+        });
+    }
+    let mut data = json!({
+        "compat": q.compat,
+        "compression-type": q.compression_type,
+        "lazy-refcounts": q.lazy_refcounts,
+    });
+    if !stored.is_empty() {
+        let bitmaps: Vec<Value> = stored
+            .iter()
+            .map(|b| {
+                let flags: Vec<&str> = [(b.in_use, "in-use"), (b.auto, "auto")]
+                    .iter()
+                    .filter_map(|&(set, name)| set.then_some(name))
+                    .collect();
+                json!({"flags": flags, "name": b.name, "granularity": b.granularity})
+            })
+            .collect();
+        data["bitmaps"] = json!(bitmaps);
+    }
+    data["refcount-bits"] = json!(q.refcount_bits);
+    data["corrupt"] = json!(q.corrupt);
+    data["extended-l2"] = json!(q.extended_l2);
+    data
+}
+
 /// QEMU's ImageInfo: for qcow2 with format-specific data and, unless
 /// `flat`, the backing image nested.
 fn image_info(nodes: &Nodes, entry: &crate::daemon::NodeEntry, flat: bool) -> Value {
@@ -137,14 +171,7 @@ fn image_info(nodes: &Nodes, entry: &crate::daemon::NodeEntry, flat: bool) -> Va
     image["cluster-size"] = json!(q.cluster_size);
     image["format-specific"] = json!({
         "type": "qcow2",
-        "data": {
-            "compat": q.compat,
-            "compression-type": q.compression_type,
-            "lazy-refcounts": q.lazy_refcounts,
-            "refcount-bits": q.refcount_bits,
-            "corrupt": q.corrupt,
-            "extended-l2": q.extended_l2,
-        },
+        "data": qcow2_specific(q, &node.driver().stored_bitmaps()),
     });
     if let Some(b) = &q.backing_file {
         image["backing-filename"] = json!(b);

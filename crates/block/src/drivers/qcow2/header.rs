@@ -18,16 +18,28 @@ pub const INCOMPAT_EXTL2: u64 = 1 << 4;
 const INCOMPAT_KNOWN: u64 =
     INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+/// Autoclear bit: the bitmaps extension is consistent with the image. A
+/// program that does not know bitmaps clears it when it writes the image.
+pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 
 /// Header extension types.
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_NAMES: u32 = 0x6803_f857;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
+const EXT_BITMAPS: u32 = 0x2385_2875;
+/// Size of the bitmaps extension's data.
+const BITMAPS_EXT_LEN: usize = 24;
+
+/// QEMU's limits on persistent bitmaps (QCOW2_MAX_BITMAPS and the directory
+/// size they imply); bigger values are refused at open.
+pub const MAX_BITMAPS: u32 = 65535;
+pub const MAX_BITMAP_DIRECTORY_SIZE: u64 = 1024 * MAX_BITMAPS as u64;
 
 /// Byte offsets of fields rewritten in place.
 pub const OFF_REFCOUNT_TABLE: u64 = 48;
 pub const OFF_AUTOCLEAR: u64 = 88;
+const OFF_BACKING_FILE_OFFSET: usize = 8;
 
 /// QEMU's limits: bigger tables are refused rather than allocated.
 const MAX_L1_BYTES: u64 = 32 << 20;
@@ -69,6 +81,66 @@ pub struct Header {
     pub feature_names: Vec<(u8, u8, String)>,
     /// From the external data file extension.
     pub data_file: Option<String>,
+    /// Where the persistent bitmaps' directory is (version 3 only).
+    pub bitmaps: Option<BitmapsExt>,
+    /// Every extension but the bitmaps one, as found, so the header can be
+    /// rewritten with a new bitmaps extension and nothing else lost.
+    pub other_extensions: Vec<(u32, Vec<u8>)>,
+}
+
+/// The bitmaps header extension: where the bitmap directory lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BitmapsExt {
+    pub nb_bitmaps: u32,
+    pub directory_size: u64,
+    pub directory_offset: u64,
+}
+
+impl BitmapsExt {
+    fn parse(data: &[u8], cluster_size: u64) -> BlockResult<Self> {
+        if data.len() != BITMAPS_EXT_LEN {
+            return Err(invalid("bitmaps_ext: Invalid extension length"));
+        }
+        if be32(data, 4) != 0 {
+            return Err(invalid("bitmaps_ext: Reserved field is not zero"));
+        }
+        let ext = Self {
+            nb_bitmaps: be32(data, 0),
+            directory_size: be64(data, 8),
+            directory_offset: be64(data, 16),
+        };
+        if ext.nb_bitmaps == 0 {
+            return Err(invalid("found bitmaps extension with zero bitmaps"));
+        }
+        if ext.nb_bitmaps > MAX_BITMAPS {
+            return Err(invalid(format!(
+                "bitmaps_ext: Image has {} bitmaps, exceeding the QEMU supported maximum of {MAX_BITMAPS}",
+                ext.nb_bitmaps
+            )));
+        }
+        if ext.directory_size == 0 || ext.directory_size > MAX_BITMAP_DIRECTORY_SIZE {
+            return Err(invalid(format!(
+                "bitmaps_ext: bitmap directory size ({}) exceeds the maximum supported size ({MAX_BITMAP_DIRECTORY_SIZE})",
+                ext.directory_size
+            )));
+        }
+        if ext.directory_offset == 0
+            || !ext.directory_offset.is_multiple_of(cluster_size)
+            || ext.directory_offset >= MAX_HOST_OFFSET
+        {
+            return Err(invalid("bitmaps_ext: invalid bitmap directory offset"));
+        }
+        Ok(ext)
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(BITMAPS_EXT_LEN);
+        b.extend_from_slice(&self.nb_bitmaps.to_be_bytes());
+        b.extend_from_slice(&0u32.to_be_bytes());
+        b.extend_from_slice(&self.directory_size.to_be_bytes());
+        b.extend_from_slice(&self.directory_offset.to_be_bytes());
+        b
+    }
 }
 
 fn invalid(msg: impl Into<String>) -> BlockError {
@@ -151,6 +223,8 @@ impl Header {
             backing_format: None,
             feature_names: Vec::new(),
             data_file: None,
+            bitmaps: None,
+            other_extensions: Vec::new(),
         };
         if version == 3 {
             h.incompatible = be64(buf, 72);
@@ -261,8 +335,16 @@ impl Header {
                 return Err(invalid("qcow2 header extension overruns the header"));
             }
             let data = &buf[data_at..data_at + len];
+            if kind != EXT_BITMAPS && kind != EXT_END {
+                self.other_extensions.push((kind, data.to_vec()));
+            }
             match kind {
                 EXT_END => break,
+                // Version 2 has no autoclear bits, so bitmaps there cannot be
+                // trusted; QEMU ignores them too.
+                EXT_BITMAPS if self.version >= 3 => {
+                    self.bitmaps = Some(BitmapsExt::parse(data, buf.len() as u64)?)
+                }
                 EXT_BACKING_FORMAT => {
                     self.backing_format = Some(String::from_utf8_lossy(data).into_owned())
                 }
@@ -273,6 +355,44 @@ impl Header {
             at = data_at + len.next_multiple_of(8);
         }
         Ok(())
+    }
+
+    /// The start of cluster 0 with `bitmaps` as the bitmaps extension (none:
+    /// no extension) and `autoclear` as the autoclear bits. `fixed` is the
+    /// fixed part of the header as it is now on disk (fields such as the
+    /// refcount table offset change while the image is open); the other
+    /// extensions are kept and the backing file name moves behind them.
+    pub fn encode_with_bitmaps(
+        &self,
+        fixed: &[u8],
+        backing_file: Option<&str>,
+        bitmaps: Option<BitmapsExt>,
+        autoclear: u64,
+    ) -> BlockResult<Vec<u8>> {
+        let mut out = fixed[..self.header_length as usize].to_vec();
+        out[OFF_AUTOCLEAR as usize..OFF_AUTOCLEAR as usize + 8]
+            .copy_from_slice(&autoclear.to_be_bytes());
+        let bitmaps = bitmaps.map(|b| (EXT_BITMAPS, b.encode()));
+        for (kind, data) in self.other_extensions.iter().chain(bitmaps.iter()) {
+            out.extend_from_slice(&kind.to_be_bytes());
+            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            out.extend_from_slice(data);
+            out.resize(out.len().next_multiple_of(8), 0);
+        }
+        out.extend_from_slice(&[0u8; 8]);
+        if let Some(name) = backing_file {
+            let at = out.len() as u64;
+            out[OFF_BACKING_FILE_OFFSET..OFF_BACKING_FILE_OFFSET + 8]
+                .copy_from_slice(&at.to_be_bytes());
+            out.extend_from_slice(name.as_bytes());
+        }
+        if out.len() as u64 > self.cluster_size() {
+            return Err(BlockError::new(
+                BlockErrorKind::NoSpace,
+                "qcow2: the header extensions do not fit in the first cluster",
+            ));
+        }
+        Ok(out)
     }
 
     /// The backing file name stored in cluster 0, if any.

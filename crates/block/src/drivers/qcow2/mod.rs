@@ -6,6 +6,8 @@
 //!   refcount.rs    refcount entries of 1..64 bits, allocation, table growth
 //!   cache.rs       LRU of L2 tables and refcount blocks
 //!   meta.rs        the open image's metadata and its crash-safe flush order
+//!   bitmap_dir.rs  persistent bitmaps' directory, tables and bits, no I/O
+//!   bitmaps.rs     persistent bitmaps loaded at open, stored at close
 //!   compressed.rs  deflate / zstd clusters
 //!   io.rs          read, write (allocation, COW), zeroes, discard, block status
 //! ```
@@ -16,6 +18,8 @@
 //! cluster; reads and in-place writes are counted while they do I/O, and
 //! freed clusters become reusable only when none are in flight.
 
+mod bitmap_dir;
+mod bitmaps;
 mod cache;
 mod compressed;
 mod header;
@@ -31,12 +35,14 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
+use crate::bitmap::DirtyBitmap;
+use crate::driver::{Capabilities, Driver, Extent, StoredBitmap, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 use crate::node::BlockNode;
 
+use bitmaps::BitmapStore;
 use cache::TableCache;
-use header::{Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_AUTOCLEAR};
+use header::{Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use l2::Geometry;
 use meta::{CleanState, Meta};
 
@@ -72,6 +78,8 @@ pub struct Qcow2Driver {
     meta: Mutex<Meta>,
     /// Signalled whenever a busy guest cluster is released.
     released: Condvar,
+    /// Persistent bitmaps on disk. Locked before `meta`, never after.
+    bitmaps: Mutex<BitmapStore>,
 }
 
 /// What `query-named-block-nodes` shows of a qcow2 image (QEMU's ImageInfoSpecificQCow2).
@@ -110,11 +118,7 @@ impl Qcow2Driver {
         let header = Header::parse(&cluster0)?;
         check_open_flags(&header, read_only)?;
         let mut meta = load_meta(f, &header, opts)?;
-        if !read_only && header.version == 3 && header.autoclear != 0 {
-            // Bitmaps and other autoclear features become stale once we write.
-            f.write_at(&[0u8; 8], OFF_AUTOCLEAR, false)?;
-            f.flush()?;
-        }
+        let bitmaps = bitmaps::load(f, &header, read_only)?;
         let interval = opts
             .cache_clean_interval
             .unwrap_or(DEFAULT_CACHE_CLEAN_INTERVAL);
@@ -128,6 +132,7 @@ impl Qcow2Driver {
             discard: opts.discard,
             meta: Mutex::new(meta),
             released: Condvar::new(),
+            bitmaps: Mutex::new(bitmaps),
         })
     }
 
@@ -331,6 +336,34 @@ impl Driver for Qcow2Driver {
 
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
         self.status(offset, len)
+    }
+
+    fn can_store_bitmaps(&self) -> bool {
+        true
+    }
+
+    fn check_new_persistent_bitmap(&self, name: &str, granularity: u64) -> Result<(), String> {
+        self.check_new(name, granularity)
+    }
+
+    fn default_bitmap_granularity(&self) -> u64 {
+        self.cluster_size().clamp(4096, 65536)
+    }
+
+    fn take_loaded_bitmaps(&self) -> Vec<DirtyBitmap> {
+        self.take_loaded()
+    }
+
+    fn remove_persistent_bitmap(&self, name: &str) -> BlockResult<()> {
+        self.remove_stored(name)
+    }
+
+    fn store_persistent_bitmaps(&self, bitmaps: &[Arc<DirtyBitmap>]) -> BlockResult<()> {
+        self.store(bitmaps)
+    }
+
+    fn stored_bitmaps(&self) -> Vec<StoredBitmap> {
+        self.stored()
     }
 }
 
