@@ -281,3 +281,51 @@ def test_default_granularity_and_refusals_as_qemu(tmp_path):
     grans = {name: g for name, g, _ in answers["bexd"][-1]}
     assert grans == {"n512": [4096], "n4k": [4096], "n64k": [65536], "n2M": [65536], "nv2": []}
     assert answers["bexd"] == answers["qsd"]
+
+
+def test_qcow2_writes_mark_the_file_nodes_bitmap_as_qemu(tmp_path):
+    """A bitmap on the file node under qcow2 records the image's writes to the
+    file (data and metadata), as every QEMU layer tracks its own writes. With
+    metadata preallocated every write lands inside the file."""
+    counts = {}
+    for kind in ["bexd", "qsd"]:
+        img = qcow2(tmp_path, f"{kind}.qcow2", "64M", "-o", "preallocation=metadata")
+        d = Daemon(tmp_path, kind, [f"driver=file,node-name=f0,filename={img}",
+                                    "driver=qcow2,node-name=q,file=f0"],
+                   ["type=nbd,id=w,node-name=q,name=w,writable=on"])
+        assert qmp(d, "block-dirty-bitmap-add", {"node": "f0", "name": "fb"}) == ("ok", {})
+        h = nbd.NBD()
+        h.connect_uri(d.uri("w"))
+        h.pwrite(b"\x07" * 4096, 5 * MIB)
+        h.pwrite(b"\x07" * 65536, 20 * MIB)
+        h.flush()
+        h.shutdown()
+        kind_, listed = qmp(d, "query-named-block-nodes")
+        (f0,) = [n for n in listed if n["node-name"] == "f0"]
+        counts[kind] = [b["count"] for b in f0["dirty-bitmaps"]]
+        stop(d)
+    assert counts["bexd"][0] >= 2 * 65536
+    assert counts["bexd"] == counts["qsd"]
+
+
+def test_blockdev_add_loads_and_blockdev_del_stores(tmp_path):
+    img = qcow2(tmp_path)
+    write_with_bitmaps(tmp_path, "bexd", img)
+    d = Daemon(tmp_path, "bexd", ["driver=null-co,node-name=n0,size=1048576"], [])
+    opts = {"driver": "qcow2", "node-name": "q", "file": {"driver": "file", "filename": str(img)}}
+    assert qmp(d, "blockdev-add", opts) == ("ok", {})
+    listed, on_disk = node_info(d)
+    expect_written(listed)
+    assert flags(on_disk) == IN_USE
+    assert qmp(d, "block-dirty-bitmap-add", {"node": "q", "name": "later", "persistent": True,
+                                             "granularity": 131072}) == ("ok", {})
+    assert qmp(d, "block-dirty-bitmap-clear", {"node": "q", "name": "b"}) == ("ok", {})
+    assert qmp(d, "blockdev-del", {"node-name": "q"}) == ("ok", {})
+    # Stored on blockdev-del, while the daemon runs on.
+    assert flags(info(img)) == {"b": ["auto"], "fine": ["auto"], "off": [], "later": ["auto"]}
+    check_clean(img)
+    assert qmp(d, "blockdev-add", opts) == ("ok", {})
+    b = by_name(node_info(d)[0])
+    assert (b["b"]["count"], b["fine"]["count"], b["later"]["granularity"]) == (0, 76 << 10, 131072)
+    stop(d)
+    check_clean(img)

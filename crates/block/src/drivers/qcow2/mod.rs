@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use crate::bitmap::DirtyBitmap;
 use crate::driver::{Capabilities, Driver, Extent, StoredBitmap, ZeroFlags};
+use crate::drivers::child::MarkingChild;
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 use crate::node::BlockNode;
 
@@ -69,7 +70,8 @@ pub struct Qcow2Options {
 
 #[derive(Debug)]
 pub struct Qcow2Driver {
-    file: Arc<BlockNode>,
+    /// The image's node; writes through it mark its bitmaps.
+    file: MarkingChild,
     backing: Option<Arc<BlockNode>>,
     header: Header,
     backing_file: Option<String>,
@@ -125,7 +127,7 @@ impl Qcow2Driver {
         meta.clean.interval = (interval > 0).then(|| Duration::from_secs(interval));
         Ok(Self {
             backing_file: header.backing_file(&cluster0),
-            file,
+            file: MarkingChild::new(file),
             backing: None,
             header,
             read_only,
@@ -192,7 +194,7 @@ impl Qcow2Driver {
     }
 
     fn f(&self) -> &dyn Driver {
-        self.file.driver().as_ref()
+        &self.file
     }
 
     fn lock(&self) -> MutexGuard<'_, Meta> {
