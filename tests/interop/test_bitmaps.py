@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 
+import nbd
 import pytest
 
 from conftest import daemon_binary, need, qmp_outcome
@@ -350,3 +351,29 @@ def test_incremental_kept_apart_then_applied(start, image, tmp_path):
     out = bexd_backup("--apply", str(inc), "--base", str(full), "--output", str(new))
     assert "applied 131072 bytes" in out.stderr
     assert new.read_bytes() == src.read_bytes() != full.read_bytes()
+
+
+def test_a_bitmap_exported_twice_answers_once_as_qemu(pair):
+    """QEMU accepts `bitmaps: [b, b]`, lists the context twice, and selects
+    only the first when a client asks for it by name."""
+    need("nbdinfo")
+    seen = []
+    for d in pair:
+        assert qmp(d, *add("r0", "b"))[0] == "ok"
+        assert qmp(d, "block-export-add", {"type": "nbd", "id": "e", "node-name": "r0", "name": "e",
+                                           "writable": True, "bitmaps": ["b", "b"]})[0] == "ok"
+        h = nbd.NBD()
+        h.connect_uri(d.uri("e"))
+        h.pwrite(b"1" * 512, 65536)
+        h.shutdown()
+        listed = subprocess.run(["nbdinfo", "--json", d.uri("e")], check=True, capture_output=True,
+                                text=True).stdout
+        contexts = json.loads(listed)["exports"][0]["contexts"]
+        mapped = subprocess.run(["nbdinfo", "--map=qemu:dirty-bitmap:b", d.uri("e")], check=True,
+                                capture_output=True, text=True).stdout
+        seen.append((contexts, mapped))
+        assert qmp(d, "block-export-del", {"id": "e"})[0] == "ok"
+    assert seen[0] == seen[1]
+    assert seen[0][0].count("qemu:dirty-bitmap:b") == 2
+    assert seen[0][1].split() == ["0", "65536", "0", "clean", "65536", "65536", "1", "dirty",
+                                  "131072", str(64 * MIB - 131072), "0", "clean"]

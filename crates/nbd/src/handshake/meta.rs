@@ -20,11 +20,20 @@ pub(crate) fn select(export: &ExportInfo, queries: &[&[u8]], mode: QueryMode) ->
             QueryMode::Set => Vec::new(),
         };
     }
-    export
-        .meta_contexts
+    let contexts = &export.meta_contexts;
+    contexts
         .iter()
-        .filter(|ctx| queries.iter().any(|q| matches(ctx, q, mode)))
-        .cloned()
+        .enumerate()
+        .filter(|&(i, ctx)| {
+            // An export may offer one bitmap twice; an exact name selects
+            // only the first, as in QEMU, so the client gets one answer.
+            let first = !contexts[..i].iter().any(|c| c.name() == ctx.name());
+            queries.iter().any(|q| match ctx.name().as_bytes() == *q {
+                true => first,
+                false => matches(ctx, q, mode),
+            })
+        })
+        .map(|(_, ctx)| ctx.clone())
         .collect()
 }
 
@@ -48,6 +57,19 @@ fn matches(ctx: &MetaContext, query: &[u8], mode: QueryMode) -> bool {
 mod tests {
     use super::*;
     use crate::export::tests::writable_export;
+
+    #[test]
+    fn test_select_by_name_takes_the_first_of_a_twice_offered_bitmap() {
+        let mut e = writable_export();
+        let b = MetaContext::DirtyBitmap("b".into());
+        e.meta_contexts.extend([b.clone(), b.clone()]);
+        assert_eq!(
+            select(&e, &[b"qemu:dirty-bitmap:b"], QueryMode::Set),
+            vec![b.clone()]
+        );
+        let listed = select(&e, &[b"qemu:dirty-bitmap:"], QueryMode::List);
+        assert_eq!(listed.iter().filter(|c| **c == b).count(), 2);
+    }
 
     #[test]
     fn test_select_when_list_has_no_queries_returns_all() {
