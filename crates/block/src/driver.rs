@@ -1,5 +1,6 @@
 //! The driver trait every block driver implements.
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use crate::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
@@ -76,6 +77,14 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
     /// `None` if it would block, and the node then runs `read_at` on the
     /// blocking pool. Lets cached reads skip the hop to a worker thread.
     fn try_read_now(&self, _buf: &mut [u8], _offset: u64) -> Option<BlockResult<()>> {
+        None
+    }
+    /// Where `[offset, offset+len)` lies in a file whose reads can neither
+    /// block nor fail (tmpfs, without O_DIRECT): the descriptor and the file
+    /// offset. A plaintext NBD reply then goes out with `sendfile`, straight
+    /// from the page cache, with no copy through user space. `None` for
+    /// everything else; the bytes must equal what `read_at` would return.
+    fn page_cache_slice(&self, _offset: u64, _len: u64) -> Option<(RawFd, u64)> {
         None
     }
     /// Whether the format can store persistent dirty bitmaps (qcow2 can;

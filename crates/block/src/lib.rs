@@ -26,4 +26,4 @@ pub use bitmap::{BitmapLease, BitmapSet, DirtyBitmap};
 pub use buf::IoBuf;
 pub use driver::{Capabilities, Driver, Extent, StoredBitmap, ZeroFlags};
 pub use error::{BlockError, BlockErrorKind, BlockResult};
-pub use node::BlockNode;
+pub use node::{BlockNode, FileSlice};

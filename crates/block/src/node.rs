@@ -1,5 +1,6 @@
 //! `BlockNode`: a named driver instance, and the async edge of the block layer.
 
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -10,6 +11,15 @@ use crate::error::{BlockError, BlockErrorKind, BlockResult};
 
 /// The largest request a non-blocking driver runs inline on the caller's thread.
 const INLINE_MAX: u64 = 256 * 1024;
+
+/// Bytes of a node that sit in a page-cache file: `fd` at `offset` on. It
+/// holds the node, so the descriptor stays open while the slice lives.
+#[derive(Debug)]
+pub struct FileSlice {
+    pub fd: RawFd,
+    pub offset: u64,
+    _node: Arc<BlockNode>,
+}
 
 #[derive(Debug)]
 pub struct BlockNode {
@@ -38,6 +48,18 @@ impl BlockNode {
             bitmaps,
             closed: AtomicBool::new(false),
         }
+    }
+
+    /// The range's bytes as a slice of a page-cache file (see
+    /// [`Driver::page_cache_slice`]), for sending without a copy.
+    pub fn page_cache_slice(self: &Arc<Self>, offset: u64, len: u64) -> Option<FileSlice> {
+        self.check_range(offset, len).ok()?;
+        let (fd, offset) = self.driver.page_cache_slice(offset, len)?;
+        Some(FileSlice {
+            fd,
+            offset,
+            _node: self.clone(),
+        })
     }
 
     /// Stores the persistent bitmaps in the image, as QEMU does when it

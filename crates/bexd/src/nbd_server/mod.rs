@@ -13,6 +13,7 @@
 mod conn;
 mod listener;
 mod reply;
+mod sink;
 mod tls;
 mod transmission;
 

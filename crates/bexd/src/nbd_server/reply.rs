@@ -1,12 +1,31 @@
 //! A reply ready for the wire: protocol bytes interleaved with data that
-//! stays in the I/O buffer it was read into (no copy into a reply buffer).
+//! stays where it is, in the I/O buffer it was read into or in the page
+//! cache (then sent with `sendfile`), never copied into a reply buffer.
 
 use std::io::IoSlice;
 use std::ops::Range;
+use std::os::fd::RawFd;
 
-use block::IoBuf;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use block::{FileSlice, IoBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::OwnedSemaphorePermit;
+
+use super::sink::ReplyWriter;
+
+/// A reply's data.
+#[derive(Debug)]
+pub enum Data {
+    Buf(IoBuf),
+    /// Bytes of a page-cache file, the request's first byte at the slice's offset.
+    File(FileSlice),
+}
+
+/// A piece of a reply on the wire.
+#[derive(Clone, Copy, Debug)]
+pub enum Piece<'a> {
+    Bytes(&'a [u8]),
+    File { fd: RawFd, offset: u64, len: usize },
+}
 
 /// One reply (simple, or all chunks of a structured one), written whole.
 #[derive(Debug, Default)]
@@ -15,7 +34,7 @@ pub struct Reply {
     meta: Vec<u8>,
     /// In wire order: a slice of `meta`, then optionally a slice of `data`.
     pieces: Vec<(Range<usize>, Option<Range<usize>>)>,
-    data: Option<IoBuf>,
+    data: Option<Data>,
     /// The in-flight budget this request holds until its reply is on the wire:
     /// its request slot and its payload units.
     _permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
@@ -42,7 +61,7 @@ impl Reply {
         self.pieces.push((start..self.meta.len(), data));
     }
 
-    pub fn set_data(&mut self, data: IoBuf) {
+    pub fn set_data(&mut self, data: Data) {
         self.data = Some(data);
     }
 
@@ -50,14 +69,19 @@ impl Reply {
         self._permits = Some((slot, payload));
     }
 
-    /// The reply's bytes in wire order, as slices of its headers and its data.
-    pub fn slices(&self) -> impl Iterator<Item = &[u8]> {
+    /// The reply in wire order: slices of its headers and of its data.
+    pub fn pieces(&self) -> impl Iterator<Item = Piece<'_>> {
         self.pieces.iter().flat_map(|(meta, data)| {
             let data = match (data, &self.data) {
-                (Some(range), Some(buf)) => Some(&buf[range.clone()]),
+                (Some(range), Some(Data::Buf(buf))) => Some(Piece::Bytes(&buf[range.clone()])),
+                (Some(range), Some(Data::File(f))) => Some(Piece::File {
+                    fd: f.fd,
+                    offset: f.offset + range.start as u64,
+                    len: range.len(),
+                }),
                 _ => None,
             };
-            std::iter::once(&self.meta[meta.clone()]).chain(data)
+            std::iter::once(Piece::Bytes(&self.meta[meta.clone()])).chain(data)
         })
     }
 }
@@ -65,28 +89,45 @@ impl Reply {
 /// Writes every reply of `batch`, whole and in order.
 ///
 /// With a vectored writer (plain TCP and unix sockets) headers and read data
-/// go out in one `writev` straight from the I/O buffers, no copy; other
-/// writers (TLS) get the bytes gathered into `scratch` and one `write_all`,
-/// so a batch still makes few records.
-pub async fn write_batch<W: AsyncWrite + Unpin>(
+/// go out in one `writev` straight from the I/O buffers, no copy, and
+/// page-cache data with `sendfile` in between; other writers (TLS) get the
+/// bytes gathered into `scratch` and one `write_all`, so a batch still makes
+/// few records.
+pub async fn write_batch<W: ReplyWriter>(
     w: &mut W,
     batch: &[Reply],
     scratch: &mut Vec<u8>,
 ) -> std::io::Result<()> {
     if !w.is_write_vectored() {
         scratch.clear();
-        for piece in batch.iter().flat_map(Reply::slices) {
-            scratch.extend_from_slice(piece);
+        for piece in batch.iter().flat_map(Reply::pieces) {
+            match piece {
+                Piece::Bytes(b) => scratch.extend_from_slice(b),
+                Piece::File { fd, offset, len } => read_file_into(scratch, fd, offset, len)?,
+            }
         }
         return w.write_all(scratch).await;
     }
-    let mut slices: Vec<IoSlice<'_>> = batch
-        .iter()
-        .flat_map(Reply::slices)
-        .filter(|s| !s.is_empty())
-        .map(IoSlice::new)
-        .collect();
-    let mut rest = &mut slices[..];
+    let mut slices: Vec<IoSlice<'_>> = Vec::new();
+    for piece in batch.iter().flat_map(Reply::pieces) {
+        match piece {
+            Piece::Bytes([]) => {}
+            Piece::Bytes(b) => slices.push(IoSlice::new(b)),
+            Piece::File { fd, offset, len } => {
+                write_all_vectored(w, &mut slices).await?;
+                slices.clear();
+                send_file(w, fd, offset, len, scratch).await?;
+            }
+        }
+    }
+    write_all_vectored(w, &mut slices).await
+}
+
+async fn write_all_vectored<W: ReplyWriter>(
+    w: &mut W,
+    slices: &mut [IoSlice<'_>],
+) -> std::io::Result<()> {
+    let mut rest = slices;
     while !rest.is_empty() {
         let n = w.write_vectored(rest).await?;
         if n == 0 {
@@ -97,10 +138,60 @@ pub async fn write_batch<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// `len` bytes of `fd` from `offset`, with `sendfile` where the writer can.
+/// A file that ends early (truncated behind our back) reads as zeroes past
+/// its end, as a read would.
+async fn send_file<W: ReplyWriter>(
+    w: &mut W,
+    fd: RawFd,
+    mut offset: u64,
+    mut len: usize,
+    scratch: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    if !w.can_sendfile() {
+        scratch.clear();
+        read_file_into(scratch, fd, offset, len)?;
+        return w.write_all(scratch).await;
+    }
+    while len > 0 {
+        let n = std::future::poll_fn(|cx| w.poll_sendfile(cx, fd, offset, len)).await?;
+        if n == 0 {
+            scratch.clear();
+            scratch.resize(len, 0);
+            return w.write_all(scratch).await;
+        }
+        offset += n as u64;
+        len -= n;
+    }
+    Ok(())
+}
+
+/// Appends `len` bytes of `fd` from `offset` (zeroes past its end).
+fn read_file_into(out: &mut Vec<u8>, fd: RawFd, offset: u64, len: usize) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    // SAFETY: the descriptor is kept open by the reply's FileSlice; the
+    // ManuallyDrop'd File borrows it for the read and never closes it.
+    let file = std::mem::ManuallyDrop::new(unsafe {
+        <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+    });
+    let start = out.len();
+    out.resize(start + len, 0);
+    let mut done = 0;
+    while done < len {
+        match file.read_at(&mut out[start + done..], offset + done as u64)? {
+            0 => break,
+            n => done += n,
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::pin::Pin;
     use std::task::{Context, Poll};
+
+    use tokio::io::{AsyncReadExt, AsyncWrite};
 
     use super::*;
 
@@ -152,12 +243,14 @@ mod tests {
         }
     }
 
+    impl ReplyWriter for Trickle {}
+
     fn sample() -> Vec<Reply> {
         let mut a = Reply::new();
         a.push_with_data(|m| m.extend_from_slice(b"HDR1"), 2..6);
         a.push_meta(|m| m.extend_from_slice(b"HOLE"));
         a.push_with_data(|m| m.extend_from_slice(b"HDR2"), 6..8);
-        a.set_data(IoBuf::from_slice(b"01234567"));
+        a.set_data(Data::Buf(IoBuf::from_slice(b"01234567")));
         let mut b = Reply::new();
         b.push_meta(|m| m.extend_from_slice(b"ACK"));
         vec![a, b]
@@ -183,5 +276,71 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A node over a file in /dev/shm (tmpfs), so its reads are page-cache slices.
+    fn shm_node(contents: &[u8]) -> (tempfile::TempDir, std::sync::Arc<block::BlockNode>) {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, contents).unwrap();
+        let opts = block::drivers::file::FileOptions {
+            filename: path,
+            read_only: true,
+            ..Default::default()
+        };
+        let d = block::drivers::file::FileDriver::open(&opts).unwrap();
+        let node = block::BlockNode::new("n".into(), std::sync::Arc::new(d), true);
+        (dir, std::sync::Arc::new(node))
+    }
+
+    fn file_sample(node: &std::sync::Arc<block::BlockNode>) -> Vec<Reply> {
+        let mut a = Reply::new();
+        a.push_with_data(|m| m.extend_from_slice(b"HDR1"), 0..3);
+        a.push_meta(|m| m.extend_from_slice(b"HOLE"));
+        a.push_with_data(|m| m.extend_from_slice(b"HDR2"), 5..8);
+        a.set_data(Data::File(node.page_cache_slice(2, 8).unwrap()));
+        let mut b = Reply::new();
+        b.push_meta(|m| m.extend_from_slice(b"ACK"));
+        vec![a, b]
+    }
+
+    const FILE_EXPECTED: &[u8] = b"HDR1234HOLEHDR2789ACK";
+
+    #[test]
+    fn test_file_data_without_sendfile_is_read_in_order() {
+        let (_dir, node) = shm_node(b"0123456789");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for vectored in [true, false] {
+            let mut w = Trickle {
+                out: Vec::new(),
+                step: 3,
+                vectored,
+            };
+            rt.block_on(write_batch(&mut w, &file_sample(&node), &mut Vec::new()))
+                .unwrap();
+            assert_eq!(w.out, FILE_EXPECTED, "vectored={vectored}");
+        }
+    }
+
+    #[test]
+    fn test_file_data_goes_out_with_sendfile_on_a_socket() {
+        let (_dir, node) = shm_node(b"0123456789");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
+            let (_r, mut w) = a.into_split();
+            assert!(w.can_sendfile());
+            let batch = file_sample(&node);
+            write_batch(&mut w, &batch, &mut Vec::new()).await.unwrap();
+            drop(w);
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, FILE_EXPECTED);
+        });
     }
 }

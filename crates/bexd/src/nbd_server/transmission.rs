@@ -6,6 +6,9 @@
 //!  socket ◄── writer task: replies in completion order, one writev per batch ◄──┘
 //! ```
 //!
+//! READ data in a tmpfs file is not read at all on plain sockets: the reply
+//! names the file range and the writer `sendfile`s it (see `sink.rs`).
+//!
 //! The reader never waits for a request that blocks, so a slow request does
 //! not stall the ones behind it. The budget (requests and payload bytes)
 //! bounds the memory one client can pin.
@@ -26,11 +29,12 @@ use nbd::handshake::Negotiated;
 use nbd::reply;
 use nbd::request::{decode_request, validate, RequestHeader, Verdict};
 use nbd::types::{CommandType, NbdErrno};
-use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::reply::{write_batch, Reply};
+use super::reply::{write_batch, Data, Reply};
+use super::sink::ReplyWriter;
 use crate::export::ExportClient;
 
 /// Budget units: one per request plus one per 4 KiB of payload.
@@ -43,6 +47,10 @@ const BUDGET: usize = 256 + (64 << 20) / BUDGET_UNIT as usize;
 const MAX_REQUESTS: usize = 256;
 /// Reads at least this large are sent sparse (holes as OFFSET_HOLE chunks), as QEMU does.
 const SPARSE_READ_MIN: u32 = 64 * 1024;
+/// Reads at least this large go out with `sendfile` when their bytes are in
+/// a page-cache file and the socket is plain. Below it, the copy costs less
+/// than a `sendfile` call of its own (which also splits the writer's batch).
+const ZERO_COPY_MIN: u32 = 32 * 1024;
 /// Bound on the extents gathered for one BLOCK_STATUS reply.
 const MAX_EXTENTS: usize = 128 * 1024;
 /// NBD base:allocation flags.
@@ -55,6 +63,8 @@ struct Context {
     client: ExportClient,
     node: Arc<BlockNode>,
     writethrough: bool,
+    /// The writer can `sendfile` (plain TCP or unix socket).
+    zero_copy: bool,
 }
 
 pub struct Session {
@@ -72,6 +82,7 @@ impl Session {
                 client,
                 node,
                 writethrough,
+                zero_copy: false,
             }),
             leftover,
         }
@@ -80,15 +91,18 @@ impl Session {
     /// Serves requests until DISC, EOF, a protocol violation, `kick` or `shutdown`.
     /// In every case the requests already read are finished and replied first.
     pub async fn run<R, W>(
-        self,
+        mut self,
         reader: R,
         writer: W,
         kick: CancellationToken,
         shutdown: CancellationToken,
     ) where
         R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
+        W: ReplyWriter,
     {
+        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
+            ctx.zero_copy = writer.can_sendfile();
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let reader_done = CancellationToken::new();
         let writer_task = tokio::spawn(write_replies(writer, rx, reader_done.clone()));
@@ -213,7 +227,7 @@ async fn read_payload<R: AsyncRead + Unpin>(
 /// Replies gathered into one write at most; bounds the iovec list.
 const MAX_BATCH: usize = 64;
 
-async fn write_replies<W: AsyncWrite + Unpin>(
+async fn write_replies<W: ReplyWriter>(
     mut writer: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
     reader_done: CancellationToken,
@@ -332,11 +346,21 @@ async fn read(ctx: &Context, req: &RequestHeader) -> Reply {
         }
         return r;
     }
-    // Every driver fills a read buffer completely on success, so a reused one is fine.
-    let (buf, result) = ctx.node.read(IoBuf::for_overwrite(len), req.offset).await;
-    if let Err(e) = result {
-        return block_error_reply(ctx, req, &e);
-    }
+    let slice = match ctx.zero_copy && req.length >= ZERO_COPY_MIN {
+        true => ctx.node.page_cache_slice(req.offset, u64::from(req.length)),
+        false => None,
+    };
+    let data = match slice {
+        Some(slice) => Data::File(slice),
+        None => {
+            // Every driver fills a read buffer completely on success, so a reused one is fine.
+            let (buf, result) = ctx.node.read(IoBuf::for_overwrite(len), req.offset).await;
+            if let Err(e) = result {
+                return block_error_reply(ctx, req, &e);
+            }
+            Data::Buf(buf)
+        }
+    };
     let mut r = Reply::new();
     let sparse = structured && req.flags & CMD_FLAG_DF == 0 && req.length >= SPARSE_READ_MIN;
     let extents = match sparse {
@@ -355,7 +379,7 @@ async fn read(ctx: &Context, req: &RequestHeader) -> Reply {
             0..len,
         );
     }
-    r.set_data(buf);
+    r.set_data(data);
     r
 }
 

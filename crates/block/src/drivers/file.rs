@@ -7,7 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -359,6 +359,11 @@ impl Driver for FileDriver {
             false => self.read_bounced(buf, offset),
         };
         r.map_err(|e| self.io_err("Could not read from", e))
+    }
+
+    fn page_cache_slice(&self, offset: u64, len: u64) -> Option<(RawFd, u64)> {
+        let inside = offset.checked_add(len).is_some_and(|end| end <= self.size);
+        (self.memory_backed && !self.direct && inside).then(|| (self.file.as_raw_fd(), offset))
     }
 
     fn try_read_now(&self, buf: &mut [u8], offset: u64) -> Option<BlockResult<()>> {

@@ -1,5 +1,6 @@
 //! The `raw` format: a window (`offset`, `size`) onto a child node.
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
@@ -63,6 +64,10 @@ impl Driver for RawDriver {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
         self.inner().read_at(buf, self.offset + offset)
+    }
+
+    fn page_cache_slice(&self, offset: u64, len: u64) -> Option<(RawFd, u64)> {
+        self.inner().page_cache_slice(self.offset + offset, len)
     }
 
     fn try_read_now(&self, buf: &mut [u8], offset: u64) -> Option<BlockResult<()>> {
