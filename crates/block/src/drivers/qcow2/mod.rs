@@ -305,7 +305,16 @@ impl Driver for Qcow2Driver {
             can_write_zeroes_fast: true,
             request_alignment: 1,
             max_transfer: 0,
-            nonblocking: false,
+            // Metadata and data both live in the file (and the backing
+            // chain): if none of them can block, neither can the image. Its
+            // waits (a cluster another writer is allocating, in-flight reads
+            // before a free) are on other threads' synchronous calls, never
+            // on the runtime, so running inline cannot deadlock.
+            nonblocking: self.file.capabilities().nonblocking
+                && self
+                    .backing
+                    .as_ref()
+                    .is_none_or(|b| b.capabilities().nonblocking),
         }
     }
 
