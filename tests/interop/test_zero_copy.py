@@ -132,3 +132,112 @@ def test_qemu_img_and_nbdcopy_copies_equal_the_image(served, tmp_path):
     r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", path, d.uri("e")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# WRITEs of 64 KiB and more into a tmpfs image are spliced from the socket.
+
+def test_big_writes_in_flight_land_in_the_file(served):
+    """Pipelined writes of 64 KiB to 3 MiB (some FUA, some unaligned) on two
+    connections, each to its own region; the file equals the model after."""
+    d, path = served
+    model = bytearray(content(path))
+    rng = random.Random(5)
+    handles = []
+    for _ in range(2):
+        h = nbd.NBD()
+        h.connect_uri(d.uri("e"))
+        handles.append(h)
+    region = SIZE // 2
+    for round_ in range(6):
+        pending = []
+        for i, h in enumerate(handles):
+            pos = i * region
+            for _ in range(4):
+                length = rng.choice([65536, 65536 + 1, 300000, 1 * MIB, 3 * MIB])
+                if pos + length > (i + 1) * region:
+                    pos = i * region
+                data = rng.randbytes(length)
+                flags = nbd.CMD_FLAG_FUA if rng.random() < 0.3 else 0
+                pending.append((h, h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), pos,
+                                                flags=flags)))
+                model[pos:pos + length] = data
+                pos += length + rng.randrange(0, 5000)
+        for h, cookie in pending:
+            while not h.aio_command_completed(cookie):
+                h.poll(-1)
+    for h in handles:
+        h.flush()
+        h.shutdown()
+    assert content(path) == bytes(model)
+
+
+def test_spliced_writes_mark_bitmaps_and_refusals_keep_the_stream(tmp_path, shm_image):
+    import asyncio
+
+    from conftest import qmp_outcome
+    d = Daemon(tmp_path, "bexd", [f"driver=file,node-name=f0,filename={shm_image}",
+                                  "driver=raw,node-name=r0,file=f0"],
+               ["type=nbd,id=w,node-name=r0,name=w,writable=on",
+                "type=nbd,id=ro,node-name=r0,name=ro"])
+    for node, name in (("r0", "top"), ("f0", "file")):
+        assert asyncio.run(qmp_outcome(d.qmp_sock, "block-dirty-bitmap-add",
+                                       {"node": node, "name": name})) == ("ok", {})
+    h = nbd.NBD()
+    h.connect_uri(d.uri("w"))
+    h.pwrite(b"\xab" * (1 * MIB), 5 * MIB + 4096)
+    h.shutdown()
+    kind, listed = asyncio.run(qmp_outcome(d.qmp_sock, "query-named-block-nodes", {}))
+    counts = {n["node-name"]: n["dirty-bitmaps"][0]["count"] for n in listed if n.get("dirty-bitmaps")}
+    assert counts == {"r0": 1 * MIB + 65536, "f0": 1 * MIB + 65536}
+
+    # A refused big WRITE (read-only export, past the end) still has its
+    # payload taken off the socket: the next request works.
+    r = nbd.NBD()
+    r.connect_uri(d.uri("ro"))
+    with pytest.raises(nbd.Error) as e:
+        r.pwrite(b"x" * (256 << 10), 0)
+    assert e.value.errno == "EPERM", e.value
+    assert r.pread(256 << 10, 5 * MIB + 4096) == b"\xab" * (256 << 10)
+    r.shutdown()
+    w = nbd.NBD()
+    w.set_strict_mode(0)
+    w.connect_uri(d.uri("w"))
+    with pytest.raises(nbd.Error) as e:
+        w.pwrite(b"y" * (128 << 10), SIZE - 4096)
+    assert e.value.errno == "ENOSPC", e.value
+    assert w.pread(65536, 5 * MIB + 4096) == b"\xab" * 65536
+    w.shutdown()
+    assert d.stop() == 0
+    with open(shm_image, "rb") as f:
+        f.seek(5 * MIB + 4096)
+        assert f.read(1 * MIB) == b"\xab" * (1 * MIB)
+
+
+def test_hostile_clients_on_the_zero_copy_paths(tmp_path, shm_image):
+    """The robustness cases where splice and sendfile change the code path:
+    64 clients stall after 4 KiB of a 32 MiB WRITE (spliced); a client floods
+    1 MiB READs and never reads a reply (sendfile blocks on its socket). RSS
+    stays bounded, a good client is served, and the stalled ones go away."""
+    from test_robustness import rss_kib, stalled_writer
+    d = Daemon(tmp_path, "bexd", [f"driver=file,node-name=f0,filename={shm_image}"],
+               ["type=nbd,id=e,node-name=f0,name=disk,writable=on"], server_extra=",max-connections=200")
+    before = rss_kib(d.proc.pid)
+    stalled = [stalled_writer(d) for _ in range(64)]
+    flood = nbd.NBD()
+    flood.connect_uri(d.uri("disk"))
+    for _ in range(200):
+        flood.aio_pread(nbd.Buffer(1 * MIB), 0)
+    good = nbd.NBD()
+    good.connect_uri(d.uri("disk"))
+    good.pwrite(b"g" * (1 * MIB), 2 * MIB)
+    assert good.pread(1 * MIB, 2 * MIB) == b"g" * (1 * MIB)
+    grown = rss_kib(d.proc.pid) - before
+    assert grown < 256 * 1024, f"RSS grew by {grown} KiB"
+    for s in stalled:
+        s.close()
+    flood.shutdown()
+    good.shutdown()
+    assert d.stop() == 0
+    with open(shm_image, "rb") as f:
+        f.seek(2 * MIB)
+        assert f.read(1 * MIB) == b"g" * (1 * MIB)

@@ -87,6 +87,11 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
     fn page_cache_slice(&self, _offset: u64, _len: u64) -> Option<(RawFd, u64)> {
         None
     }
+    /// Called after bytes were written straight into the file that
+    /// [`Self::page_cache_slice`] named (a spliced NBD WRITE), so drivers in
+    /// between do what their `write_at` would have: raw marks its child's
+    /// bitmaps.
+    fn page_cache_written(&self, _offset: u64, _len: u64) {}
     /// Whether the format can store persistent dirty bitmaps (qcow2 can;
     /// `block-dirty-bitmap-add persistent=true` is refused elsewhere).
     fn can_store_bitmaps(&self) -> bool {

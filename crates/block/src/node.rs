@@ -62,6 +62,22 @@ impl BlockNode {
         })
     }
 
+    /// Like [`Self::page_cache_slice`], for writing the range straight into
+    /// the file (a spliced NBD WRITE); `None` on a read-only node. The
+    /// caller must call [`Self::page_cache_written`] once the bytes are in.
+    pub fn page_cache_write_slice(self: &Arc<Self>, offset: u64, len: u64) -> Option<FileSlice> {
+        self.check_writable().ok()?;
+        self.page_cache_slice(offset, len)
+    }
+
+    /// Bytes went into a [`Self::page_cache_write_slice`]: the bitmaps are
+    /// marked here and below, as `write` would have (also after a failure,
+    /// which may have changed part of the range).
+    pub fn page_cache_written(&self, offset: u64, len: u64) {
+        self.driver.page_cache_written(offset, len);
+        self.mark_dirty(offset, len);
+    }
+
     /// Stores the persistent bitmaps in the image, as QEMU does when it
     /// closes a node; the node must not be written afterwards. Runs once;
     /// dropping the node runs it too, for the nodes nobody closed.

@@ -14,6 +14,7 @@ mod conn;
 mod listener;
 mod reply;
 mod sink;
+mod splice;
 mod tls;
 mod transmission;
 

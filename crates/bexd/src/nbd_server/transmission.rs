@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::reply::{write_batch, Data, Reply};
 use super::sink::ReplyWriter;
+use super::splice::{splice_payload, Pipe, RequestReader};
 use crate::export::ExportClient;
 
 /// Budget units: one per request plus one per 4 KiB of payload.
@@ -51,6 +52,10 @@ const SPARSE_READ_MIN: u32 = 64 * 1024;
 /// a page-cache file and the socket is plain. Below it, the copy costs less
 /// than a `sendfile` call of its own (which also splits the writer's batch).
 const ZERO_COPY_MIN: u32 = 32 * 1024;
+/// WRITEs at least this large into a tmpfs file are spliced from the socket
+/// (see `splice.rs`): two `splice` calls and a pipe cost more than copying
+/// a small payload.
+const SPLICE_MIN: u32 = 64 * 1024;
 /// Bound on the extents gathered for one BLOCK_STATUS reply.
 const MAX_EXTENTS: usize = 128 * 1024;
 /// NBD base:allocation flags.
@@ -65,6 +70,14 @@ struct Context {
     writethrough: bool,
     /// The writer can `sendfile` (plain TCP or unix socket).
     zero_copy: bool,
+}
+
+/// A WRITE's payload as the reader left it for the request's task.
+enum Payload {
+    None,
+    Buf(IoBuf),
+    /// Already spliced into the image; the outcome.
+    Written(Result<(), BlockError>),
 }
 
 pub struct Session {
@@ -97,7 +110,7 @@ impl Session {
         kick: CancellationToken,
         shutdown: CancellationToken,
     ) where
-        R: AsyncRead + Unpin + Send + 'static,
+        R: RequestReader,
         W: ReplyWriter,
     {
         if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
@@ -123,14 +136,17 @@ impl Session {
     }
 }
 
-async fn read_requests<R: AsyncRead + Unpin>(
-    mut input: BufReader<R>,
+type Input<R> = BufReader<tokio::io::Chain<std::io::Cursor<Vec<u8>>, R>>;
+
+async fn read_requests<R: RequestReader>(
+    mut input: Input<R>,
     ctx: Arc<Context>,
     tx: mpsc::UnboundedSender<Reply>,
 ) {
     let budget = Arc::new(Semaphore::new(BUDGET));
     let slots = Arc::new(Semaphore::new(MAX_REQUESTS));
     let mut header = [0u8; REQUEST_HEADER_LEN];
+    let mut pipe: Option<Pipe> = None;
     loop {
         if input.read_exact(&mut header).await.is_err() {
             return;
@@ -159,14 +175,28 @@ async fn read_requests<R: AsyncRead + Unpin>(
             return;
         };
         let payload = match request.payload_len() {
-            0 => None,
-            len => {
-                let mut buf = IoBuf::for_overwrite(len);
-                if read_payload(&mut input, &mut buf).await.is_err() {
-                    return;
+            0 => Payload::None,
+            len => match splice_target(&ctx, &request, &verdict, &input) {
+                Some(slice) => {
+                    if pipe.is_none() {
+                        pipe = Pipe::new().ok();
+                    }
+                    let Some(p) = &pipe else {
+                        return;
+                    };
+                    match write_spliced(&mut input, &ctx, &request, slice, p).await {
+                        Ok(result) => Payload::Written(result),
+                        Err(_) => return,
+                    }
                 }
-                Some(buf)
-            }
+                None => {
+                    let mut buf = IoBuf::for_overwrite(len);
+                    if read_payload(&mut input, &mut buf).await.is_err() {
+                        return;
+                    }
+                    Payload::Buf(buf)
+                }
+            },
         };
         if request.command == CommandType::DISC {
             return;
@@ -183,6 +213,67 @@ async fn read_requests<R: AsyncRead + Unpin>(
         }))
         .await;
     }
+}
+
+/// The file range a WRITE's payload can be spliced into: an accepted WRITE
+/// of [`SPLICE_MIN`] or more, on a plain socket, into a tmpfs image, with
+/// the handshake's leftover bytes used up (the splice reads the socket).
+fn splice_target<R: RequestReader>(
+    ctx: &Arc<Context>,
+    req: &RequestHeader,
+    verdict: &Verdict,
+    input: &Input<R>,
+) -> Option<block::FileSlice> {
+    let (cursor, reader) = input.get_ref().get_ref();
+    let leftover_done = cursor.position() >= cursor.get_ref().len() as u64;
+    let eligible = ctx.zero_copy
+        && matches!(verdict, Verdict::Ok)
+        && req.command == CommandType::WRITE
+        && req.length >= SPLICE_MIN
+        && leftover_done
+        && reader.can_splice();
+    match eligible {
+        true => ctx
+            .node
+            .page_cache_write_slice(req.offset, u64::from(req.length)),
+        false => None,
+    }
+}
+
+/// Writes a WRITE's payload into `slice`: what the reader has buffered with
+/// `pwrite`, the rest spliced from the socket. The outer error is the
+/// socket's (the connection ends); the inner one goes to the client.
+async fn write_spliced<R: RequestReader>(
+    input: &mut Input<R>,
+    ctx: &Context,
+    req: &RequestHeader,
+    slice: block::FileSlice,
+    pipe: &Pipe,
+) -> std::io::Result<Result<(), BlockError>> {
+    use std::os::unix::fs::FileExt;
+    let len = req.length as usize;
+    let buffered = input.buffer();
+    let n = buffered.len().min(len);
+    // SAFETY: the slice keeps the descriptor open; ManuallyDrop never closes it.
+    let file = std::mem::ManuallyDrop::new(unsafe {
+        <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(slice.fd)
+    });
+    let mut result = file.write_all_at(&buffered[..n], slice.offset);
+    Pin::new(&mut *input).consume(n);
+    let mut socket = Ok(());
+    if n < len {
+        let reader = input.get_mut().get_mut().1;
+        let spliced = splice_payload(reader, pipe, slice.fd, slice.offset + n as u64, len - n);
+        match spliced.await {
+            Ok(Err(e)) if result.is_ok() => result = Err(e),
+            Ok(_) => {}
+            Err(e) => socket = Err(e),
+        }
+    }
+    // Even a payload cut short may have changed part of the range.
+    ctx.node
+        .page_cache_written(req.offset, u64::from(req.length));
+    socket.map(|()| result.map_err(|e| BlockError::io("Could not write to the image", e)))
 }
 
 /// Once the reader has stopped (hard export removal, shutdown, DISC, EOF),
@@ -274,7 +365,7 @@ where
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
-async fn handle(ctx: &Context, req: &RequestHeader, payload: Option<IoBuf>) -> Reply {
+async fn handle(ctx: &Context, req: &RequestHeader, payload: Payload) -> Reply {
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let node = &ctx.node;
     let (offset, len) = (req.offset, u64::from(req.length));
@@ -282,11 +373,13 @@ async fn handle(ctx: &Context, req: &RequestHeader, payload: Option<IoBuf>) -> R
         CommandType::READ => return read(ctx, req).await,
         CommandType::BLOCK_STATUS => return block_status(ctx, req).await,
         CommandType::WRITE => match payload {
-            Some(buf) => {
+            Payload::Buf(buf) => {
                 let durable = fua || ctx.writethrough;
                 node.write(buf, offset, durable).await.1
             }
-            None => Ok(()),
+            Payload::Written(Ok(())) if fua || ctx.writethrough => node.flush().await,
+            Payload::Written(r) => r,
+            Payload::None => Ok(()),
         },
         CommandType::FLUSH => node.flush().await,
         CommandType::TRIM => match node.discard(offset, len).await {

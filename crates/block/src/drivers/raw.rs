@@ -70,6 +70,11 @@ impl Driver for RawDriver {
         self.inner().page_cache_slice(self.offset + offset, len)
     }
 
+    fn page_cache_written(&self, offset: u64, len: u64) {
+        self.child.mark_dirty(self.offset + offset, len);
+        self.inner().page_cache_written(self.offset + offset, len);
+    }
+
     fn try_read_now(&self, buf: &mut [u8], offset: u64) -> Option<BlockResult<()>> {
         self.inner().try_read_now(buf, self.offset + offset)
     }
