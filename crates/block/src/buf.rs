@@ -21,8 +21,14 @@ const MMAP_MIN: usize = 128 * 1024;
 /// saves a page fault and a kernel page clear per 4 KiB of every large
 /// request, and reusing a heap buffer saves the memset of `alloc_zeroed`.
 static POOL: Mutex<Vec<Parked>> = Mutex::new(Vec::new());
-/// Buffers smaller than this are not worth parking.
+/// Buffers smaller than this are not worth parking in `POOL`...
 const POOL_MIN: usize = 16 * 1024;
+/// ...except the one-page buffers of small requests (4 KiB and less), the
+/// most common size by far: they get a pool of their own, searched in O(1).
+/// Reusing one saves `alloc_zeroed`'s memset and the malloc/free pair, which
+/// `perf` put at 3% of the server's time on 4 KiB reads.
+static SMALL_POOL: Mutex<Vec<Parked>> = Mutex::new(Vec::new());
+const SMALL_POOL_MAX: usize = 1024;
 /// Bytes the pool may hold (they stay resident), and buffers it may hold:
 /// enough for 1 MiB requests at queue depth 8 on several connections, or
 /// nbdcopy's 4 x 64 x 256 KiB, without keeping a burst's memory for good.
@@ -112,7 +118,7 @@ impl IoBuf {
     /// large buffers be reused from a pool.
     pub fn for_overwrite(len: usize) -> Self {
         let size = len.max(1).next_multiple_of(ALIGNMENT);
-        if size >= POOL_MIN {
+        if size >= POOL_MIN || size == ALIGNMENT {
             if let Some(p) = take_pooled(size) {
                 return Self {
                     ptr: p.ptr,
@@ -137,7 +143,15 @@ impl IoBuf {
     }
 }
 
+fn small_layout() -> Layout {
+    // ALIGNMENT is a power of two and fits isize: this cannot fail.
+    Layout::from_size_align(ALIGNMENT, ALIGNMENT).unwrap_or_else(|_| Layout::new::<u8>())
+}
+
 fn take_pooled(size: usize) -> Option<Parked> {
+    if size == ALIGNMENT {
+        return SMALL_POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    }
     let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
     let index = pool.iter().position(|p| p.size() == size)?;
     Some(pool.swap_remove(index))
@@ -146,6 +160,16 @@ fn take_pooled(size: usize) -> Option<Parked> {
 /// Parks an allocation for reuse; gives it back if it is too small or the
 /// pool is full (the caller frees it).
 fn park(parked: Parked) -> Result<(), Parked> {
+    if let Source::Heap(layout) = parked.source {
+        if layout == small_layout() {
+            let mut small = SMALL_POOL.lock().unwrap_or_else(|e| e.into_inner());
+            if small.len() >= SMALL_POOL_MAX {
+                return Err(parked);
+            }
+            small.push(parked);
+            return Ok(());
+        }
+    }
     if parked.size() < POOL_MIN {
         return Err(parked);
     }
