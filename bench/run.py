@@ -3,6 +3,7 @@
 
     bench/run.py                         # the full table: raw image, TCP, plaintext
     bench/run.py --transport unix --format qcow2 --tls --servers bexd,qsd
+    bench/run.py --format qcow2-empty    # a fresh qcow2 per server: writes allocate clusters
     bench/run.py --smoke                 # one 1-second round of every server (the test suite runs this)
 
 Every server exports the same image in /dev/shm; servers run one at a time,
@@ -38,7 +39,11 @@ CPU_WORKLOAD = "4k randread QD32"
 
 
 def make_image(path, size_mib, fmt):
-    """Random data (so no server can shortcut zeroes), converted to qcow2 if asked."""
+    """Random data (so no server can shortcut zeroes), converted to qcow2 if
+    asked; `qcow2-empty` is a fresh image with nothing allocated."""
+    if fmt == "qcow2-empty":
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, f"{size_mib}M"], check=True)
+        return path
     raw = path if fmt == "raw" else path + ".raw"
     subprocess.run(["dd", "if=/dev/urandom", f"of={raw}", "bs=1M", f"count={size_mib}",
                     "status=none"], check=True)
@@ -52,6 +57,10 @@ def measure_server(kind, args, image, tls):
     """Every workload once against one freshly started server."""
     figures = {}
     size = f"{args.size_mib}M"
+    if args.format == "qcow2-empty":
+        # Every server starts from nothing, or the first one's writes would
+        # leave the others clusters that are already allocated.
+        make_image(image, args.size_mib, args.format)
     with Server(kind, image, args.format, args.transport, tls) as server:
         uri, env = server.endpoint.uri(), server.endpoint.client_env()
         for w in FIO_WORKLOADS:

@@ -20,7 +20,8 @@ EXPORT = "f"
 
 # Servers that speak each image format, in the order the tables list them.
 SERVERS = ["bexd", "qsd", "qemu-nbd", "nbdkit", "nbd-server"]
-FORMATS = {"raw": SERVERS, "qcow2": ["bexd", "qsd", "qemu-nbd"]}
+FORMATS = {"raw": SERVERS, "qcow2": ["bexd", "qsd", "qemu-nbd"],
+           "qcow2-empty": ["bexd", "qsd", "qemu-nbd"]}
 TLS_CAPABLE = ["bexd", "qsd", "qemu-nbd", "nbdkit"]
 
 
@@ -116,6 +117,7 @@ class Server:
     """A running server process; a context manager that stops it."""
 
     def __init__(self, kind, image, fmt, transport, tls=None):
+        fmt = "qcow2" if fmt == "qcow2-empty" else fmt
         self.kind = kind
         self.workdir = tempfile.mkdtemp(prefix=f"bench-{kind}-")
         self.endpoint = new_endpoint(transport, self.workdir, tls.client_dir if tls else "")
