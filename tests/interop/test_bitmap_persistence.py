@@ -313,6 +313,10 @@ def test_blockdev_add_loads_and_blockdev_del_stores(tmp_path):
     write_with_bitmaps(tmp_path, "bexd", img)
     d = Daemon(tmp_path, "bexd", ["driver=null-co,node-name=n0,size=1048576"], [])
     opts = {"driver": "qcow2", "node-name": "q", "file": {"driver": "file", "filename": str(img)}}
+    # An open that fails after the image was opened for writing leaves no bitmap in use.
+    kind, _ = qmp(d, "blockdev-add", {**opts, "backing": "no-such-node"})
+    assert kind == "GenericError"
+    assert flags(info(img)) == {"b": ["auto"], "fine": ["auto"], "off": []}
     assert qmp(d, "blockdev-add", opts) == ("ok", {})
     listed, on_disk = node_info(d)
     expect_written(listed)

@@ -122,6 +122,22 @@ pub fn open(
     options: NodeOptions,
     implicit: bool,
 ) -> Result<String, QmpError> {
+    let before = daemon.node_names();
+    let opened = open_node(daemon, options, implicit);
+    if opened.is_err() {
+        // Implicit children made for a node that then failed to open (a bad
+        // backing reference, a duplicate name) go too, as in QEMU: left
+        // behind, they would hold their image files open and locked.
+        daemon.remove_orphans_since(&before);
+    }
+    opened
+}
+
+fn open_node(
+    daemon: &Arc<Daemon>,
+    options: NodeOptions,
+    implicit: bool,
+) -> Result<String, QmpError> {
     let name = match &options.node_name {
         Some(n) => {
             check_node_name(n)?;

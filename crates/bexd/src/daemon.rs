@@ -102,6 +102,31 @@ impl Daemon {
         self.state().nodes.get(name).map(|e| e.node.clone())
     }
 
+    pub fn node_names(&self) -> std::collections::BTreeSet<String> {
+        self.state().nodes.keys().cloned().collect()
+    }
+
+    /// Removes (and closes) the implicit nodes not in `before` that no node uses.
+    pub fn remove_orphans_since(&self, before: &std::collections::BTreeSet<String>) {
+        let mut state = self.state();
+        let orphans: Vec<String> = state
+            .nodes
+            .iter()
+            .filter(|(name, e)| !before.contains(*name) && e.implicit && e.parents == 0)
+            .map(|(name, _)| name.clone())
+            .collect();
+        let mut removed = Vec::new();
+        for name in orphans {
+            remove_node_tree(&mut state, &name, &mut removed);
+        }
+        drop(state);
+        for node in removed {
+            if let Err(e) = node.close() {
+                tracing::error!(node = node.node_name(), error = %e, "closing the node failed");
+            }
+        }
+    }
+
     pub fn insert_node(&self, entry: NodeEntry) -> Result<(), QmpError> {
         let mut state = self.state();
         let name = entry.node.node_name().to_string();

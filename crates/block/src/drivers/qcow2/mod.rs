@@ -380,9 +380,18 @@ impl Driver for Qcow2Driver {
 
 impl Drop for Qcow2Driver {
     /// Cached metadata reaches the disk on close, as with QEMU's bdrv_close.
+    /// Bitmaps no node took (the open failed after this driver's, say on the
+    /// backing file) are stored back, so they do not stay flagged in use.
     fn drop(&mut self) {
-        if !self.read_only {
-            let _ = self.flush_all();
+        if self.read_only {
+            return;
         }
+        let orphans: Vec<Arc<DirtyBitmap>> = self.take_loaded().into_iter().map(Arc::new).collect();
+        if !orphans.is_empty() {
+            if let Err(e) = self.store(&orphans) {
+                tracing::error!(error = %e, "qcow2: storing bitmaps at close failed");
+            }
+        }
+        let _ = self.flush_all();
     }
 }

@@ -389,6 +389,7 @@ fn node_of(p: &Path, read_only: bool) -> BlockNode {
 /// A bitmap stored with a backing file name in the header: the name moves
 /// behind the new extension and still reads back; the bits survive a
 /// reopen; the image passes qemu-img check with no leaks after many stores.
+/// A driver whose node was never made stores what it loaded when dropped.
 #[test]
 fn test_bitmaps_store_and_load_keep_backing_name_and_bits() {
     use crate::bitmap::DirtyBitmap;
@@ -428,10 +429,17 @@ fn test_bitmaps_store_and_load_keep_backing_name_and_bits() {
     }
     let leaks = run("qemu-img", &["check", p.to_str().unwrap()]);
     assert!(!leaks.contains("leaked"), "{leaks}");
+    drop(open(&p, false));
+    let info = run("qemu-img", &["info", p.to_str().unwrap()]);
+    assert!(
+        info.contains("name: b") && !info.contains("in-use"),
+        "{info}"
+    );
 }
 
 /// Open for writing and never closed: the bitmap is in use on disk and the
-/// next open loads it inconsistent; removing it frees its clusters.
+/// next open loads it inconsistent; removing it frees its clusters. A clean
+/// close clears the flag.
 #[test]
 fn test_bitmap_not_stored_cleanly_loads_inconsistent() {
     use crate::bitmap::DirtyBitmap;
@@ -442,10 +450,14 @@ fn test_bitmap_not_stored_cleanly_loads_inconsistent() {
     node.bitmaps().insert(Arc::new(b));
     node.close().unwrap();
     drop(node);
-    // A driver dropped without its node closing it stores nothing, like a kill.
-    let crashed = open(&p, false);
-    assert!(crashed.stored()[0].in_use);
-    drop(crashed);
+    // The disk as a kill would leave it: a copy taken while the image is open.
+    let open_now = node_of(&p, false);
+    assert!(open_now.driver().stored_bitmaps()[0].in_use);
+    let crashed = dir.path().join("crashed.qcow2");
+    std::fs::copy(&p, &crashed).unwrap();
+    drop(open_now);
+    assert!(!run("qemu-img", &["info", p.to_str().unwrap()]).contains("in-use"));
+    let p = crashed;
     let node = node_of(&p, false);
     let b = node.bitmaps().find("b").unwrap();
     assert!(b.is_inconsistent() && !b.enabled());
