@@ -684,3 +684,53 @@ def test_small_requests_are_bounded_by_the_per_connection_request_budget(start, 
     for s in socks:
         s.close()
     assert rss1 - rss0 < 64 * 1024, f"RSS grew by {rss1 - rss0} KiB"
+
+
+# --- 4. the blocking pool -----------------------------------------------------
+
+def test_blocking_pool_stops_at_64_threads_under_hundreds_of_waiting_requests(start, tmp_path):
+    """8 connections keep 192 requests each in flight on an image on disk: 16 KiB
+    FUA writes (each waits for the disk) and flushes. A file not on tmpfs runs every
+    write and flush on the blocking pool, and tokio alone would start a thread
+    for each request that finds none idle, up to 512; bexd's pool stops at 64,
+    as QEMU's does, and the rest queue. Every write reads back, and the threads
+    go back to the baseline once idle."""
+    nconns, depth, length = 8, 192, 16 * 1024
+    size = nconns * depth * length
+    img = make_image(tmp_path / "disk.img", size)
+    d = start(*file_export(img))
+    pid = d.proc.pid
+    threads0 = stats(pid)[2]
+    sampler = Sampler(pid)
+    rng = random.Random(7)
+    handles = []
+    for _ in range(nconns):
+        h = nbd.NBD()
+        h.connect_uri(d.uri("disk"))
+        handles.append(h)
+    model = bytearray(size)
+    bufs = Buffers()
+    for _ in range(4):
+        cookies = {}
+        for c, h in enumerate(handles):
+            cookies[c] = []
+            for i in range(depth):
+                if i % 8 == 7:
+                    cookies[c].append(h.aio_flush())
+                    continue
+                off = (c * depth + i) * length
+                ba, buf = bufs.get("w", (c, i), length)
+                ba[:] = rng.randbytes(length)
+                model[off:off + length] = ba
+                cookies[c].append(h.aio_pwrite(buf, off, flags=nbd.CMD_FLAG_FUA))
+        for c, h in enumerate(handles):
+            complete_all(h, cookies[c])
+    for c, h in enumerate(handles):
+        off = c * depth * length
+        assert h.pread(depth * length, off) == model[off:off + depth * length], f"connection {c}"
+        h.shutdown()
+    handles.clear()
+    peak_threads = sampler.stop()[2]
+    wait_until(lambda: stats(pid)[2] <= threads0, timeout=30, what="threads to return to baseline")
+    print(f"\n{nconns} x {depth} requests in flight: threads {threads0} -> peak {peak_threads}")
+    assert peak_threads <= threads0 + 64, f"{peak_threads} threads"
