@@ -798,3 +798,100 @@ def test_blocking_pool_stops_at_64_threads_under_hundreds_of_waiting_requests(st
     print(f"\n{nconns} x {depth} requests in flight: threads {threads0} -> peak {peak_threads}")
     assert peak_threads <= threads0 + 64, f"{peak_threads} threads"
 
+
+# --- 5. the server-wide payload budget ----------------------------------------
+
+def settled_rss(pid, quiet=0.5, timeout=20.0):
+    """VmRSS once it has moved by less than 1 MiB for `quiet` seconds."""
+    deadline = time.monotonic() + timeout
+    last, since = stats(pid)[1], time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = stats(pid)[1]
+        if abs(now - last) >= 1024:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return last
+
+
+def test_flooding_clients_are_bounded_by_the_server_wide_budget(start, image, monkeypatch):
+    """16 clients pipeline 1 MiB READs and never read a reply. Each may hold its
+    own 64 MiB budget, 1 GiB in all, but the server-wide budget (128 MiB here,
+    BEXD_NBD_PAYLOAD_BUDGET_MIB) stops their readers once it is spent: RSS
+    stays below it plus the 2 MiB each connection may use when it has nothing
+    else in flight. A client that sends one request at a time keeps its
+    verified writes and reads going, and the flooders' fds come back."""
+    monkeypatch.setenv("BEXD_NBD_PAYLOAD_BUDGET_MIB", "128")
+    size = 64 * MIB
+    d = start(*file_export(image(size)), server_extra=",max-connections=0")
+    pid = d.proc.pid
+    stop, latencies, errors = threading.Event(), [], []
+    good = threading.Thread(target=verifying_client, args=(d.uri("disk"), stop, latencies, errors, size))
+    good.start()
+    wait_until(lambda: len(latencies) > 5, what="the good client to run")
+    fds0, rss0, _ = stats(pid)  # with the good client connected
+    sampler = Sampler(pid)
+    socks = [flood_unread(d.sock, count=80) for _ in range(16)]  # 80 MiB each, more than 64
+    # The budget is spent: RSS stops growing (the flooders' readers wait).
+    wait_until(lambda: stats(pid)[1] - rss0 > 100 * 1024, timeout=20, what="the flood to fill the budget")
+    settled_rss(pid)
+    before = len(latencies)
+    wait_until(lambda: len(latencies) > before + 20, timeout=20,
+               what="the good client to make progress while the budget is spent")
+    stop.set()
+    good.join(30)
+    assert not errors, errors
+    peak_fds, peak_rss, _ = sampler.stop()
+    for s in socks:
+        s.close()
+    fds_back_to(pid, fds0, what="the flooders' fds to close")
+    print(f"\n16 flooding clients, budget 128 MiB: RSS {rss0} -> peak {peak_rss} KiB, fds {fds0} -> "
+          f"peak {peak_fds}; good client {len(latencies) - before} verified round trips while it was spent")
+    assert peak_rss - rss0 < (128 + 16 * 2 + 48) * 1024, f"RSS grew by {peak_rss - rss0} KiB"
+    assert d.alive()
+
+
+def test_requests_larger_than_the_server_wide_budget_still_complete(start, tmp_path, monkeypatch):
+    """A budget of 8 MiB (BEXD_NBD_PAYLOAD_BUDGET_MIB=8) and four clients
+    pipelining reads and writes of up to 32 MiB: a request larger than what is
+    left waits for the others to finish (one larger than the whole budget takes
+    all of it), and every request completes with the right data."""
+    monkeypatch.setenv("BEXD_NBD_PAYLOAD_BUDGET_MIB", "8")
+    size = 4 * 32 * MIB
+    img = make_image(tmp_path / "disk.img", size)
+    model = bytearray(random.Random(11).randbytes(size))
+    img.write_bytes(model)
+    d = start(*file_export(img))
+    errors = []
+
+    def client(k):
+        """Reads its 32 MiB region in requests of one size, all in flight at
+        once, checks them, then rewrites the region's first request."""
+        try:
+            h = nbd.NBD()
+            h.connect_uri(d.uri("disk"))
+            base = k * 32 * MIB
+            length = [32 * MIB, 4 * MIB, 1 * MIB, 64 * 1024][k]
+            bufs = [nbd.Buffer(length) for _ in range(32 * MIB // length)]
+            for rnd in range(3):
+                cookies = [h.aio_pread(b, base + i * length) for i, b in enumerate(bufs)]
+                complete_all(h, cookies)
+                for i, b in enumerate(bufs):
+                    off = base + i * length
+                    assert b.to_bytearray() == model[off:off + length], f"client {k}: read at {off:#x}"
+                data = random.Random(k * 10 + rnd).randbytes(length)
+                h.pwrite(data, base)
+                model[base:base + length] = data
+            h.shutdown()
+        except Exception as e:
+            errors.append(f"client {k}: {e!r}")
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a client is stuck"
+    assert not errors, errors
+    assert img.read_bytes() == model
