@@ -13,6 +13,7 @@ import random
 import resource
 import socket
 import struct
+import subprocess
 import threading
 import time
 
@@ -20,7 +21,8 @@ import nbd
 import pytest
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
-from conftest import Daemon, file_export, make_image, wait_until
+from conftest import Daemon, file_export, make_image, need, wait_until
+from tls_certs import make_pki
 
 MIB = 1 << 20
 BLOCK = 4096
@@ -125,6 +127,16 @@ def qmp_run(d, body):
     return asyncio.run(main())
 
 
+def connect(uri):
+    """A libnbd handle connected to `uri`, which may name a certificate directory
+    (tls-certificates=), a local file libnbd reads only when allowed to."""
+    h = nbd.NBD()
+    h.set_uri_allow_local_file(True)
+    h.connect_uri(uri)
+    assert h.get_tls_negotiated() == uri.startswith("nbds")
+    return h
+
+
 def complete_all(h, cookies):
     while h.aio_in_flight() > 0:
         h.poll(-1)
@@ -180,8 +192,7 @@ def soak_client(uri, index, nconns, stop, model, counters, errors):
     bufs = Buffers()
     try:
         for _ in range(nconns):
-            h = nbd.NBD()
-            h.connect_uri(uri)
+            h = connect(uri)
             assert h.can_multi_conn()
             handles.append(h)
         while not stop.is_set():
@@ -240,9 +251,10 @@ def soak_client(uri, index, nconns, stop, model, counters, errors):
         handles.clear()  # the last reference: libnbd closes the socket
 
 
-def churn(d, tmp_path, stop, tally, errors):
+def churn(d, uri, tmp_path, stop, tally, errors):
     """Adds and removes nodes and exports over QMP until `stop`, with a client
-    on each export; most removals are hard with the client still attached."""
+    (connecting to `uri(name)`) on each export; most removals are hard with the
+    client still attached."""
 
     async def one_round(q, i, rng):
         file_node = i % 2 == 0
@@ -268,8 +280,7 @@ def churn(d, tmp_path, stop, tally, errors):
                 assert [e["data"] for e in events] == [{"id": exp}]
             else:
                 def use():
-                    h = nbd.NBD()
-                    h.connect_uri(d.uri(exp))
+                    h = connect(uri(exp))
                     off = rng.randrange(0, 4 * MIB // BLOCK - 16) * BLOCK
                     if file_node:
                         assert h.pread(64 * 1024, off) == content[off:off + 64 * 1024]
@@ -314,11 +325,61 @@ def churn(d, tmp_path, stop, tally, errors):
         errors.append(f"churn: {e!r}")
 
 
-def test_soak_verified_io_while_exports_come_and_go(start, tmp_path):
-    seconds = float(os.environ.get("BEXD_SOAK_SECONDS", "45"))
+class SoakSetup:
+    """How the soak's daemon serves: over what transport, from what image."""
+
+    def __init__(self, start, tmp_path, transport, fmt, size):
+        self.fmt = fmt
+        self.img = tmp_path / f"soak.{fmt}"
+        if fmt == "qcow2":
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(self.img), str(size)],
+                           check=True)
+            blockdevs = [f"driver=qcow2,node-name=soak0,file.driver=file,file.filename={self.img}"]
+            exports = ["type=nbd,id=exp-soak0,node-name=soak0,name=soak,writable=on"]
+        else:
+            blockdevs, exports = file_export(make_image(self.img, size), name="soak", node="soak0")
+        objects, server_extra, self.certs = [], "", None
+        if transport == "tls":
+            need("openssl")
+            (tmp_path / "pki").mkdir()
+            pki = make_pki(tmp_path / "pki")
+            objects = [f"tls-creds-x509,id=tls0,dir={pki['server']},endpoint=server"]
+            server_extra, self.certs = ",tls-creds=tls0", pki["one"]
+        self.d = start(blockdevs, exports, server_extra=server_extra, tcp=transport != "unix",
+                       objects=objects)
+
+    def uri(self, name):
+        if self.certs is None:
+            return self.d.uri(name)
+        return f"nbds://127.0.0.1:{self.d.port}/{name}?tls-certificates={self.certs}"
+
+    def read_image(self, tmp_path):
+        """The exported image's guest content, read without bexd. A qcow2 image
+        is read once bexd has exited (it holds the image lock), after `qemu-img
+        check` found it clean: no corruption and no leaked cluster."""
+        if self.fmt == "raw":
+            return self.img.read_bytes()
+        assert self.d.stop() == 0
+        r = subprocess.run(["qemu-img", "check", "-f", "qcow2", str(self.img)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, f"qemu-img check: {r.returncode} {r.stdout} {r.stderr}"
+        raw = tmp_path / "soak-content.raw"
+        subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(self.img), str(raw)],
+                       check=True)
+        return raw.read_bytes()
+
+
+# (transport, format, default seconds): the unix/raw soak is the long one in CI.
+SOAK_VARIANTS = [("unix", "raw", 45), ("tcp", "raw", 15), ("tls", "raw", 15), ("unix", "qcow2", 15)]
+
+
+@pytest.mark.parametrize("transport,fmt,default_seconds", SOAK_VARIANTS,
+                         ids=[f"{t}-{f}" for t, f, _ in SOAK_VARIANTS])
+def test_soak_verified_io_while_exports_come_and_go(start, tmp_path, transport, fmt, default_seconds):
+    seconds = float(os.environ.get("BEXD_SOAK_SECONDS", default_seconds))
     nclients = 8
-    img = make_image(tmp_path / "soak.img", nclients * REGION)
-    d = start(*file_export(img, name="soak", node="soak0"))
+    setup = SoakSetup(start, tmp_path, transport, fmt, nclients * REGION)
+    d = setup.d
     pid = d.proc.pid
 
     async def initial(q):
@@ -334,9 +395,10 @@ def test_soak_verified_io_while_exports_come_and_go(start, tmp_path):
     tally = dict.fromkeys(["nodes_added", "nodes_removed", "exports_added", "exports_removed",
                            "hard_removals_with_client"], 0)
     threads = [threading.Thread(target=soak_client, name=f"client{i}",
-                                args=(d.uri("soak"), i, 2 + i % 3, stop, models[i], counters, errors))
+                                args=(setup.uri("soak"), i, 2 + i % 3, stop, models[i], counters, errors))
                for i in range(nclients)]
-    threads.append(threading.Thread(target=churn, name="churn", args=(d, tmp_path, stop, tally, errors)))
+    threads.append(threading.Thread(target=churn, name="churn",
+                                    args=(d, setup.uri, tmp_path, stop, tally, errors)))
     began = time.monotonic()
     for t in threads:
         t.start()
@@ -366,19 +428,20 @@ def test_soak_verified_io_while_exports_come_and_go(start, tmp_path):
     fds1, rss1, threads1 = stats(pid)
     exports1, nodes1 = qmp_run(d, initial)
 
-    with open(img, "rb") as f:
-        for i, model in enumerate(models):
-            assert f.read(REGION) == model, f"client {i}: image differs from the model"
+    content = setup.read_image(tmp_path)
+    for i, model in enumerate(models):
+        assert content[i * REGION:(i + 1) * REGION] == model, f"client {i}: image differs from the model"
 
-    print(f"\nsoak {elapsed:.0f} s: {counters.requests} requests, {counters.written} bytes written, "
+    print(f"\nsoak {transport}/{fmt} {elapsed:.0f} s: {counters.requests} requests, {counters.written} bytes written, "
           f"{counters.verified} bytes read and verified, slowest batch {counters.max_batch * 1000:.0f} ms; "
           f"{tally}; fds {fds0} -> peak {peak_fds} -> {fds1}; RSS {rss0} -> peak {peak_rss} -> "
           f"{rss1} KiB; threads {threads0} -> peak {peak_threads} -> {threads1}")
     assert counters.verified > 0 and tally["hard_removals_with_client"] > 0
     assert exports1 == exports0 and nodes1 == nodes0
     assert peak_rss - rss0 < 128 * 1024, f"RSS grew by {peak_rss - rss0} KiB"
-    # A blocking-pool thread per request in flight at most (9 per client), not per request made.
-    assert peak_threads <= threads0 + 9 * nclients + 16, f"{peak_threads} threads"
+    # A blocking-pool thread per request in flight at most (9 per client), not per request
+    # made, and never more than the pool's 64.
+    assert peak_threads <= threads0 + min(9 * nclients, 64), f"{peak_threads} threads"
     # Drift after the run (allocator caches, the IoBuf pool) stays small.
     assert rss1 - rss0 < 64 * 1024, f"RSS still {rss1 - rss0} KiB above baseline"
 
@@ -684,3 +747,151 @@ def test_small_requests_are_bounded_by_the_per_connection_request_budget(start, 
     for s in socks:
         s.close()
     assert rss1 - rss0 < 64 * 1024, f"RSS grew by {rss1 - rss0} KiB"
+
+
+# --- 4. the blocking pool -----------------------------------------------------
+
+def test_blocking_pool_stops_at_64_threads_under_hundreds_of_waiting_requests(start, tmp_path):
+    """8 connections keep 192 requests each in flight on an image on disk: 16 KiB
+    FUA writes (each waits for the disk) and flushes. A file not on tmpfs runs every
+    write and flush on the blocking pool, and tokio alone would start a thread
+    for each request that finds none idle, up to 512; bexd's pool stops at 64,
+    as QEMU's does, and the rest queue. Every write reads back, and the threads
+    go back to the baseline once idle."""
+    nconns, depth, length = 8, 192, 16 * 1024
+    size = nconns * depth * length
+    img = make_image(tmp_path / "disk.img", size)
+    d = start(*file_export(img))
+    pid = d.proc.pid
+    threads0 = stats(pid)[2]
+    sampler = Sampler(pid)
+    rng = random.Random(7)
+    handles = []
+    for _ in range(nconns):
+        h = nbd.NBD()
+        h.connect_uri(d.uri("disk"))
+        handles.append(h)
+    model = bytearray(size)
+    bufs = Buffers()
+    for _ in range(4):
+        cookies = {}
+        for c, h in enumerate(handles):
+            cookies[c] = []
+            for i in range(depth):
+                if i % 8 == 7:
+                    cookies[c].append(h.aio_flush())
+                    continue
+                off = (c * depth + i) * length
+                ba, buf = bufs.get("w", (c, i), length)
+                ba[:] = rng.randbytes(length)
+                model[off:off + length] = ba
+                cookies[c].append(h.aio_pwrite(buf, off, flags=nbd.CMD_FLAG_FUA))
+        for c, h in enumerate(handles):
+            complete_all(h, cookies[c])
+    for c, h in enumerate(handles):
+        off = c * depth * length
+        assert h.pread(depth * length, off) == model[off:off + depth * length], f"connection {c}"
+        h.shutdown()
+    handles.clear()
+    peak_threads = sampler.stop()[2]
+    wait_until(lambda: stats(pid)[2] <= threads0, timeout=30, what="threads to return to baseline")
+    print(f"\n{nconns} x {depth} requests in flight: threads {threads0} -> peak {peak_threads}")
+    assert peak_threads <= threads0 + 64, f"{peak_threads} threads"
+
+
+# --- 5. the server-wide payload budget ----------------------------------------
+
+def settled_rss(pid, quiet=0.5, timeout=20.0):
+    """VmRSS once it has moved by less than 1 MiB for `quiet` seconds."""
+    deadline = time.monotonic() + timeout
+    last, since = stats(pid)[1], time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = stats(pid)[1]
+        if abs(now - last) >= 1024:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return last
+
+
+def test_flooding_clients_are_bounded_by_the_server_wide_budget(start, image, monkeypatch):
+    """16 clients pipeline 1 MiB READs and never read a reply. Each may hold its
+    own 64 MiB budget, 1 GiB in all, but the server-wide budget (128 MiB here,
+    BEXD_NBD_PAYLOAD_BUDGET_MIB) stops their readers once it is spent: RSS
+    stays below it plus the 2 MiB each connection may use when it has nothing
+    else in flight. A client that sends one request at a time keeps its
+    verified writes and reads going, and the flooders' fds come back."""
+    monkeypatch.setenv("BEXD_NBD_PAYLOAD_BUDGET_MIB", "128")
+    size = 64 * MIB
+    d = start(*file_export(image(size)), server_extra=",max-connections=0")
+    pid = d.proc.pid
+    stop, latencies, errors = threading.Event(), [], []
+    good = threading.Thread(target=verifying_client, args=(d.uri("disk"), stop, latencies, errors, size))
+    good.start()
+    wait_until(lambda: len(latencies) > 5, what="the good client to run")
+    fds0, rss0, _ = stats(pid)  # with the good client connected
+    sampler = Sampler(pid)
+    socks = [flood_unread(d.sock, count=80) for _ in range(16)]  # 80 MiB each, more than 64
+    # The budget is spent: RSS stops growing (the flooders' readers wait).
+    wait_until(lambda: stats(pid)[1] - rss0 > 100 * 1024, timeout=20, what="the flood to fill the budget")
+    settled_rss(pid)
+    before = len(latencies)
+    wait_until(lambda: len(latencies) > before + 20, timeout=20,
+               what="the good client to make progress while the budget is spent")
+    stop.set()
+    good.join(30)
+    assert not errors, errors
+    peak_fds, peak_rss, _ = sampler.stop()
+    for s in socks:
+        s.close()
+    fds_back_to(pid, fds0, what="the flooders' fds to close")
+    print(f"\n16 flooding clients, budget 128 MiB: RSS {rss0} -> peak {peak_rss} KiB, fds {fds0} -> "
+          f"peak {peak_fds}; good client {len(latencies) - before} verified round trips while it was spent")
+    assert peak_rss - rss0 < (128 + 16 * 2 + 48) * 1024, f"RSS grew by {peak_rss - rss0} KiB"
+    assert d.alive()
+
+
+def test_requests_larger_than_the_server_wide_budget_still_complete(start, tmp_path, monkeypatch):
+    """A budget of 8 MiB (BEXD_NBD_PAYLOAD_BUDGET_MIB=8) and four clients
+    pipelining reads and writes of up to 32 MiB: a request larger than what is
+    left waits for the others to finish (one larger than the whole budget takes
+    all of it), and every request completes with the right data."""
+    monkeypatch.setenv("BEXD_NBD_PAYLOAD_BUDGET_MIB", "8")
+    size = 4 * 32 * MIB
+    img = make_image(tmp_path / "disk.img", size)
+    model = bytearray(random.Random(11).randbytes(size))
+    img.write_bytes(model)
+    d = start(*file_export(img))
+    errors = []
+
+    def client(k):
+        """Reads its 32 MiB region in requests of one size, all in flight at
+        once, checks them, then rewrites the region's first request."""
+        try:
+            h = nbd.NBD()
+            h.connect_uri(d.uri("disk"))
+            base = k * 32 * MIB
+            length = [32 * MIB, 4 * MIB, 1 * MIB, 64 * 1024][k]
+            bufs = [nbd.Buffer(length) for _ in range(32 * MIB // length)]
+            for rnd in range(3):
+                cookies = [h.aio_pread(b, base + i * length) for i, b in enumerate(bufs)]
+                complete_all(h, cookies)
+                for i, b in enumerate(bufs):
+                    off = base + i * length
+                    assert b.to_bytearray() == model[off:off + length], f"client {k}: read at {off:#x}"
+                data = random.Random(k * 10 + rnd).randbytes(length)
+                h.pwrite(data, base)
+                model[base:base + length] = data
+            h.shutdown()
+        except Exception as e:
+            errors.append(f"client {k}: {e!r}")
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a client is stuck"
+    assert not errors, errors
+    assert img.read_bytes() == model

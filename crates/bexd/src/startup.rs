@@ -51,12 +51,35 @@ fn init_tracing() {
         .try_init();
 }
 
+/// Threads in the blocking pool, where driver calls that may wait for a
+/// device run (one per request in flight). tokio's default is 512; QEMU's
+/// thread pool stops at 64, and past that more threads only add contention on
+/// the same disk and 8 MiB of stack reservation each. Requests beyond it queue
+/// for a free thread. `BEXD_MAX_BLOCKING_THREADS` overrides it.
+const MAX_BLOCKING_THREADS: usize = 64;
+
 /// Builds the multi-threaded runtime every mode runs on.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let env = std::env::var("BEXD_MAX_BLOCKING_THREADS").ok();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("bexd")
+        .max_blocking_threads(blocking_threads(env.as_deref()))
         .build()
+}
+
+/// The blocking pool's size: `env` if it is a positive number, else the default.
+fn blocking_threads(env: Option<&str>) -> usize {
+    match env.map(|v| v.trim().parse::<usize>()) {
+        Some(Ok(n)) if n > 0 => n,
+        Some(_) => {
+            tracing::warn!(
+                "BEXD_MAX_BLOCKING_THREADS must be a positive number; using {MAX_BLOCKING_THREADS}"
+            );
+            MAX_BLOCKING_THREADS
+        }
+        None => MAX_BLOCKING_THREADS,
+    }
 }
 
 fn run_daemon(options: Vec<CliOption>) -> i32 {
@@ -253,5 +276,27 @@ pub async fn shut_down(daemon: &Arc<Daemon>) {
     let server = daemon.state().nbd.take();
     if let Some(server) = server {
         server.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_blocking_threads_when_unset_is_qemus_64() {
+        assert_eq!(blocking_threads(None), 64);
+    }
+
+    #[test]
+    fn test_blocking_threads_when_set_takes_the_number() {
+        assert_eq!(blocking_threads(Some("8")), 8);
+        assert_eq!(blocking_threads(Some(" 512 ")), 512);
+    }
+
+    #[test]
+    fn test_blocking_threads_when_zero_or_garbage_keeps_the_default() {
+        assert_eq!(blocking_threads(Some("0")), 64);
+        assert_eq!(blocking_threads(Some("many")), 64);
     }
 }

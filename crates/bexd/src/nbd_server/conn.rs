@@ -1,7 +1,7 @@
 //! One client connection: drives the sans-IO handshake over the socket, then
 //! hands the negotiated session to the transmission phase.
 
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 
 use nbd::export::{ExportCatalog, ExportInfo};
 use nbd::handshake::{HandshakeConfig, HandshakeStatus, Negotiated, ServerHandshake, TlsMode};
@@ -10,6 +10,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
+use super::budget::SharedBudget;
 use super::NbdServerConfig;
 use super::{tls, transmission};
 use crate::daemon::Daemon;
@@ -24,13 +25,14 @@ pub enum ClientStream {
 }
 
 /// Serves one client from greeting to close. `_slot` holds a max-connections
-/// slot for as long as the connection lives.
+/// slot for as long as the connection lives; `budget` is the server's.
 pub async fn run(
     stream: ClientStream,
     daemon: Weak<Daemon>,
     config: NbdServerConfig,
     cancel: CancellationToken,
     _slot: Option<OwnedSemaphorePermit>,
+    budget: Arc<SharedBudget>,
 ) {
     let Some(d) = daemon.upgrade() else { return };
     let shutdown = d.shutdown.clone();
@@ -60,7 +62,7 @@ pub async fn run(
         }
     };
     let stop = client.export().kicked();
-    let session = transmission::Session::new(negotiated, client, leftover);
+    let session = transmission::Session::new(negotiated, client, leftover, budget);
     match transport {
         Transport::Plain(ClientStream::Tcp(s)) => {
             let (r, w) = s.into_split();

@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use super::budget::SharedBudget;
 use super::conn::{self, ClientStream};
 use super::{ListenAddr, NbdServerConfig};
 use crate::daemon::Daemon;
@@ -112,6 +113,7 @@ pub async fn accept_loop(
     daemon: Weak<Daemon>,
     config: NbdServerConfig,
     cancel: CancellationToken,
+    budget: Arc<SharedBudget>,
 ) {
     let slots = match config.max_connections {
         0 => None,
@@ -151,6 +153,7 @@ pub async fn accept_loop(
             config.clone(),
             conn_cancel,
             permit,
+            budget.clone(),
         ));
     }
     tracing::debug!("NBD listener closed");

@@ -8,8 +8,11 @@
 //!
 //! With tls-creds, the handshake stops at STARTTLS, `tls.rs` upgrades the
 //! socket and checks tls-authz, and the handshake continues over TLS.
+//! Request payloads in flight are bounded per connection and, across all
+//! connections of the server, by `budget.rs`.
 //! ```
 
+mod budget;
 mod conn;
 mod listener;
 mod reply;
@@ -105,6 +108,7 @@ impl NbdServer {
             daemon,
             config.clone(),
             cancel.clone(),
+            budget::SharedBudget::from_env(),
         ));
         tracing::info!(addr = ?bound, "NBD server listening");
         Ok(Self {

@@ -35,9 +35,34 @@ pub struct Reply {
     /// In wire order: a slice of `meta`, then optionally a slice of `data`.
     pieces: Vec<(Range<usize>, Option<Range<usize>>)>,
     data: Option<Data>,
-    /// The in-flight budget this request holds until its reply is on the wire:
-    /// its request slot and its payload units.
-    _permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    /// The in-flight budget this request holds until its reply is on the wire.
+    _permits: Option<Permits>,
+}
+
+/// What a request holds of the in-flight budgets until its reply is on the
+/// wire; dropping it gives them back.
+#[derive(Debug)]
+pub struct Permits {
+    /// Its connection's request slot.
+    _slot: OwnedSemaphorePermit,
+    /// Its connection's payload units.
+    _payload: OwnedSemaphorePermit,
+    /// Units of the server-wide budget (none when the request costs nothing there).
+    _shared: Option<OwnedSemaphorePermit>,
+}
+
+impl Permits {
+    pub fn new(
+        slot: OwnedSemaphorePermit,
+        payload: OwnedSemaphorePermit,
+        shared: Option<OwnedSemaphorePermit>,
+    ) -> Self {
+        Self {
+            _slot: slot,
+            _payload: payload,
+            _shared: shared,
+        }
+    }
 }
 
 impl Reply {
@@ -65,8 +90,8 @@ impl Reply {
         self.data = Some(data);
     }
 
-    pub fn hold_permits(&mut self, slot: OwnedSemaphorePermit, payload: OwnedSemaphorePermit) {
-        self._permits = Some((slot, payload));
+    pub fn hold_permits(&mut self, permits: Permits) {
+        self._permits = Some(permits);
     }
 
     /// The reply in wire order: slices of its headers and of its data.

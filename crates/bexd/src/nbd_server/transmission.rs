@@ -11,7 +11,8 @@
 //!
 //! The reader never waits for a request that blocks, so a slow request does
 //! not stall the ones behind it. The budget (requests and payload bytes)
-//! bounds the memory one client can pin.
+//! bounds the memory one client can pin, and the server-wide budget
+//! (`budget.rs`) what all of them together can.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -30,10 +31,11 @@ use nbd::reply;
 use nbd::request::{decode_request, validate, RequestHeader, Verdict};
 use nbd::types::{CommandType, NbdErrno};
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::reply::{write_batch, Data, Reply};
+use super::budget::SharedBudget;
+use super::reply::{write_batch, Data, Permits, Reply};
 use super::sink::ReplyWriter;
 use super::splice::{splice_payload, Pipe, RequestReader};
 use crate::export::ExportClient;
@@ -70,6 +72,8 @@ struct Context {
     writethrough: bool,
     /// The writer can `sendfile` (plain TCP or unix socket).
     zero_copy: bool,
+    /// Payload bytes in flight across the whole server.
+    shared: Arc<SharedBudget>,
 }
 
 /// A WRITE's payload as the reader left it for the request's task.
@@ -86,7 +90,12 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(negotiated: Negotiated, client: ExportClient, leftover: Vec<u8>) -> Self {
+    pub fn new(
+        negotiated: Negotiated,
+        client: ExportClient,
+        leftover: Vec<u8>,
+        shared: Arc<SharedBudget>,
+    ) -> Self {
         let node = client.export().node.clone();
         let writethrough = client.export().config.writethrough;
         Self {
@@ -96,6 +105,7 @@ impl Session {
                 node,
                 writethrough,
                 zero_copy: false,
+                shared,
             }),
             leftover,
         }
@@ -174,6 +184,9 @@ async fn read_requests<R: RequestReader>(
         else {
             return;
         };
+        let len = pinned_bytes(&request, &verdict);
+        let shared = take_shared(&ctx.shared, &slots, len).await;
+        let permits = Permits::new(slot, permit, shared);
         let payload = match request.payload_len() {
             0 => Payload::None,
             len => match splice_target(&ctx, &request, &verdict, &input) {
@@ -208,7 +221,7 @@ async fn read_requests<R: RequestReader>(
                 Verdict::Reject { errno, message } => error_reply(&ctx, &request, errno, &message),
                 _ => handle(&ctx, &request, payload).await,
             };
-            reply.hold_permits(slot, permit);
+            reply.hold_permits(permits);
             let _ = tx.send(reply);
         }))
         .await;
@@ -274,6 +287,43 @@ async fn write_spliced<R: RequestReader>(
     ctx.node
         .page_cache_written(req.offset, u64::from(req.length));
     socket.map(|()| result.map_err(|e| BlockError::io("Could not write to the image", e)))
+}
+
+/// Payload bytes a request pins until its reply is written: a WRITE's payload
+/// (read even when the request is rejected) or a READ's data.
+fn pinned_bytes(request: &RequestHeader, verdict: &Verdict) -> u64 {
+    match request.command {
+        CommandType::WRITE => u64::from(request.length),
+        CommandType::READ if matches!(verdict, Verdict::Ok) => u64::from(request.length),
+        _ => 0,
+    }
+}
+
+/// Takes the server-wide budget for a request of `len` bytes, once this
+/// request holds its own slot. A connection with nothing else in flight gets
+/// the reserve free; that is checked again while it waits, since the replies
+/// it had in flight (written just before the client sent this request) may
+/// not have returned their slots yet. `None`: it costs nothing there.
+async fn take_shared(
+    shared: &SharedBudget,
+    slots: &Semaphore,
+    len: u64,
+) -> Option<OwnedSemaphorePermit> {
+    if len == 0 {
+        return None;
+    }
+    let others = MAX_REQUESTS - 1;
+    if slots.available_permits() == others {
+        return shared.acquire(len, true).await;
+    }
+    tokio::select! {
+        p = shared.acquire(len, false) => p,
+        // Every other slot free: nothing else of this connection in flight.
+        idle = slots.acquire_many(others as u32) => {
+            drop(idle);
+            shared.acquire(len, true).await
+        }
+    }
 }
 
 /// Once the reader has stopped (hard export removal, shutdown, DISC, EOF),
@@ -588,4 +638,66 @@ async fn block_status(ctx: &Context, req: &RequestHeader) -> Reply {
         r.push_meta(|out| reply::block_status_chunk(out, req.cookie, done, *id, &extents));
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn poll_once<F: Future>(f: Pin<&mut F>) -> Option<F::Output> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match f.poll(&mut cx) {
+            Poll::Ready(v) => Some(v),
+            Poll::Pending => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn test_take_shared_when_the_budget_is_spent_and_the_connection_goes_idle_uses_the_reserve(
+    ) {
+        let shared = SharedBudget::new(1 << 20);
+        let spent = shared.acquire(1 << 20, false).await;
+        let slots = Arc::new(Semaphore::new(MAX_REQUESTS));
+        let _mine = slots.clone().acquire_owned().await.expect("a slot");
+        let earlier = slots.clone().acquire_owned().await.expect("a slot");
+        // One earlier request still holds its slot: charged in full, and nothing is left.
+        let mut take = std::pin::pin!(take_shared(&shared, &slots, 64 * 1024));
+        assert!(poll_once(take.as_mut()).is_none());
+        // Its reply is written: the connection has nothing else in flight.
+        drop(earlier);
+        let got = poll_once(take.as_mut()).expect("ready without waiting for the budget");
+        assert!(got.is_none(), "a 64 KiB request fits in the reserve");
+        drop(spent);
+    }
+
+    #[tokio::test]
+    async fn test_pinned_bytes_when_read_write_or_other_counts_only_payload() {
+        let shared = SharedBudget::new(1 << 20);
+        let slots = Semaphore::new(MAX_REQUESTS);
+        let _mine = slots.acquire().await.expect("a slot");
+        assert!(take_shared(&shared, &slots, 0).await.is_none());
+        let read = RequestHeader {
+            flags: 0,
+            command: CommandType::READ,
+            cookie: 1,
+            offset: 0,
+            length: 4096,
+        };
+        let rejected = Verdict::Reject {
+            errno: NbdErrno::EINVAL,
+            message: String::new(),
+        };
+        assert_eq!(pinned_bytes(&read, &Verdict::Ok), 4096);
+        assert_eq!(pinned_bytes(&read, &rejected), 0);
+        let write = RequestHeader {
+            command: CommandType::WRITE,
+            ..read
+        };
+        assert_eq!(pinned_bytes(&write, &rejected), 4096);
+        let trim = RequestHeader {
+            command: CommandType::TRIM,
+            ..read
+        };
+        assert_eq!(pinned_bytes(&trim, &Verdict::Ok), 0);
+    }
 }
