@@ -67,6 +67,21 @@ def free_port():
         return s.getsockname()[1]
 
 
+# Every daemon started, so that one a failed test left running is killed at
+# its teardown instead of holding its image locked for the rest of the run.
+_STARTED = []
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_outlives_its_test():
+    yield
+    while _STARTED:
+        d = _STARTED.pop()
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
 class Daemon:
     """A running server with an NBD unix socket and a QMP unix socket."""
 
@@ -92,6 +107,7 @@ class Daemon:
             argv += ["--export", e]
         self.stderr = open(self.tmp / f"{kind}.stderr", "w+")
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=self.stderr)
+        _STARTED.append(self)
         wait_until(self._ready, what=f"{kind} to listen")
 
     def _ready(self):
