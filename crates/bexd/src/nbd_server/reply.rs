@@ -131,7 +131,12 @@ pub async fn write_batch<W: ReplyWriter>(
                 Piece::File { fd, offset, len } => read_file_into(scratch, fd, offset, len)?,
             }
         }
-        return w.write_all(scratch).await;
+        w.write_all(scratch).await?;
+        // A TLS writer may accept bytes it could not send yet (the socket was
+        // full) and send them only on the next write or flush. Without this
+        // flush, replies the client waits for could sit in the TLS buffer for
+        // ever once no more replies come: nbdcopy over TLS hung that way.
+        return w.flush().await;
     }
     let mut slices: Vec<IoSlice<'_>> = Vec::new();
     for piece in batch.iter().flat_map(Reply::pieces) {
@@ -367,5 +372,48 @@ mod tests {
             b.read_to_end(&mut got).await.unwrap();
             assert_eq!(got, FILE_EXPECTED);
         });
+    }
+
+    /// Takes every write into a buffer and delivers it only on flush, as a
+    /// TLS stream does when its socket is full.
+    #[derive(Default)]
+    struct HoldsUntilFlush {
+        held: Vec<u8>,
+        out: Vec<u8>,
+    }
+
+    impl AsyncWrite for HoldsUntilFlush {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.held.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            let held = std::mem::take(&mut self.held);
+            self.out.extend_from_slice(&held);
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl ReplyWriter for HoldsUntilFlush {}
+
+    #[test]
+    fn test_a_batch_is_flushed_out_of_a_buffering_writer() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut w = HoldsUntilFlush::default();
+        rt.block_on(write_batch(&mut w, &sample(), &mut Vec::new()))
+            .unwrap();
+        assert_eq!(w.out, b"HDR12345HOLEHDR267ACK");
+        assert!(w.held.is_empty());
     }
 }
