@@ -120,11 +120,7 @@ impl Daemon {
             remove_node_tree(&mut state, &name, &mut removed);
         }
         drop(state);
-        for node in removed {
-            if let Err(e) = node.close() {
-                tracing::error!(node = node.node_name(), error = %e, "closing the node failed");
-            }
-        }
+        close_nodes(removed);
     }
 
     pub fn insert_node(&self, entry: NodeEntry) -> Result<(), QmpError> {
@@ -162,11 +158,7 @@ impl Daemon {
         remove_node_tree(&mut state, name, &mut removed);
         drop(state);
         // Closing stores persistent bitmaps: I/O, so outside the state lock.
-        for node in removed {
-            if let Err(e) = node.close() {
-                tracing::error!(node = node.node_name(), error = %e, "closing the node failed");
-            }
-        }
+        close_nodes(removed);
         Ok(())
     }
 
@@ -382,14 +374,17 @@ impl Daemon {
         self.shutdown.cancel();
     }
 
-    /// Flushes every node; used at shutdown so nothing acknowledged is left in caches.
-    pub async fn flush_all(&self) {
-        let nodes: Vec<Arc<BlockNode>> = self
-            .state()
+    fn all_nodes(&self) -> Vec<Arc<BlockNode>> {
+        self.state()
             .nodes
             .values()
             .map(|e| e.node.clone())
-            .collect();
+            .collect()
+    }
+
+    /// Flushes every node; used at shutdown so nothing acknowledged is left in caches.
+    pub async fn flush_all(&self) {
+        let nodes = self.all_nodes();
         for node in nodes {
             if node.read_only() {
                 continue;
@@ -402,20 +397,20 @@ impl Daemon {
 
     /// Closes every node, storing persistent bitmaps; the last step of shutdown.
     pub async fn close_all(&self) {
-        let nodes: Vec<Arc<BlockNode>> = self
-            .state()
-            .nodes
-            .values()
-            .map(|e| e.node.clone())
-            .collect();
+        let nodes = self.all_nodes();
         let closing = tokio::task::spawn_blocking(move || {
-            for node in nodes {
-                if let Err(e) = node.close() {
-                    tracing::error!(node = node.node_name(), error = %e, "closing the node failed");
-                }
-            }
+            close_nodes(nodes);
         });
         let _ = closing.await;
+    }
+}
+
+/// Closes nodes taken out of the table (storing their persistent bitmaps).
+fn close_nodes(nodes: Vec<Arc<BlockNode>>) {
+    for node in nodes {
+        if let Err(e) = node.close() {
+            tracing::error!(node = node.node_name(), error = %e, "closing the node failed");
+        }
     }
 }
 
