@@ -194,7 +194,9 @@ def test_nbdcopy_one_connection_copies_a_big_image_over_tls(start, pki, tmp_path
             subprocess.run(["nbdcopy", "--connections=1", uri, "null:"], check=True, timeout=60,
                            capture_output=True)
         dst = tmp_path / "copy.img"
-        subprocess.run(["nbdcopy", uri, str(dst)], check=True, timeout=60, capture_output=True)
+        # One connection: several still stall now and then (a known bug, docs/reliability.md).
+        subprocess.run(["nbdcopy", "--connections=1", uri, str(dst)], check=True, timeout=60,
+                       capture_output=True)
         with open(src, "rb") as f:
             assert dst.read_bytes() == f.read()
     finally:
