@@ -21,6 +21,18 @@ pub struct FileSlice {
     _node: Arc<BlockNode>,
 }
 
+impl FileSlice {
+    /// The descriptor as a `File` for positional I/O; it is never closed
+    /// through this (the node owns it).
+    pub fn file(&self) -> std::mem::ManuallyDrop<std::fs::File> {
+        // SAFETY: the slice holds the node, so `fd` stays open while the
+        // slice lives; ManuallyDrop keeps this `File` from closing it.
+        std::mem::ManuallyDrop::new(unsafe {
+            <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(self.fd)
+        })
+    }
+}
+
 #[derive(Debug)]
 pub struct BlockNode {
     node_name: String,

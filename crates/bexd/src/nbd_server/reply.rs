@@ -4,7 +4,6 @@
 
 use std::io::IoSlice;
 use std::ops::Range;
-use std::os::fd::RawFd;
 
 use block::{FileSlice, IoBuf};
 use tokio::io::AsyncWriteExt;
@@ -24,7 +23,12 @@ pub enum Data {
 #[derive(Clone, Copy, Debug)]
 pub enum Piece<'a> {
     Bytes(&'a [u8]),
-    File { fd: RawFd, offset: u64, len: usize },
+    /// `len` bytes of the slice's file from `offset` (a file offset).
+    File {
+        slice: &'a FileSlice,
+        offset: u64,
+        len: usize,
+    },
 }
 
 /// One reply (simple, or all chunks of a structured one), written whole.
@@ -100,7 +104,7 @@ impl Reply {
             let data = match (data, &self.data) {
                 (Some(range), Some(Data::Buf(buf))) => Some(Piece::Bytes(&buf[range.clone()])),
                 (Some(range), Some(Data::File(f))) => Some(Piece::File {
-                    fd: f.fd,
+                    slice: f,
                     offset: f.offset + range.start as u64,
                     len: range.len(),
                 }),
@@ -128,7 +132,7 @@ pub async fn write_batch<W: ReplyWriter>(
         for piece in batch.iter().flat_map(Reply::pieces) {
             match piece {
                 Piece::Bytes(b) => scratch.extend_from_slice(b),
-                Piece::File { fd, offset, len } => read_file_into(scratch, fd, offset, len)?,
+                Piece::File { slice, offset, len } => read_file_into(scratch, slice, offset, len)?,
             }
         }
         w.write_all(scratch).await?;
@@ -143,10 +147,10 @@ pub async fn write_batch<W: ReplyWriter>(
         match piece {
             Piece::Bytes([]) => {}
             Piece::Bytes(b) => slices.push(IoSlice::new(b)),
-            Piece::File { fd, offset, len } => {
+            Piece::File { slice, offset, len } => {
                 write_all_vectored(w, &mut slices).await?;
                 slices.clear();
-                send_file(w, fd, offset, len, scratch).await?;
+                send_file(w, slice, offset, len, scratch).await?;
             }
         }
     }
@@ -173,18 +177,18 @@ async fn write_all_vectored<W: ReplyWriter>(
 /// its end, as a read would.
 async fn send_file<W: ReplyWriter>(
     w: &mut W,
-    fd: RawFd,
+    slice: &FileSlice,
     mut offset: u64,
     mut len: usize,
     scratch: &mut Vec<u8>,
 ) -> std::io::Result<()> {
     if !w.can_sendfile() {
         scratch.clear();
-        read_file_into(scratch, fd, offset, len)?;
+        read_file_into(scratch, slice, offset, len)?;
         return w.write_all(scratch).await;
     }
     while len > 0 {
-        let n = std::future::poll_fn(|cx| w.poll_sendfile(cx, fd, offset, len)).await?;
+        let n = std::future::poll_fn(|cx| w.poll_sendfile(cx, slice.fd, offset, len)).await?;
         if n == 0 {
             scratch.clear();
             scratch.resize(len, 0);
@@ -196,14 +200,15 @@ async fn send_file<W: ReplyWriter>(
     Ok(())
 }
 
-/// Appends `len` bytes of `fd` from `offset` (zeroes past its end).
-fn read_file_into(out: &mut Vec<u8>, fd: RawFd, offset: u64, len: usize) -> std::io::Result<()> {
+/// Appends `len` bytes of the slice's file from `offset` (zeroes past its end).
+fn read_file_into(
+    out: &mut Vec<u8>,
+    slice: &FileSlice,
+    offset: u64,
+    len: usize,
+) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
-    // SAFETY: the descriptor is kept open by the reply's FileSlice; the
-    // ManuallyDrop'd File borrows it for the read and never closes it.
-    let file = std::mem::ManuallyDrop::new(unsafe {
-        <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
-    });
+    let file = slice.file();
     let start = out.len();
     out.resize(start + len, 0);
     let mut done = 0;

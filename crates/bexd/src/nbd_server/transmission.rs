@@ -267,11 +267,7 @@ async fn write_spliced<R: RequestReader>(
     let len = req.length as usize;
     let buffered = input.buffer();
     let n = buffered.len().min(len);
-    // SAFETY: the slice keeps the descriptor open; ManuallyDrop never closes it.
-    let file = std::mem::ManuallyDrop::new(unsafe {
-        <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(slice.fd)
-    });
-    let mut result = file.write_all_at(&buffered[..n], slice.offset);
+    let mut result = slice.file().write_all_at(&buffered[..n], slice.offset);
     Pin::new(&mut *input).consume(n);
     let mut socket = Ok(());
     if n < len {

@@ -22,10 +22,6 @@ impl MarkingChild {
         Self { node }
     }
 
-    pub fn node(&self) -> &Arc<BlockNode> {
-        &self.node
-    }
-
     fn d(&self) -> &dyn Driver {
         self.node.driver().as_ref()
     }
