@@ -117,11 +117,12 @@ impl Reply {
 
 /// Writes every reply of `batch`, whole and in order.
 ///
-/// With a vectored writer (plain TCP and unix sockets) headers and read data
-/// go out in one `writev` straight from the I/O buffers, no copy, and
-/// page-cache data with `sendfile` in between; other writers (TLS) get the
-/// bytes gathered into `scratch` and one `write_all`, so a batch still makes
-/// few records.
+/// With a vectored writer (plain TCP and unix sockets, and TLS: rustls packs
+/// the slices into full records) headers and read data go out in one
+/// `writev` straight from the I/O buffers, no copy, and page-cache data with
+/// `sendfile` in between where the writer can; a writer that is not vectored
+/// gets the bytes gathered into `scratch` and one `write_all`. Either way the
+/// batch ends with a flush.
 pub async fn write_batch<W: ReplyWriter>(
     w: &mut W,
     batch: &[Reply],
@@ -136,10 +137,6 @@ pub async fn write_batch<W: ReplyWriter>(
             }
         }
         w.write_all(scratch).await?;
-        // A TLS writer may accept bytes it could not send yet (the socket was
-        // full) and send them only on the next write or flush. Without this
-        // flush, replies the client waits for could sit in the TLS buffer for
-        // ever once no more replies come: nbdcopy over TLS hung that way.
         return w.flush().await;
     }
     let mut slices: Vec<IoSlice<'_>> = Vec::new();
@@ -154,7 +151,13 @@ pub async fn write_batch<W: ReplyWriter>(
             }
         }
     }
-    write_all_vectored(w, &mut slices).await
+    write_all_vectored(w, &mut slices).await?;
+    // A TLS writer may accept bytes it could not send yet (the socket was
+    // full) and send them only on the next write or flush. Without this
+    // flush, replies the client waits for could sit in the TLS buffer for
+    // ever once no more replies come: nbdcopy over TLS hung that way. (On a
+    // plain socket it costs nothing.)
+    w.flush().await
 }
 
 async fn write_all_vectored<W: ReplyWriter>(
@@ -380,11 +383,13 @@ mod tests {
     }
 
     /// Takes every write into a buffer and delivers it only on flush, as a
-    /// TLS stream does when its socket is full.
+    /// TLS stream does when its socket is full. `vectored` as tokio-rustls
+    /// says it is (the path TLS replies really take).
     #[derive(Default)]
     struct HoldsUntilFlush {
         held: Vec<u8>,
         out: Vec<u8>,
+        vectored: bool,
     }
 
     impl AsyncWrite for HoldsUntilFlush {
@@ -406,6 +411,10 @@ mod tests {
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
             Poll::Ready(Ok(()))
         }
+
+        fn is_write_vectored(&self) -> bool {
+            self.vectored
+        }
     }
 
     impl ReplyWriter for HoldsUntilFlush {}
@@ -415,10 +424,15 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let mut w = HoldsUntilFlush::default();
-        rt.block_on(write_batch(&mut w, &sample(), &mut Vec::new()))
-            .unwrap();
-        assert_eq!(w.out, b"HDR12345HOLEHDR267ACK");
-        assert!(w.held.is_empty());
+        for vectored in [false, true] {
+            let mut w = HoldsUntilFlush {
+                vectored,
+                ..Default::default()
+            };
+            rt.block_on(write_batch(&mut w, &sample(), &mut Vec::new()))
+                .unwrap();
+            assert_eq!(w.out, b"HDR12345HOLEHDR267ACK", "vectored: {vectored}");
+            assert!(w.held.is_empty(), "vectored: {vectored}");
+        }
     }
 }
