@@ -174,7 +174,8 @@ async fn negotiate<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
 {
-    let mut buf = vec![0u8; 16 * 1024];
+    // Filled by `read_buf` into spare capacity: no memset per connection.
+    let mut buf = Vec::with_capacity(16 * 1024);
     loop {
         let status = {
             let Some(d) = daemon.upgrade() else {
@@ -206,11 +207,12 @@ where
         }
         match status? {
             HandshakeStatus::NeedInput => {
-                let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+                buf.clear();
+                let n = stream.read_buf(&mut buf).await.map_err(|e| e.to_string())?;
                 if n == 0 {
                     return Ok(Step::Closed);
                 }
-                hs.receive(&buf[..n]);
+                hs.receive(&buf);
             }
             HandshakeStatus::Done(negotiated) => {
                 let leftover = hs.take_leftover();

@@ -14,6 +14,7 @@
 
 mod budget;
 mod conn;
+mod input;
 mod listener;
 mod reply;
 mod sink;
