@@ -41,7 +41,7 @@ use super::sink::ReplyWriter;
 use super::splice::{splice_payload, Pipe, RequestReader};
 use crate::export::ExportClient;
 
-/// Budget units: one per request plus one per 4 KiB of payload.
+/// Budget units: one per request plus one per 4 KiB it pins (see `pinned_bytes`).
 const BUDGET_UNIT: u64 = 4096;
 /// Per connection: up to 64 MiB of payload in flight (and one unit per request)...
 const BUDGET: usize = 256 + (64 << 20) / BUDGET_UNIT as usize;
@@ -175,15 +175,11 @@ async fn read_requests<R: RequestReader>(
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let cost = 1 + (u64::from(request.length) / BUDGET_UNIT) as u32;
-        let Ok(permit) = budget
-            .clone()
-            .acquire_many_owned(cost.min(BUDGET as u32))
-            .await
-        else {
+        let len = pinned_bytes(&request, &verdict, ctx.negotiated.meta_contexts.len());
+        let cost = 1 + (len / BUDGET_UNIT).min(BUDGET as u64 - 1) as u32;
+        let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
             return;
         };
-        let len = pinned_bytes(&request, &verdict);
         let shared = take_shared(&ctx.shared, &slots, len).await;
         let permits = Permits::new(slot, permit, shared);
         let payload = match request.payload_len() {
@@ -280,15 +276,30 @@ async fn write_spliced<R: RequestReader>(
     socket.map(|()| result.map_err(|e| BlockError::io("Could not write to the image", e)))
 }
 
-/// Payload bytes a request pins until its reply is written: a WRITE's payload
-/// (read even when the request is rejected) or a READ's data.
-fn pinned_bytes(request: &RequestHeader, verdict: &Verdict) -> u64 {
+/// Bytes a request pins until its reply is written: a WRITE's payload (read
+/// even when the request is rejected), a READ's data, or at most this much
+/// of BLOCK_STATUS descriptors for `contexts` metadata contexts. TRIM and
+/// WRITE_ZEROES pin nothing, however large their range: charged by length,
+/// one of 4 GiB took a connection's whole budget and so ran alone.
+fn pinned_bytes(request: &RequestHeader, verdict: &Verdict, contexts: usize) -> u64 {
+    let ok = matches!(verdict, Verdict::Ok);
     match request.command {
         CommandType::WRITE => u64::from(request.length),
-        CommandType::READ if matches!(verdict, Verdict::Ok) => u64::from(request.length),
+        CommandType::READ if ok => u64::from(request.length),
+        CommandType::BLOCK_STATUS if ok => {
+            let descriptors = match request.flags & CMD_FLAG_REQ_ONE {
+                0 => u64::from(request.length.div_ceil(STATUS_GRANULE)).min(MAX_EXTENTS as u64),
+                _ => 1,
+            };
+            // One chunk per context: its header, the context id, 8 bytes a descriptor.
+            contexts as u64 * (20 + 4 + 8 * descriptors)
+        }
         _ => 0,
     }
 }
+
+/// The smallest extent a driver reports (a sector), for the bound above.
+const STATUS_GRANULE: u32 = 512;
 
 /// Takes the server-wide budget for a request of `len` bytes, once this
 /// request holds its own slot. A connection with nothing else in flight gets
@@ -667,6 +678,7 @@ mod tests {
         let slots = Semaphore::new(MAX_REQUESTS);
         let _mine = slots.acquire().await.expect("a slot");
         assert!(take_shared(&shared, &slots, 0).await.is_none());
+        let pinned_bytes = |r: &RequestHeader, v: &Verdict| pinned_bytes(r, v, 1);
         let read = RequestHeader {
             flags: 0,
             command: CommandType::READ,
@@ -690,5 +702,36 @@ mod tests {
             ..read
         };
         assert_eq!(pinned_bytes(&trim, &Verdict::Ok), 0);
+        let huge_zero = RequestHeader {
+            command: CommandType::WRITE_ZEROES,
+            length: u32::MAX,
+            ..read
+        };
+        assert_eq!(pinned_bytes(&huge_zero, &Verdict::Ok), 0);
+    }
+
+    #[test]
+    fn test_pinned_bytes_of_block_status_bounds_its_reply() {
+        let status = |length, flags| RequestHeader {
+            flags,
+            command: CommandType::BLOCK_STATUS,
+            cookie: 1,
+            offset: 0,
+            length,
+        };
+        // 4 GiB: at most MAX_EXTENTS descriptors per context, 1 MiB each.
+        let big = pinned_bytes(&status(u32::MAX, 0), &Verdict::Ok, 2);
+        assert_eq!(big, 2 * (24 + 8 * MAX_EXTENTS as u64));
+        // A 4 KiB range has at most 8 sector-sized extents.
+        assert_eq!(pinned_bytes(&status(4096, 0), &Verdict::Ok, 1), 24 + 64);
+        assert_eq!(
+            pinned_bytes(&status(u32::MAX, CMD_FLAG_REQ_ONE), &Verdict::Ok, 3),
+            3 * 32
+        );
+        let rejected = Verdict::Reject {
+            errno: NbdErrno::EINVAL,
+            message: String::new(),
+        };
+        assert_eq!(pinned_bytes(&status(u32::MAX, 0), &rejected, 1), 0);
     }
 }
