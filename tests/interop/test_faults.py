@@ -3,9 +3,12 @@ NBD error, the connection and export survive, nothing acknowledged is lost,
 and a failed flush is never reported as success."""
 
 import os
+import shutil
 
 import nbd
 import pytest
+
+from tls_certs import make_pki
 
 MIB = 1 << 20
 
@@ -16,17 +19,38 @@ def bexd_only():
         pytest.skip("bexd's blkdebug rules are always armed; QEMU's need events")
 
 
-def faulty(start, image, rules, writable=True):
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make the test certificates")
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def faulty(start, image, rules, writable=True, tls=None):
+    """A blkdebug export; with `tls` (a pki) served over x509 TLS only."""
     img = image(4 * MIB)
     spec = f"driver=blkdebug,node-name=dbg,image.driver=file,image.filename={img}"
     for i, rule in enumerate(rules):
         for key, value in rule.items():
             spec += f",inject-error.{i}.{key}={value}"
     w = "on" if writable else "off"
-    d = start([spec], [f"type=nbd,id=e0,node-name=dbg,name=disk,writable={w}"])
+    extra = {}
+    if tls:
+        extra = {"server_extra": ",tls-creds=tls0",
+                 "objects": [f"tls-creds-x509,id=tls0,dir={tls['server']},endpoint=server"]}
+    d = start([spec], [f"type=nbd,id=e0,node-name=dbg,name=disk,writable={w}"], **extra)
+    d.client = lambda: connect(d, tls)
+    return d, d.client(), img
+
+
+def connect(d, tls):
     h = nbd.NBD()
-    h.connect_uri(d.uri("disk"))
-    return d, h, img
+    uri = d.uri("disk")
+    if tls:
+        h.set_tls_certificates(tls["one"])
+        uri = uri.replace("nbd+unix://", "nbds+unix://")  # nbds: TLS required
+    h.connect_uri(uri)
+    return h
 
 
 def test_read_error_at_a_sector_is_eio_and_the_rest_reads(start, image):
@@ -57,6 +81,37 @@ def test_failed_flush_is_never_success_and_acknowledged_data_survives(start, ima
     assert e.value.errno == "EIO"
     h.flush()
     assert h.pread(4096, 65536) == b"kept" * 1024
+    assert d.stop() == 0
+    with open(img, "rb") as f:
+        f.seek(65536)
+        assert f.read(4096) == b"kept" * 1024
+
+
+def test_faults_over_tls_get_the_same_errors_and_the_session_survives(start, image, pki):
+    """The same faults with the replies going through TLS: each error reaches the
+    client as its errno, the TLS session carries on, a failed flush is an error,
+    and what was acknowledged before it is still read back (and is in the file)."""
+    d, h, img = faulty(start, image, [{"event": "read_aio", "sector": 16},
+                                      {"event": "write_aio", "errno": 28, "once": "on"},
+                                      {"event": "flush_to_disk", "once": "on"}], tls=pki)
+    plain = nbd.NBD()
+    plain.set_tls(nbd.TLS_DISABLE)
+    with pytest.raises(nbd.Error):
+        plain.connect_uri(d.uri("disk"))  # really TLS only
+    with pytest.raises(nbd.Error) as e:
+        h.pread(4096, 8192)
+    assert e.value.errno == "EIO"
+    with pytest.raises(nbd.Error) as e:
+        h.pwrite(b"x" * 4096, 65536)
+    assert e.value.errno == "ENOSPC"
+    h.pwrite(b"kept" * 1024, 65536)
+    with pytest.raises(nbd.Error) as e:
+        h.flush()
+    assert e.value.errno == "EIO"
+    h.flush()
+    other = d.client()
+    assert other.pread(4096, 65536) == b"kept" * 1024
+    assert h.pread(4096, 0) == bytes(4096)
     assert d.stop() == 0
     with open(img, "rb") as f:
         f.seek(65536)
