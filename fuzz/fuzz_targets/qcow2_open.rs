@@ -1,5 +1,6 @@
-//! A fuzzed qcow2 image held in memory: open it read-only, then read and
-//! query block status. Any input must give data or an error, never a panic,
+//! A fuzzed qcow2 image held in memory: open it read-only (which loads its
+//! persistent bitmaps), then read, query block status and walk the loaded
+//! bitmaps' extents. Any input must give data or an error, never a panic,
 //! an out-of-bounds access or an unbounded allocation.
 #![no_main]
 
@@ -58,6 +59,11 @@ fuzz_target!(|data: &[u8]| {
     let opts = Qcow2Options { read_only: true, ..Default::default() };
     let Ok(q) = Qcow2Driver::open(file, &opts) else { return };
     let size = q.size();
+    for bitmap in q.take_loaded_bitmaps() {
+        let _ = bitmap.count();
+        let _ = bitmap.extents(0, bitmap.size(), 64);
+    }
+    let _ = q.stored_bitmaps();
     let mut buf = vec![0u8; 256 << 10];
     for offset in [0, size / 3, size.saturating_sub(buf.len() as u64)] {
         let len = (buf.len() as u64).min(size - offset.min(size)) as usize;
