@@ -1,6 +1,6 @@
 """READ replies sent with sendfile, straight from the page cache.
 
-bexd sends reads of 32 KiB and more with sendfile when the image is in a
+bexd sends reads of 128 KiB and more with sendfile when the image is in a
 tmpfs file and the socket is plain (TCP or unix). These tests put the image
 in /dev/shm so that path is taken, and check with real clients that every
 kind of read reply carries the right bytes: structured and simple replies,
@@ -10,6 +10,8 @@ after writes, many in flight on several connections.
 
 import os
 import random
+import socket
+import struct
 import subprocess
 import uuid
 
@@ -241,3 +243,170 @@ def test_hostile_clients_on_the_zero_copy_paths(tmp_path, shm_image):
     with open(shm_image, "rb") as f:
         f.seek(2 * MIB)
         assert f.read(1 * MIB) == b"g" * (1 * MIB)
+
+
+# qcow2 in tmpfs: a read that maps to one run of data clusters goes out with
+# sendfile too, under a lease that keeps those clusters from being freed (and
+# reused for other data) until the reply is sent.
+
+def sendfile_calls(pid, action):
+    """How many sendfile calls the daemon made while `action` ran (strace)."""
+    need("strace")
+    log = f"/tmp/bexd-strace-{uuid.uuid4().hex}"
+    tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=sendfile", "-o", log,
+                               "-p", str(pid)], stderr=subprocess.DEVNULL)
+    import time
+    time.sleep(0.5)  # strace attaches to every thread
+    try:
+        action()
+    finally:
+        tracer.terminate()
+        tracer.wait()
+    with open(log) as f:
+        calls = sum(1 for line in f if "sendfile(" in line)
+    os.unlink(log)
+    return calls
+
+
+@pytest.fixture(params=["64k-clusters", "4k-clusters", "backing"])
+def qcow2_served(request, tmp_path, shm_image):
+    """shm_image's content as a qcow2 in /dev/shm: converted (64 KiB or 4 KiB
+    clusters), or an overlay holding every other MiB over a raw backing file."""
+    path = shm_image + ".qcow2"
+    if request.param == "backing":
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", shm_image, "-F", "raw",
+                        path], check=True)
+        with open(shm_image, "rb") as f:
+            raw = f.read()
+        cmds = []
+        for off in range(0, SIZE, 2 * MIB):
+            tmp = f"{path}.{off}"
+            with open(tmp, "wb") as t:
+                t.write(raw[off:off + MIB])
+            cmds += ["-c", f"write -s {tmp} {off} {MIB}"]
+        subprocess.run(["qemu-io", "-f", "qcow2", *cmds, path], check=True, capture_output=True)
+        for off in range(0, SIZE, 2 * MIB):
+            os.unlink(f"{path}.{off}")
+    else:
+        cs = "65536" if request.param == "64k-clusters" else "4096"
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o",
+                        f"cluster_size={cs}", shm_image, path], check=True)
+    d = Daemon(tmp_path, "bexd", [f"driver=qcow2,node-name=q0,file.driver=file,file.filename={path}"],
+               ["type=nbd,id=e,node-name=q0,name=e,writable=on"])
+    yield d, shm_image
+    assert d.stop() == 0
+    os.unlink(path)
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_qcow2_reads_of_every_shape_carry_the_image_bytes(qcow2_served, structured):
+    d, raw = qcow2_served
+    want = content(raw)
+    h = nbd.NBD()
+    h.set_request_structured_replies(structured)
+    h.connect_uri(d.uri("e"))
+
+    def read_all():
+        # RANGES, and two that lie in one run of data clusters (the written
+        # parts of shm_image), which alone can go out with sendfile.
+        for off, length in RANGES + [(0, 256 << 10), (3 * MIB + 65536, 128 << 10)]:
+            assert h.pread(length, off) == want[off:off + length], (off, length)
+        # Every other 1 MiB is in the overlay, the rest below it (with "backing").
+        for off in range(0, SIZE, MIB):
+            assert h.pread(MIB, off) == want[off:off + MIB], off
+
+    calls = sendfile_calls(d.proc.pid, read_all)
+    assert calls > 0, "no read of the qcow2 image went out with sendfile"
+    h.shutdown()
+
+
+def recv_exact(s, n):
+    """`n` bytes (MSG_WAITALL may return fewer on a socket with a timeout)."""
+    out = bytearray()
+    while len(out) < n:
+        chunk = s.recv(n - len(out))
+        if not chunk:
+            raise ConnectionError("closed")
+        out += chunk
+    return bytes(out)
+
+
+def raw_unix_client(path, name=b"e"):
+    """Handshake by hand (NBD_OPT_GO, no structured replies: simple replies)."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(20)
+    s.connect(str(path))
+    recv_exact(s, 18)
+    s.sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 7, 4 + len(name) + 2)
+              + struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+    while True:
+        rtype, length = struct.unpack(">II", recv_exact(s, 20)[12:20])
+        recv_exact(s, length)
+        if rtype == 1:
+            return s
+
+
+def test_qcow2_replies_held_up_by_a_slow_client_never_carry_reused_clusters(tmp_path):
+    """A client pipelines 200 zero-copy READs of A (two clusters) and does not read the
+    replies for a while, so most are still waiting to be sent. Meanwhile another
+    client discards A and flushes (A's cluster is free now, as far as the image
+    is concerned), then writes B over 64 clusters (new allocations, which would
+    reuse A's cluster) and flushes. Every reply must then carry A's bytes (or
+    zeroes, where the discard reached the file first), never B's: the lease
+    keeps the cluster from being freed until the replies are sent. The image checks clean after."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    path = f"/dev/shm/bexd-zc-race-{uuid.uuid4().hex}.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, "64M"], check=True)
+    # A in the first data cluster, then 8 MiB written and discarded: free
+    # clusters inside the file, whose size bexd's file node knows (zero-copy
+    # only names ranges inside it).
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xaa 0 128k", "-c",
+                    "write -P 0xcc 1M 8M", "-c", "discard 1M 8M", path], check=True,
+                   capture_output=True)
+    d = Daemon(tmp_path, "bexd", [f"driver=qcow2,node-name=q0,discard=unmap,file.driver=file,"
+                                  f"file.filename={path},file.discard=unmap"],
+               ["type=nbd,id=e,node-name=q0,name=e,writable=on"])
+    try:
+        cluster = 65536
+        span = 2 * cluster  # a zero-copy READ: 128 KiB and more
+        a_data, b_data = b"\xaa" * span, b"\xbb" * cluster
+        w = nbd.NBD()
+        w.connect_uri(d.uri("e"))
+        slow = raw_unix_client(d.sock)
+        count = 200
+        kinds = {True: 0, False: 0}
+
+        def race():
+            slow.sendall(b"".join(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, 0, span)
+                                  for i in range(count)))
+            import time
+            time.sleep(0.5)  # the server maps them all; the socket holds a few replies
+            w.trim(span, 0)
+            w.flush()
+            for i in range(64):
+                w.pwrite(b_data, (16 + i) * cluster)
+            w.flush()
+            for i in range(count):
+                magic, err, cookie = struct.unpack(">IIQ", recv_exact(slow, 16))
+                assert (magic, err, cookie) == (0x67446698, 0, i)
+                got = recv_exact(slow, span)
+                # A's bytes, or zeroes where the discard reached the file first
+                # (a read racing a TRIM may see either); never B's.
+                assert set(got) <= {0xaa, 0}, f"reply {i} carried other data: {sorted(set(got))}"
+                kinds[got == a_data] += 1
+
+        assert sendfile_calls(d.proc.pid, race) >= count // 2, "the replies were not zero-copy"
+        slow.close()
+        print(f"\nreplies held up: {kinds[True]} whole A, {kinds[False]} partly zeroed by the discard")
+        # The lease is gone: the discarded cluster is freed at the next flush.
+        assert w.pread(span, 0) == bytes(span)
+        w.flush()
+        w.shutdown()
+        assert d.stop() == 0
+        check = subprocess.run(["qemu-img", "check", path], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+    finally:
+        if d.alive():
+            d.proc.kill()
+        os.unlink(path)

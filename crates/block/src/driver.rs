@@ -1,6 +1,7 @@
 //! The driver trait every block driver implements.
 
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
@@ -84,7 +85,11 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
     /// offset. A plaintext NBD reply then goes out with `sendfile`, straight
     /// from the page cache, with no copy through user space. `None` for
     /// everything else; the bytes must equal what `read_at` would return.
-    fn page_cache_slice(&self, _offset: u64, _len: u64) -> Option<(RawFd, u64)> {
+    ///
+    /// For [`Access::Write`] the bytes will be written straight into the
+    /// file, so only drivers whose `write_at` would write exactly there (raw
+    /// over a file) may answer; qcow2 answers reads only.
+    fn page_cache_slice(&self, _offset: u64, _len: u64, _access: Access) -> Option<PageCacheRange> {
         None
     }
     /// Called after bytes were written straight into the file that
@@ -126,5 +131,51 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
     /// Readahead hint.
     fn cache(&self, _offset: u64, _len: u64) -> BlockResult<()> {
         Ok(())
+    }
+}
+
+/// What a [`Driver::page_cache_slice`] caller will do with the range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+/// Where a range lies in a page-cache file (see [`Driver::page_cache_slice`]).
+#[derive(Debug)]
+pub struct PageCacheRange {
+    pub fd: RawFd,
+    pub offset: u64,
+    /// Held until the bytes are sent: a format's mapping (qcow2) stays
+    /// valid while it lives, since the clusters it names are not freed.
+    pub lease: Option<MappingLease>,
+}
+
+impl PageCacheRange {
+    pub fn new(fd: RawFd, offset: u64) -> Self {
+        Self {
+            fd,
+            offset,
+            lease: None,
+        }
+    }
+}
+
+/// One use of a format driver's mapping, counted until dropped.
+#[derive(Debug)]
+pub struct MappingLease(Arc<AtomicUsize>);
+
+impl MappingLease {
+    /// Counts one more use; the driver takes it under the lock its frees
+    /// check the count under.
+    pub fn new(count: Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for MappingLease {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }

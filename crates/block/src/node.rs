@@ -6,19 +6,21 @@ use std::sync::Arc;
 
 use crate::bitmap::BitmapSet;
 use crate::buf::IoBuf;
-use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
+use crate::driver::{Access, Capabilities, Driver, Extent, MappingLease, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 
 /// The largest request a non-blocking driver runs inline on the caller's thread.
 const INLINE_MAX: u64 = 256 * 1024;
 
 /// Bytes of a node that sit in a page-cache file: `fd` at `offset` on. It
-/// holds the node, so the descriptor stays open while the slice lives.
+/// holds the node, so the descriptor stays open while the slice lives, and
+/// a format's lease, so the mapping stays valid (qcow2 frees no cluster).
 #[derive(Debug)]
 pub struct FileSlice {
     pub fd: RawFd,
     pub offset: u64,
     _node: Arc<BlockNode>,
+    _lease: Option<MappingLease>,
 }
 
 impl FileSlice {
@@ -65,12 +67,17 @@ impl BlockNode {
     /// The range's bytes as a slice of a page-cache file (see
     /// [`Driver::page_cache_slice`]), for sending without a copy.
     pub fn page_cache_slice(self: &Arc<Self>, offset: u64, len: u64) -> Option<FileSlice> {
+        self.slice(offset, len, Access::Read)
+    }
+
+    fn slice(self: &Arc<Self>, offset: u64, len: u64, access: Access) -> Option<FileSlice> {
         self.check_range(offset, len).ok()?;
-        let (fd, offset) = self.driver.page_cache_slice(offset, len)?;
+        let range = self.driver.page_cache_slice(offset, len, access)?;
         Some(FileSlice {
-            fd,
-            offset,
+            fd: range.fd,
+            offset: range.offset,
             _node: self.clone(),
+            _lease: range.lease,
         })
     }
 
@@ -79,7 +86,7 @@ impl BlockNode {
     /// caller must call [`Self::page_cache_written`] once the bytes are in.
     pub fn page_cache_write_slice(self: &Arc<Self>, offset: u64, len: u64) -> Option<FileSlice> {
         self.check_writable().ok()?;
-        self.page_cache_slice(offset, len)
+        self.slice(offset, len, Access::Write)
     }
 
     /// Bytes went into a [`Self::page_cache_write_slice`]: the bitmaps are

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
+use crate::driver::{Access, Capabilities, Driver, Extent, PageCacheRange, ZeroFlags};
 use crate::error::BlockResult;
 use crate::node::BlockNode;
 
@@ -46,6 +46,14 @@ impl Driver for MarkingChild {
 
     fn try_read_now(&self, buf: &mut [u8], offset: u64) -> Option<BlockResult<()>> {
         self.d().try_read_now(buf, offset)
+    }
+
+    /// Reads only: a write straight into the file would skip the marking.
+    fn page_cache_slice(&self, offset: u64, len: u64, access: Access) -> Option<PageCacheRange> {
+        match access {
+            Access::Read => self.d().page_cache_slice(offset, len, access),
+            Access::Write => None,
+        }
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {

@@ -7,7 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use super::lock::{lock_image, PERM_READ, PERM_RESIZE, PERM_WRITE};
 use crate::buf::{IoBuf, ALIGNMENT};
-use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
+use crate::driver::{Access, Capabilities, Driver, Extent, PageCacheRange, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -361,9 +361,10 @@ impl Driver for FileDriver {
         r.map_err(|e| self.io_err("Could not read from", e))
     }
 
-    fn page_cache_slice(&self, offset: u64, len: u64) -> Option<(RawFd, u64)> {
+    fn page_cache_slice(&self, offset: u64, len: u64, _: Access) -> Option<PageCacheRange> {
         let inside = offset.checked_add(len).is_some_and(|end| end <= self.size);
-        (self.memory_backed && !self.direct && inside).then(|| (self.file.as_raw_fd(), offset))
+        (self.memory_backed && !self.direct && inside)
+            .then(|| PageCacheRange::new(self.file.as_raw_fd(), offset))
     }
 
     fn try_read_now(&self, buf: &mut [u8], offset: u64) -> Option<BlockResult<()>> {

@@ -1,9 +1,8 @@
 //! The `raw` format: a window (`offset`, `size`) onto a child node.
 
-use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
+use crate::driver::{Access, Capabilities, Driver, Extent, PageCacheRange, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 use crate::node::BlockNode;
 
@@ -66,8 +65,9 @@ impl Driver for RawDriver {
         self.inner().read_at(buf, self.offset + offset)
     }
 
-    fn page_cache_slice(&self, offset: u64, len: u64) -> Option<(RawFd, u64)> {
-        self.inner().page_cache_slice(self.offset + offset, len)
+    fn page_cache_slice(&self, offset: u64, len: u64, access: Access) -> Option<PageCacheRange> {
+        self.inner()
+            .page_cache_slice(self.offset + offset, len, access)
     }
 
     fn page_cache_written(&self, offset: u64, len: u64) {

@@ -8,7 +8,7 @@
 
 use std::sync::atomic::Ordering;
 
-use crate::driver::{Extent, ZeroFlags};
+use crate::driver::{Access, Extent, MappingLease, PageCacheRange, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 
 use super::compressed::decompress;
@@ -120,6 +120,38 @@ impl Qcow2Driver {
         }
         in_flight.fetch_sub(1, Ordering::AcqRel);
         r
+    }
+
+    /// The file range of `[offset, offset+len)` when it is one run of data
+    /// clusters of this layer in a page-cache file, leased: its clusters
+    /// are not freed (so not reused for other data) until the lease drops.
+    pub(super) fn leased_slice(&self, offset: u64, len: u64) -> Option<PageCacheRange> {
+        // Never map (which may read L2 tables) unless the file can answer.
+        self.f().page_cache_slice(0, 1, Access::Read)?;
+        let m = &mut *self.lock();
+        // Frees waiting for leases to end: hand out no more, so they do end
+        // (under a steady read load they otherwise might never all be gone).
+        if !m.pending_frees.is_empty() {
+            return None;
+        }
+        let pieces = self.map_range(m, offset, len).ok()?;
+        let [Piece {
+            len: run,
+            src: Source::Host { pos },
+        }] = pieces[..]
+        else {
+            return None;
+        };
+        if run != len {
+            return None;
+        }
+        let mut range = self.f().page_cache_slice(pos, len, Access::Read)?;
+        if range.lease.is_some() {
+            return None;
+        }
+        // Taken under the lock that flush checks the count under.
+        range.lease = Some(MappingLease::new(m.leased.clone()));
+        Some(range)
     }
 
     fn read_source(&self, buf: &mut [u8], src: Source) -> BlockResult<()> {

@@ -51,6 +51,11 @@ pub struct Meta {
     /// freed, so refcount decrements (which make clusters reusable) wait
     /// until none are left.
     pub in_flight: Arc<AtomicUsize>,
+    /// Reads whose mapping went out as a file range (`sendfile` from the
+    /// page cache): they last until the reply is sent, which a slow client
+    /// can make long, so frees do not wait for them as for `in_flight` but
+    /// stay pending until a flush finds none.
+    pub leased: Arc<AtomicUsize>,
     pub clean: CleanState,
     /// Host offsets from here on have never been written since open (past
     /// the file's end then, and never allocated since), so they read as
@@ -242,7 +247,8 @@ impl Meta {
             f.flush()?;
         }
         // I/O is counted under this lock, so none in flight means no stale mapping.
-        let frees = match !self.pending_frees.is_empty() && self.drain_in_flight() {
+        let leased = self.leased.load(Ordering::Acquire) != 0;
+        let frees = match !self.pending_frees.is_empty() && !leased && self.drain_in_flight() {
             true => std::mem::take(&mut self.pending_frees),
             false => Vec::new(),
         };

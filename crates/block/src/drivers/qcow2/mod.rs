@@ -36,7 +36,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::bitmap::DirtyBitmap;
-use crate::driver::{Capabilities, Driver, Extent, StoredBitmap, ZeroFlags};
+use crate::driver::{
+    Access, Capabilities, Driver, Extent, PageCacheRange, StoredBitmap, ZeroFlags,
+};
 use crate::drivers::child::MarkingChild;
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 use crate::node::BlockNode;
@@ -280,6 +282,7 @@ fn load_meta(f: &dyn Driver, h: &Header, opts: &Qcow2Options) -> BlockResult<Met
         freed: Vec::new(),
         busy: HashSet::new(),
         in_flight: Arc::default(),
+        leased: Arc::default(),
         untouched_from: f.size().next_multiple_of(cs),
         clean: CleanState {
             interval: None,
@@ -315,6 +318,15 @@ impl Driver for Qcow2Driver {
                     .backing
                     .as_ref()
                     .is_none_or(|b| b.capabilities().nonblocking),
+        }
+    }
+
+    /// Reads only, of one run of this layer's data clusters (see
+    /// `leased_slice`); a write must go through `write_at` (COW, refcounts).
+    fn page_cache_slice(&self, offset: u64, len: u64, access: Access) -> Option<PageCacheRange> {
+        match access {
+            Access::Read => self.leased_slice(offset, len),
+            Access::Write => None,
         }
     }
 
