@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = ["qemu-img", "qemu-io", "qemu-storage-daemon", "nbdinfo", "nbdcopy", "nbdsh", "fio",
-         "openssl"]
+         "openssl", "strace"]
 MODULES = ["nbd", "qemu.qmp"]
 
 
@@ -34,6 +34,8 @@ def pytest_sessionstart(session):
 
 def need(tool):
     if shutil.which(tool) is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{tool} is needed in CI (scripts/install-deps.sh installs it)")
         pytest.skip(f"{tool} not installed")
 
 
