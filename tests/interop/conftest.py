@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -30,6 +31,34 @@ def pytest_sessionstart(session):
             missing.append(f"python module {m}")
     if missing and os.environ.get("CI") == "true":
         raise pytest.UsageError(f"missing test clients in CI: {', '.join(missing)}")
+
+
+def recv_exact(s, n):
+    """`n` bytes from socket `s` (recv with MSG_WAITALL may return fewer on a
+    socket with a timeout); EOFError if it closes first."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise EOFError(f"closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def raw_client(path, name=b"disk"):
+    """A unix-socket client handshaken by hand (NBD_OPT_GO, no structured
+    replies, so replies are simple), for tests that misbehave on purpose."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(20)
+    s.connect(str(path))
+    recv_exact(s, 18)
+    s.sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 7, 4 + len(name) + 2)
+              + struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+    while True:
+        rtype, length = struct.unpack(">II", recv_exact(s, 20)[12:20])
+        recv_exact(s, length)
+        if rtype == 1:
+            return s
 
 
 def need(tool):

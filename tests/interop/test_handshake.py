@@ -7,7 +7,7 @@ import time
 
 import nbd
 
-from conftest import file_export
+from conftest import file_export, recv_exact
 
 IHAVEOPT = 0x49484156454F5054
 REP_MAGIC = 0x0003E889045565A9
@@ -28,15 +28,6 @@ def raw(d):
     s.sendall(struct.pack(">I", 3))  # fixed newstyle + no zeroes
     return s
 
-
-def recv_exact(s, n):
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise EOFError(f"closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return buf
 
 
 def option(s, opt, payload=b""):

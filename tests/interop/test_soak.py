@@ -21,7 +21,7 @@ import nbd
 import pytest
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
-from conftest import Daemon, file_export, make_image, need, wait_until
+from conftest import Daemon, file_export, make_image, need, raw_client, wait_until
 from tls_certs import make_pki
 
 MIB = 1 << 20
@@ -580,23 +580,6 @@ def test_stalled_handshakes_do_not_lock_out_a_good_client_for_ever(start, image)
 
 
 # --- 3. clients that vanish in the middle of a reply --------------------------
-
-def raw_client(path, name=b"disk"):
-    """Handshake by hand (NBD_OPT_GO, no structured replies: simple replies)."""
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(10)
-    s.connect(str(path))
-    s.recv(18, socket.MSG_WAITALL)
-    s.sendall(struct.pack(">I", 3) + struct.pack(">QII", OPT_MAGIC, 7, 4 + len(name) + 2)
-              + struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
-    while True:
-        head = s.recv(20, socket.MSG_WAITALL)
-        rtype, length = struct.unpack(">II", head[12:20])
-        if length:
-            s.recv(length, socket.MSG_WAITALL)
-        if rtype == 1:
-            return s
-
 
 def test_clients_that_disconnect_mid_reply(start, tmp_path):
     """8 threads x 5 clients that each send 32 READs of 1 MiB, read half of the

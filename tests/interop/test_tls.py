@@ -14,7 +14,7 @@ import nbd
 import pytest
 from qemu.qmp import QMPClient
 
-from conftest import daemon_binary, file_export
+from conftest import daemon_binary, file_export, recv_exact
 from tls_certs import CLIENT_ONE_DN, make_pki, make_psk
 
 KINDS = ["bexd", "qsd"]
@@ -88,15 +88,6 @@ def qemu_io_reads(d, client_dir, psk_user=None):
     return out.returncode == 0 and "read 65536/65536" in out.stdout \
         and "verification failed" not in out.stdout
 
-
-def recv_exact(s, n):
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise EOFError(f"closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return buf
 
 
 def recv_to_eof(s):

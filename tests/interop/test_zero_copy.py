@@ -18,7 +18,7 @@ import uuid
 import nbd
 import pytest
 
-from conftest import Daemon, need
+from conftest import Daemon, need, raw_client, recv_exact
 
 MIB = 1 << 20
 SIZE = 16 * MIB
@@ -320,32 +320,6 @@ def test_qcow2_reads_of_every_shape_carry_the_image_bytes(qcow2_served, structur
     h.shutdown()
 
 
-def recv_exact(s, n):
-    """`n` bytes (MSG_WAITALL may return fewer on a socket with a timeout)."""
-    out = bytearray()
-    while len(out) < n:
-        chunk = s.recv(n - len(out))
-        if not chunk:
-            raise ConnectionError("closed")
-        out += chunk
-    return bytes(out)
-
-
-def raw_unix_client(path, name=b"e"):
-    """Handshake by hand (NBD_OPT_GO, no structured replies: simple replies)."""
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(20)
-    s.connect(str(path))
-    recv_exact(s, 18)
-    s.sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 7, 4 + len(name) + 2)
-              + struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
-    while True:
-        rtype, length = struct.unpack(">II", recv_exact(s, 20)[12:20])
-        recv_exact(s, length)
-        if rtype == 1:
-            return s
-
-
 def test_qcow2_replies_held_up_by_a_slow_client_never_carry_reused_clusters(tmp_path):
     """A client pipelines 200 zero-copy READs of A (two clusters) and does not read the
     replies for a while, so most are still waiting to be sent. Meanwhile another
@@ -373,7 +347,7 @@ def test_qcow2_replies_held_up_by_a_slow_client_never_carry_reused_clusters(tmp_
         a_data, b_data = b"\xaa" * span, b"\xbb" * cluster
         w = nbd.NBD()
         w.connect_uri(d.uri("e"))
-        slow = raw_unix_client(d.sock)
+        slow = raw_client(d.sock, b"e")
         count = 200
         kinds = {True: 0, False: 0}
 
