@@ -10,7 +10,8 @@ Every server exports the same image in /dev/shm; servers run one at a time,
 interleaved (A B C A B C ...) for --rounds rounds, and the table reports the
 median of the rounds, the ratio bexd/peer (above 1 means bexd is better) and
 the server's CPU seconds per GiB moved. Client and server share the machine's
-cores, so CPU per byte is the fairest figure here. With --out FILE the
+cores, so CPU per byte is the fairest figure here; fio's own CPU (% of one
+core) shows when the client, not the server, is the limit. With --out FILE the
 Markdown table (machine, date, command) is written there as well.
 Needs: fio, nbdcopy (libnbd-bin), qemu-utils, nbdkit, nbd-server, iperf3,
 openssl; and target/release/bexd (or $BEXD).
@@ -36,6 +37,7 @@ COPY_DEFAULT = "nbdcopy to null, default"
 COPY_ONE = "nbdcopy to null, 1 connection"
 CONN_RATE = "connections per second"
 CPU_WORKLOAD = "4k randread QD32"
+CLIENT_CPU_WORKLOADS = ["4k randread QD32", "4k randwrite QD32"]
 
 
 def make_image(path, size_mib, fmt):
@@ -78,7 +80,7 @@ def measure_server(kind, args, image, tls):
 
 
 def rows():
-    """(label, workload key, figure, higher is better)."""
+    """(label, workload key, figure, higher is better; None: no ratio)."""
     out = []
     for w in FIO_WORKLOADS:
         if w.primary == "lat_us":
@@ -92,6 +94,9 @@ def rows():
     out.append((f"{CONN_RATE} (handshake + disconnect)", CONN_RATE, "per_s", True))
     out.append((f"server CPU s per GiB, {CPU_WORKLOAD}", CPU_WORKLOAD, "cpu_per_gib", False))
     out.append(("server CPU s per GiB, 1M read QD8", "1M read QD8", "cpu_per_gib", False))
+    # No ratio: a client at 100% of its core is the limit, whoever serves it.
+    for workload in CLIENT_CPU_WORKLOADS:
+        out.append((f"fio's own CPU (% of a core), {workload}", workload, "client_cpu", None))
     return out
 
 
@@ -107,7 +112,7 @@ def fmt(v):
 
 
 def ratio(bexd, peer, higher):
-    if bexd is None or peer is None or bexd == 0 or peer == 0:
+    if higher is None or bexd is None or peer is None or bexd == 0 or peer == 0:
         return "-"
     return f"{(bexd / peer) if higher else (peer / bexd):.2f}x"
 
@@ -126,7 +131,7 @@ def table(results, servers, ceilings):
         if "bexd" in servers:
             cells += [ratio(meds["bexd"], meds[p], higher) for p in peers]
         if ceilings:
-            cells += [fmt(ceilings["file"].get((workload, key))), fmt(ceilings["iperf3"].get((workload, key)))]
+            cells += [fmt(ceilings[c].get((workload, key))) for c in ("file", "iperf3")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -54,6 +54,9 @@ def _fio_figures(out):
         "lat_us": main["clat_ns"]["mean"] / 1000,
         "p99_us": pct.get("99.000000", 0) / 1000,
         "bytes": r["io_bytes"] + w["io_bytes"],
+        # The client's own CPU (fio's job thread, libnbd and its syscalls), in
+        # % of one core: near 100 means fio, not the server, sets the pace.
+        "client_cpu": job["usr_cpu"] + job["sys_cpu"],
     }
 
 
