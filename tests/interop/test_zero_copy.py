@@ -320,6 +320,54 @@ def test_qcow2_reads_of_every_shape_carry_the_image_bytes(qcow2_served, structur
     h.shutdown()
 
 
+@pytest.mark.parametrize("chunk", [4 * MIB, 256 << 10, 64 << 10])
+def test_qcow2_clusters_allocated_after_open_go_out_with_sendfile(tmp_path, chunk):
+    """The image grows while served: clusters written over NBD lie past the
+    file's size at open. A and B are written in turns, `chunk` bytes at a
+    time, so A's clusters lie in runs of `chunk` in the file. Reads of A
+    carry its bytes; with runs of 128 KiB and more they go out with sendfile
+    (one call per run at least), with 64 KiB runs they are copied. A read
+    that ends in unallocated space carries zeroes there."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    path = f"/dev/shm/bexd-zc-grow-{uuid.uuid4().hex}.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, "64M"], check=True)
+    before = os.path.getsize(path)
+    d = Daemon(tmp_path, "bexd", [f"driver=qcow2,node-name=q0,file.driver=file,file.filename={path}"],
+               ["type=nbd,id=e,node-name=q0,name=e,writable=on"])
+    try:
+        rng = random.Random(11)
+        a, b = rng.randbytes(4 * MIB), rng.randbytes(4 * MIB)
+        a_at, b_at = 8 * MIB, 32 * MIB
+        h = nbd.NBD()
+        h.connect_uri(d.uri("e"))
+        for off in range(0, 4 * MIB, chunk):
+            h.pwrite(a[off:off + chunk], a_at + off)
+            h.pwrite(b[off:off + chunk], b_at + off)
+        h.flush()
+        assert os.path.getsize(path) > before + 8 * MIB
+
+        def read_back():
+            for off in range(0, 4 * MIB, MIB):
+                assert h.pread(MIB, a_at + off) == a[off:off + MIB], off
+            assert h.pread(MIB, b_at + MIB // 2) == b[MIB // 2:MIB // 2 + MIB]
+            assert h.pread(256 << 10, a_at + 4 * MIB - (128 << 10)) == \
+                a[-(128 << 10):] + bytes(128 << 10)
+
+        calls = sendfile_calls(d.proc.pid, read_back)
+        if chunk >= 128 << 10:
+            runs_per_read = max(1, MIB // chunk)
+            assert calls >= 4 * runs_per_read, f"{calls} sendfile calls: reads of the new clusters were copied"
+        else:
+            assert calls == 0, "runs of 64 KiB are copied: a sendfile each costs more"
+        h.shutdown()
+        assert d.stop() == 0
+        assert subprocess.run(["qemu-img", "check", "-q", path]).returncode == 0
+    finally:
+        d.stop()
+        os.unlink(path)
+
+
 def test_qcow2_replies_held_up_by_a_slow_client_never_carry_reused_clusters(tmp_path):
     """A client pipelines 200 zero-copy READs of A (two clusters) and does not read the
     replies for a while, so most are still waiting to be sent. Meanwhile another
@@ -333,8 +381,7 @@ def test_qcow2_replies_held_up_by_a_slow_client_never_carry_reused_clusters(tmp_
     path = f"/dev/shm/bexd-zc-race-{uuid.uuid4().hex}.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, "64M"], check=True)
     # A in the first data cluster, then 8 MiB written and discarded: free
-    # clusters inside the file, whose size bexd's file node knows (zero-copy
-    # only names ranges inside it).
+    # clusters inside the file, ready to be reused by B.
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xaa 0 128k", "-c",
                     "write -P 0xcc 1M 8M", "-c", "discard 1M 8M", path], check=True,
                    capture_output=True)

@@ -82,7 +82,8 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
     }
     /// Where `[offset, offset+len)` lies in a file whose reads can neither
     /// block nor fail (tmpfs, without O_DIRECT): the descriptor and the file
-    /// offset. A plaintext NBD reply then goes out with `sendfile`, straight
+    /// runs, in order, that hold its bytes (one for a raw file, one per run
+    /// of contiguous clusters for qcow2). A plaintext NBD reply then goes out with `sendfile`, straight
     /// from the page cache, with no copy through user space. `None` for
     /// everything else; the bytes must equal what `read_at` would return.
     ///
@@ -145,17 +146,26 @@ pub enum Access {
 #[derive(Debug)]
 pub struct PageCacheRange {
     pub fd: RawFd,
-    pub offset: u64,
+    /// The range's bytes, in order: their lengths add up to the range's.
+    pub runs: Vec<FileRun>,
     /// Held until the bytes are sent: a format's mapping (qcow2) stays
     /// valid while it lives, since the clusters it names are not freed.
     pub lease: Option<MappingLease>,
 }
 
+/// `len` bytes of a file from `offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileRun {
+    pub offset: u64,
+    pub len: u64,
+}
+
 impl PageCacheRange {
-    pub fn new(fd: RawFd, offset: u64) -> Self {
+    /// `len` bytes of `fd` from `offset`: one run.
+    pub fn new(fd: RawFd, offset: u64, len: u64) -> Self {
         Self {
             fd,
-            offset,
+            runs: vec![FileRun { offset, len }],
             lease: None,
         }
     }

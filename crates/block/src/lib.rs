@@ -25,7 +25,8 @@ pub mod test_utils;
 pub use bitmap::{BitmapLease, BitmapSet, DirtyBitmap};
 pub use buf::IoBuf;
 pub use driver::{
-    Access, Capabilities, Driver, Extent, MappingLease, PageCacheRange, StoredBitmap, ZeroFlags,
+    Access, Capabilities, Driver, Extent, FileRun, MappingLease, PageCacheRange, StoredBitmap,
+    ZeroFlags,
 };
 pub use error::{BlockError, BlockErrorKind, BlockResult};
 pub use node::{BlockNode, FileSlice};

@@ -1,24 +1,25 @@
 //! `BlockNode`: a named driver instance, and the async edge of the block layer.
 
+use std::ops::Range;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::bitmap::BitmapSet;
 use crate::buf::IoBuf;
-use crate::driver::{Access, Capabilities, Driver, Extent, MappingLease, ZeroFlags};
+use crate::driver::{Access, Capabilities, Driver, Extent, FileRun, MappingLease, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 
 /// The largest request a non-blocking driver runs inline on the caller's thread.
 const INLINE_MAX: u64 = 256 * 1024;
 
-/// Bytes of a node that sit in a page-cache file: `fd` at `offset` on. It
-/// holds the node, so the descriptor stays open while the slice lives, and
-/// a format's lease, so the mapping stays valid (qcow2 frees no cluster).
+/// Bytes of a node that sit in a page-cache file: `fd`'s `runs`, in order.
+/// It holds the node, so the descriptor stays open while the slice lives,
+/// and a format's lease, so the mapping stays valid (qcow2 frees no cluster).
 #[derive(Debug)]
 pub struct FileSlice {
     pub fd: RawFd,
-    pub offset: u64,
+    runs: Vec<FileRun>,
     _node: Arc<BlockNode>,
     _lease: Option<MappingLease>,
 }
@@ -33,6 +34,32 @@ impl FileSlice {
             <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(self.fd)
         })
     }
+
+    /// The file offset of the slice's first byte. A write slice is one run,
+    /// so its bytes go to `start()..start() + len`.
+    pub fn start(&self) -> u64 {
+        self.runs[0].offset
+    }
+
+    /// The file runs that hold bytes `range` of the slice (0 is its first
+    /// byte), in order.
+    pub fn runs_in(&self, range: Range<u64>) -> impl Iterator<Item = FileRun> + '_ {
+        runs_within(&self.runs, range)
+    }
+}
+
+/// The parts of `runs` (laid end to end from 0) that hold bytes `range`.
+fn runs_within(runs: &[FileRun], range: Range<u64>) -> impl Iterator<Item = FileRun> + '_ {
+    let mut pos = 0u64;
+    runs.iter().filter_map(move |run| {
+        let (run_start, run_end) = (pos, pos + run.len);
+        pos = run_end;
+        let (start, end) = (range.start.max(run_start), range.end.min(run_end));
+        (start < end).then(|| FileRun {
+            offset: run.offset + (start - run_start),
+            len: end - start,
+        })
+    })
 }
 
 #[derive(Debug)]
@@ -73,9 +100,14 @@ impl BlockNode {
     fn slice(self: &Arc<Self>, offset: u64, len: u64, access: Access) -> Option<FileSlice> {
         self.check_range(offset, len).ok()?;
         let range = self.driver.page_cache_slice(offset, len, access)?;
+        let covered: u64 = range.runs.iter().map(|r| r.len).sum();
+        // One run for a write: the splice writes one file range.
+        if covered != len || (access == Access::Write && range.runs.len() != 1) {
+            return None;
+        }
         Some(FileSlice {
             fd: range.fd,
-            offset: range.offset,
+            runs: range.runs,
             _node: self.clone(),
             _lease: range.lease,
         })
@@ -265,5 +297,27 @@ impl Drop for BlockNode {
         if let Err(e) = self.close() {
             tracing::error!(node = %self.node_name, error = %e, "storing persistent bitmaps failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(offset: u64, len: u64) -> FileRun {
+        FileRun { offset, len }
+    }
+
+    #[test]
+    fn test_runs_within_maps_a_range_onto_the_runs_it_spans() {
+        // Bytes 0..10 at file 100, 10..30 at file 500, 30..35 at file 40.
+        let runs = [run(100, 10), run(500, 20), run(40, 5)];
+        let got = |r: Range<u64>| runs_within(&runs, r).collect::<Vec<_>>();
+        assert_eq!(got(0..35), runs.to_vec());
+        assert_eq!(got(3..8), vec![run(103, 5)]);
+        assert_eq!(got(8..33), vec![run(108, 2), run(500, 20), run(40, 3)]);
+        assert_eq!(got(10..30), vec![run(500, 20)]);
+        assert_eq!(got(30..35), vec![run(40, 5)]);
+        assert_eq!(got(12..12), vec![]);
     }
 }

@@ -101,16 +101,27 @@ impl Reply {
     /// The reply in wire order: slices of its headers and of its data.
     pub fn pieces(&self) -> impl Iterator<Item = Piece<'_>> {
         self.pieces.iter().flat_map(|(meta, data)| {
-            let data = match (data, &self.data) {
-                (Some(range), Some(Data::Buf(buf))) => Some(Piece::Bytes(&buf[range.clone()])),
-                (Some(range), Some(Data::File(f))) => Some(Piece::File {
-                    slice: f,
-                    offset: f.offset + range.start as u64,
-                    len: range.len(),
-                }),
-                _ => None,
+            let (bytes, file) = match (data, &self.data) {
+                (Some(range), Some(Data::Buf(buf))) => {
+                    (Some(Piece::Bytes(&buf[range.clone()])), None)
+                }
+                // A data range of a qcow2 slice may span several file runs.
+                (Some(range), Some(Data::File(f))) => {
+                    let runs = f.runs_in(range.start as u64..range.end as u64);
+                    (
+                        None,
+                        Some(runs.map(move |run| Piece::File {
+                            slice: f,
+                            offset: run.offset,
+                            len: run.len as usize,
+                        })),
+                    )
+                }
+                _ => (None, None),
             };
-            std::iter::once(Piece::Bytes(&self.meta[meta.clone()])).chain(data)
+            std::iter::once(Piece::Bytes(&self.meta[meta.clone()]))
+                .chain(bytes)
+                .chain(file.into_iter().flatten())
         })
     }
 }

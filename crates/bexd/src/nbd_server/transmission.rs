@@ -260,12 +260,12 @@ async fn write_spliced<R: RequestReader>(
     let len = req.length as usize;
     let buffered = input.buffer();
     let n = buffered.len().min(len);
-    let mut result = slice.file().write_all_at(&buffered[..n], slice.offset);
+    let mut result = slice.file().write_all_at(&buffered[..n], slice.start());
     input.consume(n);
     let mut socket = Ok(());
     if n < len {
         let reader = input.get_mut();
-        let spliced = splice_payload(reader, pipe, slice.fd, slice.offset + n as u64, len - n);
+        let spliced = splice_payload(reader, pipe, slice.fd, slice.start() + n as u64, len - n);
         match spliced.await {
             Ok(Err(e)) if result.is_ok() => result = Err(e),
             Ok(_) => {}

@@ -361,10 +361,15 @@ impl Driver for FileDriver {
         r.map_err(|e| self.io_err("Could not read from", e))
     }
 
-    fn page_cache_slice(&self, offset: u64, len: u64, _: Access) -> Option<PageCacheRange> {
+    /// Reads may name any range: past the file's end `sendfile` stops and the
+    /// writer sends zeroes, as `read_at` would return. So a qcow2 image that
+    /// grew after open (its file node's `size` is the size at open) sends the
+    /// clusters it allocated since with `sendfile` too. Writes stay inside the
+    /// size at open, where `write_at`'s callers put them.
+    fn page_cache_slice(&self, offset: u64, len: u64, access: Access) -> Option<PageCacheRange> {
         let inside = offset.checked_add(len).is_some_and(|end| end <= self.size);
-        (self.memory_backed && !self.direct && inside)
-            .then(|| PageCacheRange::new(self.file.as_raw_fd(), offset))
+        (self.memory_backed && !self.direct && (inside || access == Access::Read))
+            .then(|| PageCacheRange::new(self.file.as_raw_fd(), offset, len))
     }
 
     fn try_read_now(&self, buf: &mut [u8], offset: u64) -> Option<BlockResult<()>> {

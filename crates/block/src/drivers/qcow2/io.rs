@@ -9,6 +9,9 @@
 use std::sync::atomic::Ordering;
 
 use crate::driver::{Access, Extent, MappingLease, PageCacheRange, ZeroFlags};
+
+/// A leased slice's runs average at least this (see `leased_slice`).
+const MIN_AVERAGE_RUN: u64 = 128 * 1024;
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 
 use super::compressed::decompress;
@@ -122,9 +125,11 @@ impl Qcow2Driver {
         r
     }
 
-    /// The file range of `[offset, offset+len)` when it is one run of data
-    /// clusters of this layer in a page-cache file, leased: its clusters
-    /// are not freed (so not reused for other data) until the lease drops.
+    /// The file runs of `[offset, offset+len)` when all of it lies in data
+    /// clusters of this layer in a page-cache file, in runs of 128 KiB on
+    /// average or more (`sendfile` per shorter run costs more than the
+    /// copy), leased: its clusters are not freed (so not reused for other
+    /// data) until the lease drops.
     pub(super) fn leased_slice(&self, offset: u64, len: u64) -> Option<PageCacheRange> {
         // Never map (which may read L2 tables) unless the file can answer.
         self.f().page_cache_slice(0, 1, Access::Read)?;
@@ -135,23 +140,28 @@ impl Qcow2Driver {
             return None;
         }
         let pieces = self.map_range(m, offset, len).ok()?;
-        let [Piece {
-            len: run,
-            src: Source::Host { pos },
-        }] = pieces[..]
-        else {
-            return None;
-        };
-        if run != len {
+        if pieces.len() as u64 * MIN_AVERAGE_RUN > len.max(MIN_AVERAGE_RUN) {
             return None;
         }
-        let mut range = self.f().page_cache_slice(pos, len, Access::Read)?;
-        if range.lease.is_some() {
-            return None;
+        let mut slice: Option<PageCacheRange> = None;
+        for piece in pieces {
+            let Source::Host { pos } = piece.src else {
+                return None;
+            };
+            let part = self.f().page_cache_slice(pos, piece.len, Access::Read)?;
+            if part.lease.is_some() {
+                return None;
+            }
+            match &mut slice {
+                None => slice = Some(part),
+                Some(s) if s.fd == part.fd => s.runs.extend(part.runs),
+                Some(_) => return None,
+            }
         }
+        let mut slice = slice?;
         // Taken under the lock that flush checks the count under.
-        range.lease = Some(MappingLease::new(m.leased.clone()));
-        Some(range)
+        slice.lease = Some(MappingLease::new(m.leased.clone()));
+        Some(slice)
     }
 
     fn read_source(&self, buf: &mut [u8], src: Source) -> BlockResult<()> {
