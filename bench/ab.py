@@ -8,6 +8,9 @@ workloads: the A/B behind each change's figures in docs/benchmarks.md.
 Each round starts every server in turn on the same image in /dev/shm (1 GiB of
 random data, as qcow2 with --format qcow2) and runs the chosen fio workloads
 (3 s each) and nbdcopy; the table holds each one's median and every round.
+With --format qcow2-filled every server gets an empty qcow2 that nbdcopy then
+fills through it (4 connections): an image that grew while served, whose
+clusters lie in runs of nbdcopy's 256 KiB requests, interleaved.
 """
 
 import argparse
@@ -31,6 +34,8 @@ def image(fmt):
                        check=True)
     if fmt == "raw":
         return raw
+    if fmt == "qcow2-filled":
+        return "/dev/shm/bexd-ab-filled.qcow2"
     path = "/dev/shm/bexd-ab.qcow2"
     if not os.path.exists(path):
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, path], check=True)
@@ -40,7 +45,7 @@ def image(fmt):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("servers", nargs="+", help="bexd binaries, or kind:NAME for a peer")
-    ap.add_argument("--format", choices=["raw", "qcow2"], default="raw")
+    ap.add_argument("--format", choices=["raw", "qcow2", "qcow2-filled"], default="raw")
     ap.add_argument("--transport", choices=["tcp", "unix"], default="tcp")
     ap.add_argument("--tls", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
@@ -59,8 +64,13 @@ def main():
             kind = s[len("kind:"):] if s.startswith("kind:") else "bexd"
             if kind == "bexd":
                 os.environ["BEXD"] = os.path.abspath(s)
-            with Server(kind, img, args.format, args.transport, tls) as server:
+            filled = args.format == "qcow2-filled"
+            if filled:
+                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "1G"], check=True)
+            with Server(kind, img, "qcow2" if filled else args.format, args.transport, tls) as server:
                 uri, env = server.endpoint.uri(), server.endpoint.client_env()
+                if filled:
+                    subprocess.run(["nbdcopy", image("raw"), uri], check=True, env=env)
                 for w in fio:
                     got = run_fio(w, uri, 1 << 30, 3, env=env)[w.primary]
                     results[s].setdefault(w.name, []).append(got)
@@ -68,6 +78,8 @@ def main():
                     if name in names:
                         got = run_nbdcopy(uri, 1 << 30, connections=conns, env=env)["mib"]
                         results[s].setdefault(name, []).append(got)
+    if args.format == "qcow2-filled":
+        os.unlink(img)
     label = [os.path.basename(s) for s in args.servers]
     print("| workload | " + " | ".join(label) + " | rounds |")
     print("|---" * (len(label) + 2) + "|")
