@@ -4,10 +4,15 @@ workloads: the A/B behind each change's figures in docs/benchmarks.md.
 
     bench/ab.py OLD_BEXD NEW_BEXD [kind:qemu-nbd ...] [--format qcow2] [--tls]
                 [--rounds 3] [--workloads "1M read QD8,nbdcopy"]
+                [--image-dir /var/tmp] [--file-opts cache.direct=on,aio=io_uring]
 
 Each round starts every server in turn on the same image in /dev/shm (1 GiB of
 random data, as qcow2 with --format qcow2) and runs the chosen fio workloads
 (3 s each) and nbdcopy; the table holds each one's median and every round.
+--image-dir puts the image on another file system (a disk, say, where small
+requests are not answered inline from tmpfs); --file-opts go to the file
+node of bexd and qemu-storage-daemon, and a bexd binary may carry its own
+as BINARY@OPTS (bexd@aio=threads bexd@aio=io_uring compares two modes).
 With --format qcow2-filled every server gets an empty qcow2 that nbdcopy then
 fills through it (4 connections): an image that grew while served, whose
 clusters lie in runs of nbdcopy's 256 KiB requests, interleaved.
@@ -27,16 +32,16 @@ from workloads import FIO_WORKLOADS, run_fio, run_nbdcopy  # noqa: E402
 COPIES = {"nbdcopy": None, "nbdcopy 1 connection": 1}
 
 
-def image(fmt):
-    raw = "/dev/shm/bexd-ab.img"
+def image(fmt, where="/dev/shm"):
+    raw = f"{where}/bexd-ab.img"
     if not os.path.exists(raw):
         subprocess.run(["dd", "if=/dev/urandom", f"of={raw}", "bs=1M", "count=1024", "status=none"],
                        check=True)
     if fmt == "raw":
         return raw
     if fmt == "qcow2-filled":
-        return "/dev/shm/bexd-ab-filled.qcow2"
-    path = "/dev/shm/bexd-ab.qcow2"
+        return f"{where}/bexd-ab-filled.qcow2"
+    path = f"{where}/bexd-ab.qcow2"
     if not os.path.exists(path):
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, path], check=True)
     return path
@@ -49,6 +54,8 @@ def main():
     ap.add_argument("--transport", choices=["tcp", "unix"], default="tcp")
     ap.add_argument("--tls", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--image-dir", default="/dev/shm")
+    ap.add_argument("--file-opts", default="", help="file node options for bexd and qsd")
     ap.add_argument("--workloads", default=",".join([w.name for w in FIO_WORKLOADS] + list(COPIES)))
     args = ap.parse_args()
     names = args.workloads.split(",")
@@ -57,20 +64,25 @@ def main():
         ap.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     fio = [w for w in FIO_WORKLOADS if w.name in names]
     tls = make_tls_dirs() if args.tls else None
-    img = image(args.format)
+    img = image(args.format, args.image_dir)
     results = {s: {} for s in args.servers}
     for _ in range(args.rounds):
         for s in args.servers:
-            kind = s[len("kind:"):] if s.startswith("kind:") else "bexd"
+            binary, _, own_opts = s.partition("@")
+            kind = binary[len("kind:"):] if binary.startswith("kind:") else "bexd"
+            opts = ",".join(o for o in (args.file_opts, own_opts) if o)
             if kind == "bexd":
-                os.environ["BEXD"] = os.path.abspath(s)
+                os.environ["BEXD"] = os.path.abspath(binary)
+            elif kind not in ("qsd",):
+                opts = ""
             filled = args.format == "qcow2-filled"
             if filled:
                 subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "1G"], check=True)
-            with Server(kind, img, "qcow2" if filled else args.format, args.transport, tls) as server:
+            with Server(kind, img, "qcow2" if filled else args.format, args.transport, tls,
+                        file_opts=opts) as server:
                 uri, env = server.endpoint.uri(), server.endpoint.client_env()
                 if filled:
-                    subprocess.run(["nbdcopy", image("raw"), uri], check=True, env=env)
+                    subprocess.run(["nbdcopy", image("raw", args.image_dir), uri], check=True, env=env)
                 for w in fio:
                     got = run_fio(w, uri, 1 << 30, 3, env=env)[w.primary]
                     results[s].setdefault(w.name, []).append(got)

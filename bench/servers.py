@@ -68,9 +68,11 @@ def new_endpoint(transport, workdir, tls_dir):
     return Endpoint("tcp", port=free_port(), tls_dir=tls_dir)
 
 
-def _qemu_style(binary, image, fmt, ep, server_tls_dir, max_connections):
-    """bexd and qemu-storage-daemon share qemu-storage-daemon's command line."""
-    argv = [binary, "--blockdev", f"driver=file,node-name=file0,filename={image}"]
+def _qemu_style(binary, image, fmt, ep, server_tls_dir, max_connections, file_opts=""):
+    """bexd and qemu-storage-daemon share qemu-storage-daemon's command line;
+    `file_opts` go to the file node (say "cache.direct=on,aio=io_uring")."""
+    extra = f",{file_opts}" if file_opts else ""
+    argv = [binary, "--blockdev", f"driver=file,node-name=file0,filename={image}{extra}"]
     argv += ["--blockdev", f"driver={fmt},node-name=f,file=file0"]
     if server_tls_dir:
         argv += ["--object", f"tls-creds-x509,id=tls0,dir={server_tls_dir},endpoint=server,verify-peer=off"]
@@ -82,12 +84,14 @@ def _qemu_style(binary, image, fmt, ep, server_tls_dir, max_connections):
     return argv
 
 
-def argv_for(kind, image, fmt, ep, server_tls_dir, workdir):
+def argv_for(kind, image, fmt, ep, server_tls_dir, workdir, file_opts=""):
     if kind == "bexd":
         binary = os.environ.get("BEXD", str(REPO / "target/release/bexd"))
-        return _qemu_style(binary, image, fmt, ep, server_tls_dir, 100)
+        return _qemu_style(binary, image, fmt, ep, server_tls_dir, 100, file_opts)
     if kind == "qsd":
-        return _qemu_style("qemu-storage-daemon", image, fmt, ep, server_tls_dir, 100)
+        return _qemu_style("qemu-storage-daemon", image, fmt, ep, server_tls_dir, 100, file_opts)
+    if file_opts:
+        raise ValueError(f"file options are for bexd and qsd only, not {kind}")
     if kind == "qemu-nbd":
         # --shared lets several connections in and turns on multi-conn, as the issue asks.
         argv = ["qemu-nbd", "-f", fmt, "-x", EXPORT, "--shared=16", "--persistent", "--cache=writeback"]
@@ -116,12 +120,13 @@ def argv_for(kind, image, fmt, ep, server_tls_dir, workdir):
 class Server:
     """A running server process; a context manager that stops it."""
 
-    def __init__(self, kind, image, fmt, transport, tls=None):
+    def __init__(self, kind, image, fmt, transport, tls=None, file_opts=""):
         fmt = "qcow2" if fmt == "qcow2-empty" else fmt
         self.kind = kind
         self.workdir = tempfile.mkdtemp(prefix=f"bench-{kind}-")
         self.endpoint = new_endpoint(transport, self.workdir, tls.client_dir if tls else "")
-        argv = argv_for(kind, image, fmt, self.endpoint, tls.server_dir if tls else "", self.workdir)
+        argv = argv_for(kind, image, fmt, self.endpoint, tls.server_dir if tls else "", self.workdir,
+                        file_opts)
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=open(os.path.join(self.workdir, "stderr"), "w"))
         self.pid = self.proc.pid

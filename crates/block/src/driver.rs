@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
 use crate::error::BlockResult;
+use crate::uring::AsyncTarget;
 
 /// What a driver can do, cached by the node at open.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -93,8 +94,19 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
     fn page_cache_slice(&self, _offset: u64, _len: u64, _access: Access) -> Option<PageCacheRange> {
         None
     }
+    /// Where `[offset, offset+len)` can be read or written through an
+    /// io_uring (see `uring.rs`): a file opened with `aio=io_uring` or
+    /// `aio=native`, the whole range at one file offset, aligned as the file
+    /// needs. As for [`Self::page_cache_slice`], only drivers whose
+    /// `read_at`/`write_at` would do exactly that positional I/O may answer
+    /// (raw over a file); after a write the node calls
+    /// [`Self::page_cache_written`].
+    fn async_target(&self, _offset: u64, _len: u64, _access: Access) -> Option<AsyncTarget> {
+        None
+    }
     /// Called after bytes were written straight into the file that
-    /// [`Self::page_cache_slice`] named (a spliced NBD WRITE), so drivers in
+    /// [`Self::page_cache_slice`] or [`Self::async_target`] named (a spliced
+    /// NBD WRITE, or one through the ring), so drivers in
     /// between do what their `write_at` would have: raw marks its child's
     /// bitmaps.
     fn page_cache_written(&self, _offset: u64, _len: u64) {}

@@ -18,6 +18,7 @@ pub mod driver;
 pub mod drivers;
 pub mod error;
 pub mod node;
+pub mod uring;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;

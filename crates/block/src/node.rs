@@ -9,6 +9,7 @@ use crate::bitmap::BitmapSet;
 use crate::buf::IoBuf;
 use crate::driver::{Access, Capabilities, Driver, Extent, FileRun, MappingLease, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
+use crate::uring::AsyncTarget;
 
 /// The largest request a non-blocking driver runs inline on the caller's thread.
 const INLINE_MAX: u64 = 256 * 1024;
@@ -209,7 +210,7 @@ impl BlockNode {
         len: u64,
         f: impl FnOnce(&dyn Driver) -> T + Send + 'static,
     ) -> T {
-        if self.caps.nonblocking && len <= INLINE_MAX {
+        if self.runs_inline(len) {
             return f(self.driver.as_ref());
         }
         let driver = self.driver.clone();
@@ -219,14 +220,32 @@ impl BlockNode {
         }
     }
 
+    fn runs_inline(&self, len: u64) -> bool {
+        self.caps.nonblocking && len <= INLINE_MAX
+    }
+
+    /// Where a request that would go to the pool can go to an io_uring instead.
+    fn ring_target(&self, offset: u64, len: u64, access: Access) -> Option<AsyncTarget> {
+        match self.runs_inline(len) {
+            true => None,
+            false => self.driver.async_target(offset, len, access),
+        }
+    }
+
     pub async fn read(&self, mut buf: IoBuf, offset: u64) -> (IoBuf, BlockResult<()>) {
-        if let Err(e) = self.check_range(offset, buf.len() as u64) {
+        let len = buf.len() as u64;
+        if let Err(e) = self.check_range(offset, len) {
             return (buf, Err(e));
         }
-        if !self.caps.nonblocking && buf.len() as u64 <= INLINE_MAX {
+        if !self.caps.nonblocking && len <= INLINE_MAX {
             if let Some(r) = self.driver.try_read_now(&mut buf, offset) {
                 return (buf, r);
             }
+        }
+        if let Some(t) = self.ring_target(offset, len, Access::Read) {
+            let (buf, r) = t.ring.read(t.fd, buf, t.offset).await;
+            let what = || format!("Could not read from '{}'", t.path.display());
+            return (buf, r.map_err(|e| BlockError::io(what(), e)));
         }
         self.run(buf.len() as u64, move |d| {
             let r = d.read_at(&mut buf, offset);
@@ -243,6 +262,14 @@ impl BlockNode {
             return (buf, Err(e));
         }
         let len = buf.len() as u64;
+        if let Some(t) = self.ring_target(offset, len, Access::Write) {
+            let (buf, r) = t.ring.write(t.fd, buf, t.offset, fua).await;
+            // Even a failed write may have changed part of the range.
+            self.driver.page_cache_written(offset, len);
+            self.mark_dirty(offset, len);
+            let what = || format!("Could not write to '{}'", t.path.display());
+            return (buf, r.map_err(|e| BlockError::io(what(), e)));
+        }
         let done = self
             .run(len, move |d| {
                 let r = d.write_at(&buf, offset, fua);

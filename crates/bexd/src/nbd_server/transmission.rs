@@ -158,8 +158,10 @@ async fn read_requests<R: RequestReader>(
     let slots = Arc::new(Semaphore::new(MAX_REQUESTS));
     let mut header = [0u8; REQUEST_HEADER_LEN];
     let mut pipe: Option<Pipe> = None;
+    // Whichever way the loop ends, nothing it deferred stays unsubmitted.
+    let _submit = SubmitOnDrop;
     loop {
-        if input.read_exact(&mut header).await.is_err() {
+        if unplugged(input.read_exact(&mut header)).await.is_err() {
             return;
         }
         let request = match decode_request(&header) {
@@ -174,15 +176,15 @@ async fn read_requests<R: RequestReader>(
             tracing::info!(%reason, "disconnecting NBD client");
             return;
         }
-        let Ok(slot) = slots.clone().acquire_owned().await else {
+        let Ok(slot) = unplugged(slots.clone().acquire_owned()).await else {
             return;
         };
         let len = pinned_bytes(&request, &verdict, ctx.negotiated.meta_contexts.len());
         let cost = 1 + (len / BUDGET_UNIT).min(BUDGET as u64 - 1) as u32;
-        let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
+        let Ok(permit) = unplugged(budget.clone().acquire_many_owned(cost)).await else {
             return;
         };
-        let shared = take_shared(&ctx.shared, &slots, len).await;
+        let shared = unplugged(take_shared(&ctx.shared, &slots, len)).await;
         let permits = Permits::new(slot, permit, shared);
         let payload = match request.payload_len() {
             0 => Payload::None,
@@ -194,14 +196,14 @@ async fn read_requests<R: RequestReader>(
                     let Some(p) = &pipe else {
                         return;
                     };
-                    match write_spliced(&mut input, &ctx, &request, slice, p).await {
+                    match unplugged(write_spliced(&mut input, &ctx, &request, slice, p)).await {
                         Ok(result) => Payload::Written(result),
                         Err(_) => return,
                     }
                 }
                 None => {
                     let mut buf = IoBuf::for_overwrite(len);
-                    if read_payload(&mut input, &mut buf).await.is_err() {
+                    if unplugged(read_payload(&mut input, &mut buf)).await.is_err() {
                         return;
                     }
                     Payload::Buf(buf)
@@ -345,10 +347,41 @@ const WRITE_GRACE: Duration = Duration::from_secs(5);
 /// thread, which `perf` showed as the largest cost of small requests. A
 /// request left pending keeps its place: the spawned task polls the same
 /// future again, with its own waker.
+///
+/// The I/O it starts on an io_uring is queued, not submitted
+/// (`block::uring::deferring`): the reader submits what the requests it
+/// polled in a row queued with one call, in [`unplugged`], before it waits.
 async fn run_or_spawn(mut request: Pin<Box<dyn Future<Output = ()> + Send>>) {
-    let first = std::future::poll_fn(|cx| Poll::Ready(request.as_mut().poll(cx))).await;
+    let first = std::future::poll_fn(|cx| {
+        Poll::Ready(block::uring::deferring(|| request.as_mut().poll(cx)))
+    })
+    .await;
     if first.is_pending() {
         tokio::spawn(request);
+    }
+}
+
+/// Awaits `fut`; if it has to wait, first submits the ring I/O that the
+/// requests polled on this thread left queued. Every wait of the reader goes
+/// through here, or a queued read could wait for the reader, and the reader
+/// for it (its budget back).
+async fn unplugged<F: Future>(fut: F) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    match std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+        Poll::Ready(v) => v,
+        Poll::Pending => {
+            block::uring::submit_deferred();
+            fut.await
+        }
+    }
+}
+
+/// Submits the reader's deferred ring I/O when it stops (see [`unplugged`]).
+struct SubmitOnDrop;
+
+impl Drop for SubmitOnDrop {
+    fn drop(&mut self) {
+        block::uring::submit_deferred();
     }
 }
 

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::driver::{Access, Capabilities, Driver, Extent, PageCacheRange, ZeroFlags};
 use crate::error::BlockResult;
 use crate::node::BlockNode;
+use crate::uring::AsyncTarget;
 
 #[derive(Debug)]
 pub struct MarkingChild {
@@ -52,6 +53,14 @@ impl Driver for MarkingChild {
     fn page_cache_slice(&self, offset: u64, len: u64, access: Access) -> Option<PageCacheRange> {
         match access {
             Access::Read => self.d().page_cache_slice(offset, len, access),
+            Access::Write => None,
+        }
+    }
+
+    /// Reads only, as for `page_cache_slice`.
+    fn async_target(&self, offset: u64, len: u64, access: Access) -> Option<AsyncTarget> {
+        match access {
+            Access::Read => self.d().async_target(offset, len, access),
             Access::Write => None,
         }
     }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use crate::driver::{Access, Capabilities, Driver, Extent, PageCacheRange, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 use crate::node::BlockNode;
+use crate::uring::AsyncTarget;
 
 #[derive(Debug)]
 pub struct RawDriver {
@@ -68,6 +69,10 @@ impl Driver for RawDriver {
     fn page_cache_slice(&self, offset: u64, len: u64, access: Access) -> Option<PageCacheRange> {
         self.inner()
             .page_cache_slice(self.offset + offset, len, access)
+    }
+
+    fn async_target(&self, offset: u64, len: u64, access: Access) -> Option<AsyncTarget> {
+        self.inner().async_target(self.offset + offset, len, access)
     }
 
     fn page_cache_written(&self, offset: u64, len: u64) {

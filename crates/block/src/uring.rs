@@ -1,0 +1,453 @@
+//! An io_uring engine for positional file I/O (`aio=io_uring` and `aio=native`).
+//!
+//! Why: on the thread pool every request costs two thread wake-ups and a
+//! turn at the pool's shared lock. On an O_DIRECT disk image `perf` put that
+//! at about 70 us of server CPU per 4 KiB read, and fio over NBD reached 16k
+//! IOPS where fio on the file itself reaches 83k. Here the task that asks
+//! pushes one submission entry and enters the kernel once; one reaper thread
+//! per ring waits for completions and wakes the tasks, many per wake-up.
+//!
+//! A caller that polls several requests in a row can defer their submission
+//! ([`deferring`], then [`submit_deferred`]): one `io_uring_enter` then
+//! submits them all, and the block layer sends them to the device with one
+//! notification (in a VM, one exit) instead of one each.
+//!
+//! A request's buffer moves into the ring's table of operations until its
+//! completion arrives, so a caller that stops waiting (a dropped future)
+//! cannot free memory the kernel still writes into: the reaper drops it.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::RawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use io_uring::{opcode, squeue, types, IoUring};
+use tokio::sync::oneshot;
+
+use crate::buf::IoBuf;
+
+/// Submission entries per ring; more operations than this may be in flight
+/// (the completion queue overflows into the kernel's backlog, never drops).
+const ENTRIES: u32 = 256;
+/// The user data of the entry that tells the reaper to stop.
+const STOP: u64 = u64::MAX;
+
+thread_local! {
+    /// Set while [`deferring`] runs on this thread.
+    static DEFERRING: Cell<bool> = const { Cell::new(false) };
+    /// Rings with entries queued by [`deferring`] and not yet submitted.
+    static DEFERRED: RefCell<Vec<Arc<Shared>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with ring submissions deferred: entries it queues (on any ring)
+/// wait for [`submit_deferred`] on this thread, which the caller must call
+/// before it waits for anything, or they may never be submitted.
+pub fn deferring<R>(f: impl FnOnce() -> R) -> R {
+    let was = DEFERRING.replace(true);
+    let r = f();
+    DEFERRING.set(was);
+    r
+}
+
+/// Submits what [`deferring`] left queued on this thread.
+pub fn submit_deferred() {
+    if DEFERRING.get() {
+        return;
+    }
+    let rings = DEFERRED.take();
+    for shared in rings {
+        let _one_writer = shared.sq.lock().unwrap();
+        shared.submit_queued();
+    }
+}
+
+/// Where a driver's range can be read or written by the ring: a file
+/// descriptor and the file offset of the range's first byte.
+#[derive(Clone, Debug)]
+pub struct AsyncTarget {
+    pub ring: Arc<Ring>,
+    pub fd: RawFd,
+    pub offset: u64,
+    /// The file, for error messages.
+    pub path: Arc<Path>,
+}
+
+/// One io_uring instance and the thread that reaps its completions.
+#[derive(Debug)]
+pub struct Ring {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    ring: IoUring,
+    /// Held while pushing entries: the submission queue has one writer at a time.
+    sq: Mutex<()>,
+    ops: Mutex<Ops>,
+    stopping: AtomicBool,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct Ops {
+    next: u64,
+    in_flight: HashMap<u64, Op>,
+}
+
+/// An operation the kernel may still be using `buf` for.
+struct Op {
+    buf: IoBuf,
+    done: oneshot::Sender<(IoBuf, i32)>,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Read,
+    Write { dsync: bool },
+}
+
+impl Ring {
+    /// A ring and its reaper thread; an error where the kernel (or a seccomp
+    /// filter) refuses io_uring, and the caller falls back to threads.
+    pub fn new() -> io::Result<Self> {
+        let ring = IoUring::new(ENTRIES)?;
+        let shared = Arc::new(Shared {
+            ring,
+            sq: Mutex::new(()),
+            ops: Mutex::new(Ops::default()),
+            stopping: AtomicBool::new(false),
+        });
+        let reaper = shared.clone();
+        std::thread::Builder::new()
+            .name("bexd-uring".into())
+            .spawn(move || reaper.reap())?;
+        Ok(Self { shared })
+    }
+
+    /// Reads `buf.len()` bytes from `fd` at `offset`; past the end of the
+    /// file reads as zeroes (as `pread` loops do).
+    pub async fn read(&self, fd: RawFd, mut buf: IoBuf, offset: u64) -> (IoBuf, io::Result<()>) {
+        let mut done = 0;
+        while done < buf.len() {
+            let (back, res) = self.submit(Kind::Read, fd, buf, done, offset).await;
+            buf = back;
+            match res {
+                0 => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                n if n > 0 => done += n as usize,
+                e if e == -libc::EINTR || e == -libc::EAGAIN => {}
+                e => return (buf, Err(io::Error::from_raw_os_error(-e))),
+            }
+        }
+        (buf, Ok(()))
+    }
+
+    /// Writes all of `buf` to `fd` at `offset`; with `dsync`, durably
+    /// (RWF_DSYNC, as `pwritev2` does for FUA).
+    pub async fn write(
+        &self,
+        fd: RawFd,
+        mut buf: IoBuf,
+        offset: u64,
+        dsync: bool,
+    ) -> (IoBuf, io::Result<()>) {
+        let mut done = 0;
+        while done < buf.len() {
+            let (back, res) = self
+                .submit(Kind::Write { dsync }, fd, buf, done, offset)
+                .await;
+            buf = back;
+            match res {
+                0 => return (buf, Err(io::ErrorKind::WriteZero.into())),
+                n if n > 0 => done += n as usize,
+                e if e == -libc::EINTR || e == -libc::EAGAIN => {}
+                e => return (buf, Err(io::Error::from_raw_os_error(-e))),
+            }
+        }
+        (buf, Ok(()))
+    }
+
+    /// One read or write of `buf[at..]` at file offset `offset + at`: the
+    /// buffer and the kernel's result (bytes, or minus an errno).
+    async fn submit(
+        &self,
+        kind: Kind,
+        fd: RawFd,
+        mut buf: IoBuf,
+        at: usize,
+        offset: u64,
+    ) -> (IoBuf, i32) {
+        let len = (buf.len() - at).min(u32::MAX as usize & !4095) as u32;
+        // SAFETY: `at < buf.len()`, so the pointer stays inside the buffer.
+        let ptr = unsafe { buf.as_mut_ptr().add(at) };
+        let pos = offset + at as u64;
+        let entry = match kind {
+            Kind::Read => opcode::Read::new(types::Fd(fd), ptr, len)
+                .offset(pos)
+                .build(),
+            Kind::Write { dsync } => opcode::Write::new(types::Fd(fd), ptr, len)
+                .offset(pos)
+                .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
+                .build(),
+        };
+        let (tx, rx) = oneshot::channel();
+        let key = {
+            let mut ops = self.shared.ops.lock().unwrap();
+            let key = ops.next;
+            ops.next = (ops.next + 1) % STOP;
+            // The buffer lives here until the completion, whatever the caller does.
+            ops.in_flight.insert(key, Op { buf, done: tx });
+            key
+        };
+        Shared::push(&self.shared, &entry.user_data(key));
+        match rx.await {
+            Ok(done) => done,
+            // The reaper is gone (the ring failed): nothing will complete.
+            Err(_) => panic!("io_uring reaper ended with operations in flight"),
+        }
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        let stop = opcode::Nop::new().build().user_data(STOP);
+        // Never deferred: nobody may be left to submit it.
+        self.shared.push_now(&stop);
+    }
+}
+
+impl Shared {
+    /// Queues `entry` and enters the kernel to submit it (or, while
+    /// [`deferring`], leaves that to [`submit_deferred`]). Once queued, the
+    /// entry completes (a failed one with an error result), so its buffer
+    /// stays in the table until then; this never fails.
+    fn push(this: &Arc<Self>, entry: &squeue::Entry) {
+        if !DEFERRING.get() {
+            return this.push_now(entry);
+        }
+        drop(this.queue(entry));
+        DEFERRED.with_borrow_mut(|rings| {
+            if !rings.iter().any(|r| Arc::ptr_eq(r, this)) {
+                rings.push(this.clone());
+            }
+        });
+    }
+
+    fn push_now(&self, entry: &squeue::Entry) {
+        let _one_writer = self.queue(entry);
+        self.submit_queued();
+    }
+
+    /// Puts `entry` in the submission queue, submitting what it holds first
+    /// if it is full; the returned guard keeps other writers out.
+    fn queue(&self, entry: &squeue::Entry) -> std::sync::MutexGuard<'_, ()> {
+        let one_writer = self.sq.lock().unwrap();
+        // SAFETY: the `sq` lock makes this the only submission queue in use,
+        // and the buffer `entry` points into lives in `ops` (or, for a NOP,
+        // there is none) until the entry's completion has been reaped.
+        while unsafe { self.ring.submission_shared().push(entry).is_err() } {
+            self.submit_queued();
+        }
+        one_writer
+    }
+
+    /// Enters the kernel for the queued entries, again while it is busy or
+    /// interrupted. Another error leaves them queued for the reaper's next
+    /// enter (it submits too) and is logged.
+    fn submit_queued(&self) {
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR)) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {
+                    std::thread::yield_now();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "io_uring submit failed; the reaper retries");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The reaper thread: waits for completions and hands each buffer and
+    /// result back, until told to stop and nothing is in flight.
+    fn reap(&self) {
+        let mut stop = false;
+        loop {
+            if stop && self.ops.lock().unwrap().in_flight.is_empty() {
+                return;
+            }
+            // Also submits whatever a submitter left queued (EBUSY above).
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+                Err(e) => {
+                    // Dropping the senders fails every waiter loudly rather
+                    // than leaving it waiting for ever; the buffers stay
+                    // leaked, since the kernel may still write into them.
+                    tracing::error!(error = %e, "io_uring wait failed");
+                    let ops = std::mem::take(&mut self.ops.lock().unwrap().in_flight);
+                    for (_, op) in ops {
+                        std::mem::forget(op.buf);
+                    }
+                    return;
+                }
+            }
+            // SAFETY: only this thread ever reads the completion queue.
+            let completions: Vec<(u64, i32)> = unsafe { self.ring.completion_shared() }
+                .map(|cqe| (cqe.user_data(), cqe.result()))
+                .collect();
+            let mut ops = self.ops.lock().unwrap();
+            for (key, result) in completions {
+                if key == STOP {
+                    stop = true;
+                } else if let Some(op) = ops.in_flight.remove(&key) {
+                    // The caller may have stopped waiting; the buffer then drops here.
+                    let _ = op.done.send((op.buf, result));
+                }
+            }
+            stop |= self.stopping.load(Ordering::Acquire) && ops.in_flight.is_empty();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+
+    fn ring_or_skip() -> Option<Ring> {
+        match Ring::new() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!("no io_uring here ({e}); the thread pool serves instead");
+                None
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn test_reads_and_writes_land_where_pread_and_pwrite_would() {
+        let Some(ring) = ring_or_skip() else { return };
+        let file = tempfile::tempfile().unwrap();
+        file.write_all_at(&[7u8; 10000], 0).unwrap();
+        let fd = file.as_raw_fd();
+        let (_, r) = ring
+            .write(fd, IoBuf::from_slice(&[1u8; 5000]), 3000, false)
+            .await;
+        r.unwrap();
+        let (_, r) = ring.write(fd, IoBuf::from_slice(b"fua"), 20000, true).await;
+        r.unwrap();
+        let (buf, r) = ring.read(fd, IoBuf::for_overwrite(9000), 1000).await;
+        r.unwrap();
+        assert_eq!(&buf[..2000], &[7u8; 2000][..]);
+        assert_eq!(&buf[2000..7000], &[1u8; 5000][..]);
+        assert_eq!(&buf[7000..], &[7u8; 2000][..]);
+        // Past the end of the file: zeroes after the last byte.
+        let (buf, r) = ring.read(fd, IoBuf::for_overwrite(100), 19990).await;
+        r.unwrap();
+        assert_eq!(&buf[..10], &[0u8; 10][..]);
+        assert_eq!(&buf[10..13], b"fua");
+        assert_eq!(&buf[13..], &[0u8; 87][..]);
+    }
+
+    #[tokio::test]
+    async fn test_errors_come_back_as_the_errno() {
+        let Some(ring) = ring_or_skip() else { return };
+        let (_, r) = ring.read(-1, IoBuf::for_overwrite(512), 0).await;
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EBADF));
+        let file = tempfile::tempfile().unwrap();
+        let ro = std::fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).unwrap();
+        let (_, r) = ring
+            .write(ro.as_raw_fd(), IoBuf::from_slice(b"x"), 0, false)
+            .await;
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EBADF));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn test_many_in_flight_more_than_the_ring_holds() {
+        let Some(ring) = ring_or_skip() else { return };
+        let ring = Arc::new(ring);
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        let n = 2000u64;
+        let mut tasks = Vec::new();
+        for i in 0..n {
+            let (ring, file) = (ring.clone(), file.clone());
+            tasks.push(tokio::spawn(async move {
+                let data = IoBuf::from_slice(&i.to_le_bytes());
+                let (_, r) = ring.write(file.as_raw_fd(), data, i * 8, false).await;
+                r.unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let (buf, r) = ring
+            .read(file.as_raw_fd(), IoBuf::for_overwrite(n as usize * 8), 0)
+            .await;
+        r.unwrap();
+        for i in 0..n as usize {
+            assert_eq!(buf[i * 8..i * 8 + 8], (i as u64).to_le_bytes());
+        }
+    }
+
+    #[tokio::test]
+    async fn test_deferred_entries_wait_for_submit_deferred() {
+        let Some(ring) = ring_or_skip() else { return };
+        let file = tempfile::tempfile().unwrap();
+        file.write_all_at(b"deferred", 0).unwrap();
+        // One read first, then a pause: the reaper (which submits what it
+        // finds queued each time it enters the kernel) is waiting by then.
+        ring.read(file.as_raw_fd(), IoBuf::for_overwrite(8), 0)
+            .await
+            .1
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut read = Box::pin(ring.read(file.as_raw_fd(), IoBuf::for_overwrite(8), 0));
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        // Queued while deferring, and submitted by nobody.
+        assert!(deferring(|| read.as_mut().poll(&mut cx)).is_pending());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(
+            read.as_mut().poll(&mut cx).is_pending(),
+            "submitted before submit_deferred"
+        );
+        submit_deferred();
+        let (buf, r) = read.await;
+        r.unwrap();
+        assert_eq!(&buf[..], b"deferred");
+    }
+
+    #[tokio::test]
+    async fn test_a_dropped_wait_leaves_the_buffer_to_the_reaper() {
+        let Some(ring) = ring_or_skip() else { return };
+        let file = tempfile::tempfile().unwrap();
+        file.write_all_at(&[5u8; 1 << 20], 0).unwrap();
+        for _ in 0..100 {
+            let read = ring.read(file.as_raw_fd(), IoBuf::for_overwrite(1 << 20), 0);
+            // Polled once (submitted), then dropped.
+            let _ = tokio::time::timeout(std::time::Duration::ZERO, read).await;
+        }
+        let (buf, r) = ring
+            .read(file.as_raw_fd(), IoBuf::for_overwrite(16), 0)
+            .await;
+        r.unwrap();
+        assert_eq!(&buf[..], &[5u8; 16][..]);
+        drop(ring);
+    }
+}
