@@ -61,3 +61,38 @@ def test_serve_missing_image_exits_1_with_one_line(tmp_path):
     assert p.returncode == 1
     assert len(p.stderr.strip().splitlines()) == 1
     assert "nope.img" in p.stderr
+
+
+def test_serve_finds_qcow2_by_itself_and_takes_aio(serve, tmp_path):
+    """Without -f a qcow2 image is served as qcow2 (its virtual size and
+    guest data, not its file bytes), as qemu-nbd does; -f raw serves the file."""
+    if os.environ.get("DAEMON", "bexd") != "bexd":
+        pytest.skip("bexd serve is bexd's own")
+    img = tmp_path / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "16M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 64k", str(img)], check=True,
+                   capture_output=True)
+    _, uri = serve("--port", str(free_port()), "--aio", "io_uring", "--direct", str(img))
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    assert h.get_size() == 16 * MIB
+    assert h.pread(65536, MIB) == b"\x5a" * 65536
+    h.pwrite(b"\x11" * 4096, 0)
+    h.flush()
+    h.shutdown()
+    _, raw_uri = serve("--port", str(free_port()), "-f", "raw", "--read-only", str(img))
+    r = nbd.NBD()
+    r.connect_uri(raw_uri)
+    assert r.get_size() == os.path.getsize(img)
+    assert r.pread(4, 0) == b"QFI\xfb"
+
+
+def test_serve_unknown_format_exits_1_with_one_line(tmp_path):
+    if os.environ.get("DAEMON", "bexd") != "bexd":
+        pytest.skip("bexd serve is bexd's own")
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(MIB))
+    p = subprocess.run(daemon_binary("bexd") + ["serve", "-f", "vmdk", str(img)], capture_output=True,
+                       text=True)
+    assert p.returncode == 1
+    assert p.stderr.strip() == "bexd serve: unsupported format 'vmdk' (supported: raw, qcow2)"

@@ -1,8 +1,10 @@
 //! `bexd serve IMAGE`: one image over NBD in one command, like qemu-nbd.
 //!
 //! It builds the same nodes, server and export the long form would
-//! (`--blockdev file` + `raw`, `--nbd-server`, `--export`), so everything
-//! behaves identically; it only chooses sensible defaults and prints the URI.
+//! (`--blockdev file` + `raw` or `qcow2`, `--nbd-server`, `--export`), so
+//! everything behaves identically; it only chooses sensible defaults (the
+//! format from the image's first bytes, like qemu-nbd without `-f`) and
+//! prints the URI.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use std::time::Duration;
 use block::drivers::file::{AioMode, LockingMode};
 use clap::Parser;
 
-use crate::blockdev::{self, ChildRef, NodeOptions, NodeSpec};
+use crate::blockdev::{self, BackingSpec, ChildRef, NodeOptions, NodeSpec, Qcow2Cache};
 use crate::daemon::Daemon;
 use crate::export::ExportConfig;
 use crate::monitor::{ChardevAddr, ChardevConfig};
@@ -45,15 +47,20 @@ struct ServeArgs {
     /// Export description.
     #[arg(short = 'D', long)]
     description: Option<String>,
-    /// Image format (only raw so far).
-    #[arg(short, long, default_value = "raw")]
-    format: String,
+    /// Image format: raw or qcow2 (default: qcow2 if the image starts with
+    /// qcow2's magic, else raw).
+    #[arg(short, long)]
+    format: Option<String>,
     /// Maximum simultaneous clients (0 = unlimited; 1 disables multi-conn).
     #[arg(short = 'e', long, default_value_t = 100)]
     shared: u32,
     /// Bypass the host page cache (O_DIRECT).
     #[arg(long)]
     direct: bool,
+    /// File I/O: threads (a thread pool), io_uring or native (both through
+    /// an io_uring; the fastest on a disk, with --direct).
+    #[arg(long, default_value = "threads", value_parser = ["threads", "io_uring", "native"])]
+    aio: String,
     /// Let TRIM punch holes in the image.
     #[arg(long)]
     discard: bool,
@@ -99,12 +106,15 @@ pub fn main(args: &[String]) -> i32 {
 }
 
 async fn set_up(daemon: &Arc<Daemon>, args: &ServeArgs) -> Result<Option<PidFile>, String> {
-    if args.format != "raw" {
-        return Err(format!(
-            "unsupported format '{}' (supported: raw)",
-            args.format
-        ));
-    }
+    let format = match &args.format {
+        Some(f) => f.clone(),
+        None => probe_format(&args.image).to_string(),
+    };
+    let aio = match args.aio.as_str() {
+        "io_uring" => AioMode::IoUring,
+        "native" => AioMode::Native,
+        _ => AioMode::Threads,
+    };
     let file = NodeOptions {
         node_name: None,
         read_only: args.read_only,
@@ -114,19 +124,34 @@ async fn set_up(daemon: &Arc<Daemon>, args: &ServeArgs) -> Result<Option<PidFile
         cache_no_flush: false,
         spec: NodeSpec::File {
             filename: args.image.clone(),
-            aio: AioMode::Threads,
+            aio,
             locking: LockingMode::Auto,
         },
+    };
+    let file = ChildRef::Inline(Box::new(file));
+    let spec = match format.as_str() {
+        "raw" => NodeSpec::Raw {
+            file,
+            offset: 0,
+            size: None,
+        },
+        "qcow2" => NodeSpec::Qcow2 {
+            file,
+            backing: BackingSpec::FromHeader,
+            cache: Qcow2Cache::default(),
+            lazy_refcounts: None,
+        },
+        other => {
+            return Err(format!(
+                "unsupported format '{other}' (supported: raw, qcow2)"
+            ))
+        }
     };
     let disk = NodeOptions {
         node_name: Some("disk0".into()),
         read_only: args.read_only,
         discard: args.discard,
-        spec: NodeSpec::Raw {
-            file: ChildRef::Inline(Box::new(file)),
-            offset: 0,
-            size: None,
-        },
+        spec,
         ..NodeOptions::default()
     };
     blockdev::open(daemon, disk, false).map_err(|e| e.desc)?;
@@ -173,4 +198,21 @@ async fn set_up(daemon: &Arc<Daemon>, args: &ServeArgs) -> Result<Option<PidFile
     let bound = daemon.state().nbd.as_ref().map(|s| s.bound_addr().clone());
     println!("{}", bound.unwrap_or(addr).uri(&args.name));
     Ok(pidfile)
+}
+
+/// qcow2 if the image starts with qcow2's magic ("QFI\xfb"), else raw: what
+/// qemu-nbd picks without `-f` for these two formats. An image that cannot
+/// be read is left to the open that follows, which names the error.
+fn probe_format(image: &std::path::Path) -> &'static str {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let is_qcow2 = std::fs::File::open(image)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == *b"QFI\xfb";
+    if is_qcow2 {
+        "qcow2"
+    } else {
+        "raw"
+    }
 }
