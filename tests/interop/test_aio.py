@@ -143,3 +143,35 @@ def test_ring_writes_mark_the_bitmaps_of_the_raw_and_the_file_node(tmp_path, dis
               if n["node-name"] in ("f0", "r0")}
     assert counts == {"f0": 65536 * 18, "r0": 65536 * 18}
     assert d.stop() == 0
+
+
+@pytest.mark.parametrize("kind", ["bexd", "qsd"])
+def test_block_status_and_sparse_reads_of_a_disk_image_with_holes(tmp_path, kind):
+    """On a disk, a query inside the data extent found last is answered
+    without the pool (`try_block_status_now`); the map and the sparse reads
+    must be the same as any other way: qemu-storage-daemon's."""
+    need("nbdinfo")
+    path = tmp_path / "holes.img"
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+        for off in (MIB, 5 * MIB):
+            f.seek(off)
+            f.write(b"\x42" * MIB)
+    d = Daemon(tmp_path, kind, [f"driver=file,node-name=f0,filename={path},aio=io_uring,"
+                                "cache.direct=on"],
+               ["type=nbd,id=e,node-name=f0,name=e"])
+    maps = []
+    for _ in range(2):
+        out = subprocess.run(["nbdinfo", "--map", d.uri("e")], check=True, capture_output=True,
+                             text=True).stdout
+        maps.append([line.split()[:3] for line in out.splitlines()])
+    assert maps[0] == maps[1]
+    assert [m for m in maps[0] if m[2] == "0"] == [[str(MIB), str(MIB), "0"],
+                                                    [str(5 * MIB), str(MIB), "0"]]
+    h = nbd.NBD()
+    h.connect_uri(d.uri("e"))
+    for off, length in [(0, 2 * MIB), (MIB + 65536, 256 << 10), (4 * MIB, 3 * MIB)]:
+        want = bytes(path.read_bytes()[off:off + length])
+        assert h.pread(length, off) == want, (off, length)
+    h.shutdown()
+    assert d.stop() == 0

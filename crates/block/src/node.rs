@@ -310,6 +310,11 @@ impl BlockNode {
 
     pub async fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
         self.check_range(offset, len)?;
+        if !self.runs_inline(len) {
+            if let Some(known) = self.driver.try_block_status_now(offset, len) {
+                return known;
+            }
+        }
         self.run(len, move |d| d.block_status(offset, len)).await
     }
 

@@ -64,6 +64,11 @@ const SPLICE_MIN: u32 = 64 * 1024;
 /// The request stream's buffer: room for a deep queue of small requests
 /// (32 x 4 KiB WRITEs) per socket read. 64 KiB measured no better.
 const INPUT_BUFFER: usize = 256 * 1024;
+/// WRITE payloads at least this large are taken in only after the ring I/O
+/// that the requests before them deferred has been submitted: the copy
+/// would hold those up (64 KiB randrw on a disk read 459 MiB/s against
+/// qemu-storage-daemon's 515 without this).
+const SUBMIT_BEFORE_PAYLOAD: usize = 32 * 1024;
 /// Bound on the extents gathered for one BLOCK_STATUS reply.
 const MAX_EXTENTS: usize = 128 * 1024;
 /// NBD base:allocation flags.
@@ -186,6 +191,11 @@ async fn read_requests<R: RequestReader>(
         };
         let shared = unplugged(take_shared(&ctx.shared, &slots, len)).await;
         let permits = Permits::new(slot, permit, shared);
+        if request.payload_len() >= SUBMIT_BEFORE_PAYLOAD {
+            // A big payload takes a while to take in: what the requests
+            // before it queued on a ring goes to the device first.
+            block::uring::submit_deferred();
+        }
         let payload = match request.payload_len() {
             0 => Payload::None,
             len => match splice_target(&ctx, &request, &verdict, &input) {

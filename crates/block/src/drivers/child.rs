@@ -93,6 +93,10 @@ impl Driver for MarkingChild {
         self.d().block_status(offset, len)
     }
 
+    fn try_block_status_now(&self, offset: u64, len: u64) -> Option<BlockResult<Extent>> {
+        self.d().try_block_status_now(offset, len)
+    }
+
     fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
         self.d().cache(offset, len)
     }

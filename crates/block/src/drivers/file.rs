@@ -524,7 +524,7 @@ impl Driver for FileDriver {
         }
     }
 
-    fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
+    fn try_block_status_now(&self, offset: u64, len: u64) -> Option<BlockResult<Extent>> {
         let data = Extent {
             len,
             allocated: true,
@@ -532,15 +532,26 @@ impl Driver for FileDriver {
             depth: 1,
         };
         if self.block_device || len == 0 {
-            return Ok(data);
+            return Some(Ok(data));
         }
+        let data_end = self.cached_data_end(offset)?;
+        Some(Ok(Extent {
+            len: data_end.min(offset + len) - offset,
+            ..data
+        }))
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
+        if let Some(known) = self.try_block_status_now(offset, len) {
+            return known;
+        }
+        let data = Extent {
+            len,
+            allocated: true,
+            zero: false,
+            depth: 1,
+        };
         let end = offset + len;
-        if let Some(data_end) = self.cached_data_end(offset) {
-            return Ok(Extent {
-                len: data_end.min(end) - offset,
-                ..data
-            });
-        }
         let next_data = match self.seek(offset, libc::SEEK_DATA) {
             Ok(d) => d,
             // Filesystems without SEEK_DATA: everything is data.

@@ -122,6 +122,10 @@ impl Driver for RawDriver {
         self.inner().block_status(self.offset + offset, len)
     }
 
+    fn try_block_status_now(&self, offset: u64, len: u64) -> Option<BlockResult<Extent>> {
+        self.inner().try_block_status_now(self.offset + offset, len)
+    }
+
     fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
         self.inner().cache(self.offset + offset, len)
     }
