@@ -15,7 +15,7 @@ import uuid
 import nbd
 import pytest
 
-from conftest import Daemon, need, qmp_outcome
+from conftest import Daemon, daemon_binary, need, qmp_outcome
 
 MIB = 1 << 20
 SIZE = 8 * MIB
@@ -58,8 +58,7 @@ WRITES = [(0, 4096), (4096 * 7, 65536), (3 * MIB, MIB), (SIZE - 8192, 8192),
           (1000, 3000), (2 * MIB - 100, 300), (5 * MIB + 512, 4096)]
 
 
-@pytest.mark.parametrize("aio", ["io_uring", "native"])
-@pytest.mark.parametrize("direct", ["on", "off"])
+@pytest.mark.parametrize("aio,direct", [("io_uring", "on"), ("io_uring", "off"), ("native", "on")])
 def test_reads_and_writes_through_the_ring_land_in_the_file(tmp_path, disk_image, aio, direct):
     path, want = disk_image
     d = Daemon(tmp_path, "bexd", [f"driver=file,node-name=f0,filename={path},aio={aio},"
@@ -174,4 +173,20 @@ def test_block_status_and_sparse_reads_of_a_disk_image_with_holes(tmp_path, kind
         want = bytes(path.read_bytes()[off:off + length])
         assert h.pread(length, off) == want, (off, length)
     h.shutdown()
+    assert d.stop() == 0
+
+
+@pytest.mark.parametrize("kind", ["bexd", "qsd"])
+def test_aio_native_without_cache_direct_is_refused_as_qemu_refuses_it(tmp_path, disk_image, kind):
+    path, _ = disk_image
+    p = subprocess.run(daemon_binary(kind) + ["--blockdev", f"driver=file,node-name=f0,filename={path},"
+                                              "aio=native"], capture_output=True, text=True, timeout=20)
+    assert p.returncode == 1
+    assert p.stderr.strip().endswith("aio=native was specified, but it requires cache.direct=on, "
+                                     "which was not specified.")
+    d = Daemon(tmp_path, kind, [], [])
+    kind_, err = qmp(d, "blockdev-add", {"driver": "file", "node-name": "f1", "filename": str(path),
+                                         "aio": "native"})
+    assert kind_ == "GenericError"
+    assert "requires cache.direct=on" in err
     assert d.stop() == 0

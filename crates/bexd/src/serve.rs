@@ -58,7 +58,8 @@ struct ServeArgs {
     #[arg(long)]
     direct: bool,
     /// File I/O: threads (a thread pool), io_uring or native (both through
-    /// an io_uring; the fastest on a disk, with --direct).
+    /// an io_uring; the fastest on a disk, with --direct, which native
+    /// requires, as in QEMU).
     #[arg(long, default_value = "threads", value_parser = ["threads", "io_uring", "native"])]
     aio: String,
     /// Let TRIM punch holes in the image.

@@ -119,8 +119,9 @@ enum Kind {
 }
 
 impl Ring {
-    /// A ring and its reaper thread; an error where the kernel (or a seccomp
-    /// filter) refuses io_uring, and the caller falls back to threads.
+    /// A ring and its reaper (a task on the current runtime, or a thread
+    /// outside one); an error where the kernel (or a seccomp filter) refuses
+    /// io_uring, and the caller falls back to the thread pool.
     pub fn new() -> io::Result<Self> {
         let ring = IoUring::new(ENTRIES)?;
         let shared = Arc::new(Shared {

@@ -4,8 +4,9 @@
 //!
 //! `aio=threads` runs positional syscalls on the node's thread pool.
 //! `aio=io_uring` and `aio=native` (QEMU's Linux AIO; the same asynchronous
-//! I/O for our purposes) read and write through an io_uring of the file's
-//! own (`uring.rs`): no thread hop per request. Where the kernel refuses
+//! I/O for our purposes; like QEMU, native insists on cache.direct=on) read
+//! and write through an io_uring of the file's own (`uring.rs`): no thread
+//! hop per request. Where the kernel refuses
 //! io_uring they fall back to the pool, as do unaligned O_DIRECT requests
 //! (they need a bounce buffer) and everything but reads and writes.
 
@@ -93,6 +94,14 @@ pub struct FileDriver {
 
 impl FileDriver {
     pub fn open(opts: &FileOptions) -> BlockResult<Self> {
+        // QEMU's rule (Linux AIO needs O_DIRECT), kept so that a command
+        // line qemu-storage-daemon refuses is refused here too.
+        if opts.aio == AioMode::Native && !opts.cache_direct {
+            return Err(BlockError::new(
+                BlockErrorKind::InvalidArgument,
+                "aio=native was specified, but it requires cache.direct=on, which was not specified.",
+            ));
+        }
         let (file, read_only) = open_file(opts)?;
         let meta = file.metadata().map_err(|e| {
             BlockError::io(format!("Could not stat '{}'", opts.filename.display()), e)
