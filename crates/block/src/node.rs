@@ -243,7 +243,9 @@ impl BlockNode {
             }
         }
         if let Some(t) = self.ring_target(offset, len, Access::Read) {
-            let (buf, r) = t.ring.read(t.fd, buf, t.offset).await;
+            let (buf, r) = t.ring.read_runs(t.fd, buf, &t.runs).await;
+            // The mapping (a qcow2 lease) stays valid until the bytes are in.
+            drop(t.lease);
             let what = || format!("Could not read from '{}'", t.path.display());
             return (buf, r.map_err(|e| BlockError::io(what(), e)));
         }
@@ -262,8 +264,10 @@ impl BlockNode {
             return (buf, Err(e));
         }
         let len = buf.len() as u64;
-        if let Some(t) = self.ring_target(offset, len, Access::Write) {
-            let (buf, r) = t.ring.write(t.fd, buf, t.offset, fua).await;
+        let target = self.ring_target(offset, len, Access::Write);
+        if let Some(t) = target.filter(|t| t.runs.len() == 1) {
+            // Only raw over a file answers writes: one run.
+            let (buf, r) = t.ring.write(t.fd, buf, t.runs[0].offset, fua).await;
             // Even a failed write may have changed part of the range.
             self.driver.page_cache_written(offset, len);
             self.mark_dirty(offset, len);

@@ -33,6 +33,7 @@ use tokio::io::Interest;
 use tokio::sync::oneshot;
 
 use crate::buf::IoBuf;
+use crate::driver::{FileRun, MappingLease};
 
 /// Submission entries per ring; more operations than this may be in flight
 /// (the completion queue overflows into the kernel's backlog, never drops).
@@ -70,14 +71,17 @@ pub fn submit_deferred() {
 }
 
 /// Where a driver's range can be read or written by the ring: a file
-/// descriptor and the file offset of the range's first byte.
-#[derive(Clone, Debug)]
+/// descriptor and the file runs that hold the range's bytes, in order (one
+/// for a raw file; one per run of clusters for qcow2, which holds a lease
+/// on its mapping until the I/O is done).
+#[derive(Debug)]
 pub struct AsyncTarget {
     pub ring: Arc<Ring>,
     pub fd: RawFd,
-    pub offset: u64,
+    pub runs: Vec<FileRun>,
     /// The file, for error messages.
     pub path: Arc<Path>,
+    pub lease: Option<MappingLease>,
 }
 
 /// One io_uring instance and the thread that reaps its completions.
@@ -152,20 +156,38 @@ impl Ring {
 
     /// Reads `buf.len()` bytes from `fd` at `offset`; past the end of the
     /// file reads as zeroes (as `pread` loops do).
-    pub async fn read(&self, fd: RawFd, mut buf: IoBuf, offset: u64) -> (IoBuf, io::Result<()>) {
-        let mut done = 0;
-        while done < buf.len() {
-            let (back, res) = self.submit(Kind::Read, fd, buf, done, offset).await;
-            buf = back;
-            match res {
-                0 => {
-                    buf[done..].fill(0);
-                    break;
+    pub async fn read(&self, fd: RawFd, buf: IoBuf, offset: u64) -> (IoBuf, io::Result<()>) {
+        let len = buf.len() as u64;
+        self.read_runs(fd, buf, &[FileRun { offset, len }]).await
+    }
+
+    /// Fills `buf` from `runs` of `fd`, in order (their lengths add up to
+    /// the buffer's); past the end of the file reads as zeroes.
+    pub async fn read_runs(
+        &self,
+        fd: RawFd,
+        mut buf: IoBuf,
+        runs: &[FileRun],
+    ) -> (IoBuf, io::Result<()>) {
+        let mut at = 0usize;
+        for run in runs {
+            let end = at + run.len as usize;
+            let mut done = at;
+            while done < end {
+                let pos = run.offset + (done - at) as u64;
+                let (back, res) = self.submit(Kind::Read, fd, buf, done, end, pos).await;
+                buf = back;
+                match res {
+                    0 => {
+                        buf[done..end].fill(0);
+                        break;
+                    }
+                    n if n > 0 => done += n as usize,
+                    e if e == -libc::EINTR || e == -libc::EAGAIN => {}
+                    e => return (buf, Err(io::Error::from_raw_os_error(-e))),
                 }
-                n if n > 0 => done += n as usize,
-                e if e == -libc::EINTR || e == -libc::EAGAIN => {}
-                e => return (buf, Err(io::Error::from_raw_os_error(-e))),
             }
+            at = end;
         }
         (buf, Ok(()))
     }
@@ -181,8 +203,9 @@ impl Ring {
     ) -> (IoBuf, io::Result<()>) {
         let mut done = 0;
         while done < buf.len() {
+            let (end, pos) = (buf.len(), offset + done as u64);
             let (back, res) = self
-                .submit(Kind::Write { dsync }, fd, buf, done, offset)
+                .submit(Kind::Write { dsync }, fd, buf, done, end, pos)
                 .await;
             buf = back;
             match res {
@@ -195,7 +218,7 @@ impl Ring {
         (buf, Ok(()))
     }
 
-    /// One read or write of `buf[at..]` at file offset `offset + at`: the
+    /// One read or write of `buf[at..end]` at file offset `pos`: the
     /// buffer and the kernel's result (bytes, or minus an errno).
     async fn submit(
         &self,
@@ -203,12 +226,16 @@ impl Ring {
         fd: RawFd,
         mut buf: IoBuf,
         at: usize,
-        offset: u64,
+        end: usize,
+        pos: u64,
     ) -> (IoBuf, i32) {
-        let len = (buf.len() - at).min(u32::MAX as usize & !4095) as u32;
-        // SAFETY: `at < buf.len()`, so the pointer stays inside the buffer.
+        assert!(
+            at < end && end <= buf.len(),
+            "a ring I/O names bytes of its buffer"
+        );
+        let len = (end - at).min(u32::MAX as usize & !4095) as u32;
+        // SAFETY: `at < buf.len()` (asserted), so the pointer stays inside the buffer.
         let ptr = unsafe { buf.as_mut_ptr().add(at) };
-        let pos = offset + at as u64;
         let entry = match kind {
             Kind::Read => opcode::Read::new(types::Fd(fd), ptr, len)
                 .offset(pos)

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use super::lock::{lock_image, PERM_READ, PERM_RESIZE, PERM_WRITE};
 use crate::buf::{IoBuf, ALIGNMENT};
-use crate::driver::{Access, Capabilities, Driver, Extent, PageCacheRange, ZeroFlags};
+use crate::driver::{Access, Capabilities, Driver, Extent, FileRun, PageCacheRange, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 use crate::uring::{AsyncTarget, Ring};
 
@@ -414,8 +414,9 @@ impl Driver for FileDriver {
         Some(AsyncTarget {
             ring: ring.clone(),
             fd: self.file.as_raw_fd(),
-            offset,
+            runs: vec![FileRun { offset, len }],
             path: self.path.clone(),
+            lease: None,
         })
     }
 

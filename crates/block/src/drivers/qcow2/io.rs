@@ -9,6 +9,7 @@
 use std::sync::atomic::Ordering;
 
 use crate::driver::{Access, Extent, MappingLease, PageCacheRange, ZeroFlags};
+use crate::uring::AsyncTarget;
 
 /// A leased slice's runs average at least this (see `leased_slice`).
 const MIN_AVERAGE_RUN: u64 = 128 * 1024;
@@ -162,6 +163,42 @@ impl Qcow2Driver {
         // Taken under the lock that flush checks the count under.
         slice.lease = Some(MappingLease::new(m.leased.clone()));
         Some(slice)
+    }
+
+    /// The file runs of `[offset, offset+len)` for the file's io_uring, when
+    /// all of it lies in data clusters of this layer and mapping it reads
+    /// nothing (its L2 tables are cached: a miss would read the file on
+    /// the caller's thread), leased like `leased_slice`'s until the read is done.
+    pub(super) fn leased_target(&self, offset: u64, len: u64) -> Option<AsyncTarget> {
+        let m = &mut *self.lock();
+        if !m.pending_frees.is_empty() {
+            return None;
+        }
+        let l2_span = m.geom.cluster_size() * m.geom.l2_entries();
+        let mut guest = offset - offset % l2_span;
+        while guest < offset + len {
+            if !m.lookup_is_cached(guest.max(offset)) {
+                return None;
+            }
+            guest += l2_span;
+        }
+        let pieces = self.map_range(m, offset, len).ok()?;
+        let mut target: Option<AsyncTarget> = None;
+        for piece in pieces {
+            let Source::Host { pos } = piece.src else {
+                return None;
+            };
+            let part = self.f().async_target(pos, piece.len, Access::Read)?;
+            match &mut target {
+                None => target = Some(part),
+                Some(t) if t.fd == part.fd => t.runs.extend(part.runs),
+                Some(_) => return None,
+            }
+        }
+        let mut target = target?;
+        // Taken under the lock that flush checks the count under.
+        target.lease = Some(MappingLease::new(m.leased.clone()));
+        Some(target)
     }
 
     fn read_source(&self, buf: &mut [u8], src: Source) -> BlockResult<()> {

@@ -113,6 +113,19 @@ impl Meta {
             .map_or(L2Entry::default(), |t| geom.read_entry(t, l2i)))
     }
 
+    /// True if `lookup` of `guest` reads nothing from the file: its L2 table
+    /// is cached, or it has none.
+    pub fn lookup_is_cached(&self, guest: u64) -> bool {
+        let (l1i, _) = self.geom.split(guest);
+        let Some(&l1e) = self.l1.get(l1i as usize) else {
+            return true;
+        };
+        match l2_offset(l1e, self.geom.cluster_size()) {
+            Ok(0) | Err(_) => true,
+            Ok(table) => self.l2_cache.contains(table),
+        }
+    }
+
     /// True if the L1 entry for `guest` says its L2 table may be changed in place.
     pub fn l2_writable(&self, guest: u64) -> bool {
         let (l1i, _) = self.geom.split(guest);

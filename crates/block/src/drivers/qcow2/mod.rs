@@ -42,6 +42,7 @@ use crate::driver::{
 use crate::drivers::child::MarkingChild;
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 use crate::node::BlockNode;
+use crate::uring::AsyncTarget;
 
 use bitmaps::BitmapStore;
 use cache::TableCache;
@@ -326,6 +327,15 @@ impl Driver for Qcow2Driver {
     fn page_cache_slice(&self, offset: u64, len: u64, access: Access) -> Option<PageCacheRange> {
         match access {
             Access::Read => self.leased_slice(offset, len),
+            Access::Write => None,
+        }
+    }
+
+    /// Reads only, of this layer's data clusters with their L2 tables
+    /// cached (see `leased_target`).
+    fn async_target(&self, offset: u64, len: u64, access: Access) -> Option<AsyncTarget> {
+        match access {
+            Access::Read => self.leased_target(offset, len),
             Access::Write => None,
         }
     }
