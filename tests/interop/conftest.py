@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,25 @@ def raw_client(path, name=b"disk"):
         recv_exact(s, length)
         if rtype == 1:
             return s
+
+
+def syscall_count(pid, syscall, action):
+    """How many `syscall` calls process `pid` (all its threads) made while
+    `action` ran, traced with strace: proof that a code path was taken."""
+    need("strace")
+    log = f"/tmp/bexd-strace-{uuid.uuid4().hex}"
+    tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", f"trace={syscall}", "-o", log,
+                               "-p", str(pid)], stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # strace attaches to every thread
+    try:
+        action()
+    finally:
+        tracer.terminate()
+        tracer.wait()
+    with open(log) as f:
+        calls = sum(1 for line in f if f"{syscall}(" in line)
+    os.unlink(log)
+    return calls
 
 
 def need(tool):

@@ -7,15 +7,13 @@ bounce buffer; the bytes must be the same either way, and land in the file.
 """
 
 import asyncio
-import os
 import random
 import subprocess
-import uuid
 
 import nbd
 import pytest
 
-from conftest import Daemon, daemon_binary, need, qmp_outcome
+from conftest import Daemon, daemon_binary, need, qmp_outcome, syscall_count
 
 MIB = 1 << 20
 SIZE = 8 * MIB
@@ -23,25 +21,6 @@ SIZE = 8 * MIB
 
 def qmp(d, command, arguments=None):
     return asyncio.run(qmp_outcome(d.qmp_sock, command, arguments or {}))
-
-
-def ring_calls(pid, action):
-    """How many io_uring_enter calls the daemon made while `action` ran."""
-    need("strace")
-    log = f"/tmp/bexd-strace-{uuid.uuid4().hex}"
-    tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=io_uring_enter", "-o", log,
-                               "-p", str(pid)], stderr=subprocess.DEVNULL)
-    import time
-    time.sleep(0.5)  # strace attaches to every thread
-    try:
-        action()
-    finally:
-        tracer.terminate()
-        tracer.wait()
-    with open(log) as f:
-        calls = sum(1 for line in f if "io_uring_enter(" in line)
-    os.unlink(log)
-    return calls
 
 
 @pytest.fixture
@@ -90,7 +69,7 @@ def test_reads_and_writes_through_the_ring_land_in_the_file(tmp_path, disk_image
             assert b.to_bytearray() == want[o:o + 4096], o
         h.flush()
 
-    calls = ring_calls(d.proc.pid, io)
+    calls = syscall_count(d.proc.pid, "io_uring_enter", io)
     assert calls > 0, "no request went through the io_uring"
     h.shutdown()
     assert d.stop() == 0
@@ -234,7 +213,7 @@ def test_qcow2_reads_through_the_ring_carry_the_image_bytes(tmp_path, disk_image
             for off in range(0, SIZE, MIB):
                 assert h.pread(MIB, off) == bytes(want[off:off + MIB]), (layout, off)
 
-    calls = ring_calls(d.proc.pid, read_all)
+    calls = syscall_count(d.proc.pid, "io_uring_enter", read_all)
     # (Random data does not compress: qemu-img -c keeps most clusters plain.)
     assert calls > 0, "no qcow2 read went through the io_uring"
     # Writes still go through qcow2 (allocation, refcounts), and read back.

@@ -18,7 +18,7 @@ import uuid
 import nbd
 import pytest
 
-from conftest import Daemon, need, raw_client, recv_exact
+from conftest import Daemon, need, raw_client, recv_exact, syscall_count
 
 MIB = 1 << 20
 SIZE = 16 * MIB
@@ -251,21 +251,7 @@ def test_hostile_clients_on_the_zero_copy_paths(tmp_path, shm_image):
 
 def sendfile_calls(pid, action):
     """How many sendfile calls the daemon made while `action` ran (strace)."""
-    need("strace")
-    log = f"/tmp/bexd-strace-{uuid.uuid4().hex}"
-    tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=sendfile", "-o", log,
-                               "-p", str(pid)], stderr=subprocess.DEVNULL)
-    import time
-    time.sleep(0.5)  # strace attaches to every thread
-    try:
-        action()
-    finally:
-        tracer.terminate()
-        tracer.wait()
-    with open(log) as f:
-        calls = sum(1 for line in f if "sendfile(" in line)
-    os.unlink(log)
-    return calls
+    return syscall_count(pid, "sendfile", action)
 
 
 @pytest.fixture(params=["64k-clusters", "4k-clusters", "backing"])
