@@ -6,9 +6,9 @@
 //! `aio=io_uring` and `aio=native` (QEMU's Linux AIO; the same asynchronous
 //! I/O for our purposes; like QEMU, native insists on cache.direct=on) read
 //! and write through an io_uring of the file's own (`uring.rs`): no thread
-//! hop per request. Where the kernel refuses
-//! io_uring they fall back to the pool, as do unaligned O_DIRECT requests
-//! (they need a bounce buffer) and everything but reads and writes.
+//! hop per request. Where the kernel refuses io_uring they fall back to the
+//! pool, as do unaligned O_DIRECT requests (they need a bounce buffer) and
+//! everything but reads and writes.
 
 use std::fs::{File, OpenOptions};
 use std::io;

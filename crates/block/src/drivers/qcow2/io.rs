@@ -6,9 +6,10 @@
 //! backing file or zeroes), and only then points the L2 entry at them; the
 //! old clusters are freed after the next flush has made that change durable.
 
+use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 
-use crate::driver::{Access, Extent, MappingLease, PageCacheRange, ZeroFlags};
+use crate::driver::{Access, Extent, FileRun, MappingLease, PageCacheRange, ZeroFlags};
 use crate::uring::AsyncTarget;
 
 /// A leased slice's runs average at least this (see `leased_slice`).
@@ -144,25 +145,9 @@ impl Qcow2Driver {
         if pieces.len() as u64 * MIN_AVERAGE_RUN > len.max(MIN_AVERAGE_RUN) {
             return None;
         }
-        let mut slice: Option<PageCacheRange> = None;
-        for piece in pieces {
-            let Source::Host { pos } = piece.src else {
-                return None;
-            };
-            let part = self.f().page_cache_slice(pos, piece.len, Access::Read)?;
-            if part.lease.is_some() {
-                return None;
-            }
-            match &mut slice {
-                None => slice = Some(part),
-                Some(s) if s.fd == part.fd => s.runs.extend(part.runs),
-                Some(_) => return None,
-            }
-        }
-        let mut slice = slice?;
-        // Taken under the lock that flush checks the count under.
-        slice.lease = Some(MappingLease::new(m.leased.clone()));
-        Some(slice)
+        self.lease_host_pieces(m, pieces, |pos, len| {
+            self.f().page_cache_slice(pos, len, Access::Read)
+        })
     }
 
     /// The file runs of `[offset, offset+len)` for the file's io_uring, when
@@ -170,6 +155,8 @@ impl Qcow2Driver {
     /// nothing (its L2 tables are cached: a miss would read the file on
     /// the caller's thread), leased like `leased_slice`'s until the read is done.
     pub(super) fn leased_target(&self, offset: u64, len: u64) -> Option<AsyncTarget> {
+        // Never take the lock and map unless the file has a ring (aio=io_uring).
+        self.f().async_target(0, 4096, Access::Read)?;
         let m = &mut *self.lock();
         if !m.pending_frees.is_empty() {
             return None;
@@ -183,22 +170,41 @@ impl Qcow2Driver {
             guest += l2_span;
         }
         let pieces = self.map_range(m, offset, len).ok()?;
-        let mut target: Option<AsyncTarget> = None;
+        self.lease_host_pieces(m, pieces, |pos, len| {
+            self.f().async_target(pos, len, Access::Read)
+        })
+    }
+
+    /// The file parts of `pieces` when every one is this layer's data (on
+    /// one descriptor), joined, with a lease on the mapping: taken under the
+    /// lock that flush checks the lease count under.
+    fn lease_host_pieces<T: FileParts>(
+        &self,
+        m: &Meta,
+        pieces: Vec<Piece>,
+        part: impl Fn(u64, u64) -> Option<T>,
+    ) -> Option<T> {
+        let mut whole: Option<T> = None;
         for piece in pieces {
             let Source::Host { pos } = piece.src else {
                 return None;
             };
-            let part = self.f().async_target(pos, piece.len, Access::Read)?;
-            match &mut target {
-                None => target = Some(part),
-                Some(t) if t.fd == part.fd => t.runs.extend(part.runs),
+            let mut p = part(pos, piece.len)?;
+            if p.lease().is_some() {
+                return None;
+            }
+            match &mut whole {
+                None => whole = Some(p),
+                Some(w) if w.fd() == p.fd() => {
+                    let runs = std::mem::take(p.runs());
+                    w.runs().extend(runs);
+                }
                 Some(_) => return None,
             }
         }
-        let mut target = target?;
-        // Taken under the lock that flush checks the count under.
-        target.lease = Some(MappingLease::new(m.leased.clone()));
-        Some(target)
+        let mut whole = whole?;
+        *whole.lease() = Some(MappingLease::new(m.leased.clone()));
+        Some(whole)
     }
 
     fn read_source(&self, buf: &mut [u8], src: Source) -> BlockResult<()> {
@@ -643,4 +649,36 @@ enum Kind {
     Data,
     Zero,
     Below,
+}
+
+/// What a leased mapping goes out as: a page-cache range (`sendfile`) or an
+/// io_uring target; both are a descriptor, runs and a lease.
+trait FileParts {
+    fn fd(&self) -> RawFd;
+    fn runs(&mut self) -> &mut Vec<FileRun>;
+    fn lease(&mut self) -> &mut Option<MappingLease>;
+}
+
+impl FileParts for PageCacheRange {
+    fn fd(&self) -> RawFd {
+        self.fd
+    }
+    fn runs(&mut self) -> &mut Vec<FileRun> {
+        &mut self.runs
+    }
+    fn lease(&mut self) -> &mut Option<MappingLease> {
+        &mut self.lease
+    }
+}
+
+impl FileParts for AsyncTarget {
+    fn fd(&self) -> RawFd {
+        self.fd
+    }
+    fn runs(&mut self) -> &mut Vec<FileRun> {
+        &mut self.runs
+    }
+    fn lease(&mut self) -> &mut Option<MappingLease> {
+        &mut self.lease
+    }
 }
