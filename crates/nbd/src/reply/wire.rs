@@ -1,5 +1,6 @@
-//! Reply encoders. Each appends only headers to `out`; read data stays in the
-//! caller's I/O buffer and goes out with a vectored write after the header.
+//! Reply encoders: each appends one simple reply or one structured chunk,
+//! headers only, to `out`. Read data is never copied in; [`super::ReplyPlan`]
+//! says where it goes between these headers.
 
 use crate::consts::*;
 use crate::types::{NbdErrno, ReplyType};
