@@ -30,8 +30,10 @@ use crate::export::{BitmapRef, ExportConfig};
 use crate::monitor::{ChardevAddr, ChardevConfig};
 use crate::nbd_server::{ListenAddr, NbdServerConfig};
 
-/// QEMU's limit on export names and descriptions (NBD_MAX_STRING_SIZE).
-const MAX_STRING: usize = 4096;
+// QEMU's limit on export names and descriptions (NBD_MAX_STRING_SIZE) is
+// the protocol's string limit.
+use nbd::consts::MAX_STRING;
+
 /// null-co's default size.
 const NULL_DEFAULT_SIZE: u64 = 1 << 30;
 
