@@ -69,11 +69,6 @@ impl ReplyPlan {
         &mut self.bytes
     }
 
-    /// Whether nothing has been pushed.
-    pub(super) fn is_empty(&self) -> bool {
-        self.first.is_none()
-    }
-
     /// The reply in wire order.
     pub fn pieces(&self) -> impl Iterator<Item = PlanPiece<'_>> {
         self.first.iter().chain(&self.more).flat_map(|s| {

@@ -146,7 +146,7 @@ fn sparse_read(req: &RequestHeader, allocation: &[(u32, u32)]) -> ReplyPlan {
         }
         let done = pos + len == req.length;
         if flags & STATE_ZERO != 0 {
-            let offset = req.offset + u64::from(pos);
+            let offset = req.offset.saturating_add(u64::from(pos));
             plan.push(
                 |out| wire::offset_hole(out, req.cookie, done, offset, len),
                 None,
@@ -164,7 +164,7 @@ fn sparse_read(req: &RequestHeader, allocation: &[(u32, u32)]) -> ReplyPlan {
 
 /// An OFFSET_DATA chunk for `len` bytes of the request's data from `pos`.
 fn push_data(plan: &mut ReplyPlan, req: &RequestHeader, pos: u32, len: u32, done: bool) {
-    let offset = req.offset + u64::from(pos);
+    let offset = req.offset.saturating_add(u64::from(pos));
     let data = pos as usize..(pos as usize + len as usize);
     plan.push(
         |out| wire::offset_data_header(out, req.cookie, done, offset, len),
@@ -212,13 +212,13 @@ impl BlockStatusPlan {
     /// a NONE chunk ends it, so the client still gets a complete reply.)
     pub fn finish(mut self) -> ReplyPlan {
         match self.last_chunk {
-            Some(start) if !self.plan.is_empty() => {
+            Some(start) => {
                 // The flags field sits after the 4-byte magic.
                 if let Some(flags) = self.plan.bytes_mut().get_mut(start + 4..start + 6) {
                     flags.copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
                 }
             }
-            _ => {
+            None => {
                 let cookie = self.cookie;
                 self.plan.push(|out| wire::none_chunk(out, cookie), None);
             }
