@@ -14,17 +14,20 @@
 //! - [`shell`]: `bexd qmp SOCKET`, an interactive QMP shell.
 
 pub mod backup;
-pub mod blockdev;
 pub mod cli;
 pub mod commands;
+pub mod config;
 pub mod daemon;
+pub mod error;
 pub mod events;
-pub mod export;
-pub mod export_bitmaps;
+pub mod exports;
 pub mod monitor;
 pub mod nbd_server;
+pub mod net;
+pub mod nodes;
 pub mod objects;
 pub mod process;
+pub mod program;
 pub mod qapi;
 pub mod serve;
 pub mod shell;

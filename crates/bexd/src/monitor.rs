@@ -5,7 +5,6 @@
 //! QEMU, a socket chardev serves one client at a time; several monitors serve
 //! clients concurrently, and every negotiated monitor gets every event.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 
 use qmp::wire::{self, JsonStream, Request};
@@ -16,22 +15,10 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::broadcast;
 
 use crate::commands;
+use crate::config::{ChardevAddr, ChardevConfig};
 use crate::daemon::Daemon;
 use crate::events::QmpEvent;
-use crate::nbd_server::{ClientStream, Listener};
-
-/// A socket chardev as `--chardev socket,...` describes it.
-#[derive(Clone, Debug)]
-pub struct ChardevConfig {
-    pub id: String,
-    pub addr: ChardevAddr,
-}
-
-#[derive(Clone, Debug)]
-pub enum ChardevAddr {
-    Unix(PathBuf),
-    Tcp { host: String, port: u16 },
-}
+use crate::net::{ClientStream, Listener};
 
 /// Binds the chardev's socket and serves QMP on it until the daemon shuts down.
 pub async fn start_monitor(daemon: &Arc<Daemon>, chardev: &ChardevConfig) -> Result<(), QmpError> {

@@ -4,10 +4,11 @@
 //!
 //! The NBD server keeps only the *id* of its authz object and looks it up at
 //! each connection, so an authz object may be deleted and re-created while the
-//! server runs; a missing object denies (`Daemon::authorize`).
+//! server runs; a missing object denies ([`ObjectTable::authorize`]).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use qmp::schema::object::{
     ObjectOptions, ObjectProps, QAuthZListFormat, QAuthZListPolicy, QAuthZListRule,
@@ -16,7 +17,8 @@ use qmp::visitor::{from_value, InputMode};
 use qmp::QmpError;
 use serde_json::Value;
 
-use crate::blockdev::is_well_formed_id;
+use crate::config::is_well_formed_id;
+use crate::error::ObjectError;
 use crate::tls::TlsCreds;
 
 /// An object in the registry.
@@ -188,6 +190,65 @@ fn tls_object(creds: Result<TlsCreds, crate::tls::TlsError>) -> Result<Object, Q
     creds
         .map(|c| Object::TlsCreds(Arc::new(c)))
         .map_err(|e| QmpError::generic(e.to_string()))
+}
+
+/// The objects by id, behind their own lock (held for lookups only: an
+/// authz check that re-reads its list file does so with the lock held, as
+/// the file is small and the check runs once per connection).
+#[derive(Debug, Default)]
+pub struct ObjectTable {
+    objects: Mutex<BTreeMap<String, Object>>,
+}
+
+impl ObjectTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every update is one insert or remove, so a lock poisoned by a panic
+    /// elsewhere still guards a whole map and is used as it is.
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Object>> {
+        self.objects.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn add(&self, id: String, object: Object) -> Result<(), ObjectError> {
+        let mut objects = self.lock();
+        if objects.contains_key(&id) {
+            return Err(ObjectError::Duplicate(id));
+        }
+        objects.insert(id, object);
+        Ok(())
+    }
+
+    pub fn delete(&self, id: &str) -> Result<(), ObjectError> {
+        match self.lock().remove(id) {
+            Some(_) => Ok(()),
+            None => Err(ObjectError::NotFound(id.to_string())),
+        }
+    }
+
+    pub fn is_iothread(&self, id: &str) -> bool {
+        matches!(self.lock().get(id), Some(Object::Iothread))
+    }
+
+    /// The server-endpoint TLS credentials `tls-creds` names, with QEMU's errors.
+    pub fn server_tls_creds(&self, id: &str) -> Result<Arc<TlsCreds>, ObjectError> {
+        match self.lock().get(id) {
+            None => Err(ObjectError::NoTlsCreds(id.to_string())),
+            Some(Object::TlsCreds(c)) if c.is_server() => Ok(c.clone()),
+            Some(Object::TlsCreds(_)) => Err(ObjectError::NotServerEndpoint),
+            Some(_) => Err(ObjectError::NotTlsCreds(id.to_string())),
+        }
+    }
+
+    /// Whether the authz object `authz_id` lets `identity` in. Looked up now,
+    /// at the time of use; a missing object (or one of another type) denies.
+    pub fn authorize(&self, authz_id: &str, identity: &str) -> bool {
+        match self.lock().get(authz_id) {
+            Some(Object::Authz(a)) => a.is_allowed(identity),
+            _ => false,
+        }
+    }
 }
 
 #[cfg(test)]

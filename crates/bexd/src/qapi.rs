@@ -1,6 +1,7 @@
-//! QAPI arguments (crate `qmp`) turned into the daemon's own configuration
-//! types, with QEMU's semantic checks and defaults. This is the one place
-//! where wire shapes meet daemon types; both the CLI and QMP come through here.
+//! QAPI arguments (crate `qmp`) turned into plain configuration
+//! ([`crate::config`]), with QEMU's semantic checks and defaults. This is the
+//! one place where wire shapes meet daemon types; both the CLI and QMP come
+//! through here. It reads only: it imports nothing of the daemon but `config`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -22,13 +23,11 @@ use qmp::visitor::{from_value, Ctx, Fields, InputMode};
 use qmp::QmpError;
 use serde_json::Value;
 
-use crate::blockdev::{
-    is_well_formed_id, BackingSpec, ChildRef, NodeOptions, NodeSpec, Qcow2Cache,
+use crate::config::{
+    is_well_formed_id, BackingSpec, BitmapRef, ChardevAddr, ChardevConfig, ChildRef, ExportConfig,
+    ExportKindConfig, ListenAddr, NbdExportConfig, NbdServerConfig, NodeOptions, NodeSpec,
+    Qcow2Cache, RemoveMode, DEFAULT_PAYLOAD_BUDGET,
 };
-use crate::daemon::RemoveMode;
-use crate::export::{BitmapRef, ExportConfig};
-use crate::monitor::{ChardevAddr, ChardevConfig};
-use crate::nbd_server::{ListenAddr, NbdServerConfig};
 
 // QEMU's limit on export names and descriptions (NBD_MAX_STRING_SIZE) is
 // the protocol's string limit.
@@ -235,7 +234,7 @@ pub fn nbd_server_config(
         addr,
         tls_creds: o.tls_creds,
         tls_authz: o.tls_authz,
-        tls: None,
+        payload_budget: DEFAULT_PAYLOAD_BUDGET,
         max_connections: o.max_connections.unwrap_or(100),
         handshake_max: match o.handshake_max_seconds.unwrap_or(10) {
             0 => None,
@@ -244,8 +243,8 @@ pub fn nbd_server_config(
     })
 }
 
-/// block-export-add / --export: the config and the node it exports.
-pub fn export_config(value: Value, mode: InputMode) -> Result<(ExportConfig, String), QmpError> {
+/// block-export-add / --export.
+pub fn export_config(value: Value, mode: InputMode) -> Result<ExportConfig, QmpError> {
     let o: BlockExportOptions = from_value(value, mode)?;
     if o.r#type != BlockExportType::Nbd {
         return Err(QmpError::generic(format!(
@@ -269,16 +268,7 @@ pub fn export_config(value: Value, mode: InputMode) -> Result<(ExportConfig, Str
         _ => None,
     };
     let nbd = o.nbd.unwrap_or_default();
-    let mut config = checked_config(
-        o.id,
-        nbd.name.unwrap_or_else(|| o.node_name.clone()),
-        nbd.description,
-        o.writable.unwrap_or(false),
-        o.writethrough.unwrap_or(false),
-        nbd.allocation_depth.unwrap_or(false),
-    )?;
-    config.iothread = iothread;
-    config.bitmaps = nbd
+    let bitmaps = nbd
         .bitmaps
         .unwrap_or_default()
         .into_iter()
@@ -287,48 +277,56 @@ pub fn export_config(value: Value, mode: InputMode) -> Result<(ExportConfig, Str
             BlockDirtyBitmapOrStr::External { node, name } => BitmapRef::External { node, name },
         })
         .collect();
-    Ok((config, o.node_name))
+    let nbd = checked_nbd(
+        nbd.name.unwrap_or_else(|| o.node_name.clone()),
+        nbd.description,
+        nbd.allocation_depth.unwrap_or(false),
+        bitmaps,
+    )?;
+    Ok(ExportConfig {
+        id: o.id,
+        node_name: o.node_name,
+        writable: o.writable.unwrap_or(false),
+        writethrough: o.writethrough.unwrap_or(false),
+        iothread,
+        kind: ExportKindConfig::Nbd(nbd),
+    })
 }
 
 /// nbd-server-add: the export's id is its name, which defaults to the device.
-pub fn nbd_server_add_config(value: Value) -> Result<(ExportConfig, String), QmpError> {
+pub fn nbd_server_add_config(value: Value) -> Result<ExportConfig, QmpError> {
     let o: NbdServerAddOptions = from_value(value, InputMode::Json)?;
     let name = o.name.unwrap_or_else(|| o.device.clone());
-    let mut config = checked_config(
-        name.clone(),
-        name,
-        o.description,
-        o.writable.unwrap_or(false),
-        false,
-        false,
-    )?;
-    config.bitmaps = o.bitmap.into_iter().map(BitmapRef::Local).collect();
-    Ok((config, o.device))
+    let bitmaps = o.bitmap.into_iter().map(BitmapRef::Local).collect();
+    let nbd = checked_nbd(name.clone(), o.description, false, bitmaps)?;
+    Ok(ExportConfig {
+        id: name,
+        node_name: o.device,
+        writable: o.writable.unwrap_or(false),
+        writethrough: false,
+        iothread: None,
+        kind: ExportKindConfig::Nbd(nbd),
+    })
 }
 
-fn checked_config(
-    id: String,
+/// The NBD part, with QEMU's length limits on the name and description.
+fn checked_nbd(
     name: String,
     description: Option<String>,
-    writable: bool,
-    writethrough: bool,
     allocation_depth: bool,
-) -> Result<ExportConfig, QmpError> {
+    bitmaps: Vec<BitmapRef>,
+) -> Result<NbdExportConfig, QmpError> {
     if name.len() > MAX_STRING {
         return Err(QmpError::generic(format!("export name '{name}' too long")));
     }
     if let Some(d) = description.as_ref().filter(|d| d.len() > MAX_STRING) {
         return Err(QmpError::generic(format!("description '{d}' too long")));
     }
-    Ok(ExportConfig {
-        id,
+    Ok(NbdExportConfig {
         name,
         description,
-        writable,
-        writethrough,
         allocation_depth,
-        iothread: None,
-        bitmaps: Vec::new(),
+        bitmaps,
     })
 }
 

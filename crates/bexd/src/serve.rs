@@ -13,11 +13,11 @@ use std::time::Duration;
 use block::drivers::file::{AioMode, LockingMode};
 use clap::Parser;
 
-use crate::blockdev::{self, BackingSpec, ChildRef, NodeOptions, NodeSpec, Qcow2Cache};
+use crate::config::{
+    BackingSpec, ChardevAddr, ChardevConfig, ChildRef, ExportConfig, ExportKindConfig, ListenAddr,
+    NbdExportConfig, NbdServerConfig, NodeOptions, NodeSpec, Qcow2Cache, DEFAULT_PAYLOAD_BUDGET,
+};
 use crate::daemon::Daemon;
-use crate::export::ExportConfig;
-use crate::monitor::{ChardevAddr, ChardevConfig};
-use crate::nbd_server::{ListenAddr, NbdServerConfig};
 use crate::process::PidFile;
 
 #[derive(Debug, Parser)]
@@ -155,7 +155,7 @@ async fn set_up(daemon: &Arc<Daemon>, args: &ServeArgs) -> Result<Option<PidFile
         spec,
         ..NodeOptions::default()
     };
-    blockdev::open(daemon, disk, false).map_err(|e| e.desc)?;
+    crate::nodes::open(&daemon.nodes, disk, false).map_err(|e| e.to_string())?;
     let addr = match &args.socket {
         Some(path) => ListenAddr::Unix { path: path.clone() },
         None => ListenAddr::Tcp {
@@ -168,24 +168,25 @@ async fn set_up(daemon: &Arc<Daemon>, args: &ServeArgs) -> Result<Option<PidFile
             addr: addr.clone(),
             tls_creds: None,
             tls_authz: None,
-            tls: None,
             max_connections: args.shared,
             handshake_max: Some(Duration::from_secs(10)),
+            payload_budget: DEFAULT_PAYLOAD_BUDGET,
         })
-        .map_err(|e| e.desc)?;
+        .map_err(|e| e.to_string())?;
     let export = ExportConfig {
         id: "disk0".into(),
-        name: args.name.clone(),
-        description: args.description.clone(),
+        node_name: "disk0".into(),
         writable: !args.read_only,
         writethrough: false,
-        allocation_depth: false,
-        bitmaps: Vec::new(),
         iothread: None,
+        kind: ExportKindConfig::Nbd(NbdExportConfig {
+            name: args.name.clone(),
+            description: args.description.clone(),
+            allocation_depth: false,
+            bitmaps: Vec::new(),
+        }),
     };
-    daemon
-        .add_export_config(export, "disk0")
-        .map_err(|e| e.desc)?;
+    daemon.add_export(export).map_err(|e| e.to_string())?;
     if let Some(path) = &args.qmp {
         let chardev = ChardevConfig {
             id: "qmp0".into(),
@@ -196,7 +197,7 @@ async fn set_up(daemon: &Arc<Daemon>, args: &ServeArgs) -> Result<Option<PidFile
             .map_err(|e| e.desc)?;
     }
     let pidfile = args.pidfile.as_deref().map(PidFile::create).transpose()?;
-    let bound = daemon.state().nbd.as_ref().map(|s| s.bound_addr().clone());
+    let bound = daemon.nbd_server_addr();
     println!("{}", bound.unwrap_or(addr).uri(&args.name));
     Ok(pidfile)
 }

@@ -7,49 +7,13 @@ use qmp::visitor::InputMode;
 use qmp::QmpError;
 use serde_json::Value;
 
-use crate::cli::{self, CliOption, Invocation};
+use crate::cli::CliOption;
 use crate::daemon::Daemon;
 use crate::process::{self, Forked, PidFile, StartupNotifier};
 use crate::{commands, monitor, qapi};
 
 /// How long shutdown waits for in-flight requests before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Runs the program; returns the process exit code.
-pub fn main(args: &[String]) -> i32 {
-    init_tracing();
-    match cli::parse_args(args) {
-        Err(e) => {
-            eprintln!("bexd: {e}");
-            1
-        }
-        Ok(Invocation::Help) => {
-            print!("{}", cli::HELP);
-            0
-        }
-        Ok(Invocation::Version) => {
-            let (major, minor, micro) = crate::QEMU_VERSION;
-            println!(
-                "bexd version {} (qemu-storage-daemon {major}.{minor}.{micro} compatible)",
-                env!("CARGO_PKG_VERSION")
-            );
-            0
-        }
-        Ok(Invocation::Serve(rest)) => crate::serve::main(&rest),
-        Ok(Invocation::Qmp(rest)) => crate::shell::main(&rest),
-        Ok(Invocation::Backup(rest)) => crate::backup::main(&rest),
-        Ok(Invocation::Daemon(options)) => run_daemon(options),
-    }
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BEXD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-}
 
 /// Threads in the blocking pool, where driver calls that may wait for a
 /// device run (one per request in flight). tokio's default is 512; QEMU's
@@ -82,7 +46,9 @@ fn blocking_threads(env: Option<&str>) -> usize {
     }
 }
 
-fn run_daemon(options: Vec<CliOption>) -> i32 {
+/// The qemu-storage-daemon mode: applies the options in order, then serves
+/// until a signal or `quit`; returns the exit code.
+pub fn run(options: Vec<CliOption>) -> i32 {
     process::raise_fd_limit();
     let notifier = match options.contains(&CliOption::Daemonize) {
         false => None,
@@ -148,7 +114,7 @@ async fn apply_one(daemon: &Arc<Daemon>, option: &CliOption) -> Result<(), QmpEr
     match option {
         CliOption::Blockdev(s) => {
             let (value, mode) = option_value(s, Some("driver"))?;
-            crate::blockdev::add(daemon, value, mode).map(drop)
+            commands::blockdev_add(daemon, value, mode).map(drop)
         }
         CliOption::NbdServer(s) => {
             let (value, mode) = option_value(s, None)?;
@@ -162,28 +128,20 @@ async fn apply_one(daemon: &Arc<Daemon>, option: &CliOption) -> Result<(), QmpEr
             let value = qmp::keyval::parse_keyval(s, Some("backend"))
                 .map_err(|e| QmpError::generic(e.to_string()))?;
             let chardev = qapi::chardev_config(value)?;
-            let mut state = daemon.state();
-            if state.chardevs.contains_key(&chardev.id) {
-                return Err(QmpError::generic(format!(
-                    "attempt to add duplicate property '{}' to object (type 'container')",
-                    chardev.id
-                )));
-            }
-            state.chardevs.insert(chardev.id.clone(), chardev);
-            Ok(())
+            Ok(daemon.add_chardev(chardev)?)
         }
         CliOption::Monitor(s) => {
             let (value, mode) = option_value(s, Some("chardev"))?;
             let chardev_id = qapi::monitor_chardev(value, mode)?;
-            let chardev = daemon.state().chardevs.get(&chardev_id).cloned();
-            let chardev = chardev
+            let chardev = daemon
+                .chardev(&chardev_id)
                 .ok_or_else(|| QmpError::generic(format!("chardev \"{chardev_id}\" not found")))?;
             monitor::start_monitor(daemon, &chardev).await
         }
         CliOption::Object(s) => {
             let (value, mode) = option_value(s, Some("qom-type"))?;
             let (id, object) = crate::objects::create(value, mode)?;
-            daemon.add_object(id, object)
+            Ok(daemon.add_object(id, object)?)
         }
         CliOption::Pidfile(_) | CliOption::Daemonize | CliOption::Trace(_) => Ok(()),
     }
@@ -270,13 +228,7 @@ pub async fn shut_down(daemon: &Arc<Daemon>) {
     {
         tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}");
     }
-    daemon.remove_all_exports();
-    daemon.flush_all().await;
-    daemon.close_all().await;
-    let server = daemon.state().nbd.take();
-    if let Some(server) = server {
-        server.stop();
-    }
+    daemon.wind_down().await;
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 
 use super::{ok, Args};
 use crate::daemon::Daemon;
+use crate::nodes::bitmaps::{check_usable, find_on, Use};
 
 /// QEMU's limit on bitmap names (BDRV_BITMAP_MAX_NAME_SIZE).
 const MAX_NAME: usize = 1023;
@@ -144,7 +145,7 @@ fn add(daemon: &Daemon, a: &BlockDirtyBitmapAdd) -> Result<Arc<BlockNode>, QmpEr
     if a.name.is_empty() {
         return Err(QmpError::generic("Bitmap name cannot be empty"));
     }
-    let node = daemon.find_node(&a.node).ok_or_else(|| {
+    let node = daemon.nodes.find(&a.node).ok_or_else(|| {
         QmpError::generic(format!(
             "Cannot find device='{0}' nor node-name='{0}'",
             a.node
@@ -203,60 +204,12 @@ fn add(daemon: &Daemon, a: &BlockDirtyBitmapAdd) -> Result<Arc<BlockNode>, QmpEr
     Ok(node)
 }
 
-/// QEMU's block_dirty_bitmap_lookup: the node, then the bitmap on it.
-pub fn lookup(
+/// QEMU's block_dirty_bitmap_lookup on the daemon's nodes.
+fn lookup(
     daemon: &Daemon,
     r: &BlockDirtyBitmap,
 ) -> Result<(Arc<BlockNode>, Arc<DirtyBitmap>), QmpError> {
-    let node = daemon
-        .find_node(&r.node)
-        .ok_or_else(|| QmpError::generic(format!("Node '{}' not found", r.node)))?;
-    let bitmap = find_on(&node, &r.name)?;
-    Ok((node, bitmap))
-}
-
-fn find_on(node: &BlockNode, name: &str) -> Result<Arc<DirtyBitmap>, QmpError> {
-    node.bitmaps()
-        .find(name)
-        .ok_or_else(|| QmpError::generic(format!("Dirty bitmap '{name}' not found")))
-}
-
-/// What a command may do to a bitmap; QEMU's BDRV_BITMAP_* check flags.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Use {
-    /// Change its bits (clear, merge target): not busy, readonly or inconsistent.
-    Modify,
-    /// Read it or switch recording (export, merge source, enable, disable):
-    /// a readonly bitmap is fine.
-    Read,
-    /// Remove it: an inconsistent bitmap may be removed, that is all it is good for.
-    Remove,
-}
-
-/// QEMU's bdrv_dirty_bitmap_check: busy first, then readonly, then inconsistent.
-pub fn check_usable(b: &DirtyBitmap, usage: Use) -> Result<(), QmpError> {
-    if b.busy() {
-        return Err(busy(b.name()));
-    }
-    if b.is_readonly() && usage != Use::Read {
-        return Err(QmpError::generic(format!(
-            "Bitmap '{}' is readonly and cannot be modified",
-            b.name()
-        )));
-    }
-    if b.is_inconsistent() && usage != Use::Remove {
-        return Err(QmpError::generic(format!(
-            "Bitmap '{}' is inconsistent and cannot be used",
-            b.name()
-        )));
-    }
-    Ok(())
-}
-
-pub fn busy(name: &str) -> QmpError {
-    QmpError::generic(format!(
-        "Bitmap '{name}' is currently in use by another operation and cannot be used"
-    ))
+    crate::nodes::bitmaps::lookup(&daemon.nodes, &r.node, &r.name)
 }
 
 fn set_enabled(

@@ -8,7 +8,7 @@ use crate::daemon::Daemon;
 
 fn daemon() -> Arc<Daemon> {
     let d = Daemon::new();
-    crate::blockdev::add(
+    crate::commands::blockdev_add(
         &d,
         json!({"driver": "null-co", "node-name": "n0", "size": 1048576}),
         InputMode::Json,
@@ -26,7 +26,7 @@ fn call(d: &Daemon, name: &str, args: Value) -> Result<Value, QmpError> {
 }
 
 fn bitmap(d: &Daemon, name: &str) -> Option<Arc<DirtyBitmap>> {
-    d.find_node("n0")?.bitmaps().find(name)
+    d.nodes.find("n0")?.bitmaps().find(name)
 }
 
 fn act(kind: &str, data: Value) -> Value {
@@ -121,7 +121,7 @@ fn test_busy_bitmap_refuses_changes() {
 #[test]
 fn test_query_shows_qemu_members_only_when_there_are_bitmaps() {
     let d = daemon();
-    let node = d.find_node("n0").unwrap();
+    let node = d.nodes.find("n0").unwrap();
     assert_eq!(query(&node), None);
     call(
         &d,

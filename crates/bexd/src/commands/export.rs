@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use super::{ok, Args};
 use crate::daemon::Daemon;
+use crate::error::{NodeError, ServerError};
 use crate::qapi;
 
 /// `nbd-server-start` (legacy address form) and `--nbd-server` (flat form).
@@ -19,11 +20,13 @@ pub fn nbd_server_start(
     mode: InputMode,
 ) -> Result<Value, QmpError> {
     let config = qapi::nbd_server_config(value, legacy, mode)?;
-    daemon.start_nbd_server(config).map(|()| ok())
+    daemon.start_nbd_server(config)?;
+    Ok(ok())
 }
 
 pub fn nbd_server_stop(daemon: &Arc<Daemon>) -> Result<Value, QmpError> {
-    daemon.stop_nbd_server().map(|()| ok())
+    daemon.stop_nbd_server()?;
+    Ok(ok())
 }
 
 pub fn block_export_add(
@@ -31,32 +34,35 @@ pub fn block_export_add(
     value: Value,
     mode: InputMode,
 ) -> Result<Value, QmpError> {
-    let (config, node_name) = qapi::export_config(value, mode)?;
-    daemon.add_export_config(config, &node_name).map(|()| ok())
+    let config = qapi::export_config(value, mode)?;
+    daemon.add_export(config)?;
+    Ok(ok())
 }
 
 pub fn block_export_del(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
     let (id, mode) = qapi::export_removal(Value::Object(args), "id")?;
-    daemon.remove_export(&id, mode).map(|()| ok())
+    daemon.remove_export(&id, mode)?;
+    Ok(ok())
 }
 
 /// Deprecated: the export's id is its name, which defaults to the device.
 pub fn nbd_server_add(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
-    let (config, device) = qapi::nbd_server_add_config(Value::Object(args))?;
+    let config = qapi::nbd_server_add_config(Value::Object(args))?;
+    let device = &config.node_name;
     // `device` may name a device or a node; bexd has only nodes, but the text is QEMU's.
-    if daemon.state().nbd.is_some() && daemon.find_node(&device).is_none() {
-        return Err(QmpError::generic(format!(
-            "Cannot find device='{device}' nor node-name='{device}'"
-        )));
+    if daemon.nbd_server_running() && daemon.nodes.find(device).is_none() {
+        return Err(NodeError::NoSuchNode(device.clone()).into());
     }
-    daemon.add_export_config(config, &device).map(|()| ok())
+    daemon.add_export(config)?;
+    Ok(ok())
 }
 
 /// Deprecated: `name` is looked up as an export id, as QEMU does.
 pub fn nbd_server_remove(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
     let (id, mode) = qapi::export_removal(Value::Object(args), "name")?;
-    if daemon.state().nbd.is_none() {
-        return Err(QmpError::generic("NBD server not running"));
+    if !daemon.nbd_server_running() {
+        return Err(ServerError::NotRunning.into());
     }
-    daemon.remove_export(&id, mode).map(|()| ok())
+    daemon.remove_export(&id, mode)?;
+    Ok(ok())
 }

@@ -7,6 +7,7 @@ mod export;
 mod introspection;
 mod query;
 
+pub use blockdev::add as blockdev_add;
 pub use export::{block_export_add, nbd_server_start};
 
 use std::sync::Arc;
@@ -63,11 +64,9 @@ pub async fn dispatch(daemon: &Arc<Daemon>, name: &str, args: Args) -> Result<Va
         "blockdev-del" => blockdev::del(daemon, args),
         "query-named-block-nodes" => query::named_block_nodes(daemon, args),
         "object-add" => crate::objects::create(Value::Object(args), json)
-            .and_then(|(id, object)| daemon.add_object(id, object))
-            .map(|()| ok()),
+            .and_then(|(id, object)| Ok(daemon.add_object(id, object).map(|()| ok())?)),
         "object-del" => crate::qapi::object_id_arg(Value::Object(args))
-            .and_then(|id| daemon.delete_object(&id))
-            .map(|()| ok()),
+            .and_then(|id| Ok(daemon.delete_object(&id).map(|()| ok())?)),
         "nbd-server-start" => export::nbd_server_start(daemon, Value::Object(args), true, json),
         "nbd-server-stop" => no_args(name, args).and_then(|()| export::nbd_server_stop(daemon)),
         "nbd-server-add" => export::nbd_server_add(daemon, args),

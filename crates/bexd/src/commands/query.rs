@@ -27,21 +27,15 @@ pub fn commands() -> Value {
 
 /// Newest first, as QEMU lists them; exports still shutting down included.
 pub fn block_exports(daemon: &Daemon) -> Value {
-    let state = daemon.state();
-    let list = state
-        .exports
-        .iter()
-        .rev()
-        .map(|e| {
-            json!({
-                "id": e.id(),
-                "type": "nbd",
-                "node-name": e.node.node_name(),
-                "shutting-down": e.is_shutting_down(),
-            })
-        })
-        .collect();
-    Value::Array(list)
+    Value::Array(
+        daemon
+            .exports
+            .all()
+            .iter()
+            .rev()
+            .map(|e| e.query())
+            .collect(),
+    )
 }
 
 /// The subset of QEMU's BlockDeviceInfo that describes bexd's nodes.
@@ -57,18 +51,17 @@ pub fn named_block_nodes(daemon: &Arc<Daemon>, mut args: Args) -> Result<Value, 
         }
     };
     no_args("query-named-block-nodes", args)?;
-    let state = daemon.state();
-    let list = state
-        .nodes
+    let nodes = daemon.nodes.lock();
+    let list = nodes
         .iter()
-        .map(|(name, entry)| node_info(&state.nodes, name, entry, flat))
+        .map(|(name, entry)| node_info(&nodes, name, entry, flat))
         .collect();
     Ok(Value::Array(list))
 }
 
-type Nodes = std::collections::BTreeMap<String, crate::daemon::NodeEntry>;
+use crate::nodes::{NodeEntry, Nodes};
 
-fn node_info(nodes: &Nodes, name: &str, entry: &crate::daemon::NodeEntry, flat: bool) -> Value {
+fn node_info(nodes: &Nodes, name: &str, entry: &NodeEntry, flat: bool) -> Value {
     let node = &entry.node;
     let caps = node.capabilities();
     let mut info = json!({
@@ -102,7 +95,7 @@ fn node_info(nodes: &Nodes, name: &str, entry: &crate::daemon::NodeEntry, flat: 
 }
 
 /// How many backing layers lie below a node (QEMU's backing_file_depth).
-fn backing_depth(nodes: &Nodes, entry: &crate::daemon::NodeEntry) -> u64 {
+fn backing_depth(nodes: &Nodes, entry: &NodeEntry) -> u64 {
     let mut depth = 0;
     let mut cur = entry;
     while let Some(next) = cur
@@ -156,7 +149,7 @@ fn qcow2_specific(q: &block::drivers::qcow2::Qcow2Info, stored: &[block::StoredB
 
 /// QEMU's ImageInfo: for qcow2 with format-specific data and, unless
 /// `flat`, the backing image nested.
-fn image_info(nodes: &Nodes, entry: &crate::daemon::NodeEntry, flat: bool) -> Value {
+fn image_info(nodes: &Nodes, entry: &NodeEntry, flat: bool) -> Value {
     let node = &entry.node;
     let mut image = json!({
         "filename": entry.filename,

@@ -25,8 +25,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Budget units, as in the per-connection budget.
 const UNIT: u64 = 4096;
-/// The default budget: 1 GiB across all connections.
-const DEFAULT_BYTES: u64 = 1 << 30;
 /// Free for a connection with nothing else in flight.
 pub const RESERVE: u64 = 2 << 20;
 
@@ -46,11 +44,12 @@ impl SharedBudget {
         })
     }
 
-    /// The budget `BEXD_NBD_PAYLOAD_BUDGET_MIB` sets (a positive number of
-    /// MiB), else 1 GiB.
-    pub fn from_env() -> Arc<Self> {
+    /// The budget the server was started with (`x-payload-budget`, 1 GiB by
+    /// default), unless `BEXD_NBD_PAYLOAD_BUDGET_MIB` (a positive number of
+    /// MiB) overrides it, as documented for tests and emergencies.
+    pub fn for_server(configured: u64) -> Arc<Self> {
         let env = std::env::var("BEXD_NBD_PAYLOAD_BUDGET_MIB").ok();
-        Self::new(budget_bytes(env.as_deref()))
+        Self::new(budget_bytes(env.as_deref(), configured))
     }
 
     /// Waits for the units a request with `len` payload bytes costs; `alone`
@@ -81,27 +80,31 @@ impl SharedBudget {
     }
 }
 
-fn budget_bytes(env: Option<&str>) -> u64 {
+fn budget_bytes(env: Option<&str>, configured: u64) -> u64 {
     match env.map(|v| v.trim().parse::<u64>()) {
         Some(Ok(mib)) if mib > 0 => mib.saturating_mul(1 << 20),
         Some(_) => {
-            tracing::warn!("BEXD_NBD_PAYLOAD_BUDGET_MIB must be a positive number; using 1024");
-            DEFAULT_BYTES
+            tracing::warn!(
+                configured,
+                "BEXD_NBD_PAYLOAD_BUDGET_MIB must be a positive number; ignored"
+            );
+            configured
         }
-        None => DEFAULT_BYTES,
+        None => configured,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DEFAULT_PAYLOAD_BUDGET as DEFAULT_BYTES;
 
     #[test]
     fn test_budget_bytes_when_unset_is_1_gib() {
-        assert_eq!(budget_bytes(None), 1 << 30);
-        assert_eq!(budget_bytes(Some("0")), 1 << 30);
-        assert_eq!(budget_bytes(Some("lots")), 1 << 30);
-        assert_eq!(budget_bytes(Some("64")), 64 << 20);
+        assert_eq!(budget_bytes(None, DEFAULT_BYTES), 1 << 30);
+        assert_eq!(budget_bytes(Some("0"), DEFAULT_BYTES), 1 << 30);
+        assert_eq!(budget_bytes(Some("lots"), DEFAULT_BYTES), 1 << 30);
+        assert_eq!(budget_bytes(Some("64"), DEFAULT_BYTES), 64 << 20);
     }
 
     #[tokio::test]

@@ -1,47 +1,34 @@
 //! One client connection: drives the sans-IO handshake over the socket, then
 //! hands the negotiated session to the transmission phase.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use nbd::export::{ExportCatalog, ExportInfo};
 use nbd::handshake::{HandshakeConfig, HandshakeStatus, Negotiated, ServerHandshake, TlsMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
-use super::budget::SharedBudget;
-use super::NbdServerConfig;
-use super::{tls, transmission};
-use crate::daemon::Daemon;
-use crate::export::ExportClient;
+use super::{tls, transmission, ServerContext, Settings};
+use crate::exports::nbd::NbdExport;
+use crate::exports::ExportClient;
+use crate::net::ClientStream;
 use crate::tls::TlsIo;
 
-/// An accepted client socket.
-#[derive(Debug)]
-pub enum ClientStream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
 /// Serves one client from greeting to close. `_slot` holds a max-connections
-/// slot for as long as the connection lives; `budget` is the server's.
+/// slot for as long as the connection lives.
 pub async fn run(
     stream: ClientStream,
-    daemon: Weak<Daemon>,
-    config: NbdServerConfig,
+    settings: Arc<Settings>,
     cancel: CancellationToken,
     _slot: Option<OwnedSemaphorePermit>,
-    budget: Arc<SharedBudget>,
 ) {
-    let Some(d) = daemon.upgrade() else { return };
-    let shutdown = d.shutdown.clone();
-    drop(d);
+    let shutdown = settings.ctx.shutdown.clone();
     // The limit covers the whole handshake, TLS included: a client that stalls
     // in the middle of a TLS handshake is dropped like any other.
-    let handshake = handshake(stream, &daemon, &config);
+    let handshake = handshake(stream, &settings);
     let limited = async {
-        match config.handshake_max {
+        match settings.config.handshake_max {
             Some(limit) => tokio::time::timeout(limit, handshake)
                 .await
                 .unwrap_or_else(|_| Err("handshake timed out".into())),
@@ -62,7 +49,7 @@ pub async fn run(
         }
     };
     let stop = client.export().kicked();
-    let session = transmission::Session::new(negotiated, client, leftover, budget);
+    let session = transmission::Session::new(negotiated, client, leftover, settings.budget.clone());
     match transport {
         Transport::Plain(ClientStream::Tcp(s)) => {
             let (r, w) = s.into_split();
@@ -88,27 +75,24 @@ enum Transport {
 
 /// The whole handshake: plaintext options, and with tls-creds the TLS upgrade
 /// and the options after it. `Ok(None)`: the client left cleanly.
-async fn handshake(
-    mut stream: ClientStream,
-    daemon: &Weak<Daemon>,
-    config: &NbdServerConfig,
-) -> HandshakeResult {
-    let multi_conn = config.max_connections != 1;
-    let tls = match config.tls {
+async fn handshake(mut stream: ClientStream, settings: &Settings) -> HandshakeResult {
+    let ctx = &settings.ctx;
+    let multi_conn = settings.config.max_connections != 1;
+    let tls = match settings.tls {
         Some(_) => TlsMode::Required,
         None => TlsMode::None,
     };
     let mut hs = ServerHandshake::new(HandshakeConfig { tls });
     let step = match &mut stream {
-        ClientStream::Tcp(s) => negotiate(s, &mut hs, daemon, multi_conn).await?,
-        ClientStream::Unix(s) => negotiate(s, &mut hs, daemon, multi_conn).await?,
+        ClientStream::Tcp(s) => negotiate(s, &mut hs, ctx, multi_conn).await?,
+        ClientStream::Unix(s) => negotiate(s, &mut hs, ctx, multi_conn).await?,
     };
     let creds = match step {
         Step::Done(n, leftover, client) => {
             return Ok(Some((n, leftover, Transport::Plain(stream), client)))
         }
         Step::Closed => return Ok(None),
-        Step::StartTls => config
+        Step::StartTls => settings
             .tls
             .as_ref()
             .ok_or("STARTTLS without TLS configured")?,
@@ -117,41 +101,48 @@ async fn handshake(
     if !hs.take_leftover().is_empty() {
         return Err("client sent data before the STARTTLS reply".into());
     }
-    let authz = config.tls_authz.as_deref();
+    let authz = settings.config.tls_authz.as_deref();
     let mut io = match stream {
-        ClientStream::Tcp(s) => tls::upgrade(s, creds, authz, daemon).await?,
-        ClientStream::Unix(s) => tls::upgrade(s, creds, authz, daemon).await?,
+        ClientStream::Tcp(s) => tls::upgrade(s, creds, authz, &ctx.objects).await?,
+        ClientStream::Unix(s) => tls::upgrade(s, creds, authz, &ctx.objects).await?,
     };
     hs.tls_established();
-    match negotiate(&mut io, &mut hs, daemon, multi_conn).await? {
+    match negotiate(&mut io, &mut hs, ctx, multi_conn).await? {
         Step::Done(n, leftover, client) => Ok(Some((n, leftover, Transport::Tls(io), client))),
         Step::Closed => Ok(None),
         Step::StartTls => Err("STARTTLS inside TLS".into()),
     }
 }
 
-/// The daemon's exports as the handshake sees them.
+/// The NBD exports of the table, as the handshake sees them.
 struct Catalog<'a> {
-    daemon: &'a Daemon,
+    ctx: &'a ServerContext,
     multi_conn: bool,
 }
 
 impl ExportCatalog for Catalog<'_> {
     fn list(&self) -> Vec<(String, Option<String>)> {
-        self.daemon
-            .visible_exports()
+        self.ctx
+            .exports
+            .visible()
             .iter()
-            .map(|e| (e.name().to_string(), e.config.description.clone()))
+            .filter_map(|e| e.kind_as::<NbdExport>())
+            .map(|n| (n.name.clone(), n.description.clone()))
             .collect()
     }
 
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        self.daemon
-            .visible_exports()
-            .iter()
-            .find(|e| e.name() == name)
-            .map(|e| e.info(self.multi_conn))
+        self.ctx.exports.visible().iter().find_map(|e| {
+            let nbd = e.kind_as::<NbdExport>().filter(|n| n.name == name)?;
+            Some(nbd.info(e, self.multi_conn))
+        })
     }
+}
+
+/// Attaches a client to the visible NBD export called `name`.
+fn attach(ctx: &ServerContext, name: &str) -> Option<ExportClient> {
+    ctx.exports
+        .attach(|e| e.kind_as::<NbdExport>().is_some_and(|n| n.name == name))
 }
 
 type HandshakeResult = Result<Option<(Negotiated, Vec<u8>, Transport, ExportClient)>, String>;
@@ -168,7 +159,7 @@ enum Step {
 async fn negotiate<S>(
     stream: &mut S,
     hs: &mut ServerHandshake,
-    daemon: &Weak<Daemon>,
+    ctx: &ServerContext,
     multi_conn: bool,
 ) -> Result<Step, String>
 where
@@ -177,27 +168,16 @@ where
     // Filled by `read_buf` into spare capacity: no memset per connection.
     let mut buf = Vec::with_capacity(16 * 1024);
     loop {
-        let status = {
-            let Some(d) = daemon.upgrade() else {
-                return Ok(Step::Closed);
-            };
-            let catalog = Catalog {
-                daemon: &d,
-                multi_conn,
-            };
-            hs.advance(&catalog).map_err(|e| e.to_string())
-        };
+        let catalog = Catalog { ctx, multi_conn };
+        let status = hs.advance(&catalog).map_err(|e| e.to_string());
         // The client is attached before it reads the reply that ends its
         // handshake: once it has that reply it counts as connected (a safe
         // block-export-del is refused), and an export removed in between is
         // never entered.
         let client = match &status {
-            Ok(HandshakeStatus::Done(n)) => Some(
-                daemon
-                    .upgrade()
-                    .and_then(|d| d.attach_client(&n.export.name))
-                    .ok_or("export removed during the handshake")?,
-            ),
+            Ok(HandshakeStatus::Done(n)) => {
+                Some(attach(ctx, &n.export.name).ok_or("export removed during the handshake")?)
+            }
             _ => None,
         };
         let out = hs.take_output();

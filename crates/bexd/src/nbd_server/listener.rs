@@ -5,65 +5,37 @@
 //! a slot frees.
 
 use std::os::fd::FromRawFd;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
-use qmp::QmpError;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::budget::SharedBudget;
-use super::conn::{self, ClientStream};
-use super::{ListenAddr, NbdServerConfig};
-use crate::daemon::Daemon;
+use super::{conn, Settings};
+use crate::config::ListenAddr;
+use crate::error::ServerError;
+use crate::net::Listener;
 
-/// A bound listening socket of either family.
-#[derive(Debug)]
-pub enum Listener {
-    Tcp(TcpListener),
-    Unix(UnixListener),
-}
-
-impl Listener {
-    /// The address really bound: resolves a requested TCP port 0.
-    pub fn local_addr(&self, requested: &ListenAddr) -> ListenAddr {
-        match (self, requested) {
-            (Self::Tcp(l), ListenAddr::Tcp { host, .. }) => match l.local_addr() {
-                Ok(a) => ListenAddr::Tcp {
-                    host: host.clone(),
-                    port: a.port().to_string(),
-                },
-                Err(_) => requested.clone(),
-            },
-            _ => requested.clone(),
-        }
-    }
-
-    pub async fn accept(&self) -> std::io::Result<ClientStream> {
-        match self {
-            Self::Tcp(l) => {
-                let (s, _) = l.accept().await?;
-                // Small replies (write acks) must not wait for Nagle.
-                s.set_nodelay(true)?;
-                Ok(ClientStream::Tcp(s))
-            }
-            Self::Unix(l) => {
-                let (s, _) = l.accept().await?;
-                Ok(ClientStream::Unix(s))
-            }
-        }
+/// The address really bound: resolves a requested TCP port 0.
+pub fn local_addr(listener: &Listener, requested: &ListenAddr) -> ListenAddr {
+    match (listener.tcp_port(), requested) {
+        (Some(port), ListenAddr::Tcp { host, .. }) => ListenAddr::Tcp {
+            host: host.clone(),
+            port: port.to_string(),
+        },
+        _ => requested.clone(),
     }
 }
 
 /// Binds the address. QEMU replaces a stale unix socket file, and so do we.
-pub fn bind(addr: &ListenAddr) -> Result<Listener, QmpError> {
+pub fn bind(addr: &ListenAddr) -> Result<Listener, ServerError> {
     match addr {
         ListenAddr::Tcp { host, port } => bind_tcp(host, port),
         ListenAddr::Unix { path } => {
             let _ = std::fs::remove_file(path);
             let l = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
-                QmpError::generic(format!(
+                ServerError::Listen(format!(
                     "Failed to bind socket to {}: {}",
                     path.display(),
                     crate::util::strerror(&e)
@@ -80,16 +52,16 @@ pub fn bind(addr: &ListenAddr) -> Result<Listener, QmpError> {
     }
 }
 
-fn bind_tcp(host: &str, port: &str) -> Result<Listener, QmpError> {
+fn bind_tcp(host: &str, port: &str) -> Result<Listener, ServerError> {
     let port_num: u16 = port
         .parse()
-        .map_err(|_| QmpError::generic(format!("Failed to parse port '{port}'")))?;
+        .map_err(|_| ServerError::Listen(format!("Failed to parse port '{port}'")))?;
     let host = match host {
         "" => "0.0.0.0",
         h => h.trim_start_matches('[').trim_end_matches(']'),
     };
     let l = std::net::TcpListener::bind((host, port_num)).map_err(|e| {
-        QmpError::generic(format!(
+        ServerError::Listen(format!(
             "Failed to bind socket: {}",
             crate::util::strerror(&e)
         ))
@@ -97,31 +69,23 @@ fn bind_tcp(host: &str, port: &str) -> Result<Listener, QmpError> {
     l.set_nonblocking(true)
         .and_then(|()| TcpListener::from_std(l))
         .map(Listener::Tcp)
-        .map_err(|e| QmpError::generic(format!("Failed to listen: {e}")))
+        .map_err(|e| ServerError::Listen(format!("Failed to listen: {e}")))
 }
 
-fn from_std_unix(l: std::os::unix::net::UnixListener) -> Result<Listener, QmpError> {
+fn from_std_unix(l: std::os::unix::net::UnixListener) -> Result<Listener, ServerError> {
     l.set_nonblocking(true)
         .and_then(|()| UnixListener::from_std(l))
         .map(Listener::Unix)
-        .map_err(|e| QmpError::generic(format!("Failed to listen: {e}")))
+        .map_err(|e| ServerError::Listen(format!("Failed to listen: {e}")))
 }
 
 /// Accepts clients until the server is stopped or the daemon shuts down.
-pub async fn accept_loop(
-    listener: Listener,
-    daemon: Weak<Daemon>,
-    config: NbdServerConfig,
-    cancel: CancellationToken,
-    budget: Arc<SharedBudget>,
-) {
-    let slots = match config.max_connections {
+pub async fn accept_loop(listener: Listener, settings: Arc<Settings>, cancel: CancellationToken) {
+    let slots = match settings.config.max_connections {
         0 => None,
         n => Some(Arc::new(Semaphore::new(n as usize))),
     };
-    let Some(shutdown) = daemon.upgrade().map(|d| d.shutdown.clone()) else {
-        return;
-    };
+    let shutdown = settings.ctx.shutdown.clone();
     loop {
         let permit = match &slots {
             None => None,
@@ -145,16 +109,11 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let Some(d) = daemon.upgrade() else { break };
         let conn_cancel = cancel.child_token();
-        d.tasks.spawn(conn::run(
-            stream,
-            daemon.clone(),
-            config.clone(),
-            conn_cancel,
-            permit,
-            budget.clone(),
-        ));
+        settings
+            .ctx
+            .tasks
+            .spawn(conn::run(stream, settings.clone(), conn_cancel, permit));
     }
     tracing::debug!("NBD listener closed");
 }

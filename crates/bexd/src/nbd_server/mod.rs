@@ -22,65 +22,41 @@ mod splice;
 mod tls;
 mod transmission;
 
-pub(crate) use conn::ClientStream;
-pub(crate) use listener::Listener;
+use std::sync::Arc;
 
-use std::path::PathBuf;
-use std::sync::{Arc, Weak};
-use std::time::Duration;
-
-use qmp::QmpError;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::daemon::Daemon;
+use crate::config::{ListenAddr, NbdServerConfig};
+use crate::error::ServerError;
+use crate::exports::ExportTable;
+use crate::objects::ObjectTable;
 use crate::tls::TlsCreds;
 
-/// Where the server listens.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ListenAddr {
-    Tcp {
-        host: String,
-        port: String,
-    },
-    Unix {
-        path: PathBuf,
-    },
-    /// An already listening socket passed in by file descriptor number.
-    Fd {
-        fd: i32,
-    },
-}
-
-impl ListenAddr {
-    /// The address in NBD URI form, for messages (`bexd serve` prints it).
-    pub fn uri(&self, export_name: &str) -> String {
-        match self {
-            Self::Tcp { host, port } if host.contains(':') => {
-                format!("nbd://[{host}]:{port}/{export_name}")
-            }
-            Self::Tcp { host, port } => format!("nbd://{host}:{port}/{export_name}"),
-            Self::Unix { path } => {
-                format!("nbd+unix:///{export_name}?socket={}", path.display())
-            }
-            Self::Fd { fd } => format!("fd:{fd}"),
-        }
-    }
-}
-
-/// `nbd-server-start` / `--nbd-server` options, resolved.
+/// What the NBD server needs of the rest of the daemon, and nothing more:
+/// it never sees the daemon itself.
 #[derive(Clone, Debug)]
-pub struct NbdServerConfig {
-    pub addr: ListenAddr,
-    pub tls_creds: Option<String>,
-    /// The `tls-creds` object, resolved when the server starts (QEMU keeps a
+pub struct ServerContext {
+    /// Where a client's export is found (by NBD name) and attached.
+    pub exports: Arc<ExportTable>,
+    /// Where `tls-authz` objects are looked up, at each connection.
+    pub objects: Arc<ObjectTable>,
+    /// The daemon's shutdown: listeners close, connections finish in-flight requests.
+    pub shutdown: CancellationToken,
+    /// Connection tasks, awaited at shutdown.
+    pub tasks: TaskTracker,
+}
+
+/// One running server's settings, shared by its listener and its connections.
+#[derive(Debug)]
+struct Settings {
+    config: NbdServerConfig,
+    /// The `tls-creds` object, resolved when the server started (QEMU keeps a
     /// reference too, so a later object-del does not affect the server).
-    pub tls: Option<Arc<TlsCreds>>,
-    /// Looked up at each connection; a missing object denies.
-    pub tls_authz: Option<String>,
-    /// 0 means unlimited. QEMU's default is 100.
-    pub max_connections: u32,
-    /// Clients that have not finished the handshake by then are dropped; `None` = no limit.
-    pub handshake_max: Option<Duration>,
+    tls: Option<Arc<TlsCreds>>,
+    ctx: ServerContext,
+    /// The server-wide budget of pinned request bytes.
+    budget: Arc<budget::SharedBudget>,
 }
 
 /// A running server. Dropping it does not stop it: call [`NbdServer::stop`].
@@ -93,24 +69,27 @@ pub struct NbdServer {
 }
 
 impl NbdServer {
-    /// Binds the listening socket now (so errors reach the caller) and starts accepting.
-    pub fn start(config: NbdServerConfig, daemon: Weak<Daemon>) -> Result<Self, QmpError> {
-        if config.tls_creds.is_some() && config.tls.is_none() {
-            return Err(QmpError::generic("tls-creds were not resolved"));
+    /// Binds the listening socket now (so errors reach the caller) and starts
+    /// accepting; `tls` is the resolved `tls-creds` object, if the config names one.
+    pub fn start(
+        config: NbdServerConfig,
+        tls: Option<Arc<TlsCreds>>,
+        ctx: ServerContext,
+    ) -> Result<Self, ServerError> {
+        if config.tls_creds.is_some() != tls.is_some() {
+            return Err(ServerError::Listen("tls-creds were not resolved".into()));
         }
         let listener = listener::bind(&config.addr)?;
-        let bound = listener.local_addr(&config.addr);
+        let bound = listener::local_addr(&listener, &config.addr);
         let cancel = CancellationToken::new();
-        let Some(strong) = daemon.upgrade() else {
-            return Err(QmpError::generic("daemon is shutting down"));
-        };
-        strong.tasks.spawn(listener::accept_loop(
-            listener,
-            daemon,
-            config.clone(),
-            cancel.clone(),
-            budget::SharedBudget::from_env(),
-        ));
+        let settings = Arc::new(Settings {
+            budget: budget::SharedBudget::for_server(config.payload_budget),
+            config: config.clone(),
+            tls,
+            ctx: ctx.clone(),
+        });
+        ctx.tasks
+            .spawn(listener::accept_loop(listener, settings, cancel.clone()));
         tracing::info!(addr = ?bound, "NBD server listening");
         Ok(Self {
             config,

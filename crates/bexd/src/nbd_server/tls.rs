@@ -4,11 +4,9 @@
 //! a denied client gets no NBD reply: the TLS session is closed and the
 //! connection dropped, and the log names the identity that was refused.
 
-use std::sync::Weak;
-
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::daemon::Daemon;
+use crate::objects::ObjectTable;
 use crate::tls::{PeerIdentity, TlsCreds, TlsIo};
 
 /// Upgrades `stream`; `Err` is the reason the client was dropped (for the log).
@@ -16,7 +14,7 @@ pub async fn upgrade<S>(
     stream: S,
     creds: &TlsCreds,
     authz: Option<&str>,
-    daemon: &Weak<Daemon>,
+    objects: &ObjectTable,
 ) -> Result<Box<dyn TlsIo>, String>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -30,9 +28,9 @@ where
         return Ok(io);
     };
     let allowed = match &identity {
-        PeerIdentity::X509Dn(name) | PeerIdentity::PskUsername(name) => daemon
-            .upgrade()
-            .is_some_and(|d| d.authorize(authz_id, name)),
+        PeerIdentity::X509Dn(name) | PeerIdentity::PskUsername(name) => {
+            objects.authorize(authz_id, name)
+        }
         // verify-peer=off proves nothing about the client: deny rather than
         // authorize an unverified name.
         PeerIdentity::Anonymous => false,

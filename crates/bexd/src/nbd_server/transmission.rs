@@ -42,7 +42,8 @@ use super::input::Input;
 use super::reply::{write_batch, Data, Permits, Reply};
 use super::sink::ReplyWriter;
 use super::splice::{splice_payload, Pipe, RequestReader};
-use crate::export::ExportClient;
+use crate::exports::nbd::NbdExport;
+use crate::exports::ExportClient;
 
 /// Budget units: one per request plus one per 4 KiB it pins (see `pinned_bytes`).
 const BUDGET_UNIT: u64 = 4096;
@@ -149,7 +150,7 @@ impl Session {
         // request task has sent its reply, or when the client stops taking them.
         reader_done.cancel();
         let _ = writer_task.await;
-        tracing::debug!(export = %self.ctx.client.export().name(), "NBD connection closed");
+        tracing::debug!(export = %self.ctx.client.export().id(), "NBD connection closed");
     }
 }
 
@@ -601,10 +602,12 @@ async fn block_status(ctx: &Context, req: &RequestHeader) -> Reply {
         let extents = match context {
             MetaContext::BaseAllocation => allocation_extents(&ctx.node, offset, len, max).await,
             MetaContext::AllocationDepth => depth_extents(&ctx.node, offset, len, max).await,
-            MetaContext::DirtyBitmap(name) => Ok(match ctx.client.export().bitmap(name) {
-                Some(b) => crate::export_bitmaps::extents(b, offset, req.length, max),
-                None => vec![(req.length, nbd::reply::dirty_status(false))],
-            }),
+            MetaContext::DirtyBitmap(name) => {
+                Ok(match exported_bitmap(ctx.client.export(), name) {
+                    Some(b) => crate::exports::bitmaps::extents(b, offset, req.length, max),
+                    None => vec![(req.length, nbd::reply::dirty_status(false))],
+                })
+            }
         };
         match extents {
             Ok(extents) => plan.push(*id, &extents),
@@ -612,6 +615,14 @@ async fn block_status(ctx: &Context, req: &RequestHeader) -> Reply {
         }
     }
     Reply::new(plan.finish())
+}
+
+/// The bitmap an NBD export serves as `qemu:dirty-bitmap:NAME`.
+fn exported_bitmap<'a>(
+    export: &'a crate::exports::Export,
+    name: &str,
+) -> Option<&'a std::sync::Arc<block::DirtyBitmap>> {
+    export.kind_as::<NbdExport>()?.bitmap(name)
 }
 
 #[cfg(test)]

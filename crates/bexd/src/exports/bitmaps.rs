@@ -1,45 +1,40 @@
-//! The dirty bitmaps an export offers: resolving `bitmaps` / `bitmap` when
-//! the export is added, with QEMU's checks, and turning a bitmap into
+//! The dirty bitmaps an NBD export offers: resolving `bitmaps` / `bitmap`
+//! when the export is added, with QEMU's checks, and turning a bitmap into
 //! `qemu:dirty-bitmap:NAME` extents for BLOCK_STATUS.
 
 use std::sync::Arc;
 
 use block::{BlockNode, DirtyBitmap};
 use nbd::reply::dirty_status;
-use qmp::schema::bitmap::BlockDirtyBitmap;
-use qmp::QmpError;
 
-use crate::commands::bitmap::{check_usable, lookup, Use};
-use crate::daemon::Daemon;
-use crate::export::{BitmapRef, ExportConfig};
+use crate::config::BitmapRef;
+use crate::error::ExportError;
+use crate::nodes::bitmaps::{check_usable, lookup, Use};
+use crate::nodes::NodeTable;
 
-/// The bitmaps of `config` on `node`, checked in QEMU's order per bitmap:
+/// The bitmaps `refs` names on `node`, checked in QEMU's order per bitmap:
 /// found, not busy or inconsistent, and not recording if the export is read-only while
 /// the node is writable (the client would read a bitmap that keeps changing).
 pub fn resolve(
-    daemon: &Daemon,
-    config: &ExportConfig,
+    nodes: &NodeTable,
+    refs: &[BitmapRef],
     node: &Arc<BlockNode>,
-) -> Result<Vec<Arc<DirtyBitmap>>, QmpError> {
-    let mut found = Vec::with_capacity(config.bitmaps.len());
-    for r in &config.bitmaps {
+    writable: bool,
+) -> Result<Vec<Arc<DirtyBitmap>>, ExportError> {
+    let qmp = |e: qmp::QmpError| ExportError::Bitmap(e.desc);
+    let mut found = Vec::with_capacity(refs.len());
+    for r in refs {
         let bitmap = match r {
             // bexd has no filter or backing chains, so "down the chain" is the node itself.
             BitmapRef::Local(name) => node
                 .bitmaps()
                 .find(name)
-                .ok_or_else(|| QmpError::generic(format!("Bitmap '{name}' is not found")))?,
-            BitmapRef::External { node, name } => {
-                let r = BlockDirtyBitmap {
-                    node: node.clone(),
-                    name: name.clone(),
-                };
-                lookup(daemon, &r)?.1
-            }
+                .ok_or_else(|| ExportError::Bitmap(format!("Bitmap '{name}' is not found")))?,
+            BitmapRef::External { node, name } => lookup(nodes, node, name).map_err(qmp)?.1,
         };
-        check_usable(&bitmap, Use::Read)?;
-        if !config.writable && !node.read_only() && bitmap.enabled() {
-            return Err(QmpError::generic(format!(
+        check_usable(&bitmap, Use::Read).map_err(qmp)?;
+        if !writable && !node.read_only() && bitmap.enabled() {
+            return Err(ExportError::Bitmap(format!(
                 "Enabled bitmap '{}' incompatible with readonly export",
                 bitmap.name()
             )));

@@ -1,171 +1,58 @@
 //! Opening block nodes: `--blockdev` and `blockdev-add` both end here.
 //!
-//! QAPI arguments are first turned into [`NodeOptions`] (in `qapi.rs`), then
-//! opened bottom-up: an inline child (`file.driver=file,...`) becomes an
+//! QAPI arguments are first turned into plain [`NodeOptions`] (in `qapi.rs`),
+//! then opened bottom-up: an inline child (`file.driver=file,...`) becomes an
 //! implicit node with a generated name, as in QEMU.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use block::drivers::blkdebug::{BlkdebugDriver, InjectError};
+use block::drivers::blkdebug::BlkdebugDriver;
 use block::drivers::file::{AioMode, FileDriver, FileOptions, LockingMode};
 use block::drivers::null::NullDriver;
-use block::drivers::qcow2::{Qcow2Driver, Qcow2Info, Qcow2Options};
+use block::drivers::qcow2::{Qcow2Driver, Qcow2Options};
 use block::drivers::raw::RawDriver;
 use block::{BlockError, BlockNode, Driver};
-use qmp::visitor::InputMode;
-use qmp::QmpError;
-use serde_json::Value;
 
-use crate::daemon::{Daemon, NodeEntry};
-
-/// What a format node shows beyond the common fields (qcow2's image info and backing).
-#[derive(Clone, Debug)]
-pub struct FormatInfo {
-    pub qcow2: Qcow2Info,
-    pub backing_node: Option<String>,
-    /// The backing file's path as opened (QEMU's full-backing-filename).
-    pub full_backing_filename: Option<String>,
-}
-
-/// Options common to every node, with QEMU's defaults.
-#[derive(Clone, Debug, Default)]
-pub struct NodeOptions {
-    pub node_name: Option<String>,
-    pub read_only: bool,
-    pub auto_read_only: bool,
-    /// `discard=unmap` (QEMU's default is `ignore`).
-    pub discard: bool,
-    pub cache_direct: bool,
-    pub cache_no_flush: bool,
-    pub spec: NodeSpec,
-}
-
-/// The driver-specific part.
-#[derive(Clone, Debug)]
-pub enum NodeSpec {
-    Blkdebug {
-        image: ChildRef,
-        rules: Vec<InjectError>,
-    },
-    File {
-        filename: PathBuf,
-        aio: AioMode,
-        locking: LockingMode,
-    },
-    Raw {
-        file: ChildRef,
-        offset: u64,
-        size: Option<u64>,
-    },
-    Null {
-        size: u64,
-        read_zeroes: bool,
-        latency_ns: u64,
-    },
-    Qcow2 {
-        file: ChildRef,
-        backing: BackingSpec,
-        cache: Qcow2Cache,
-        lazy_refcounts: Option<bool>,
-    },
-}
-
-/// qcow2's `backing`: absent (open what the header names), `null`, or a node.
-#[derive(Clone, Debug)]
-pub enum BackingSpec {
-    FromHeader,
-    None,
-    Node(ChildRef),
-}
-
-/// qcow2 cache options, in bytes and seconds; `None` takes QEMU's default.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Qcow2Cache {
-    pub cache_size: Option<u64>,
-    pub l2_cache_size: Option<u64>,
-    pub refcount_cache_size: Option<u64>,
-    pub cache_clean_interval: Option<u64>,
-}
-
-impl Default for NodeSpec {
-    fn default() -> Self {
-        Self::Null {
-            size: 1 << 30,
-            read_zeroes: false,
-            latency_ns: 0,
-        }
-    }
-}
-
-/// A child given by node name, or described inline.
-#[derive(Clone, Debug)]
-pub enum ChildRef {
-    Name(String),
-    Inline(Box<NodeOptions>),
-}
-
-/// `blockdev-add`: typed arguments from JSON or keyval, then [`open`].
-pub fn add(daemon: &Arc<Daemon>, value: Value, mode: InputMode) -> Result<String, QmpError> {
-    let options = crate::qapi::node_options(value, mode)?;
-    if options.node_name.is_none() {
-        return Err(QmpError::generic(
-            "'node-name' must be specified for the root node",
-        ));
-    }
-    open(daemon, options, false)
-}
+use super::{FormatInfo, NodeEntry, NodeTable};
+use crate::config::{is_well_formed_id, BackingSpec, ChildRef, NodeOptions, NodeSpec, Qcow2Cache};
+use crate::error::NodeError;
 
 /// Opens a node (and its inline children) and registers it; returns its name.
-pub fn open(
-    daemon: &Arc<Daemon>,
-    options: NodeOptions,
-    implicit: bool,
-) -> Result<String, QmpError> {
-    let before = daemon.node_names();
-    let opened = open_node(daemon, options, implicit);
+pub fn open(nodes: &NodeTable, options: NodeOptions, implicit: bool) -> Result<String, NodeError> {
+    let before = nodes.names();
+    let opened = open_node(nodes, options, implicit);
     if opened.is_err() {
         // Implicit children made for a node that then failed to open (a bad
         // backing reference, a duplicate name) go too, as in QEMU: left
         // behind, they would hold their image files open and locked.
-        daemon.remove_orphans_since(&before);
+        nodes.remove_orphans_since(&before);
     }
     opened
 }
 
-fn open_node(
-    daemon: &Arc<Daemon>,
-    options: NodeOptions,
-    implicit: bool,
-) -> Result<String, QmpError> {
+fn open_node(nodes: &NodeTable, options: NodeOptions, implicit: bool) -> Result<String, NodeError> {
     let name = match &options.node_name {
         Some(n) => {
-            check_node_name(n)?;
-            if daemon.find_node(n).is_some() {
-                return Err(QmpError::generic(format!(
-                    "Duplicate nodes with node-name='{n}'"
-                )));
+            if !is_well_formed_id(n) {
+                return Err(NodeError::InvalidName(n.clone()));
+            }
+            if nodes.find(n).is_some() {
+                return Err(NodeError::Duplicate(n.clone()));
             }
             n.clone()
         }
-        None => daemon.generate_node_name(),
+        None => nodes.generate_name(),
     };
     let Opened {
         driver,
         children,
         filename,
         format,
-    } = open_driver(daemon, &options)?;
+    } = open_driver(nodes, &options)?;
     let read_only = options.read_only || !driver.capabilities().can_write;
     let node = Arc::new(BlockNode::new(name.clone(), driver, read_only));
-    daemon.insert_node(NodeEntry {
-        node,
-        children,
-        parents: 0,
-        implicit,
-        filename,
-        format,
-    })?;
+    nodes.insert(NodeEntry::new(node, children, implicit, filename, format))?;
     tracing::info!(node = %name, "block node added");
     Ok(name)
 }
@@ -189,15 +76,15 @@ impl Opened {
     }
 }
 
-fn open_driver(daemon: &Arc<Daemon>, options: &NodeOptions) -> Result<Opened, QmpError> {
+fn open_driver(nodes: &NodeTable, options: &NodeOptions) -> Result<Opened, NodeError> {
     let (driver, children, filename) = match &options.spec {
         NodeSpec::Qcow2 {
             file,
             backing,
             cache,
             lazy_refcounts,
-        } => return open_qcow2(daemon, options, file, backing, cache, *lazy_refcounts),
-        spec => open_plain(daemon, options, spec)?,
+        } => return open_qcow2(nodes, options, file, backing, cache, *lazy_refcounts),
+        spec => open_plain(nodes, options, spec)?,
     };
     Ok(Opened::plain(driver, children, filename))
 }
@@ -205,10 +92,10 @@ fn open_driver(daemon: &Arc<Daemon>, options: &NodeOptions) -> Result<Opened, Qm
 type Plain = (Arc<dyn Driver>, Vec<String>, String);
 
 fn open_plain(
-    daemon: &Arc<Daemon>,
+    nodes: &NodeTable,
     options: &NodeOptions,
     spec: &NodeSpec,
-) -> Result<Plain, QmpError> {
+) -> Result<Plain, NodeError> {
     match spec {
         NodeSpec::File {
             filename,
@@ -229,13 +116,13 @@ fn open_plain(
             Ok((Arc::new(driver), Vec::new(), filename.display().to_string()))
         }
         NodeSpec::Raw { file, offset, size } => {
-            let (child, child_name, filename) = open_child(daemon, options, file)?;
+            let (child, child_name, filename) = open_child(nodes, options, file)?;
             let driver =
                 RawDriver::new(child, *offset, *size, options.discard).map_err(block_error)?;
             Ok((Arc::new(driver), vec![child_name], filename))
         }
         NodeSpec::Blkdebug { image, rules } => {
-            let (child, child_name, filename) = open_child(daemon, options, image)?;
+            let (child, child_name, filename) = open_child(nodes, options, image)?;
             let driver = BlkdebugDriver::new(child, rules.clone());
             Ok((Arc::new(driver), vec![child_name], filename))
         }
@@ -248,19 +135,19 @@ fn open_plain(
             let driver = NullDriver::with_latency(*size, *read_zeroes, latency);
             Ok((Arc::new(driver), Vec::new(), "null-co://".to_string()))
         }
-        NodeSpec::Qcow2 { .. } => Err(QmpError::generic("qcow2 is opened by open_qcow2")),
+        NodeSpec::Qcow2 { .. } => Err(NodeError::Open("qcow2 is opened by open_qcow2".into())),
     }
 }
 
 fn open_qcow2(
-    daemon: &Arc<Daemon>,
+    nodes: &NodeTable,
     options: &NodeOptions,
     file: &ChildRef,
     backing: &BackingSpec,
     cache: &Qcow2Cache,
     lazy_refcounts: Option<bool>,
-) -> Result<Opened, QmpError> {
-    let (child, child_name, filename) = open_child(daemon, options, file)?;
+) -> Result<Opened, NodeError> {
+    let (child, child_name, filename) = open_child(nodes, options, file)?;
     let q = Qcow2Options {
         read_only: options.read_only,
         discard: options.discard,
@@ -288,9 +175,8 @@ fn open_qcow2(
         Some(r) => {
             let mut ro = options.clone();
             ro.read_only = true;
-            let (node, name, file) = open_child(daemon, &ro, &r).map_err(|e| {
-                QmpError::generic(format!("Could not open backing file: {}", e.desc))
-            })?;
+            let (node, name, file) = open_child(nodes, &ro, &r)
+                .map_err(|e| NodeError::Open(format!("Could not open backing file: {e}")))?;
             children.push(name.clone());
             (Some(node), Some(name), Some(file))
         }
@@ -316,7 +202,7 @@ fn backing_from_header(
     image: &str,
     name: &str,
     format: Option<&str>,
-) -> Result<ChildRef, QmpError> {
+) -> Result<ChildRef, NodeError> {
     let path = match std::path::Path::new(name).is_absolute() {
         true => PathBuf::from(name),
         false => std::path::Path::new(image)
@@ -351,7 +237,7 @@ fn backing_from_header(
             size: None,
         },
         other => {
-            return Err(QmpError::generic(format!(
+            return Err(NodeError::Open(format!(
                 "Unknown driver '{other}' for backing file '{}'",
                 path.display()
             )))
@@ -377,10 +263,10 @@ fn probe_format(path: &std::path::Path) -> String {
 /// Resolves a child given by name or opens an inline one; returns the node,
 /// its name and the filename it shows.
 fn open_child(
-    daemon: &Arc<Daemon>,
+    nodes: &NodeTable,
     parent: &NodeOptions,
     child: &ChildRef,
-) -> Result<(Arc<BlockNode>, String, String), QmpError> {
+) -> Result<(Arc<BlockNode>, String, String), NodeError> {
     let child_name = match child {
         ChildRef::Name(n) => n.clone(),
         ChildRef::Inline(child) => {
@@ -388,59 +274,15 @@ fn open_child(
             // An implicit child inherits read-only from its parent, as in QEMU.
             child.read_only |= parent.read_only;
             child.auto_read_only |= parent.auto_read_only;
-            open(daemon, child, true)?
+            open(nodes, child, true)?
         }
     };
-    let entry = {
-        let state = daemon.state();
-        state
-            .nodes
-            .get(&child_name)
-            .map(|e| (e.node.clone(), e.filename.clone()))
-    };
-    let (node, filename) = entry.ok_or_else(|| {
-        QmpError::generic(format!(
-            "Cannot find device='{child_name}' nor node-name='{child_name}'"
-        ))
-    })?;
+    let (node, filename) = nodes
+        .find_with_filename(&child_name)
+        .ok_or_else(|| NodeError::NoSuchNode(child_name.clone()))?;
     Ok((node, child_name, filename))
 }
 
-fn block_error(e: BlockError) -> QmpError {
-    QmpError::generic(e.to_string())
-}
-
-/// QEMU's rule for ids: a letter first, then letters, digits, `-`, `.`, `_`.
-pub fn check_node_name(name: &str) -> Result<(), QmpError> {
-    if is_well_formed_id(name) {
-        Ok(())
-    } else {
-        Err(QmpError::generic(format!("Invalid node-name: '{name}'")))
-    }
-}
-
-pub fn is_well_formed_id(id: &str) -> bool {
-    let mut chars = id.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn test_is_well_formed_id_rejects_leading_digit() {
-        assert!(!is_well_formed_id("1a"));
-    }
-
-    #[test]
-    fn test_is_well_formed_id_accepts_qemu_punctuation() {
-        assert!(is_well_formed_id("disk-0.raw_a"));
-    }
-
-    #[test]
-    fn test_is_well_formed_id_rejects_empty() {
-        assert!(!is_well_formed_id(""));
-    }
+fn block_error(e: BlockError) -> NodeError {
+    NodeError::Open(e.to_string())
 }

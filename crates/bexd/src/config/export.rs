@@ -1,0 +1,57 @@
+//! `block-export-add` / `--export` / `nbd-server-add`: what an export was created with.
+
+/// What every export kind shares, plus the kind's own options.
+/// Immutable for the export's lifetime.
+#[derive(Debug, Clone)]
+pub struct ExportConfig {
+    pub id: String,
+    /// The node it exports.
+    pub node_name: String,
+    pub writable: bool,
+    pub writethrough: bool,
+    /// The iothread object it was placed in (checked to exist; bexd serves
+    /// every export on all its threads).
+    pub iothread: Option<String>,
+    pub kind: ExportKindConfig,
+}
+
+/// The kind-specific part: QAPI's `BlockExportOptions` union, by `type`.
+#[derive(Debug, Clone)]
+pub enum ExportKindConfig {
+    Nbd(NbdExportConfig),
+}
+
+impl ExportKindConfig {
+    /// QAPI's `BlockExportType` name.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::Nbd(_) => "nbd",
+        }
+    }
+}
+
+/// `BlockExportOptionsNbd`.
+#[derive(Debug, Clone)]
+pub struct NbdExportConfig {
+    pub name: String,
+    pub description: Option<String>,
+    pub allocation_depth: bool,
+    /// Dirty bitmaps to offer as `qemu:dirty-bitmap:NAME`, resolved when the export is added.
+    pub bitmaps: Vec<BitmapRef>,
+}
+
+/// A bitmap named in `bitmaps` / `bitmap`: on the exported node, or on a named node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BitmapRef {
+    Local(String),
+    External { node: String, name: String },
+}
+
+/// How `block-export-del` treats connected clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemoveMode {
+    /// Refuse while clients are connected.
+    Safe,
+    /// Drop the clients.
+    Hard,
+}

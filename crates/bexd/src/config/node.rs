@@ -1,0 +1,86 @@
+//! `--blockdev` / `blockdev-add`: a node and its inline children.
+//!
+//! The driver-level option types (`InjectError`, `AioMode`, `LockingMode`) are
+//! the block crate's own plain enums, so the node table hands them straight on.
+
+use std::path::PathBuf;
+
+use block::drivers::blkdebug::InjectError;
+use block::drivers::file::{AioMode, LockingMode};
+
+/// Options common to every node, with QEMU's defaults.
+#[derive(Clone, Debug, Default)]
+pub struct NodeOptions {
+    pub node_name: Option<String>,
+    pub read_only: bool,
+    pub auto_read_only: bool,
+    /// `discard=unmap` (QEMU's default is `ignore`).
+    pub discard: bool,
+    pub cache_direct: bool,
+    pub cache_no_flush: bool,
+    pub spec: NodeSpec,
+}
+
+/// The driver-specific part.
+#[derive(Clone, Debug)]
+pub enum NodeSpec {
+    Blkdebug {
+        image: ChildRef,
+        rules: Vec<InjectError>,
+    },
+    File {
+        filename: PathBuf,
+        aio: AioMode,
+        locking: LockingMode,
+    },
+    Raw {
+        file: ChildRef,
+        offset: u64,
+        size: Option<u64>,
+    },
+    Null {
+        size: u64,
+        read_zeroes: bool,
+        latency_ns: u64,
+    },
+    Qcow2 {
+        file: ChildRef,
+        backing: BackingSpec,
+        cache: Qcow2Cache,
+        lazy_refcounts: Option<bool>,
+    },
+}
+
+/// qcow2's `backing`: absent (open what the header names), `null`, or a node.
+#[derive(Clone, Debug)]
+pub enum BackingSpec {
+    FromHeader,
+    None,
+    Node(ChildRef),
+}
+
+/// qcow2 cache options, in bytes and seconds; `None` takes QEMU's default.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Qcow2Cache {
+    pub cache_size: Option<u64>,
+    pub l2_cache_size: Option<u64>,
+    pub refcount_cache_size: Option<u64>,
+    pub cache_clean_interval: Option<u64>,
+}
+
+impl Default for NodeSpec {
+    fn default() -> Self {
+        Self::Null {
+            size: 1 << 30,
+            read_zeroes: false,
+            latency_ns: 0,
+        }
+    }
+}
+
+/// A child given by node name, or described inline.
+#[derive(Clone, Debug)]
+pub enum ChildRef {
+    Name(String),
+    Inline(Box<NodeOptions>),
+}

@@ -1,0 +1,115 @@
+//! The daemon's errors, one enum per part, each variant printing QEMU's text.
+//!
+//! The tables and the NBD server return these; the QMP edge turns them into
+//! `QmpError` (every one is a `GenericError` in QEMU, so the class is fixed
+//! here and the message is the variant's `Display`).
+
+use qmp::QmpError;
+use thiserror::Error;
+
+/// The node table (`blockdev-add`, `blockdev-del`, lookups).
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum NodeError {
+    #[error("Duplicate nodes with node-name='{0}'")]
+    Duplicate(String),
+    #[error("Invalid node-name: '{0}'")]
+    InvalidName(String),
+    /// `blockdev-del` of a name that is not in the table.
+    #[error("Failed to find node with node-name='{0}'")]
+    NotFound(String),
+    /// An export's `node-name` that names no node.
+    #[error("Cannot find device='' nor node-name='{0}'")]
+    NoSuchDevice(String),
+    /// A reference by name (a child, a bitmap's `node`) to a missing node.
+    #[error("Cannot find device='{0}' nor node-name='{0}'")]
+    NoSuchNode(String),
+    /// An export holds it.
+    #[error("Node {0} is in use")]
+    Exported(String),
+    /// Another node uses it as a child.
+    #[error("Block device {0} is in use")]
+    HasParents(String),
+    /// The driver refused to open or the options do not fit; QEMU's text as the driver gave it.
+    #[error("{0}")]
+    Open(String),
+}
+
+/// The export table and the export kinds.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ExportError {
+    #[error("Block export id '{0}' is already in use")]
+    DuplicateId(String),
+    #[error("NBD server already has export named '{0}'")]
+    DuplicateNbdName(String),
+    #[error("Export '{0}' is not found")]
+    NotFound(String),
+    #[error("Export '{0}' is already shutting down")]
+    ShuttingDown(String),
+    #[error("export '{0}' still in use")]
+    InUse(String),
+    #[error("iothread \"{0}\" not found")]
+    NoIothread(String),
+    #[error("Cannot export read-only node as writable")]
+    ReadOnlyNode,
+    #[error("NBD server not running")]
+    NbdServerNotRunning,
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    /// A bitmap named in `bitmaps` cannot be served; QEMU's text.
+    #[error("{0}")]
+    Bitmap(String),
+}
+
+/// The object table (`--object`, `object-add`, `object-del`).
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ObjectError {
+    #[error("attempt to add duplicate property '{0}' to object (type 'container')")]
+    Duplicate(String),
+    #[error("object '{0}' not found")]
+    NotFound(String),
+    #[error("No TLS credentials with id '{0}'")]
+    NoTlsCreds(String),
+    #[error("Expected TLS credentials for a server endpoint")]
+    NotServerEndpoint,
+    #[error("Object with id '{0}' is not TLS credentials")]
+    NotTlsCreds(String),
+}
+
+/// The NBD server's lifecycle (`nbd-server-start`, `nbd-server-stop`).
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ServerError {
+    #[error("NBD server already running")]
+    AlreadyRunning,
+    #[error("NBD server not running")]
+    NotRunning,
+    /// Binding or listening failed; QEMU's text.
+    #[error("{0}")]
+    Listen(String),
+    #[error(transparent)]
+    Object(#[from] ObjectError),
+}
+
+macro_rules! generic_error {
+    ($($t:ty),*) => {$(
+        impl From<$t> for QmpError {
+            fn from(e: $t) -> Self {
+                QmpError::generic(e.to_string())
+            }
+        }
+    )*};
+}
+generic_error!(NodeError, ExportError, ObjectError, ServerError);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_nested_errors_print_the_inner_text_as_qemu_does() {
+        let e = ExportError::from(NodeError::NoSuchDevice("n0".into()));
+        assert_eq!(e.to_string(), "Cannot find device='' nor node-name='n0'");
+        let q = QmpError::from(e);
+        assert_eq!(q.desc, "Cannot find device='' nor node-name='n0'");
+        assert_eq!(q.class, qmp::ErrorClass::GenericError);
+    }
+}
