@@ -22,6 +22,7 @@
 //! Layout:
 //! - [`consts`]: magics, flag bits, limits.
 //! - [`types`]: open newtypes for wire enumerations (`OptionType`, `CommandType`, ...).
+//! - `text`: protocol strings cut to their limit (shared by handshake and replies).
 //! - [`export`]: what the daemon tells the handshake about its exports.
 //! - [`handshake`]: the server's option negotiation, QEMU's behaviour exactly.
 //! - [`request`]: request header decoding and validation.
@@ -35,6 +36,7 @@ pub mod export;
 pub mod handshake;
 pub mod reply;
 pub mod request;
+mod text;
 pub mod types;
 
 #[cfg(feature = "client")]

@@ -29,7 +29,6 @@ mod tests;
 pub use plan::{PlanPiece, ReplyPlan};
 pub use shape::{status_chunk_len, BlockStatusPlan, ReplyShape, MAX_EXTENTS, SPARSE_READ_MIN};
 pub use status::{allocation_status, dirty_status};
-pub(crate) use wire::truncate_utf8;
 pub use wire::{
     block_status_chunk, error_chunk, none_chunk, offset_data_header, offset_hole, simple_reply,
 };

@@ -3,6 +3,7 @@
 //! says where it goes between these headers.
 
 use crate::consts::*;
+use crate::text::truncate_utf8;
 use crate::types::{NbdErrno, ReplyType};
 
 /// A simple reply (16 bytes); a successful READ's data follows it.
@@ -76,18 +77,6 @@ pub fn block_status_chunk(
         out.extend_from_slice(&length.to_be_bytes());
         out.extend_from_slice(&flags.to_be_bytes());
     }
-}
-
-/// `s` cut to at most `max` bytes, on a character boundary.
-pub(crate) fn truncate_utf8(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 #[cfg(test)]
