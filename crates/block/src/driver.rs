@@ -4,7 +4,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
+use crate::bitmap_store::BitmapStore;
 use crate::error::BlockResult;
 use crate::uring::AsyncTarget;
 
@@ -47,17 +47,6 @@ pub struct Extent {
     /// drivers and raw answer 1 everywhere, as QEMU's allocation depth does;
     /// it is what the `qemu:allocation-depth` meta context reports.
     pub depth: u32,
-}
-
-/// A bitmap as the image describes it (QEMU's Qcow2BitmapInfo).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StoredBitmap {
-    pub name: String,
-    pub granularity: u64,
-    /// Not stored cleanly: the image is open for writing, or was not closed.
-    pub in_use: bool,
-    /// Records writes (enabled).
-    pub auto: bool,
 }
 
 /// A block driver: positional, synchronous I/O. Callers (the node) have
@@ -118,36 +107,10 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
     /// between do what their `write_at` would have: raw marks its child's
     /// bitmaps.
     fn page_cache_written(&self, _offset: u64, _len: u64) {}
-    /// Whether the format can store persistent dirty bitmaps (qcow2 can;
-    /// `block-dirty-bitmap-add persistent=true` is refused elsewhere).
-    fn can_store_bitmaps(&self) -> bool {
-        false
-    }
-    /// Why a new persistent bitmap could not be stored, checked when it is
-    /// added (QEMU's bdrv_can_store_new_dirty_bitmap), so close cannot fail on it.
-    fn check_new_persistent_bitmap(&self, _name: &str, _granularity: u64) -> Result<(), String> {
-        Ok(())
-    }
-    /// The granularity of a bitmap added without one: QEMU's rule is the
-    /// cluster size, kept between 4 KiB and 64 KiB, and 64 KiB without clusters.
-    fn default_bitmap_granularity(&self) -> u64 {
-        DEFAULT_GRANULARITY
-    }
-    /// The persistent bitmaps found at open; the node takes them once.
-    fn take_loaded_bitmaps(&self) -> Vec<DirtyBitmap> {
-        Vec::new()
-    }
-    /// Drops a persistent bitmap from the image now (QEMU does not wait for close).
-    fn remove_persistent_bitmap(&self, _name: &str) -> BlockResult<()> {
-        Ok(())
-    }
-    /// Writes the node's persistent bitmaps into the image; called at close.
-    fn store_persistent_bitmaps(&self, _bitmaps: &[Arc<DirtyBitmap>]) -> BlockResult<()> {
-        Ok(())
-    }
-    /// The bitmaps the image holds right now, for query-named-block-nodes.
-    fn stored_bitmaps(&self) -> Vec<StoredBitmap> {
-        Vec::new()
+    /// Where the format keeps persistent dirty bitmaps (qcow2); `None`
+    /// for drivers that cannot store them.
+    fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
+        None
     }
     /// Readahead hint.
     fn cache(&self, _offset: u64, _len: u64) -> BlockResult<()> {

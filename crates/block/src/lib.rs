@@ -13,6 +13,7 @@
 //! io_uring engine needs, so the engine can change without touching callers.
 
 pub mod bitmap;
+pub mod bitmap_store;
 pub mod buf;
 pub mod driver;
 pub mod drivers;
@@ -24,10 +25,10 @@ pub mod uring;
 pub mod test_utils;
 
 pub use bitmap::{BitmapLease, BitmapSet, DirtyBitmap};
+pub use bitmap_store::{BitmapStore, StoredBitmap};
 pub use buf::IoBuf;
 pub use driver::{
-    Access, Capabilities, Driver, Extent, FileRun, MappingLease, PageCacheRange, StoredBitmap,
-    ZeroFlags,
+    Access, Capabilities, Driver, Extent, FileRun, MappingLease, PageCacheRange, ZeroFlags,
 };
 pub use error::{BlockError, BlockErrorKind, BlockResult};
 pub use node::{BlockNode, FileSlice};

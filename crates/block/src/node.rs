@@ -5,7 +5,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::bitmap::BitmapSet;
+use crate::bitmap::{BitmapSet, DEFAULT_GRANULARITY};
 use crate::buf::IoBuf;
 use crate::driver::{Access, Capabilities, Driver, Extent, FileRun, MappingLease, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
@@ -79,8 +79,10 @@ impl BlockNode {
     pub fn new(node_name: String, driver: Arc<dyn Driver>, read_only: bool) -> Self {
         let caps = driver.capabilities();
         let bitmaps = BitmapSet::default();
-        for b in driver.take_loaded_bitmaps() {
-            bitmaps.insert(Arc::new(b));
+        if let Some(store) = driver.bitmap_store() {
+            for b in store.take_loaded_bitmaps() {
+                bitmaps.insert(Arc::new(b));
+            }
         }
         Self {
             node_name,
@@ -137,7 +139,18 @@ impl BlockNode {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        self.driver.store_persistent_bitmaps(&self.bitmaps.list())
+        match self.driver.bitmap_store() {
+            Some(store) => store.store_persistent_bitmaps(&self.bitmaps.list()),
+            None => Ok(()),
+        }
+    }
+
+    /// The granularity of a bitmap added without one: the format's rule
+    /// where it stores bitmaps, QEMU's 64 KiB elsewhere.
+    pub fn default_bitmap_granularity(&self) -> u64 {
+        self.driver
+            .bitmap_store()
+            .map_or(DEFAULT_GRANULARITY, |s| s.default_bitmap_granularity())
     }
 
     pub fn node_name(&self) -> &str {

@@ -15,7 +15,8 @@
 use std::sync::{Arc, MutexGuard};
 
 use crate::bitmap::DirtyBitmap;
-use crate::driver::{Driver, StoredBitmap};
+use crate::bitmap_store::StoredBitmap;
+use crate::driver::Driver;
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 
 use super::bitmap_dir::{self, DirEntry, TableEntry, FLAG_AUTO, FLAG_IN_USE};
@@ -27,7 +28,7 @@ use super::Qcow2Driver;
 
 /// The image's bitmap directory as it is on disk, and what open loaded.
 #[derive(Debug, Default)]
-pub struct BitmapStore {
+pub struct BitmapDirectory {
     pub entries: Vec<DirEntry>,
     pub ext: Option<BitmapsExt>,
     /// The autoclear bits as on disk.
@@ -42,10 +43,10 @@ fn invalid(msg: impl Into<String>) -> BlockError {
 
 /// Reads the directory and every consistent bitmap's bits. On a writable
 /// image the bitmaps are then flagged in use (see the module docs).
-pub fn load(f: &dyn Driver, h: &Header, read_only: bool) -> BlockResult<BitmapStore> {
-    let mut store = BitmapStore {
+pub fn load(f: &dyn Driver, h: &Header, read_only: bool) -> BlockResult<BitmapDirectory> {
+    let mut store = BitmapDirectory {
         autoclear: h.autoclear,
-        ..BitmapStore::default()
+        ..BitmapDirectory::default()
     };
     let ext = match h.bitmaps {
         Some(ext) if h.autoclear & AUTOCLEAR_BITMAPS != 0 => ext,
@@ -180,16 +181,16 @@ fn backing_name(f: &dyn Driver, h: &Header) -> BlockResult<Option<String>> {
 }
 
 impl Qcow2Driver {
-    fn bitmap_store(&self) -> MutexGuard<'_, BitmapStore> {
+    fn directory(&self) -> MutexGuard<'_, BitmapDirectory> {
         self.bitmaps.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(super) fn take_loaded(&self) -> Vec<DirtyBitmap> {
-        std::mem::take(&mut self.bitmap_store().loaded)
+        std::mem::take(&mut self.directory().loaded)
     }
 
     pub(super) fn stored(&self) -> Vec<StoredBitmap> {
-        self.bitmap_store()
+        self.directory()
             .entries
             .iter()
             .map(|e| StoredBitmap {
@@ -208,7 +209,7 @@ impl Qcow2Driver {
         }
         // A name taken in memory is refused by the caller ("Bitmap already
         // exists"), and every stored bitmap is in memory.
-        let st = self.bitmap_store();
+        let st = self.directory();
         if st.entries.len() >= MAX_BITMAPS as usize {
             return Err("Maximum number of persistent bitmaps is already reached".into());
         }
@@ -225,7 +226,7 @@ impl Qcow2Driver {
         if self.read_only {
             return Ok(());
         }
-        let mut st = self.bitmap_store();
+        let mut st = self.directory();
         let to_store: Vec<&Arc<DirtyBitmap>> = bitmaps
             .iter()
             .filter(|b| b.persistent() && !b.is_inconsistent())
@@ -269,7 +270,7 @@ impl Qcow2Driver {
         if self.read_only {
             return Ok(());
         }
-        let mut st = self.bitmap_store();
+        let mut st = self.directory();
         let Some(i) = st.entries.iter().position(|e| e.name == name) else {
             return Ok(());
         };
@@ -327,7 +328,7 @@ impl Qcow2Driver {
     /// the old directory.
     fn replace_directory(
         &self,
-        st: &mut BitmapStore,
+        st: &mut BitmapDirectory,
         m: &mut Meta,
         entries: Vec<DirEntry>,
         mut frees: Vec<(u64, u64)>,

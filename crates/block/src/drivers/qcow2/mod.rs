@@ -36,15 +36,14 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::bitmap::DirtyBitmap;
-use crate::driver::{
-    Access, Capabilities, Driver, Extent, PageCacheRange, StoredBitmap, ZeroFlags,
-};
+use crate::bitmap_store::{BitmapStore, StoredBitmap};
+use crate::driver::{Access, Capabilities, Driver, Extent, PageCacheRange, ZeroFlags};
 use crate::drivers::child::MarkingChild;
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 use crate::node::BlockNode;
 use crate::uring::AsyncTarget;
 
-use bitmaps::BitmapStore;
+use bitmaps::BitmapDirectory;
 use cache::TableCache;
 use header::{Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use l2::Geometry;
@@ -84,7 +83,7 @@ pub struct Qcow2Driver {
     /// Signalled whenever a busy guest cluster is released.
     released: Condvar,
     /// Persistent bitmaps on disk. Locked before `meta`, never after.
-    bitmaps: Mutex<BitmapStore>,
+    bitmaps: Mutex<BitmapDirectory>,
 }
 
 /// What `query-named-block-nodes` shows of a qcow2 image (QEMU's ImageInfoSpecificQCow2).
@@ -371,10 +370,12 @@ impl Driver for Qcow2Driver {
         self.status(offset, len)
     }
 
-    fn can_store_bitmaps(&self) -> bool {
-        true
+    fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
+        Some(self)
     }
+}
 
+impl BitmapStore for Qcow2Driver {
     fn check_new_persistent_bitmap(&self, name: &str, granularity: u64) -> Result<(), String> {
         self.check_new(name, granularity)
     }

@@ -452,7 +452,7 @@ fn test_bitmap_not_stored_cleanly_loads_inconsistent() {
     drop(node);
     // The disk as a kill would leave it: a copy taken while the image is open.
     let open_now = node_of(&p, false);
-    assert!(open_now.driver().stored_bitmaps()[0].in_use);
+    assert!(open_now.driver().bitmap_store().unwrap().stored_bitmaps()[0].in_use);
     let crashed = dir.path().join("crashed.qcow2");
     std::fs::copy(&p, &crashed).unwrap();
     drop(open_now);
@@ -461,7 +461,11 @@ fn test_bitmap_not_stored_cleanly_loads_inconsistent() {
     let node = node_of(&p, false);
     let b = node.bitmaps().find("b").unwrap();
     assert!(b.is_inconsistent() && !b.enabled());
-    node.driver().remove_persistent_bitmap("b").unwrap();
+    node.driver()
+        .bitmap_store()
+        .unwrap()
+        .remove_persistent_bitmap("b")
+        .unwrap();
     node.bitmaps().remove("b");
     node.close().unwrap();
     drop(node);
