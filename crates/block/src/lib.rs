@@ -18,7 +18,9 @@ pub mod buf;
 pub mod driver;
 pub mod drivers;
 pub mod error;
+pub mod mapping;
 pub mod node;
+pub mod run;
 pub mod uring;
 
 #[cfg(any(test, feature = "test-utils"))]
@@ -27,8 +29,8 @@ pub mod test_utils;
 pub use bitmap::{BitmapLease, BitmapSet, DirtyBitmap};
 pub use bitmap_store::{BitmapStore, StoredBitmap};
 pub use buf::IoBuf;
-pub use driver::{
-    Access, Capabilities, Driver, Extent, FileRun, MappingLease, PageCacheRange, ZeroFlags,
-};
+pub use driver::{Capabilities, Driver, Extent, ZeroFlags};
 pub use error::{BlockError, BlockErrorKind, BlockResult};
+pub use mapping::{Access, FileMapping, MappingLease};
 pub use node::{BlockNode, FileSlice};
+pub use run::FileRun;

@@ -22,8 +22,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
-use std::path::Path;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -33,7 +32,7 @@ use tokio::io::Interest;
 use tokio::sync::oneshot;
 
 use crate::buf::IoBuf;
-use crate::driver::{FileRun, MappingLease};
+use crate::run::FileRun;
 
 /// Submission entries per ring; more operations than this may be in flight
 /// (the completion queue overflows into the kernel's backlog, never drops).
@@ -68,20 +67,6 @@ pub fn submit_deferred() {
         let _one_writer = shared.sq.lock().unwrap();
         shared.submit_queued();
     }
-}
-
-/// Where a driver's range can be read or written by the ring: a file
-/// descriptor and the file runs that hold the range's bytes, in order (one
-/// for a raw file; one per run of clusters for qcow2, which holds a lease
-/// on its mapping until the I/O is done).
-#[derive(Debug)]
-pub struct AsyncTarget {
-    pub ring: Arc<Ring>,
-    pub fd: RawFd,
-    pub runs: Vec<FileRun>,
-    /// The file, for error messages.
-    pub path: Arc<Path>,
-    pub lease: Option<MappingLease>,
 }
 
 /// One io_uring instance and the thread that reaps its completions.
@@ -156,7 +141,12 @@ impl Ring {
 
     /// Reads `buf.len()` bytes from `fd` at `offset`; past the end of the
     /// file reads as zeroes (as `pread` loops do).
-    pub async fn read(&self, fd: RawFd, buf: IoBuf, offset: u64) -> (IoBuf, io::Result<()>) {
+    pub async fn read(
+        &self,
+        fd: BorrowedFd<'_>,
+        buf: IoBuf,
+        offset: u64,
+    ) -> (IoBuf, io::Result<()>) {
         let len = buf.len() as u64;
         self.read_runs(fd, buf, &[FileRun { offset, len }]).await
     }
@@ -165,7 +155,7 @@ impl Ring {
     /// the buffer's); past the end of the file reads as zeroes.
     pub async fn read_runs(
         &self,
-        fd: RawFd,
+        fd: BorrowedFd<'_>,
         mut buf: IoBuf,
         runs: &[FileRun],
     ) -> (IoBuf, io::Result<()>) {
@@ -196,7 +186,7 @@ impl Ring {
     /// (RWF_DSYNC, as `pwritev2` does for FUA).
     pub async fn write(
         &self,
-        fd: RawFd,
+        fd: BorrowedFd<'_>,
         mut buf: IoBuf,
         offset: u64,
         dsync: bool,
@@ -223,7 +213,7 @@ impl Ring {
     async fn submit(
         &self,
         kind: Kind,
-        fd: RawFd,
+        fd: BorrowedFd<'_>,
         mut buf: IoBuf,
         at: usize,
         end: usize,
@@ -237,10 +227,10 @@ impl Ring {
         // SAFETY: `at < buf.len()` (asserted), so the pointer stays inside the buffer.
         let ptr = unsafe { buf.as_mut_ptr().add(at) };
         let entry = match kind {
-            Kind::Read => opcode::Read::new(types::Fd(fd), ptr, len)
+            Kind::Read => opcode::Read::new(types::Fd(fd.as_raw_fd()), ptr, len)
                 .offset(pos)
                 .build(),
-            Kind::Write { dsync } => opcode::Write::new(types::Fd(fd), ptr, len)
+            Kind::Write { dsync } => opcode::Write::new(types::Fd(fd.as_raw_fd()), ptr, len)
                 .offset(pos)
                 .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
                 .build(),
@@ -416,7 +406,7 @@ impl AsRawFd for RingFd {
 #[cfg(test)]
 mod tests {
     use std::future::Future;
-    use std::os::fd::AsRawFd;
+    use std::os::fd::{AsFd, AsRawFd};
     use std::os::unix::fs::FileExt;
 
     use super::*;
@@ -436,7 +426,7 @@ mod tests {
         let Some(ring) = ring_or_skip() else { return };
         let file = tempfile::tempfile().unwrap();
         file.write_all_at(&[7u8; 10000], 0).unwrap();
-        let fd = file.as_raw_fd();
+        let fd = file.as_fd();
         let (_, r) = ring
             .write(fd, IoBuf::from_slice(&[1u8; 5000]), 3000, false)
             .await;
@@ -464,7 +454,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let (buf, r) = rt.block_on(ring.read(file.as_raw_fd(), IoBuf::for_overwrite(6), 4096));
+        let (buf, r) = rt.block_on(ring.read(file.as_fd(), IoBuf::for_overwrite(6), 4096));
         r.unwrap();
         assert_eq!(&buf[..], b"thread");
         drop(ring);
@@ -473,12 +463,14 @@ mod tests {
     #[tokio::test]
     async fn test_errors_come_back_as_the_errno() {
         let Some(ring) = ring_or_skip() else { return };
-        let (_, r) = ring.read(-1, IoBuf::for_overwrite(512), 0).await;
-        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EBADF));
         let file = tempfile::tempfile().unwrap();
-        let ro = std::fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).unwrap();
+        let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+        let wo = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let (_, r) = ring.read(wo.as_fd(), IoBuf::for_overwrite(512), 0).await;
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EBADF));
+        let ro = std::fs::File::open(&path).unwrap();
         let (_, r) = ring
-            .write(ro.as_raw_fd(), IoBuf::from_slice(b"x"), 0, false)
+            .write(ro.as_fd(), IoBuf::from_slice(b"x"), 0, false)
             .await;
         assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EBADF));
     }
@@ -494,7 +486,7 @@ mod tests {
             let (ring, file) = (ring.clone(), file.clone());
             tasks.push(tokio::spawn(async move {
                 let data = IoBuf::from_slice(&i.to_le_bytes());
-                let (_, r) = ring.write(file.as_raw_fd(), data, i * 8, false).await;
+                let (_, r) = ring.write(file.as_fd(), data, i * 8, false).await;
                 r.unwrap();
             }));
         }
@@ -502,7 +494,7 @@ mod tests {
             t.await.unwrap();
         }
         let (buf, r) = ring
-            .read(file.as_raw_fd(), IoBuf::for_overwrite(n as usize * 8), 0)
+            .read(file.as_fd(), IoBuf::for_overwrite(n as usize * 8), 0)
             .await;
         r.unwrap();
         for i in 0..n as usize {
@@ -516,12 +508,12 @@ mod tests {
         let file = tempfile::tempfile().unwrap();
         file.write_all_at(b"deferred", 0).unwrap();
         // One read first, then a pause, so nothing else is under way.
-        ring.read(file.as_raw_fd(), IoBuf::for_overwrite(8), 0)
+        ring.read(file.as_fd(), IoBuf::for_overwrite(8), 0)
             .await
             .1
             .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let mut read = Box::pin(ring.read(file.as_raw_fd(), IoBuf::for_overwrite(8), 0));
+        let mut read = Box::pin(ring.read(file.as_fd(), IoBuf::for_overwrite(8), 0));
         let waker = std::task::Waker::noop();
         let mut cx = std::task::Context::from_waker(waker);
         // Queued while deferring, and submitted by nobody.
@@ -543,13 +535,11 @@ mod tests {
         let file = tempfile::tempfile().unwrap();
         file.write_all_at(&[5u8; 1 << 20], 0).unwrap();
         for _ in 0..100 {
-            let read = ring.read(file.as_raw_fd(), IoBuf::for_overwrite(1 << 20), 0);
+            let read = ring.read(file.as_fd(), IoBuf::for_overwrite(1 << 20), 0);
             // Polled once (submitted), then dropped.
             let _ = tokio::time::timeout(std::time::Duration::ZERO, read).await;
         }
-        let (buf, r) = ring
-            .read(file.as_raw_fd(), IoBuf::for_overwrite(16), 0)
-            .await;
+        let (buf, r) = ring.read(file.as_fd(), IoBuf::for_overwrite(16), 0).await;
         r.unwrap();
         assert_eq!(&buf[..], &[5u8; 16][..]);
         drop(ring);

@@ -277,7 +277,7 @@ async fn write_spliced<R: RequestReader>(
     let mut socket = Ok(());
     if n < len {
         let reader = input.get_mut();
-        let spliced = splice_payload(reader, pipe, slice.fd, slice.start() + n as u64, len - n);
+        let spliced = splice_payload(reader, pipe, slice.fd(), slice.start() + n as u64, len - n);
         match spliced.await {
             Ok(Err(e)) if result.is_ok() => result = Err(e),
             Ok(_) => {}

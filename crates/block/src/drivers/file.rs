@@ -12,17 +12,18 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use super::lock::{lock_image, PERM_READ, PERM_RESIZE, PERM_WRITE};
 use crate::buf::{IoBuf, ALIGNMENT};
-use crate::driver::{Access, Capabilities, Driver, Extent, FileRun, PageCacheRange, ZeroFlags};
+use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
-use crate::uring::{AsyncTarget, Ring};
+use crate::mapping::{Access, FileMapping};
+use crate::uring::Ring;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AioMode {
@@ -66,8 +67,8 @@ const BLKZEROOUT: libc::c_ulong = 0x127f;
 #[derive(Debug)]
 pub struct FileDriver {
     file: File,
-    /// Shared with the ring's requests, for their error messages.
-    path: Arc<Path>,
+    /// For error messages (the ring's too, through `map_file`).
+    path: PathBuf,
     size: u64,
     read_only: bool,
     direct: bool,
@@ -89,7 +90,7 @@ pub struct FileDriver {
     /// hole punch, which clears it. (QEMU keeps the same kind of cache.)
     data_cache: Mutex<Option<(u64, u64)>>,
     /// The io_uring of `aio=io_uring|native` (None: the thread pool).
-    ring: Option<Arc<Ring>>,
+    ring: Option<Ring>,
 }
 
 impl FileDriver {
@@ -128,7 +129,7 @@ impl FileDriver {
         let ring = match opts.aio {
             AioMode::Threads => None,
             AioMode::IoUring | AioMode::Native => match Ring::new() {
-                Ok(ring) => Some(Arc::new(ring)),
+                Ok(ring) => Some(ring),
                 Err(e) => {
                     tracing::warn!(file = %opts.filename.display(), error = %e,
                         "io_uring is not available; using the thread pool");
@@ -138,7 +139,7 @@ impl FileDriver {
         };
         Ok(Self {
             file,
-            path: Arc::from(opts.filename.as_path()),
+            path: opts.filename.clone(),
             size,
             read_only,
             direct: opts.cache_direct,
@@ -390,33 +391,27 @@ impl Driver for FileDriver {
         r.map_err(|e| self.io_err("Could not read from", e))
     }
 
-    /// Reads may name any range: past the file's end `sendfile` stops and the
-    /// writer sends zeroes, as `read_at` would return. So a qcow2 image that
-    /// grew after open (its file node's `size` is the size at open) sends the
-    /// clusters it allocated since with `sendfile` too. Writes stay inside the
-    /// size at open, where `write_at`'s callers put them.
-    fn page_cache_slice(&self, offset: u64, len: u64, access: Access) -> Option<PageCacheRange> {
+    /// A page-cache file (tmpfs, no O_DIRECT) answers reads of any range:
+    /// past the file's end `sendfile` stops and the writer sends zeroes, as
+    /// `read_at` would return. So a qcow2 image that grew after open (its
+    /// file node's `size` is the size at open) sends the clusters it
+    /// allocated since with `sendfile` too. Writes stay inside the size at
+    /// open, where `write_at`'s callers put them. A file with a ring answers
+    /// ranges aligned as O_DIRECT needs (buffers always are: `IoBuf`).
+    fn map_file(&self, offset: u64, len: u64, access: Access) -> Option<FileMapping<'_>> {
         let inside = offset.checked_add(len).is_some_and(|end| end <= self.size);
-        (self.memory_backed && !self.direct && (inside || access == Access::Read))
-            .then(|| PageCacheRange::new(self.file.as_raw_fd(), offset, len))
-    }
-
-    fn async_target(&self, offset: u64, len: u64, access: Access) -> Option<AsyncTarget> {
-        let ring = self.ring.as_ref()?;
-        if access == Access::Write && self.read_only {
-            return None;
-        }
-        // O_DIRECT needs aligned ranges (buffers always are: `IoBuf`).
+        let page_cache = self.memory_backed && !self.direct && (inside || access == Access::Read);
         let a = ALIGNMENT as u64;
-        if self.direct && !(offset.is_multiple_of(a) && len.is_multiple_of(a)) {
+        let aligned = !self.direct || (offset.is_multiple_of(a) && len.is_multiple_of(a));
+        let writable = access == Access::Read || !self.read_only;
+        let ring = self.ring.as_ref().filter(|_| aligned && writable);
+        if !page_cache && ring.is_none() {
             return None;
         }
-        Some(AsyncTarget {
-            ring: ring.clone(),
-            fd: self.file.as_raw_fd(),
-            runs: vec![FileRun { offset, len }],
-            path: self.path.clone(),
-            lease: None,
+        Some(FileMapping {
+            page_cache,
+            ring,
+            ..FileMapping::one_run(self.file.as_fd(), &self.path, offset, len)
         })
     }
 

@@ -37,11 +37,11 @@ use std::time::{Duration, Instant};
 
 use crate::bitmap::DirtyBitmap;
 use crate::bitmap_store::{BitmapStore, StoredBitmap};
-use crate::driver::{Access, Capabilities, Driver, Extent, PageCacheRange, ZeroFlags};
+use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
 use crate::drivers::child::MarkingChild;
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
+use crate::mapping::{Access, FileMapping};
 use crate::node::BlockNode;
-use crate::uring::AsyncTarget;
 
 use bitmaps::BitmapDirectory;
 use cache::TableCache;
@@ -321,20 +321,11 @@ impl Driver for Qcow2Driver {
         }
     }
 
-    /// Reads only, of one run of this layer's data clusters (see
-    /// `leased_slice`); a write must go through `write_at` (COW, refcounts).
-    fn page_cache_slice(&self, offset: u64, len: u64, access: Access) -> Option<PageCacheRange> {
+    /// Reads only, of this layer's data clusters (see `leased_mapping`); a
+    /// write must go through `write_at` (COW, refcounts).
+    fn map_file(&self, offset: u64, len: u64, access: Access) -> Option<FileMapping<'_>> {
         match access {
-            Access::Read => self.leased_slice(offset, len),
-            Access::Write => None,
-        }
-    }
-
-    /// Reads only, of this layer's data clusters with their L2 tables
-    /// cached (see `leased_target`).
-    fn async_target(&self, offset: u64, len: u64, access: Access) -> Option<AsyncTarget> {
-        match access {
-            Access::Read => self.leased_target(offset, len),
+            Access::Read => self.leased_mapping(offset, len),
             Access::Write => None,
         }
     }
