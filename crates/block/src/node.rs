@@ -11,7 +11,7 @@ use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 use crate::mapping::{Access, FileMapping, MappingLease};
 use crate::run::{runs_within, FileRun};
-use crate::uring::Ring;
+use crate::uring::{Batch, Ring};
 
 /// The largest request a non-blocking driver runs inline on the caller's thread.
 const INLINE_MAX: u64 = 256 * 1024;
@@ -257,7 +257,27 @@ impl BlockNode {
         Some((ring, m))
     }
 
-    pub async fn read(&self, mut buf: IoBuf, offset: u64) -> (IoBuf, BlockResult<()>) {
+    pub async fn read(&self, buf: IoBuf, offset: u64) -> (IoBuf, BlockResult<()>) {
+        self.read_via(buf, offset, None).await
+    }
+
+    /// [`Self::read`], with what it queues on an io_uring left in `batch`
+    /// while that is plugged (see `uring/batch.rs`).
+    pub async fn read_batched(
+        &self,
+        buf: IoBuf,
+        offset: u64,
+        batch: &Batch,
+    ) -> (IoBuf, BlockResult<()>) {
+        self.read_via(buf, offset, Some(batch)).await
+    }
+
+    async fn read_via(
+        &self,
+        mut buf: IoBuf,
+        offset: u64,
+        batch: Option<&Batch>,
+    ) -> (IoBuf, BlockResult<()>) {
         let len = buf.len() as u64;
         if let Err(e) = self.check_range(offset, len) {
             return (buf, Err(e));
@@ -268,7 +288,7 @@ impl BlockNode {
             }
         }
         if let Some((ring, m)) = self.ring_mapping(offset, len, Access::Read) {
-            let (buf, r) = ring.read_runs(m.fd, buf, &m.runs).await;
+            let (buf, r) = ring.read_runs(m.fd, buf, &m.runs, batch).await;
             // The mapping (a qcow2 lease) stays valid until the bytes are in.
             drop(m.lease);
             let what = || format!("Could not read from '{}'", m.path.display());
@@ -282,6 +302,28 @@ impl BlockNode {
     }
 
     pub async fn write(&self, buf: IoBuf, offset: u64, fua: bool) -> (IoBuf, BlockResult<()>) {
+        self.write_via(buf, offset, fua, None).await
+    }
+
+    /// [`Self::write`], with what it queues on an io_uring left in `batch`
+    /// while that is plugged.
+    pub async fn write_batched(
+        &self,
+        buf: IoBuf,
+        offset: u64,
+        fua: bool,
+        batch: &Batch,
+    ) -> (IoBuf, BlockResult<()>) {
+        self.write_via(buf, offset, fua, Some(batch)).await
+    }
+
+    async fn write_via(
+        &self,
+        buf: IoBuf,
+        offset: u64,
+        fua: bool,
+        batch: Option<&Batch>,
+    ) -> (IoBuf, BlockResult<()>) {
         if let Err(e) = self
             .check_writable()
             .and(self.check_range(offset, buf.len() as u64))
@@ -292,7 +334,7 @@ impl BlockNode {
         let mapping = self.ring_mapping(offset, len, Access::Write);
         // Only raw over a file answers writes: one run.
         if let Some((ring, m)) = mapping.filter(|(_, m)| m.runs.len() == 1) {
-            let (buf, r) = ring.write(m.fd, buf, m.runs[0].offset, fua).await;
+            let (buf, r) = ring.write(m.fd, buf, m.runs[0].offset, fua, batch).await;
             // Even a failed write may have changed part of the range.
             self.driver.mapping_written(offset, len);
             self.mark_dirty(offset, len);
