@@ -16,7 +16,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::lock::{lock_image, PERM_READ, PERM_RESIZE, PERM_WRITE};
 use crate::buf::{IoBuf, ALIGNMENT};
@@ -81,13 +81,16 @@ pub struct FileDriver {
     /// `preadv2(RWF_NOWAIT)` works here; cleared the first time the kernel
     /// says it does not (EOPNOTSUPP), so unsupported files stop trying.
     nowait_reads: AtomicBool,
-    /// Serialises read-modify-write of unaligned O_DIRECT writes.
+    /// Serialises read-modify-write of unaligned O_DIRECT writes. It guards
+    /// no data, so a poisoned lock is taken as it is (see [`relock`]).
     rmw: Mutex<()>,
     /// The last data extent SEEK_DATA/SEEK_HOLE found. On tmpfs and others
     /// SEEK_HOLE walks the page cache up to the next hole, so without this a
     /// fully allocated image pays O(file size) per query. Writes only turn
     /// holes into data, so a cached data range stays true until a discard or
     /// hole punch, which clears it. (QEMU keeps the same kind of cache.)
+    /// The value is replaced whole, never half-written, so a poisoned lock
+    /// is taken as it is (see [`relock`]).
     data_cache: Mutex<Option<(u64, u64)>>,
     /// The io_uring of `aio=io_uring|native` (None: the thread pool).
     ring: Option<Ring>,
@@ -199,7 +202,7 @@ impl FileDriver {
     }
 
     fn write_direct_unaligned(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let _guard = self.rmw.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = relock(&self.rmw);
         let (start, bounce_len) = aligned_span(offset, buf.len());
         let mut bounce = IoBuf::zeroed(bounce_len);
         self.pread_full(&mut bounce, start)?;
@@ -262,20 +265,20 @@ impl FileDriver {
     }
 
     fn cached_data_end(&self, offset: u64) -> Option<u64> {
-        let cache = self.data_cache.lock().unwrap_or_else(|e| e.into_inner());
+        let cache = relock(&self.data_cache);
         cache
             .filter(|&(start, end)| start <= offset && offset < end)
             .map(|(_, end)| end)
     }
 
     fn clear_data_cache(&self) {
-        *self.data_cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *relock(&self.data_cache) = None;
     }
 
     /// Remembers a data range, merged with the cached one when they touch
     /// (random queries into one big data extent then converge on all of it).
     fn remember_data(&self, start: u64, end: u64) {
-        let mut cache = self.data_cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = relock(&self.data_cache);
         *cache = match *cache {
             Some((s, e)) if start <= e && s <= end => Some((s.min(start), e.max(end))),
             _ => Some((start, end)),
@@ -292,6 +295,12 @@ impl FileDriver {
             n => Ok(Some(n as u64)),
         }
     }
+}
+
+/// Locks one of the driver's locks whose holders leave nothing half-done
+/// (see each field): a panic elsewhere must not fail every later request.
+fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn open_file(opts: &FileOptions) -> BlockResult<(File, bool)> {

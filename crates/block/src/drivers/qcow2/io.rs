@@ -105,7 +105,7 @@ impl Qcow2Driver {
 
     pub(super) fn read(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
         let (pieces, in_flight) = {
-            let mut m = self.lock();
+            let mut m = self.lock()?;
             let pieces = self.map_range(&mut m, offset, buf.len() as u64)?;
             m.in_flight.fetch_add(1, Ordering::AcqRel);
             (pieces, m.in_flight.clone())
@@ -132,7 +132,7 @@ impl Qcow2Driver {
     pub(super) fn leased_mapping(&self, offset: u64, len: u64) -> Option<FileMapping<'_>> {
         // Never take the lock and map unless the file can answer at all.
         let page_cache = self.f().map_file(0, 4096, Access::Read)?.page_cache;
-        let m = &mut *self.lock();
+        let m = &mut *self.lock().ok()?;
         // Frees waiting for leases to end: hand out no more, so they do end
         // (under a steady read load they otherwise might never all be gone).
         if !m.pending_frees.is_empty() {
@@ -252,10 +252,10 @@ impl Qcow2Driver {
     fn write_step(&self, buf: &[u8], offset: u64) -> BlockResult<usize> {
         let bits = self.header.cluster_bits;
         let cluster = offset >> bits;
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         loop {
             if m.busy.contains(&cluster) {
-                m = self.released.wait(m).unwrap_or_else(|e| e.into_inner());
+                m = self.wait_released(m)?;
                 continue;
             }
             let e = m.lookup(self.f(), offset)?;
@@ -340,7 +340,14 @@ impl Qcow2Driver {
             true => self.fill_fresh_clusters(buf, offset, host, k),
             false => self.fill_new_clusters(buf, offset, host, &olds),
         };
-        let mut m = self.lock();
+        let mut m = match self.lock() {
+            Ok(m) => m,
+            Err(e) => {
+                // Writers waiting for these clusters wake to the same error.
+                self.released.notify_all();
+                return Err(e);
+            }
+        };
         // How many new clusters the L2 table now references.
         let mut linked = 0u64;
         let r = r.and_then(|n| {
@@ -438,7 +445,7 @@ impl Qcow2Driver {
 
     pub(super) fn flush_all(&self) -> BlockResult<()> {
         let (wrote, freed) = {
-            let mut m = self.lock();
+            let mut m = self.lock()?;
             let wrote = m.flush(self.f())?;
             (wrote, std::mem::take(&mut m.freed))
         };
@@ -539,10 +546,10 @@ impl Qcow2Driver {
         zeroing: bool,
     ) -> BlockResult<()> {
         let cs = self.cluster_size();
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         for c in offset / cs..(offset + len).div_ceil(cs) {
             while m.busy.contains(&c) {
-                m = self.released.wait(m).unwrap_or_else(|e| e.into_inner());
+                m = self.wait_released(m)?;
             }
             let old = m.lookup(self.f(), c * cs)?;
             let already_zero = zeroing && old == L2Entry::default() && self.backing.is_none();
@@ -557,7 +564,7 @@ impl Qcow2Driver {
 
     pub(super) fn status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
         let (kind, n) = {
-            let mut m = self.lock();
+            let mut m = self.lock()?;
             self.classify_run(&mut m, offset, len)?
         };
         let here = |allocated, zero| Extent {

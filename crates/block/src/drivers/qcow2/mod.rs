@@ -107,6 +107,14 @@ fn invalid(msg: impl Into<String>) -> BlockError {
     BlockError::new(BlockErrorKind::InvalidImage, msg)
 }
 
+/// A request found a lock whose holder panicked: EIO, with the reason.
+fn poisoned(what: &str) -> BlockError {
+    BlockError::new(
+        BlockErrorKind::Io,
+        format!("qcow2: {what} lock poisoned by an earlier failure; the image is not used further"),
+    )
+}
+
 impl Qcow2Driver {
     /// Opens the image on `file`. A backing file named in the header is not
     /// opened here (that needs the node graph); see [`Self::backing_file`]
@@ -199,10 +207,20 @@ impl Qcow2Driver {
         &self.file
     }
 
-    fn lock(&self) -> MutexGuard<'_, Meta> {
-        let mut m = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+    /// The metadata, locked. A thread that panicked while holding it may
+    /// have left a mapping half-updated (an L2 entry set, its refcount not),
+    /// so a poisoned lock fails every later request with EIO instead of
+    /// serving or flushing metadata nobody can vouch for.
+    fn lock(&self) -> BlockResult<MutexGuard<'_, Meta>> {
+        let mut m = self.meta.lock().map_err(|_| poisoned("metadata"))?;
         m.maybe_clean();
-        m
+        Ok(m)
+    }
+
+    /// Waits until a busy cluster is released; EIO if the lock was
+    /// poisoned meanwhile (see [`Self::lock`]).
+    fn wait_released<'a>(&self, m: MutexGuard<'a, Meta>) -> BlockResult<MutexGuard<'a, Meta>> {
+        self.released.wait(m).map_err(|_| poisoned("metadata"))
     }
 }
 
