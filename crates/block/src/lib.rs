@@ -11,6 +11,11 @@
 //! file, later qcow2 over file) and a request hops onto a worker thread once,
 //! at the node. The node's API already has the owned-buffer shape that an
 //! io_uring engine needs, so the engine can change without touching callers.
+//!
+//! Modules import one way (no cycle): `node` → `driver` → `mapping` (where
+//! a range lies in a file) → `uring` (the ring and its `Batch`) → `run`
+//! (`FileRun`); `bitmap_store` holds the persistent-bitmap trait a format
+//! may offer beside `Driver`; `buf` owns `IoBuf` and its buffer pool.
 
 pub mod bitmap;
 pub mod bitmap_store;
