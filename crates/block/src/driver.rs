@@ -19,6 +19,12 @@ pub struct Capabilities {
     /// Calls never wait for a device (null-co, files in tmpfs): the node runs
     /// small requests inline instead of hopping to the blocking pool.
     pub nonblocking: bool,
+    /// [`Driver::map_file`] may name a page-cache file, or a file with an
+    /// io_uring. The node asks only for a path one of them allows, so a
+    /// format (qcow2) does not lock and map a range for a path its file
+    /// can never take: a read first tries `sendfile`, then the ring.
+    pub maps_page_cache: bool,
+    pub maps_ring: bool,
 }
 
 /// Flags for write_zeroes.

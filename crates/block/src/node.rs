@@ -101,6 +101,9 @@ impl BlockNode {
     }
 
     fn slice(self: &Arc<Self>, offset: u64, len: u64, access: Access) -> Option<FileSlice> {
+        if !self.caps.maps_page_cache {
+            return None;
+        }
         self.check_range(offset, len).ok()?;
         let m = self.driver.map_file(offset, len, access)?;
         // One run for a write: the splice writes one file range. A read in
@@ -249,7 +252,7 @@ impl BlockNode {
         len: u64,
         access: Access,
     ) -> Option<(&Ring, FileMapping<'_>)> {
-        if self.runs_inline(len) {
+        if !self.caps.maps_ring || self.runs_inline(len) {
             return None;
         }
         let m = self.driver.map_file(offset, len, access)?;

@@ -102,6 +102,9 @@ impl Driver for BlkdebugDriver {
         caps.can_write = caps.can_write && !self.child.read_only();
         // Rules take a lock; keep the work off the async workers like any I/O.
         caps.nonblocking = false;
+        // Every request must pass the rules: nothing bypasses `read_at`.
+        caps.maps_page_cache = false;
+        caps.maps_ring = false;
         caps
     }
 

@@ -389,6 +389,8 @@ impl Driver for FileDriver {
             request_alignment: if self.direct { 512 } else { 1 },
             max_transfer: 0,
             nonblocking: self.memory_backed,
+            maps_page_cache: self.memory_backed && !self.direct,
+            maps_ring: self.ring.is_some(),
         }
     }
 

@@ -320,6 +320,7 @@ impl Driver for Qcow2Driver {
     }
 
     fn capabilities(&self) -> Capabilities {
+        let file = self.file.capabilities();
         Capabilities {
             can_write: !self.read_only,
             can_discard: self.discard,
@@ -331,11 +332,14 @@ impl Driver for Qcow2Driver {
             // waits (a cluster another writer is allocating, in-flight reads
             // before a free) are on other threads' synchronous calls, never
             // on the runtime, so running inline cannot deadlock.
-            nonblocking: self.file.capabilities().nonblocking
+            nonblocking: file.nonblocking
                 && self
                     .backing
                     .as_ref()
                     .is_none_or(|b| b.capabilities().nonblocking),
+            // Reads of its data clusters map onto the file (`leased_mapping`).
+            maps_page_cache: file.maps_page_cache,
+            maps_ring: file.maps_ring,
         }
     }
 
