@@ -15,7 +15,7 @@
 //! says "in use") comes back *inconsistent*: it has no bits and can only be
 //! removed, as in QEMU. Bitmaps of an image opened read-only are *readonly*.
 
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 /// Smallest and largest granularities QEMU accepts.
 pub const MIN_GRANULARITY: u64 = 512;
@@ -105,8 +105,13 @@ impl DirtyBitmap {
         self.readonly
     }
 
+    /// The bits and flags, locked, poisoned or not: every write marks here,
+    /// and a holder that panicked can only have left extra granules set (a
+    /// mark or merge cut short sets fewer of the bits it meant to set, a
+    /// clear cut short clears fewer) or a flag unchanged. Extra dirty
+    /// granules cost a backup some bytes; they never hide a write.
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn name(&self) -> &str {
@@ -295,7 +300,7 @@ impl BitmapSet {
 
     /// Adds a bitmap; `false` if one of that name exists.
     pub fn insert(&self, bitmap: Arc<DirtyBitmap>) -> bool {
-        let mut list = self.list.write().unwrap_or_else(|e| e.into_inner());
+        let mut list = self.write();
         if list.iter().any(|b| b.name() == bitmap.name()) {
             return false;
         }
@@ -304,7 +309,7 @@ impl BitmapSet {
     }
 
     pub fn remove(&self, name: &str) -> Option<Arc<DirtyBitmap>> {
-        let mut list = self.list.write().unwrap_or_else(|e| e.into_inner());
+        let mut list = self.write();
         let i = list.iter().position(|b| b.name() == name)?;
         Some(list.remove(i))
     }
@@ -316,8 +321,15 @@ impl BitmapSet {
         }
     }
 
+    /// The list, poisoned or not: it changes only by one insert or remove,
+    /// which a panic cannot leave half-done, and every write reads it.
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<DirtyBitmap>>> {
-        self.list.read().unwrap_or_else(|e| e.into_inner())
+        self.list.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// As [`Self::read`], for the two changes.
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Arc<DirtyBitmap>>> {
+        self.list.write().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

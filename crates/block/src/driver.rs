@@ -1,12 +1,8 @@
 //! The driver trait every block driver implements.
 
-use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-
-use crate::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
+use crate::bitmap_store::BitmapStore;
 use crate::error::BlockResult;
-use crate::uring::AsyncTarget;
+use crate::mapping::{Access, FileMapping};
 
 /// What a driver can do, cached by the node at open.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -23,6 +19,12 @@ pub struct Capabilities {
     /// Calls never wait for a device (null-co, files in tmpfs): the node runs
     /// small requests inline instead of hopping to the blocking pool.
     pub nonblocking: bool,
+    /// [`Driver::map_file`] may name a page-cache file, or a file with an
+    /// io_uring. The node asks only for a path one of them allows, so a
+    /// format (qcow2) does not lock and map a range for a path its file
+    /// can never take: a read first tries `sendfile`, then the ring.
+    pub maps_page_cache: bool,
+    pub maps_ring: bool,
 }
 
 /// Flags for write_zeroes.
@@ -49,17 +51,6 @@ pub struct Extent {
     pub depth: u32,
 }
 
-/// A bitmap as the image describes it (QEMU's Qcow2BitmapInfo).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StoredBitmap {
-    pub name: String,
-    pub granularity: u64,
-    /// Not stored cleanly: the image is open for writing, or was not closed.
-    pub in_use: bool,
-    /// Records writes (enabled).
-    pub auto: bool,
-}
-
 /// A block driver: positional, synchronous I/O. Callers (the node) have
 /// checked ranges and permissions, so drivers need not re-validate.
 pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
@@ -81,17 +72,19 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
     fn try_read_now(&self, _buf: &mut [u8], _offset: u64) -> Option<BlockResult<()>> {
         None
     }
-    /// Where `[offset, offset+len)` lies in a file whose reads can neither
-    /// block nor fail (tmpfs, without O_DIRECT): the descriptor and the file
-    /// runs, in order, that hold its bytes (one for a raw file, one per run
-    /// of contiguous clusters for qcow2). A plaintext NBD reply then goes out with `sendfile`, straight
-    /// from the page cache, with no copy through user space. `None` for
-    /// everything else; the bytes must equal what `read_at` would return.
+    /// Where `[offset, offset+len)` lies in a file: the file runs that hold
+    /// its bytes, in order (one for a raw file, one per run of contiguous
+    /// clusters for qcow2), and what that file can do (page cache, a ring);
+    /// see `mapping.rs`. The node then moves the bytes itself (`sendfile`,
+    /// `splice`, the ring) instead of calling `read_at`/`write_at`, so the
+    /// bytes must be exactly those `read_at` would return. `None` when
+    /// neither path applies.
     ///
     /// For [`Access::Write`] the bytes will be written straight into the
     /// file, so only drivers whose `write_at` would write exactly there (raw
-    /// over a file) may answer; qcow2 answers reads only.
-    fn page_cache_slice(&self, _offset: u64, _len: u64, _access: Access) -> Option<PageCacheRange> {
+    /// over a file) may answer; qcow2 answers reads only. After such a
+    /// write the node calls [`Self::mapping_written`].
+    fn map_file(&self, _offset: u64, _len: u64, _access: Access) -> Option<FileMapping<'_>> {
         None
     }
     /// `block_status` if it can be answered at once, without a syscall that
@@ -102,110 +95,18 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
     fn try_block_status_now(&self, _offset: u64, _len: u64) -> Option<BlockResult<Extent>> {
         None
     }
-    /// Where `[offset, offset+len)` can be read or written through an
-    /// io_uring (see `uring.rs`): a file opened with `aio=io_uring` or
-    /// `aio=native`, the whole range at one file offset, aligned as the file
-    /// needs. As for [`Self::page_cache_slice`], only drivers whose
-    /// `read_at`/`write_at` would do exactly that positional I/O may answer
-    /// (raw over a file); after a write the node calls
-    /// [`Self::page_cache_written`].
-    fn async_target(&self, _offset: u64, _len: u64, _access: Access) -> Option<AsyncTarget> {
-        None
-    }
     /// Called after bytes were written straight into the file that
-    /// [`Self::page_cache_slice`] or [`Self::async_target`] named (a spliced
-    /// NBD WRITE, or one through the ring), so drivers in
-    /// between do what their `write_at` would have: raw marks its child's
-    /// bitmaps.
-    fn page_cache_written(&self, _offset: u64, _len: u64) {}
-    /// Whether the format can store persistent dirty bitmaps (qcow2 can;
-    /// `block-dirty-bitmap-add persistent=true` is refused elsewhere).
-    fn can_store_bitmaps(&self) -> bool {
-        false
-    }
-    /// Why a new persistent bitmap could not be stored, checked when it is
-    /// added (QEMU's bdrv_can_store_new_dirty_bitmap), so close cannot fail on it.
-    fn check_new_persistent_bitmap(&self, _name: &str, _granularity: u64) -> Result<(), String> {
-        Ok(())
-    }
-    /// The granularity of a bitmap added without one: QEMU's rule is the
-    /// cluster size, kept between 4 KiB and 64 KiB, and 64 KiB without clusters.
-    fn default_bitmap_granularity(&self) -> u64 {
-        DEFAULT_GRANULARITY
-    }
-    /// The persistent bitmaps found at open; the node takes them once.
-    fn take_loaded_bitmaps(&self) -> Vec<DirtyBitmap> {
-        Vec::new()
-    }
-    /// Drops a persistent bitmap from the image now (QEMU does not wait for close).
-    fn remove_persistent_bitmap(&self, _name: &str) -> BlockResult<()> {
-        Ok(())
-    }
-    /// Writes the node's persistent bitmaps into the image; called at close.
-    fn store_persistent_bitmaps(&self, _bitmaps: &[Arc<DirtyBitmap>]) -> BlockResult<()> {
-        Ok(())
-    }
-    /// The bitmaps the image holds right now, for query-named-block-nodes.
-    fn stored_bitmaps(&self) -> Vec<StoredBitmap> {
-        Vec::new()
+    /// [`Self::map_file`] named (a spliced NBD WRITE, or one through the
+    /// ring), so drivers in between do what their `write_at` would have:
+    /// raw marks its child's bitmaps.
+    fn mapping_written(&self, _offset: u64, _len: u64) {}
+    /// Where the format keeps persistent dirty bitmaps (qcow2); `None`
+    /// for drivers that cannot store them.
+    fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
+        None
     }
     /// Readahead hint.
     fn cache(&self, _offset: u64, _len: u64) -> BlockResult<()> {
         Ok(())
-    }
-}
-
-/// What a [`Driver::page_cache_slice`] caller will do with the range.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Access {
-    Read,
-    Write,
-}
-
-/// Where a range lies in a page-cache file (see [`Driver::page_cache_slice`]).
-#[derive(Debug)]
-pub struct PageCacheRange {
-    pub fd: RawFd,
-    /// The range's bytes, in order: their lengths add up to the range's.
-    pub runs: Vec<FileRun>,
-    /// Held until the bytes are sent: a format's mapping (qcow2) stays
-    /// valid while it lives, since the clusters it names are not freed.
-    pub lease: Option<MappingLease>,
-}
-
-/// `len` bytes of a file from `offset`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FileRun {
-    pub offset: u64,
-    pub len: u64,
-}
-
-impl PageCacheRange {
-    /// `len` bytes of `fd` from `offset`: one run.
-    pub fn new(fd: RawFd, offset: u64, len: u64) -> Self {
-        Self {
-            fd,
-            runs: vec![FileRun { offset, len }],
-            lease: None,
-        }
-    }
-}
-
-/// One use of a format driver's mapping, counted until dropped.
-#[derive(Debug)]
-pub struct MappingLease(Arc<AtomicUsize>);
-
-impl MappingLease {
-    /// Counts one more use; the driver takes it under the lock its frees
-    /// check the count under.
-    pub fn new(count: Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
-        Self(count)
-    }
-}
-
-impl Drop for MappingLease {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }

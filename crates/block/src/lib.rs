@@ -11,23 +11,31 @@
 //! file, later qcow2 over file) and a request hops onto a worker thread once,
 //! at the node. The node's API already has the owned-buffer shape that an
 //! io_uring engine needs, so the engine can change without touching callers.
+//!
+//! Modules import one way (no cycle): `node` → `driver` → `mapping` (where
+//! a range lies in a file) → `uring` (the ring and its `Batch`) → `run`
+//! (`FileRun`); `bitmap_store` holds the persistent-bitmap trait a format
+//! may offer beside `Driver`; `buf` owns `IoBuf` and its buffer pool.
 
 pub mod bitmap;
+pub mod bitmap_store;
 pub mod buf;
 pub mod driver;
 pub mod drivers;
 pub mod error;
+pub mod mapping;
 pub mod node;
+pub mod run;
 pub mod uring;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 
 pub use bitmap::{BitmapLease, BitmapSet, DirtyBitmap};
+pub use bitmap_store::{BitmapStore, StoredBitmap};
 pub use buf::IoBuf;
-pub use driver::{
-    Access, Capabilities, Driver, Extent, FileRun, MappingLease, PageCacheRange, StoredBitmap,
-    ZeroFlags,
-};
+pub use driver::{Capabilities, Driver, Extent, ZeroFlags};
 pub use error::{BlockError, BlockErrorKind, BlockResult};
+pub use mapping::{Access, FileMapping, MappingLease};
 pub use node::{BlockNode, FileSlice};
+pub use run::FileRun;

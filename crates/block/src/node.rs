@@ -1,31 +1,45 @@
 //! `BlockNode`: a named driver instance, and the async edge of the block layer.
 
 use std::ops::Range;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::bitmap::BitmapSet;
+use crate::bitmap::{BitmapSet, DEFAULT_GRANULARITY};
 use crate::buf::IoBuf;
-use crate::driver::{Access, Capabilities, Driver, Extent, FileRun, MappingLease, ZeroFlags};
+use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
-use crate::uring::AsyncTarget;
+use crate::mapping::{Access, FileMapping, MappingLease};
+use crate::run::{runs_within, FileRun};
+use crate::uring::{Batch, Ring};
 
 /// The largest request a non-blocking driver runs inline on the caller's thread.
 const INLINE_MAX: u64 = 256 * 1024;
+/// A read goes out with `sendfile` only if its file runs average at least
+/// this: a `sendfile` per shorter run costs more than the copy.
+const MIN_AVERAGE_RUN: u64 = 128 * 1024;
 
 /// Bytes of a node that sit in a page-cache file: `fd`'s `runs`, in order.
 /// It holds the node, so the descriptor stays open while the slice lives,
 /// and a format's lease, so the mapping stays valid (qcow2 frees no cluster).
 #[derive(Debug)]
 pub struct FileSlice {
-    pub fd: RawFd,
+    /// Open while `_node` lives; lent out only as a [`BorrowedFd`] tied to
+    /// the slice.
+    fd: RawFd,
     runs: Vec<FileRun>,
     _node: Arc<BlockNode>,
     _lease: Option<MappingLease>,
 }
 
 impl FileSlice {
+    /// The file's descriptor, valid while the slice is.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the slice holds the node, whose driver owns the open
+        // descriptor, so it stays open for the borrow's lifetime.
+        unsafe { BorrowedFd::borrow_raw(self.fd) }
+    }
+
     /// The descriptor as a `File` for positional I/O; it is never closed
     /// through this (the node owns it).
     pub fn file(&self) -> std::mem::ManuallyDrop<std::fs::File> {
@@ -49,20 +63,6 @@ impl FileSlice {
     }
 }
 
-/// The parts of `runs` (laid end to end from 0) that hold bytes `range`.
-fn runs_within(runs: &[FileRun], range: Range<u64>) -> impl Iterator<Item = FileRun> + '_ {
-    let mut pos = 0u64;
-    runs.iter().filter_map(move |run| {
-        let (run_start, run_end) = (pos, pos + run.len);
-        pos = run_end;
-        let (start, end) = (range.start.max(run_start), range.end.min(run_end));
-        (start < end).then(|| FileRun {
-            offset: run.offset + (start - run_start),
-            len: end - start,
-        })
-    })
-}
-
 #[derive(Debug)]
 pub struct BlockNode {
     node_name: String,
@@ -79,8 +79,10 @@ impl BlockNode {
     pub fn new(node_name: String, driver: Arc<dyn Driver>, read_only: bool) -> Self {
         let caps = driver.capabilities();
         let bitmaps = BitmapSet::default();
-        for b in driver.take_loaded_bitmaps() {
-            bitmaps.insert(Arc::new(b));
+        if let Some(store) = driver.bitmap_store() {
+            for b in store.take_loaded_bitmaps() {
+                bitmaps.insert(Arc::new(b));
+            }
         }
         Self {
             node_name,
@@ -93,24 +95,31 @@ impl BlockNode {
     }
 
     /// The range's bytes as a slice of a page-cache file (see
-    /// [`Driver::page_cache_slice`]), for sending without a copy.
+    /// [`Driver::map_file`]), for sending without a copy.
     pub fn page_cache_slice(self: &Arc<Self>, offset: u64, len: u64) -> Option<FileSlice> {
         self.slice(offset, len, Access::Read)
     }
 
     fn slice(self: &Arc<Self>, offset: u64, len: u64, access: Access) -> Option<FileSlice> {
+        if !self.caps.maps_page_cache {
+            return None;
+        }
         self.check_range(offset, len).ok()?;
-        let range = self.driver.page_cache_slice(offset, len, access)?;
-        let covered: u64 = range.runs.iter().map(|r| r.len).sum();
-        // One run for a write: the splice writes one file range.
-        if covered != len || (access == Access::Write && range.runs.len() != 1) {
+        let m = self.driver.map_file(offset, len, access)?;
+        // One run for a write: the splice writes one file range. A read in
+        // many short runs costs more in `sendfile` calls than the copy.
+        let runs_ok = match access {
+            Access::Write => m.runs.len() == 1,
+            Access::Read => m.runs.len() as u64 * MIN_AVERAGE_RUN <= len.max(MIN_AVERAGE_RUN),
+        };
+        if !m.page_cache || m.len() != len || !runs_ok {
             return None;
         }
         Some(FileSlice {
-            fd: range.fd,
-            runs: range.runs,
+            fd: m.fd.as_raw_fd(),
+            runs: m.runs,
             _node: self.clone(),
-            _lease: range.lease,
+            _lease: m.lease,
         })
     }
 
@@ -126,7 +135,7 @@ impl BlockNode {
     /// marked here and below, as `write` would have (also after a failure,
     /// which may have changed part of the range).
     pub fn page_cache_written(&self, offset: u64, len: u64) {
-        self.driver.page_cache_written(offset, len);
+        self.driver.mapping_written(offset, len);
         self.mark_dirty(offset, len);
     }
 
@@ -137,7 +146,18 @@ impl BlockNode {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        self.driver.store_persistent_bitmaps(&self.bitmaps.list())
+        match self.driver.bitmap_store() {
+            Some(store) => store.store_persistent_bitmaps(&self.bitmaps.list()),
+            None => Ok(()),
+        }
+    }
+
+    /// The granularity of a bitmap added without one: the format's rule
+    /// where it stores bitmaps, QEMU's 64 KiB elsewhere.
+    pub fn default_bitmap_granularity(&self) -> u64 {
+        self.driver
+            .bitmap_store()
+            .map_or(DEFAULT_GRANULARITY, |s| s.default_bitmap_granularity())
     }
 
     pub fn node_name(&self) -> &str {
@@ -224,15 +244,43 @@ impl BlockNode {
         self.caps.nonblocking && len <= INLINE_MAX
     }
 
-    /// Where a request that would go to the pool can go to an io_uring instead.
-    fn ring_target(&self, offset: u64, len: u64, access: Access) -> Option<AsyncTarget> {
-        match self.runs_inline(len) {
-            true => None,
-            false => self.driver.async_target(offset, len, access),
+    /// Where a request that would go to the pool can go to an io_uring
+    /// instead: the file's ring and runs covering the whole range.
+    fn ring_mapping(
+        &self,
+        offset: u64,
+        len: u64,
+        access: Access,
+    ) -> Option<(&Ring, FileMapping<'_>)> {
+        if !self.caps.maps_ring || self.runs_inline(len) {
+            return None;
         }
+        let m = self.driver.map_file(offset, len, access)?;
+        let ring = m.ring.filter(|_| m.len() == len)?;
+        Some((ring, m))
     }
 
-    pub async fn read(&self, mut buf: IoBuf, offset: u64) -> (IoBuf, BlockResult<()>) {
+    pub async fn read(&self, buf: IoBuf, offset: u64) -> (IoBuf, BlockResult<()>) {
+        self.read_via(buf, offset, None).await
+    }
+
+    /// [`Self::read`], with what it queues on an io_uring left in `batch`
+    /// while that is plugged (see `uring/batch.rs`).
+    pub async fn read_batched(
+        &self,
+        buf: IoBuf,
+        offset: u64,
+        batch: &Batch,
+    ) -> (IoBuf, BlockResult<()>) {
+        self.read_via(buf, offset, Some(batch)).await
+    }
+
+    async fn read_via(
+        &self,
+        mut buf: IoBuf,
+        offset: u64,
+        batch: Option<&Batch>,
+    ) -> (IoBuf, BlockResult<()>) {
         let len = buf.len() as u64;
         if let Err(e) = self.check_range(offset, len) {
             return (buf, Err(e));
@@ -242,11 +290,11 @@ impl BlockNode {
                 return (buf, r);
             }
         }
-        if let Some(t) = self.ring_target(offset, len, Access::Read) {
-            let (buf, r) = t.ring.read_runs(t.fd, buf, &t.runs).await;
+        if let Some((ring, m)) = self.ring_mapping(offset, len, Access::Read) {
+            let (buf, r) = ring.read_runs(m.fd, buf, &m.runs, batch).await;
             // The mapping (a qcow2 lease) stays valid until the bytes are in.
-            drop(t.lease);
-            let what = || format!("Could not read from '{}'", t.path.display());
+            drop(m.lease);
+            let what = || format!("Could not read from '{}'", m.path.display());
             return (buf, r.map_err(|e| BlockError::io(what(), e)));
         }
         self.run(buf.len() as u64, move |d| {
@@ -257,6 +305,28 @@ impl BlockNode {
     }
 
     pub async fn write(&self, buf: IoBuf, offset: u64, fua: bool) -> (IoBuf, BlockResult<()>) {
+        self.write_via(buf, offset, fua, None).await
+    }
+
+    /// [`Self::write`], with what it queues on an io_uring left in `batch`
+    /// while that is plugged.
+    pub async fn write_batched(
+        &self,
+        buf: IoBuf,
+        offset: u64,
+        fua: bool,
+        batch: &Batch,
+    ) -> (IoBuf, BlockResult<()>) {
+        self.write_via(buf, offset, fua, Some(batch)).await
+    }
+
+    async fn write_via(
+        &self,
+        buf: IoBuf,
+        offset: u64,
+        fua: bool,
+        batch: Option<&Batch>,
+    ) -> (IoBuf, BlockResult<()>) {
         if let Err(e) = self
             .check_writable()
             .and(self.check_range(offset, buf.len() as u64))
@@ -264,14 +334,14 @@ impl BlockNode {
             return (buf, Err(e));
         }
         let len = buf.len() as u64;
-        let target = self.ring_target(offset, len, Access::Write);
-        if let Some(t) = target.filter(|t| t.runs.len() == 1) {
-            // Only raw over a file answers writes: one run.
-            let (buf, r) = t.ring.write(t.fd, buf, t.runs[0].offset, fua).await;
+        let mapping = self.ring_mapping(offset, len, Access::Write);
+        // Only raw over a file answers writes: one run.
+        if let Some((ring, m)) = mapping.filter(|(_, m)| m.runs.len() == 1) {
+            let (buf, r) = ring.write(m.fd, buf, m.runs[0].offset, fua, batch).await;
             // Even a failed write may have changed part of the range.
-            self.driver.page_cache_written(offset, len);
+            self.driver.mapping_written(offset, len);
             self.mark_dirty(offset, len);
-            let what = || format!("Could not write to '{}'", t.path.display());
+            let what = || format!("Could not write to '{}'", m.path.display());
             return (buf, r.map_err(|e| BlockError::io(what(), e)));
         }
         let done = self
@@ -333,27 +403,5 @@ impl Drop for BlockNode {
         if let Err(e) = self.close() {
             tracing::error!(node = %self.node_name, error = %e, "storing persistent bitmaps failed");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run(offset: u64, len: u64) -> FileRun {
-        FileRun { offset, len }
-    }
-
-    #[test]
-    fn test_runs_within_maps_a_range_onto_the_runs_it_spans() {
-        // Bytes 0..10 at file 100, 10..30 at file 500, 30..35 at file 40.
-        let runs = [run(100, 10), run(500, 20), run(40, 5)];
-        let got = |r: Range<u64>| runs_within(&runs, r).collect::<Vec<_>>();
-        assert_eq!(got(0..35), runs.to_vec());
-        assert_eq!(got(3..8), vec![run(103, 5)]);
-        assert_eq!(got(8..33), vec![run(108, 2), run(500, 20), run(40, 3)]);
-        assert_eq!(got(10..30), vec![run(500, 20)]);
-        assert_eq!(got(30..35), vec![run(40, 5)]);
-        assert_eq!(got(12..12), vec![]);
     }
 }

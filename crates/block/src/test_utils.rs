@@ -36,6 +36,7 @@ impl Driver for MemDriver {
             request_alignment: 1,
             max_transfer: 0,
             nonblocking: true,
+            ..Capabilities::default()
         }
     }
 

@@ -279,3 +279,57 @@ fn test_cached_read_is_served_at_once_and_matches() {
         );
     }
 }
+
+/// One mapping hook: a tmpfs file says "page cache" and the node hands out
+/// a `sendfile` slice; a disk file without a ring says nothing; a file with
+/// a ring names it (where the kernel has io_uring); blkdebug never maps.
+#[test]
+fn test_map_file_says_what_the_file_can_do() {
+    use block::drivers::blkdebug::BlkdebugDriver;
+    use block::drivers::file::AioMode;
+    use block::Access;
+    let shm = tempfile::tempdir_in("/dev/shm").expect("/dev/shm is a tmpfs on Linux");
+    let path = shm.path().join("disk.img");
+    std::fs::File::create(&path).unwrap().set_len(MIB).unwrap();
+    let mem = FileDriver::open(&FileOptions {
+        filename: path,
+        ..FileOptions::default()
+    })
+    .unwrap();
+    let m = mem
+        .map_file(4096, 8192, Access::Read)
+        .expect("a page-cache file");
+    assert!(m.page_cache && m.ring.is_none());
+    assert_eq!(
+        m.runs,
+        vec![block::FileRun {
+            offset: 4096,
+            len: 8192
+        }]
+    );
+    assert!(
+        mem.map_file(MIB - 4096, 8192, Access::Write).is_none(),
+        "writes stay inside"
+    );
+    let mem = Arc::new(BlockNode::new("m".into(), Arc::new(mem), false));
+    assert!(mem.page_cache_slice(0, 256 * 1024).is_some());
+    let over = BlkdebugDriver::new(mem, Vec::new());
+    assert!(!over.capabilities().maps_page_cache);
+    assert!(over.map_file(0, 4096, Access::Read).is_none());
+
+    let (_dir, opts) = image(MIB);
+    let disk = FileDriver::open(&opts).unwrap();
+    assert!(disk.map_file(0, 4096, Access::Read).is_none());
+    drop(disk);
+    let ring = FileDriver::open(&FileOptions {
+        aio: AioMode::IoUring,
+        ..opts
+    })
+    .unwrap();
+    if ring.capabilities().maps_ring {
+        let m = ring
+            .map_file(0, 4096, Access::Write)
+            .expect("the file's ring");
+        assert!(m.ring.is_some() && !m.page_cache);
+    }
+}

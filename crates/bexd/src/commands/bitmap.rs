@@ -118,9 +118,9 @@ fn apply(
         TransactionAction::Remove(r) => {
             let (node, b) = lookup(daemon, &r)?;
             check_usable(&b, Use::Remove)?;
-            if b.persistent() {
+            if let Some(store) = node.driver().bitmap_store().filter(|_| b.persistent()) {
                 // QEMU drops it from the image at once, not at commit.
-                node.driver()
+                store
                     .remove_persistent_bitmap(b.name())
                     .map_err(|e| QmpError::generic(e.to_string()))?;
             }
@@ -161,17 +161,18 @@ fn add(daemon: &Daemon, a: &BlockDirtyBitmapAdd) -> Result<Arc<BlockNode>, QmpEr
             }
             g
         }
-        None => node.driver().default_bitmap_granularity(),
+        None => node.default_bitmap_granularity(),
     };
     let persistent = a.persistent.unwrap_or(false);
-    if persistent && !node.driver().can_store_bitmaps() {
+    let store = node.driver().bitmap_store();
+    if persistent && store.is_none() {
         return Err(QmpError::generic(format!(
             "Can't store persistent bitmaps to {}: Operation not supported",
             a.node
         )));
     }
-    if persistent {
-        node.driver()
+    if let Some(store) = store.filter(|_| persistent) {
+        store
             .check_new_persistent_bitmap(&a.name, granularity)
             .map_err(|why| {
                 QmpError::generic(format!(

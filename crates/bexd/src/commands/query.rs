@@ -164,7 +164,7 @@ fn image_info(nodes: &Nodes, entry: &NodeEntry, flat: bool) -> Value {
     image["cluster-size"] = json!(q.cluster_size);
     image["format-specific"] = json!({
         "type": "qcow2",
-        "data": qcow2_specific(q, &node.driver().stored_bitmaps()),
+        "data": qcow2_specific(q, &node.driver().bitmap_store().map(|s| s.stored_bitmaps()).unwrap_or_default()),
     });
     if let Some(b) = &q.backing_file {
         image["backing-filename"] = json!(b);

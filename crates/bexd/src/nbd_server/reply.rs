@@ -194,7 +194,7 @@ async fn send_file<W: ReplyWriter>(
         return w.write_all(scratch).await;
     }
     while len > 0 {
-        let n = std::future::poll_fn(|cx| w.poll_sendfile(cx, slice.fd, offset, len)).await?;
+        let n = std::future::poll_fn(|cx| w.poll_sendfile(cx, slice.fd(), offset, len)).await?;
         if n == 0 {
             scratch.clear();
             scratch.resize(len, 0);

@@ -4,7 +4,7 @@
 //! at all: the socket buffers reference the file's pages).
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, Interest};
@@ -21,7 +21,7 @@ pub trait ReplyWriter: AsyncWrite + Unpin + Send + 'static {
     fn poll_sendfile(
         &mut self,
         _cx: &mut Context<'_>,
-        _fd: RawFd,
+        _fd: BorrowedFd<'_>,
         _offset: u64,
         _len: usize,
     ) -> Poll<io::Result<usize>> {
@@ -51,7 +51,7 @@ macro_rules! sendfile_socket {
             fn poll_sendfile(
                 &mut self,
                 cx: &mut Context<'_>,
-                fd: RawFd,
+                fd: BorrowedFd<'_>,
                 offset: u64,
                 len: usize,
             ) -> Poll<io::Result<usize>> {
@@ -59,7 +59,7 @@ macro_rules! sendfile_socket {
                 loop {
                     ready!(stream.poll_write_ready(cx))?;
                     let sent = stream.try_io(Interest::WRITABLE, || {
-                        sendfile_once(stream.as_raw_fd(), fd, offset, len)
+                        sendfile_once(stream.as_raw_fd(), fd.as_raw_fd(), offset, len)
                     });
                     match sent {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

@@ -5,7 +5,7 @@
 //! had buffered.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, Interest};
@@ -126,7 +126,7 @@ impl Pipe {
 pub async fn splice_payload<R: RequestReader>(
     reader: &mut R,
     pipe: &Pipe,
-    fd: RawFd,
+    fd: BorrowedFd<'_>,
     mut offset: u64,
     mut len: usize,
 ) -> io::Result<io::Result<()>> {
@@ -149,7 +149,7 @@ pub async fn splice_payload<R: RequestReader>(
 /// nothing. Pipe errors end the connection: its contents are then unknown.
 fn drain_pipe(
     pipe: &Pipe,
-    fd: RawFd,
+    fd: BorrowedFd<'_>,
     offset: &mut u64,
     mut n: usize,
     file_error: &mut Option<io::Error>,
@@ -157,7 +157,7 @@ fn drain_pipe(
     let mut discard = [0u8; 8192];
     while n > 0 {
         if file_error.is_none() {
-            match splice(pipe.read.as_raw_fd(), fd, Some(offset), n) {
+            match splice(pipe.read.as_raw_fd(), fd.as_raw_fd(), Some(offset), n) {
                 Ok(0) => *file_error = Some(io::ErrorKind::WriteZero.into()),
                 Ok(m) => n -= m,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use block::uring::Batch;
 use block::{BlockError, BlockNode, IoBuf, ZeroFlags};
 use nbd::consts::{
     CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, REQUEST_HEADER_LEN,
@@ -84,6 +85,9 @@ struct Context {
     zero_copy: bool,
     /// Payload bytes in flight across the whole server.
     shared: Arc<SharedBudget>,
+    /// The reader's io_uring batch, plugged while it polls a request (see
+    /// [`run_or_spawn`]); requests pass it to the node's reads and writes.
+    batch: Batch,
 }
 
 /// A WRITE's payload as the reader left it for the request's task.
@@ -117,6 +121,7 @@ impl Session {
                 writethrough,
                 zero_copy: false,
                 shared,
+                batch: Batch::new(),
             }),
             leftover,
         }
@@ -164,9 +169,13 @@ async fn read_requests<R: RequestReader>(
     let mut header = [0u8; REQUEST_HEADER_LEN];
     let mut pipe: Option<Pipe> = None;
     // Whichever way the loop ends, nothing it deferred stays unsubmitted.
-    let _submit = SubmitOnDrop;
+    let _submit = SubmitOnDrop(ctx.batch.clone());
+    let batch = &ctx.batch;
     loop {
-        if unplugged(input.read_exact(&mut header)).await.is_err() {
+        if unplugged(batch, input.read_exact(&mut header))
+            .await
+            .is_err()
+        {
             return;
         }
         let request = match decode_request(&header) {
@@ -181,20 +190,20 @@ async fn read_requests<R: RequestReader>(
             tracing::info!(%reason, "disconnecting NBD client");
             return;
         }
-        let Ok(slot) = unplugged(slots.clone().acquire_owned()).await else {
+        let Ok(slot) = unplugged(batch, slots.clone().acquire_owned()).await else {
             return;
         };
         let len = pinned_bytes(&request, &verdict, ctx.negotiated.meta_contexts.len());
         let cost = 1 + (len / BUDGET_UNIT).min(BUDGET as u64 - 1) as u32;
-        let Ok(permit) = unplugged(budget.clone().acquire_many_owned(cost)).await else {
+        let Ok(permit) = unplugged(batch, budget.clone().acquire_many_owned(cost)).await else {
             return;
         };
-        let shared = unplugged(take_shared(&ctx.shared, &slots, len)).await;
+        let shared = unplugged(batch, take_shared(&ctx.shared, &slots, len)).await;
         let permits = Permits::new(slot, permit, shared);
         if request.payload_len() >= SUBMIT_BEFORE_PAYLOAD {
             // A big payload takes a while to take in: what the requests
             // before it queued on a ring goes to the device first.
-            block::uring::submit_deferred();
+            batch.submit();
         }
         let payload = match request.payload_len() {
             0 => Payload::None,
@@ -206,14 +215,19 @@ async fn read_requests<R: RequestReader>(
                     let Some(p) = &pipe else {
                         return;
                     };
-                    match unplugged(write_spliced(&mut input, &ctx, &request, slice, p)).await {
+                    match unplugged(batch, write_spliced(&mut input, &ctx, &request, slice, p))
+                        .await
+                    {
                         Ok(result) => Payload::Written(result),
                         Err(_) => return,
                     }
                 }
                 None => {
                     let mut buf = IoBuf::for_overwrite(len);
-                    if unplugged(read_payload(&mut input, &mut buf)).await.is_err() {
+                    if unplugged(batch, read_payload(&mut input, &mut buf))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                     Payload::Buf(buf)
@@ -225,14 +239,19 @@ async fn read_requests<R: RequestReader>(
         }
         let ctx = ctx.clone();
         let tx = tx.clone();
-        run_or_spawn(Box::pin(async move {
-            let mut reply = match verdict {
-                Verdict::Reject { errno, message } => error_reply(&ctx, &request, errno, &message),
-                _ => handle(&ctx, &request, payload).await,
-            };
-            reply.hold_permits(permits);
-            let _ = tx.send(reply);
-        }))
+        run_or_spawn(
+            Box::pin(async move {
+                let mut reply = match verdict {
+                    Verdict::Reject { errno, message } => {
+                        error_reply(&ctx, &request, errno, &message)
+                    }
+                    _ => handle(&ctx, &request, payload).await,
+                };
+                reply.hold_permits(permits);
+                let _ = tx.send(reply);
+            }),
+            batch,
+        )
         .await;
     }
 }
@@ -277,7 +296,7 @@ async fn write_spliced<R: RequestReader>(
     let mut socket = Ok(());
     if n < len {
         let reader = input.get_mut();
-        let spliced = splice_payload(reader, pipe, slice.fd, slice.start() + n as u64, len - n);
+        let spliced = splice_payload(reader, pipe, slice.fd(), slice.start() + n as u64, len - n);
         match spliced.await {
             Ok(Err(e)) if result.is_ok() => result = Err(e),
             Ok(_) => {}
@@ -357,40 +376,38 @@ const WRITE_GRACE: Duration = Duration::from_secs(5);
 /// request left pending keeps its place: the spawned task polls the same
 /// future again, with its own waker.
 ///
-/// The I/O it starts on an io_uring is queued, not submitted
-/// (`block::uring::deferring`): the reader submits what the requests it
+/// The I/O it starts on an io_uring is queued, not submitted (`batch` is
+/// plugged while it is polled): the reader submits what the requests it
 /// polled in a row queued with one call, in [`unplugged`], before it waits.
-async fn run_or_spawn(mut request: Pin<Box<dyn Future<Output = ()> + Send>>) {
-    let first = std::future::poll_fn(|cx| {
-        Poll::Ready(block::uring::deferring(|| request.as_mut().poll(cx)))
-    })
-    .await;
+async fn run_or_spawn(mut request: Pin<Box<dyn Future<Output = ()> + Send>>, batch: &Batch) {
+    let first =
+        std::future::poll_fn(|cx| Poll::Ready(batch.plugged(|| request.as_mut().poll(cx)))).await;
     if first.is_pending() {
         tokio::spawn(request);
     }
 }
 
 /// Awaits `fut`; if it has to wait, first submits the ring I/O that the
-/// requests polled on this thread left queued. Every wait of the reader goes
+/// requests it polled left queued in `batch`. Every wait of the reader goes
 /// through here, or a queued read could wait for the reader, and the reader
 /// for it (its budget back).
-async fn unplugged<F: Future>(fut: F) -> F::Output {
+async fn unplugged<F: Future>(batch: &Batch, fut: F) -> F::Output {
     let mut fut = std::pin::pin!(fut);
     match std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
         Poll::Ready(v) => v,
         Poll::Pending => {
-            block::uring::submit_deferred();
+            batch.submit();
             fut.await
         }
     }
 }
 
 /// Submits the reader's deferred ring I/O when it stops (see [`unplugged`]).
-struct SubmitOnDrop;
+struct SubmitOnDrop(Batch);
 
 impl Drop for SubmitOnDrop {
     fn drop(&mut self) {
-        block::uring::submit_deferred();
+        self.0.submit();
     }
 }
 
@@ -471,7 +488,7 @@ async fn handle(ctx: &Context, req: &RequestHeader, payload: Payload) -> Reply {
         CommandType::WRITE => match payload {
             Payload::Buf(buf) => {
                 let durable = fua || ctx.writethrough;
-                node.write(buf, offset, durable).await.1
+                node.write_batched(buf, offset, durable, &ctx.batch).await.1
             }
             Payload::Written(Ok(())) if fua || ctx.writethrough => node.flush().await,
             Payload::Written(r) => r,
@@ -523,7 +540,7 @@ async fn read(ctx: &Context, req: &RequestHeader) -> Reply {
         None => {
             // Every driver fills a read buffer completely on success, so a reused one is fine.
             let buf = IoBuf::for_overwrite(req.length as usize);
-            let (buf, result) = ctx.node.read(buf, req.offset).await;
+            let (buf, result) = ctx.node.read_batched(buf, req.offset, &ctx.batch).await;
             if let Err(e) = result {
                 return block_error_reply(ctx, req, &e);
             }

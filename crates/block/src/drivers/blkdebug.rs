@@ -7,7 +7,7 @@
 //! extension, `x-after`). Unlike QEMU's blkdebug, rules are always armed: the
 //! event/state machinery is not modelled.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
 use crate::error::{BlockError, BlockResult};
@@ -41,6 +41,8 @@ pub struct InjectError {
 #[derive(Debug)]
 pub struct BlkdebugDriver {
     child: Arc<BlockNode>,
+    /// Taken poisoned or not: a rule changes by one counter step or one
+    /// removal, which a panic cannot leave half-done.
     rules: Mutex<Vec<InjectError>>,
 }
 
@@ -58,7 +60,7 @@ impl BlkdebugDriver {
 
     /// Fails the request if a rule says so; updates `once`/`after` bookkeeping.
     fn check(&self, io: IoType, offset: u64, len: u64) -> BlockResult<()> {
-        let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rules = self.rules.lock().unwrap_or_else(PoisonError::into_inner);
         let hit = rules.iter_mut().position(|r| {
             let in_range = r.sector.is_none_or(|s| {
                 let at = s * 512;
@@ -100,6 +102,9 @@ impl Driver for BlkdebugDriver {
         caps.can_write = caps.can_write && !self.child.read_only();
         // Rules take a lock; keep the work off the async workers like any I/O.
         caps.nonblocking = false;
+        // Every request must pass the rules: nothing bypasses `read_at`.
+        caps.maps_page_cache = false;
+        caps.maps_ring = false;
         caps
     }
 

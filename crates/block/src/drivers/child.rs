@@ -8,10 +8,10 @@
 
 use std::sync::Arc;
 
-use crate::driver::{Access, Capabilities, Driver, Extent, PageCacheRange, ZeroFlags};
+use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
 use crate::error::BlockResult;
+use crate::mapping::{Access, FileMapping};
 use crate::node::BlockNode;
-use crate::uring::AsyncTarget;
 
 #[derive(Debug)]
 pub struct MarkingChild {
@@ -50,17 +50,9 @@ impl Driver for MarkingChild {
     }
 
     /// Reads only: a write straight into the file would skip the marking.
-    fn page_cache_slice(&self, offset: u64, len: u64, access: Access) -> Option<PageCacheRange> {
+    fn map_file(&self, offset: u64, len: u64, access: Access) -> Option<FileMapping<'_>> {
         match access {
-            Access::Read => self.d().page_cache_slice(offset, len, access),
-            Access::Write => None,
-        }
-    }
-
-    /// Reads only, as for `page_cache_slice`.
-    fn async_target(&self, offset: u64, len: u64, access: Access) -> Option<AsyncTarget> {
-        match access {
-            Access::Read => self.d().async_target(offset, len, access),
+            Access::Read => self.d().map_file(offset, len, access),
             Access::Write => None,
         }
     }

@@ -12,17 +12,18 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::lock::{lock_image, PERM_READ, PERM_RESIZE, PERM_WRITE};
 use crate::buf::{IoBuf, ALIGNMENT};
-use crate::driver::{Access, Capabilities, Driver, Extent, FileRun, PageCacheRange, ZeroFlags};
+use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
-use crate::uring::{AsyncTarget, Ring};
+use crate::mapping::{Access, FileMapping};
+use crate::uring::Ring;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AioMode {
@@ -66,8 +67,8 @@ const BLKZEROOUT: libc::c_ulong = 0x127f;
 #[derive(Debug)]
 pub struct FileDriver {
     file: File,
-    /// Shared with the ring's requests, for their error messages.
-    path: Arc<Path>,
+    /// For error messages (the ring's too, through `map_file`).
+    path: PathBuf,
     size: u64,
     read_only: bool,
     direct: bool,
@@ -80,16 +81,19 @@ pub struct FileDriver {
     /// `preadv2(RWF_NOWAIT)` works here; cleared the first time the kernel
     /// says it does not (EOPNOTSUPP), so unsupported files stop trying.
     nowait_reads: AtomicBool,
-    /// Serialises read-modify-write of unaligned O_DIRECT writes.
+    /// Serialises read-modify-write of unaligned O_DIRECT writes. It guards
+    /// no data, so a poisoned lock is taken as it is (see [`relock`]).
     rmw: Mutex<()>,
     /// The last data extent SEEK_DATA/SEEK_HOLE found. On tmpfs and others
     /// SEEK_HOLE walks the page cache up to the next hole, so without this a
     /// fully allocated image pays O(file size) per query. Writes only turn
     /// holes into data, so a cached data range stays true until a discard or
     /// hole punch, which clears it. (QEMU keeps the same kind of cache.)
+    /// The value is replaced whole, never half-written, so a poisoned lock
+    /// is taken as it is (see [`relock`]).
     data_cache: Mutex<Option<(u64, u64)>>,
     /// The io_uring of `aio=io_uring|native` (None: the thread pool).
-    ring: Option<Arc<Ring>>,
+    ring: Option<Ring>,
 }
 
 impl FileDriver {
@@ -128,7 +132,7 @@ impl FileDriver {
         let ring = match opts.aio {
             AioMode::Threads => None,
             AioMode::IoUring | AioMode::Native => match Ring::new() {
-                Ok(ring) => Some(Arc::new(ring)),
+                Ok(ring) => Some(ring),
                 Err(e) => {
                     tracing::warn!(file = %opts.filename.display(), error = %e,
                         "io_uring is not available; using the thread pool");
@@ -138,7 +142,7 @@ impl FileDriver {
         };
         Ok(Self {
             file,
-            path: Arc::from(opts.filename.as_path()),
+            path: opts.filename.clone(),
             size,
             read_only,
             direct: opts.cache_direct,
@@ -198,7 +202,7 @@ impl FileDriver {
     }
 
     fn write_direct_unaligned(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let _guard = self.rmw.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = relock(&self.rmw);
         let (start, bounce_len) = aligned_span(offset, buf.len());
         let mut bounce = IoBuf::zeroed(bounce_len);
         self.pread_full(&mut bounce, start)?;
@@ -261,20 +265,20 @@ impl FileDriver {
     }
 
     fn cached_data_end(&self, offset: u64) -> Option<u64> {
-        let cache = self.data_cache.lock().unwrap_or_else(|e| e.into_inner());
+        let cache = relock(&self.data_cache);
         cache
             .filter(|&(start, end)| start <= offset && offset < end)
             .map(|(_, end)| end)
     }
 
     fn clear_data_cache(&self) {
-        *self.data_cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *relock(&self.data_cache) = None;
     }
 
     /// Remembers a data range, merged with the cached one when they touch
     /// (random queries into one big data extent then converge on all of it).
     fn remember_data(&self, start: u64, end: u64) {
-        let mut cache = self.data_cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = relock(&self.data_cache);
         *cache = match *cache {
             Some((s, e)) if start <= e && s <= end => Some((s.min(start), e.max(end))),
             _ => Some((start, end)),
@@ -291,6 +295,12 @@ impl FileDriver {
             n => Ok(Some(n as u64)),
         }
     }
+}
+
+/// Locks one of the driver's locks whose holders leave nothing half-done
+/// (see each field): a panic elsewhere must not fail every later request.
+fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn open_file(opts: &FileOptions) -> BlockResult<(File, bool)> {
@@ -379,6 +389,8 @@ impl Driver for FileDriver {
             request_alignment: if self.direct { 512 } else { 1 },
             max_transfer: 0,
             nonblocking: self.memory_backed,
+            maps_page_cache: self.memory_backed && !self.direct,
+            maps_ring: self.ring.is_some(),
         }
     }
 
@@ -390,33 +402,27 @@ impl Driver for FileDriver {
         r.map_err(|e| self.io_err("Could not read from", e))
     }
 
-    /// Reads may name any range: past the file's end `sendfile` stops and the
-    /// writer sends zeroes, as `read_at` would return. So a qcow2 image that
-    /// grew after open (its file node's `size` is the size at open) sends the
-    /// clusters it allocated since with `sendfile` too. Writes stay inside the
-    /// size at open, where `write_at`'s callers put them.
-    fn page_cache_slice(&self, offset: u64, len: u64, access: Access) -> Option<PageCacheRange> {
+    /// A page-cache file (tmpfs, no O_DIRECT) answers reads of any range:
+    /// past the file's end `sendfile` stops and the writer sends zeroes, as
+    /// `read_at` would return. So a qcow2 image that grew after open (its
+    /// file node's `size` is the size at open) sends the clusters it
+    /// allocated since with `sendfile` too. Writes stay inside the size at
+    /// open, where `write_at`'s callers put them. A file with a ring answers
+    /// ranges aligned as O_DIRECT needs (buffers always are: `IoBuf`).
+    fn map_file(&self, offset: u64, len: u64, access: Access) -> Option<FileMapping<'_>> {
         let inside = offset.checked_add(len).is_some_and(|end| end <= self.size);
-        (self.memory_backed && !self.direct && (inside || access == Access::Read))
-            .then(|| PageCacheRange::new(self.file.as_raw_fd(), offset, len))
-    }
-
-    fn async_target(&self, offset: u64, len: u64, access: Access) -> Option<AsyncTarget> {
-        let ring = self.ring.as_ref()?;
-        if access == Access::Write && self.read_only {
-            return None;
-        }
-        // O_DIRECT needs aligned ranges (buffers always are: `IoBuf`).
+        let page_cache = self.memory_backed && !self.direct && (inside || access == Access::Read);
         let a = ALIGNMENT as u64;
-        if self.direct && !(offset.is_multiple_of(a) && len.is_multiple_of(a)) {
+        let aligned = !self.direct || (offset.is_multiple_of(a) && len.is_multiple_of(a));
+        let writable = access == Access::Read || !self.read_only;
+        let ring = self.ring.as_ref().filter(|_| aligned && writable);
+        if !page_cache && ring.is_none() {
             return None;
         }
-        Some(AsyncTarget {
-            ring: ring.clone(),
-            fd: self.file.as_raw_fd(),
-            runs: vec![FileRun { offset, len }],
-            path: self.path.clone(),
-            lease: None,
+        Some(FileMapping {
+            page_cache,
+            ring,
+            ..FileMapping::one_run(self.file.as_fd(), &self.path, offset, len)
         })
     }
 

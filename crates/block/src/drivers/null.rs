@@ -51,6 +51,7 @@ impl Driver for NullDriver {
             max_transfer: 0,
             // With a latency the calls sleep, so they belong on the blocking pool.
             nonblocking: self.latency.is_zero(),
+            ..Capabilities::default()
         }
     }
 

@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
-use crate::driver::{Access, Capabilities, Driver, Extent, PageCacheRange, ZeroFlags};
+use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
+use crate::mapping::{Access, FileMapping};
 use crate::node::BlockNode;
-use crate::uring::AsyncTarget;
 
 #[derive(Debug)]
 pub struct RawDriver {
@@ -66,18 +66,13 @@ impl Driver for RawDriver {
         self.inner().read_at(buf, self.offset + offset)
     }
 
-    fn page_cache_slice(&self, offset: u64, len: u64, access: Access) -> Option<PageCacheRange> {
-        self.inner()
-            .page_cache_slice(self.offset + offset, len, access)
+    fn map_file(&self, offset: u64, len: u64, access: Access) -> Option<FileMapping<'_>> {
+        self.inner().map_file(self.offset + offset, len, access)
     }
 
-    fn async_target(&self, offset: u64, len: u64, access: Access) -> Option<AsyncTarget> {
-        self.inner().async_target(self.offset + offset, len, access)
-    }
-
-    fn page_cache_written(&self, offset: u64, len: u64) {
+    fn mapping_written(&self, offset: u64, len: u64) {
         self.child.mark_dirty(self.offset + offset, len);
-        self.inner().page_cache_written(self.offset + offset, len);
+        self.inner().mapping_written(self.offset + offset, len);
     }
 
     fn try_read_now(&self, buf: &mut [u8], offset: u64) -> Option<BlockResult<()>> {

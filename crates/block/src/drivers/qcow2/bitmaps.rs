@@ -15,7 +15,8 @@
 use std::sync::{Arc, MutexGuard};
 
 use crate::bitmap::DirtyBitmap;
-use crate::driver::{Driver, StoredBitmap};
+use crate::bitmap_store::StoredBitmap;
+use crate::driver::Driver;
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 
 use super::bitmap_dir::{self, DirEntry, TableEntry, FLAG_AUTO, FLAG_IN_USE};
@@ -27,7 +28,7 @@ use super::Qcow2Driver;
 
 /// The image's bitmap directory as it is on disk, and what open loaded.
 #[derive(Debug, Default)]
-pub struct BitmapStore {
+pub struct BitmapDirectory {
     pub entries: Vec<DirEntry>,
     pub ext: Option<BitmapsExt>,
     /// The autoclear bits as on disk.
@@ -42,10 +43,10 @@ fn invalid(msg: impl Into<String>) -> BlockError {
 
 /// Reads the directory and every consistent bitmap's bits. On a writable
 /// image the bitmaps are then flagged in use (see the module docs).
-pub fn load(f: &dyn Driver, h: &Header, read_only: bool) -> BlockResult<BitmapStore> {
-    let mut store = BitmapStore {
+pub fn load(f: &dyn Driver, h: &Header, read_only: bool) -> BlockResult<BitmapDirectory> {
+    let mut store = BitmapDirectory {
         autoclear: h.autoclear,
-        ..BitmapStore::default()
+        ..BitmapDirectory::default()
     };
     let ext = match h.bitmaps {
         Some(ext) if h.autoclear & AUTOCLEAR_BITMAPS != 0 => ext,
@@ -180,17 +181,33 @@ fn backing_name(f: &dyn Driver, h: &Header) -> BlockResult<Option<String>> {
 }
 
 impl Qcow2Driver {
-    fn bitmap_store(&self) -> MutexGuard<'_, BitmapStore> {
-        self.bitmaps.lock().unwrap_or_else(|e| e.into_inner())
+    /// The bitmap directory, locked. Never on a request's path (open,
+    /// close, QMP), but it is metadata like the L2 tables: a holder that
+    /// panicked may have left it out of step with the disk, so a poisoned
+    /// lock is an error, never used as it is (see `Qcow2Driver::lock`).
+    fn directory(&self) -> BlockResult<MutexGuard<'_, BitmapDirectory>> {
+        self.bitmaps
+            .lock()
+            .map_err(|_| super::poisoned("bitmap directory"))
     }
 
+    /// The bitmaps loaded at open (none if the directory's lock was poisoned).
     pub(super) fn take_loaded(&self) -> Vec<DirtyBitmap> {
-        std::mem::take(&mut self.bitmap_store().loaded)
+        match self.directory() {
+            Ok(mut st) => std::mem::take(&mut st.loaded),
+            Err(e) => {
+                tracing::error!(error = %e, "qcow2: loaded bitmaps lost");
+                Vec::new()
+            }
+        }
     }
 
+    /// What the image holds (nothing shown if the directory's lock was poisoned).
     pub(super) fn stored(&self) -> Vec<StoredBitmap> {
-        self.bitmap_store()
-            .entries
+        let Ok(st) = self.directory() else {
+            return Vec::new();
+        };
+        st.entries
             .iter()
             .map(|e| StoredBitmap {
                 name: e.name.clone(),
@@ -208,7 +225,7 @@ impl Qcow2Driver {
         }
         // A name taken in memory is refused by the caller ("Bitmap already
         // exists"), and every stored bitmap is in memory.
-        let st = self.bitmap_store();
+        let st = self.directory().map_err(|e| e.to_string())?;
         if st.entries.len() >= MAX_BITMAPS as usize {
             return Err("Maximum number of persistent bitmaps is already reached".into());
         }
@@ -225,7 +242,7 @@ impl Qcow2Driver {
         if self.read_only {
             return Ok(());
         }
-        let mut st = self.bitmap_store();
+        let mut st = self.directory()?;
         let to_store: Vec<&Arc<DirtyBitmap>> = bitmaps
             .iter()
             .filter(|b| b.persistent() && !b.is_inconsistent())
@@ -236,7 +253,7 @@ impl Qcow2Driver {
         self.flush_all()?;
         let f = self.f();
         let cs = self.cluster_size();
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         let mut entries = Vec::new();
         let mut frees = Vec::new();
         for old in &st.entries {
@@ -269,14 +286,14 @@ impl Qcow2Driver {
         if self.read_only {
             return Ok(());
         }
-        let mut st = self.bitmap_store();
+        let mut st = self.directory()?;
         let Some(i) = st.entries.iter().position(|e| e.name == name) else {
             return Ok(());
         };
         let mut entries = st.entries.clone();
         let removed = entries.remove(i);
         let frees = clusters_of(self.f(), &removed, self.cluster_size());
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         self.replace_directory(&mut st, &mut m, entries, frees)
     }
 
@@ -327,7 +344,7 @@ impl Qcow2Driver {
     /// the old directory.
     fn replace_directory(
         &self,
-        st: &mut BitmapStore,
+        st: &mut BitmapDirectory,
         m: &mut Meta,
         entries: Vec<DirEntry>,
         mut frees: Vec<(u64, u64)>,

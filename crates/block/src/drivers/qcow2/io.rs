@@ -6,15 +6,12 @@
 //! backing file or zeroes), and only then points the L2 entry at them; the
 //! old clusters are freed after the next flush has made that change durable.
 
-use std::os::fd::RawFd;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
-use crate::driver::{Access, Extent, FileRun, MappingLease, PageCacheRange, ZeroFlags};
-use crate::uring::AsyncTarget;
-
-/// A leased slice's runs average at least this (see `leased_slice`).
-const MIN_AVERAGE_RUN: u64 = 128 * 1024;
+use crate::driver::{Extent, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
+use crate::mapping::{Access, FileMapping, MappingLease};
 
 use super::compressed::decompress;
 use super::l2::{L2Entry, Mapping, ALL_ALLOC_BITS, ALL_ZERO_BITS, COPIED, ZERO};
@@ -108,7 +105,7 @@ impl Qcow2Driver {
 
     pub(super) fn read(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
         let (pieces, in_flight) = {
-            let mut m = self.lock();
+            let mut m = self.lock()?;
             let pieces = self.map_range(&mut m, offset, buf.len() as u64)?;
             m.in_flight.fetch_add(1, Ordering::AcqRel);
             (pieces, m.in_flight.clone())
@@ -128,82 +125,62 @@ impl Qcow2Driver {
     }
 
     /// The file runs of `[offset, offset+len)` when all of it lies in data
-    /// clusters of this layer in a page-cache file, in runs of 128 KiB on
-    /// average or more (`sendfile` per shorter run costs more than the
-    /// copy), leased: its clusters are not freed (so not reused for other
-    /// data) until the lease drops.
-    pub(super) fn leased_slice(&self, offset: u64, len: u64) -> Option<PageCacheRange> {
-        // Never map (which may read L2 tables) unless the file can answer.
-        self.f().page_cache_slice(0, 1, Access::Read)?;
-        let m = &mut *self.lock();
+    /// clusters of this layer, leased: its clusters are not freed (so not
+    /// reused for other data) until the lease drops. Unless the file is a
+    /// page-cache file, mapping must read nothing (the L2 tables are
+    /// cached): the caller may be an async task, which a miss would block.
+    pub(super) fn leased_mapping(&self, offset: u64, len: u64) -> Option<FileMapping<'_>> {
+        // Never take the lock and map unless the file can answer at all.
+        let page_cache = self.f().map_file(0, 4096, Access::Read)?.page_cache;
+        let m = &mut *self.lock().ok()?;
         // Frees waiting for leases to end: hand out no more, so they do end
         // (under a steady read load they otherwise might never all be gone).
         if !m.pending_frees.is_empty() {
             return None;
         }
-        let pieces = self.map_range(m, offset, len).ok()?;
-        if pieces.len() as u64 * MIN_AVERAGE_RUN > len.max(MIN_AVERAGE_RUN) {
-            return None;
-        }
-        self.lease_host_pieces(m, pieces, |pos, len| {
-            self.f().page_cache_slice(pos, len, Access::Read)
-        })
-    }
-
-    /// The file runs of `[offset, offset+len)` for the file's io_uring, when
-    /// all of it lies in data clusters of this layer and mapping it reads
-    /// nothing (its L2 tables are cached: a miss would read the file on
-    /// the caller's thread), leased like `leased_slice`'s until the read is done.
-    pub(super) fn leased_target(&self, offset: u64, len: u64) -> Option<AsyncTarget> {
-        // Never take the lock and map unless the file has a ring (aio=io_uring).
-        self.f().async_target(0, 4096, Access::Read)?;
-        let m = &mut *self.lock();
-        if !m.pending_frees.is_empty() {
-            return None;
-        }
-        let l2_span = m.geom.cluster_size() * m.geom.l2_entries();
-        let mut guest = offset - offset % l2_span;
-        while guest < offset + len {
-            if !m.lookup_is_cached(guest.max(offset)) {
-                return None;
+        if !page_cache {
+            let l2_span = m.geom.cluster_size() * m.geom.l2_entries();
+            let mut guest = offset - offset % l2_span;
+            while guest < offset + len {
+                if !m.lookup_is_cached(guest.max(offset)) {
+                    return None;
+                }
+                guest += l2_span;
             }
-            guest += l2_span;
         }
         let pieces = self.map_range(m, offset, len).ok()?;
-        self.lease_host_pieces(m, pieces, |pos, len| {
-            self.f().async_target(pos, len, Access::Read)
-        })
+        self.lease_host_pieces(m, pieces)
     }
 
-    /// The file parts of `pieces` when every one is this layer's data (on
+    /// The file mapping of `pieces` when every one is this layer's data (on
     /// one descriptor), joined, with a lease on the mapping: taken under the
-    /// lock that flush checks the lease count under.
-    fn lease_host_pieces<T: FileParts>(
-        &self,
-        m: &Meta,
-        pieces: Vec<Piece>,
-        part: impl Fn(u64, u64) -> Option<T>,
-    ) -> Option<T> {
-        let mut whole: Option<T> = None;
+    /// lock that flush checks the lease count under. The joined mapping can
+    /// do what every part can (the page cache, the ring).
+    fn lease_host_pieces(&self, m: &Meta, pieces: Vec<Piece>) -> Option<FileMapping<'_>> {
+        let mut whole: Option<FileMapping<'_>> = None;
         for piece in pieces {
             let Source::Host { pos } = piece.src else {
                 return None;
             };
-            let mut p = part(pos, piece.len)?;
-            if p.lease().is_some() {
+            let mut p = self.f().map_file(pos, piece.len, Access::Read)?;
+            if p.lease.is_some() {
                 return None;
             }
             match &mut whole {
                 None => whole = Some(p),
-                Some(w) if w.fd() == p.fd() => {
-                    let runs = std::mem::take(p.runs());
-                    w.runs().extend(runs);
+                Some(w) if w.fd.as_raw_fd() == p.fd.as_raw_fd() => {
+                    w.runs.append(&mut p.runs);
+                    w.page_cache &= p.page_cache;
+                    w.ring = w.ring.and(p.ring);
+                    if !w.page_cache && w.ring.is_none() {
+                        return None;
+                    }
                 }
                 Some(_) => return None,
             }
         }
         let mut whole = whole?;
-        *whole.lease() = Some(MappingLease::new(m.leased.clone()));
+        whole.lease = Some(MappingLease::new(m.leased.clone()));
         Some(whole)
     }
 
@@ -275,10 +252,10 @@ impl Qcow2Driver {
     fn write_step(&self, buf: &[u8], offset: u64) -> BlockResult<usize> {
         let bits = self.header.cluster_bits;
         let cluster = offset >> bits;
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         loop {
             if m.busy.contains(&cluster) {
-                m = self.released.wait(m).unwrap_or_else(|e| e.into_inner());
+                m = self.wait_released(m)?;
                 continue;
             }
             let e = m.lookup(self.f(), offset)?;
@@ -363,7 +340,14 @@ impl Qcow2Driver {
             true => self.fill_fresh_clusters(buf, offset, host, k),
             false => self.fill_new_clusters(buf, offset, host, &olds),
         };
-        let mut m = self.lock();
+        let mut m = match self.lock() {
+            Ok(m) => m,
+            Err(e) => {
+                // Writers waiting for these clusters wake to the same error.
+                self.released.notify_all();
+                return Err(e);
+            }
+        };
         // How many new clusters the L2 table now references.
         let mut linked = 0u64;
         let r = r.and_then(|n| {
@@ -461,7 +445,7 @@ impl Qcow2Driver {
 
     pub(super) fn flush_all(&self) -> BlockResult<()> {
         let (wrote, freed) = {
-            let mut m = self.lock();
+            let mut m = self.lock()?;
             let wrote = m.flush(self.f())?;
             (wrote, std::mem::take(&mut m.freed))
         };
@@ -562,10 +546,10 @@ impl Qcow2Driver {
         zeroing: bool,
     ) -> BlockResult<()> {
         let cs = self.cluster_size();
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         for c in offset / cs..(offset + len).div_ceil(cs) {
             while m.busy.contains(&c) {
-                m = self.released.wait(m).unwrap_or_else(|e| e.into_inner());
+                m = self.wait_released(m)?;
             }
             let old = m.lookup(self.f(), c * cs)?;
             let already_zero = zeroing && old == L2Entry::default() && self.backing.is_none();
@@ -580,7 +564,7 @@ impl Qcow2Driver {
 
     pub(super) fn status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
         let (kind, n) = {
-            let mut m = self.lock();
+            let mut m = self.lock()?;
             self.classify_run(&mut m, offset, len)?
         };
         let here = |allocated, zero| Extent {
@@ -649,36 +633,4 @@ enum Kind {
     Data,
     Zero,
     Below,
-}
-
-/// What a leased mapping goes out as: a page-cache range (`sendfile`) or an
-/// io_uring target; both are a descriptor, runs and a lease.
-trait FileParts {
-    fn fd(&self) -> RawFd;
-    fn runs(&mut self) -> &mut Vec<FileRun>;
-    fn lease(&mut self) -> &mut Option<MappingLease>;
-}
-
-impl FileParts for PageCacheRange {
-    fn fd(&self) -> RawFd {
-        self.fd
-    }
-    fn runs(&mut self) -> &mut Vec<FileRun> {
-        &mut self.runs
-    }
-    fn lease(&mut self) -> &mut Option<MappingLease> {
-        &mut self.lease
-    }
-}
-
-impl FileParts for AsyncTarget {
-    fn fd(&self) -> RawFd {
-        self.fd
-    }
-    fn runs(&mut self) -> &mut Vec<FileRun> {
-        &mut self.runs
-    }
-    fn lease(&mut self) -> &mut Option<MappingLease> {
-        &mut self.lease
-    }
 }

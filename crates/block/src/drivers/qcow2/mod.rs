@@ -36,15 +36,14 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::bitmap::DirtyBitmap;
-use crate::driver::{
-    Access, Capabilities, Driver, Extent, PageCacheRange, StoredBitmap, ZeroFlags,
-};
+use crate::bitmap_store::{BitmapStore, StoredBitmap};
+use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
 use crate::drivers::child::MarkingChild;
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
+use crate::mapping::{Access, FileMapping};
 use crate::node::BlockNode;
-use crate::uring::AsyncTarget;
 
-use bitmaps::BitmapStore;
+use bitmaps::BitmapDirectory;
 use cache::TableCache;
 use header::{Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use l2::Geometry;
@@ -84,7 +83,7 @@ pub struct Qcow2Driver {
     /// Signalled whenever a busy guest cluster is released.
     released: Condvar,
     /// Persistent bitmaps on disk. Locked before `meta`, never after.
-    bitmaps: Mutex<BitmapStore>,
+    bitmaps: Mutex<BitmapDirectory>,
 }
 
 /// What `query-named-block-nodes` shows of a qcow2 image (QEMU's ImageInfoSpecificQCow2).
@@ -106,6 +105,14 @@ pub struct Qcow2Info {
 
 fn invalid(msg: impl Into<String>) -> BlockError {
     BlockError::new(BlockErrorKind::InvalidImage, msg)
+}
+
+/// A request found a lock whose holder panicked: EIO, with the reason.
+fn poisoned(what: &str) -> BlockError {
+    BlockError::new(
+        BlockErrorKind::Io,
+        format!("qcow2: {what} lock poisoned by an earlier failure; the image is not used further"),
+    )
 }
 
 impl Qcow2Driver {
@@ -200,10 +207,20 @@ impl Qcow2Driver {
         &self.file
     }
 
-    fn lock(&self) -> MutexGuard<'_, Meta> {
-        let mut m = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+    /// The metadata, locked. A thread that panicked while holding it may
+    /// have left a mapping half-updated (an L2 entry set, its refcount not),
+    /// so a poisoned lock fails every later request with EIO instead of
+    /// serving or flushing metadata nobody can vouch for.
+    fn lock(&self) -> BlockResult<MutexGuard<'_, Meta>> {
+        let mut m = self.meta.lock().map_err(|_| poisoned("metadata"))?;
         m.maybe_clean();
-        m
+        Ok(m)
+    }
+
+    /// Waits until a busy cluster is released; EIO if the lock was
+    /// poisoned meanwhile (see [`Self::lock`]).
+    fn wait_released<'a>(&self, m: MutexGuard<'a, Meta>) -> BlockResult<MutexGuard<'a, Meta>> {
+        self.released.wait(m).map_err(|_| poisoned("metadata"))
     }
 }
 
@@ -303,6 +320,7 @@ impl Driver for Qcow2Driver {
     }
 
     fn capabilities(&self) -> Capabilities {
+        let file = self.file.capabilities();
         Capabilities {
             can_write: !self.read_only,
             can_discard: self.discard,
@@ -314,28 +332,22 @@ impl Driver for Qcow2Driver {
             // waits (a cluster another writer is allocating, in-flight reads
             // before a free) are on other threads' synchronous calls, never
             // on the runtime, so running inline cannot deadlock.
-            nonblocking: self.file.capabilities().nonblocking
+            nonblocking: file.nonblocking
                 && self
                     .backing
                     .as_ref()
                     .is_none_or(|b| b.capabilities().nonblocking),
+            // Reads of its data clusters map onto the file (`leased_mapping`).
+            maps_page_cache: file.maps_page_cache,
+            maps_ring: file.maps_ring,
         }
     }
 
-    /// Reads only, of one run of this layer's data clusters (see
-    /// `leased_slice`); a write must go through `write_at` (COW, refcounts).
-    fn page_cache_slice(&self, offset: u64, len: u64, access: Access) -> Option<PageCacheRange> {
+    /// Reads only, of this layer's data clusters (see `leased_mapping`); a
+    /// write must go through `write_at` (COW, refcounts).
+    fn map_file(&self, offset: u64, len: u64, access: Access) -> Option<FileMapping<'_>> {
         match access {
-            Access::Read => self.leased_slice(offset, len),
-            Access::Write => None,
-        }
-    }
-
-    /// Reads only, of this layer's data clusters with their L2 tables
-    /// cached (see `leased_target`).
-    fn async_target(&self, offset: u64, len: u64, access: Access) -> Option<AsyncTarget> {
-        match access {
-            Access::Read => self.leased_target(offset, len),
+            Access::Read => self.leased_mapping(offset, len),
             Access::Write => None,
         }
     }
@@ -371,10 +383,12 @@ impl Driver for Qcow2Driver {
         self.status(offset, len)
     }
 
-    fn can_store_bitmaps(&self) -> bool {
-        true
+    fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
+        Some(self)
     }
+}
 
+impl BitmapStore for Qcow2Driver {
     fn check_new_persistent_bitmap(&self, name: &str, granularity: u64) -> Result<(), String> {
         self.check_new(name, granularity)
     }

@@ -452,7 +452,7 @@ fn test_bitmap_not_stored_cleanly_loads_inconsistent() {
     drop(node);
     // The disk as a kill would leave it: a copy taken while the image is open.
     let open_now = node_of(&p, false);
-    assert!(open_now.driver().stored_bitmaps()[0].in_use);
+    assert!(open_now.driver().bitmap_store().unwrap().stored_bitmaps()[0].in_use);
     let crashed = dir.path().join("crashed.qcow2");
     std::fs::copy(&p, &crashed).unwrap();
     drop(open_now);
@@ -461,11 +461,42 @@ fn test_bitmap_not_stored_cleanly_loads_inconsistent() {
     let node = node_of(&p, false);
     let b = node.bitmaps().find("b").unwrap();
     assert!(b.is_inconsistent() && !b.enabled());
-    node.driver().remove_persistent_bitmap("b").unwrap();
+    node.driver()
+        .bitmap_store()
+        .unwrap()
+        .remove_persistent_bitmap("b")
+        .unwrap();
     node.bitmaps().remove("b");
     node.close().unwrap();
     drop(node);
     let out = run("qemu-img", &["check", p.to_str().unwrap()]);
     assert!(!out.contains("leaked"), "{out}");
     assert!(!run("qemu-img", &["info", p.to_str().unwrap()]).contains("bitmaps"));
+}
+
+/// A thread that panicked holding the metadata lock may have left a mapping
+/// half-updated: every later request fails with EIO, and nothing is mapped
+/// for sendfile or the ring.
+#[test]
+fn test_poisoned_metadata_lock_fails_requests_with_eio() {
+    use crate::mapping::Access;
+    let dir = tempfile::tempdir().unwrap();
+    let p = create(dir.path(), "a.qcow2", "compat=1.1", "1M");
+    qemu_io(&p, &["write -P 7 0 64k"]);
+    let d = Arc::new(open(&p, false));
+    let mut buf = [0u8; 4096];
+    d.read_at(&mut buf, 0).unwrap();
+    let holder = d.clone();
+    let panicked = std::thread::spawn(move || {
+        let _m = holder.meta.lock().unwrap();
+        panic!("a bug while the metadata is half-updated");
+    })
+    .join();
+    assert!(panicked.is_err());
+    let eio = |r: crate::error::BlockResult<_>| r.unwrap_err().errno() == libc::EIO;
+    assert!(eio(d.read_at(&mut buf, 0)));
+    assert!(eio(d.write_at(&buf, 0, false)));
+    assert!(eio(d.block_status(0, 4096).map(drop)));
+    assert!(eio(d.flush()));
+    assert!(d.map_file(0, 4096, Access::Read).is_none());
 }

@@ -7,7 +7,10 @@
 use std::alloc::{self, Layout};
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
-use std::sync::Mutex;
+
+use pool::{Parked, Source};
+
+mod pool;
 
 /// Alignment of every buffer: enough for O_DIRECT on any common device.
 pub const ALIGNMENT: usize = 4096;
@@ -17,65 +20,11 @@ pub const ALIGNMENT: usize = 4096;
 /// then sends 4 KiB pins 4 KiB, not 32 MiB (an aligned calloc would memset it all).
 const MMAP_MIN: usize = 128 * 1024;
 
-/// Buffers kept for reuse by [`IoBuf::for_overwrite`]: reusing a mapping
-/// saves a page fault and a kernel page clear per 4 KiB of every large
-/// request, and reusing a heap buffer saves the memset of `alloc_zeroed`.
-static POOL: Mutex<Vec<Parked>> = Mutex::new(Vec::new());
-/// Buffers smaller than this are not worth parking in `POOL`...
-const POOL_MIN: usize = 16 * 1024;
-/// ...except the one-page buffers of small requests (4 KiB and less), the
-/// most common size by far: they get a pool of their own, searched in O(1).
-/// Reusing one saves `alloc_zeroed`'s memset and the malloc/free pair, which
-/// `perf` put at 3% of the server's time on 4 KiB reads.
-static SMALL_POOL: Mutex<Vec<Parked>> = Mutex::new(Vec::new());
-const SMALL_POOL_MAX: usize = 1024;
-/// Bytes the pool may hold (they stay resident), and buffers it may hold:
-/// enough for 1 MiB requests at queue depth 8 on several connections, or
-/// nbdcopy's 4 x 64 x 256 KiB, without keeping a burst's memory for good.
-const POOL_MAX_BYTES: usize = 64 << 20;
-const POOL_MAX_BUFFERS: usize = 256;
-
-/// An allocation parked in the pool.
-struct Parked {
-    ptr: NonNull<u8>,
-    source: Source,
-}
-
-impl Parked {
-    fn size(&self) -> usize {
-        match self.source {
-            Source::Heap(layout) => layout.size(),
-            Source::Mmap(size) => size,
-        }
-    }
-
-    /// Returns the memory to the allocator or the kernel.
-    fn release(self) {
-        match self.source {
-            // SAFETY: allocated in `IoBuf::zeroed` with exactly this layout; nothing borrows it.
-            Source::Heap(layout) => unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) },
-            // SAFETY: mapped in `IoBuf::zeroed` with exactly this size; nothing borrows it.
-            Source::Mmap(size) => unsafe {
-                libc::munmap(self.ptr.as_ptr().cast(), size);
-            },
-        }
-    }
-}
-
-// SAFETY: a parked allocation is owned by the pool alone; handing it to another thread is fine.
-unsafe impl Send for Parked {}
-
 pub struct IoBuf {
     ptr: NonNull<u8>,
     len: usize,
     /// Size of the allocation and where it came from.
     source: Source,
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Source {
-    Heap(Layout),
-    Mmap(usize),
 }
 
 // SAFETY: IoBuf uniquely owns its allocation (like Vec<u8>); moving it to
@@ -118,8 +67,8 @@ impl IoBuf {
     /// large buffers be reused from a pool.
     pub fn for_overwrite(len: usize) -> Self {
         let size = len.max(1).next_multiple_of(ALIGNMENT);
-        if size >= POOL_MIN || size == ALIGNMENT {
-            if let Some(p) = take_pooled(size) {
+        if size >= pool::LARGE_MIN || size == ALIGNMENT {
+            if let Some(p) = pool::take(size) {
                 return Self {
                     ptr: p.ptr,
                     len,
@@ -141,45 +90,6 @@ impl IoBuf {
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
-}
-
-fn small_layout() -> Layout {
-    // ALIGNMENT is a power of two and fits isize: this cannot fail.
-    Layout::from_size_align(ALIGNMENT, ALIGNMENT).unwrap_or_else(|_| Layout::new::<u8>())
-}
-
-fn take_pooled(size: usize) -> Option<Parked> {
-    if size == ALIGNMENT {
-        return SMALL_POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
-    }
-    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    let index = pool.iter().position(|p| p.size() == size)?;
-    Some(pool.swap_remove(index))
-}
-
-/// Parks an allocation for reuse; gives it back if it is too small or the
-/// pool is full (the caller frees it).
-fn park(parked: Parked) -> Result<(), Parked> {
-    if let Source::Heap(layout) = parked.source {
-        if layout == small_layout() {
-            let mut small = SMALL_POOL.lock().unwrap_or_else(|e| e.into_inner());
-            if small.len() >= SMALL_POOL_MAX {
-                return Err(parked);
-            }
-            small.push(parked);
-            return Ok(());
-        }
-    }
-    if parked.size() < POOL_MIN {
-        return Err(parked);
-    }
-    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    let held: usize = pool.iter().map(Parked::size).sum();
-    if pool.len() >= POOL_MAX_BUFFERS || held + parked.size() > POOL_MAX_BYTES {
-        return Err(parked);
-    }
-    pool.push(parked);
-    Ok(())
 }
 
 /// Private anonymous memory: page-aligned (ALIGNMENT is the page size) and zero.
@@ -224,7 +134,7 @@ impl Drop for IoBuf {
             ptr: self.ptr,
             source: self.source,
         };
-        if let Err(p) = park(parked) {
+        if let Err(p) = pool::park(parked) {
             p.release();
         }
     }

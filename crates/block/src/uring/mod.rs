@@ -10,22 +10,19 @@
 //! no second wake-up per completion); a ring made outside a runtime (unit
 //! tests) has a reaper thread instead.
 //!
-//! A caller that polls several requests in a row can defer their submission
-//! ([`deferring`], then [`submit_deferred`]): one `io_uring_enter` then
-//! submits them all, and the block layer sends them to the device with one
-//! notification (in a VM, one exit) instead of one each.
+//! A caller that starts several requests in a row can defer their
+//! submission through a [`Batch`] it passes down (see `batch.rs`): one
+//! `io_uring_enter` then submits them all.
 //!
 //! A request's buffer moves into the ring's table of operations until its
 //! completion arrives, so a caller that stops waiting (a dropped future)
 //! cannot free memory the kernel still writes into: the reaper drops it.
 
-use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
-use std::path::Path;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use io_uring::{opcode, squeue, types, IoUring};
 use tokio::io::unix::AsyncFd;
@@ -33,56 +30,17 @@ use tokio::io::Interest;
 use tokio::sync::oneshot;
 
 use crate::buf::IoBuf;
-use crate::driver::{FileRun, MappingLease};
+use crate::run::FileRun;
+
+mod batch;
+
+pub use batch::Batch;
 
 /// Submission entries per ring; more operations than this may be in flight
 /// (the completion queue overflows into the kernel's backlog, never drops).
 const ENTRIES: u32 = 256;
 /// The user data of the entry that tells the reaper to stop.
 const STOP: u64 = u64::MAX;
-
-thread_local! {
-    /// Set while [`deferring`] runs on this thread.
-    static DEFERRING: Cell<bool> = const { Cell::new(false) };
-    /// Rings with entries queued by [`deferring`] and not yet submitted.
-    static DEFERRED: RefCell<Vec<Arc<Shared>>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` with ring submissions deferred: entries it queues (on any ring)
-/// wait for [`submit_deferred`] on this thread, which the caller must call
-/// before it waits for anything, or they may never be submitted.
-pub fn deferring<R>(f: impl FnOnce() -> R) -> R {
-    let was = DEFERRING.replace(true);
-    let r = f();
-    DEFERRING.set(was);
-    r
-}
-
-/// Submits what [`deferring`] left queued on this thread.
-pub fn submit_deferred() {
-    if DEFERRING.get() {
-        return;
-    }
-    let rings = DEFERRED.take();
-    for shared in rings {
-        let _one_writer = shared.sq.lock().unwrap();
-        shared.submit_queued();
-    }
-}
-
-/// Where a driver's range can be read or written by the ring: a file
-/// descriptor and the file runs that hold the range's bytes, in order (one
-/// for a raw file; one per run of clusters for qcow2, which holds a lease
-/// on its mapping until the I/O is done).
-#[derive(Debug)]
-pub struct AsyncTarget {
-    pub ring: Arc<Ring>,
-    pub fd: RawFd,
-    pub runs: Vec<FileRun>,
-    /// The file, for error messages.
-    pub path: Arc<Path>,
-    pub lease: Option<MappingLease>,
-}
 
 /// One io_uring instance and the thread that reaps its completions.
 #[derive(Debug)]
@@ -92,10 +50,22 @@ pub struct Ring {
 
 struct Shared {
     ring: IoUring,
-    /// Held while pushing entries: the submission queue has one writer at a time.
+    /// Held while pushing entries: the submission queue has one writer at a
+    /// time. It guards no data, so a holder that panicked leaves nothing
+    /// half-done and the lock is used poisoned (see [`lock`]).
     sq: Mutex<()>,
+    /// Operations in flight. Every change is one map insert or remove,
+    /// which a panic cannot leave half-done, so a poisoned lock is used as
+    /// it is: refusing it would strand buffers the kernel still writes.
     ops: Mutex<Ops>,
     stopping: AtomicBool,
+}
+
+/// Takes one of the ring's locks, poisoned or not (see their fields for why
+/// that is sound); they are on every request's path, where a panic must not
+/// spread to every later request.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl std::fmt::Debug for Shared {
@@ -156,18 +126,28 @@ impl Ring {
 
     /// Reads `buf.len()` bytes from `fd` at `offset`; past the end of the
     /// file reads as zeroes (as `pread` loops do).
-    pub async fn read(&self, fd: RawFd, buf: IoBuf, offset: u64) -> (IoBuf, io::Result<()>) {
+    pub async fn read(
+        &self,
+        fd: BorrowedFd<'_>,
+        buf: IoBuf,
+        offset: u64,
+        batch: Option<&Batch>,
+    ) -> (IoBuf, io::Result<()>) {
         let len = buf.len() as u64;
-        self.read_runs(fd, buf, &[FileRun { offset, len }]).await
+        self.read_runs(fd, buf, &[FileRun { offset, len }], batch)
+            .await
     }
 
     /// Fills `buf` from `runs` of `fd`, in order (their lengths add up to
-    /// the buffer's); past the end of the file reads as zeroes.
+    /// the buffer's); past the end of the file reads as zeroes. The first
+    /// entry goes through `batch` (see `batch.rs`); the ones after it are
+    /// pushed at once, since by then the batch's owner may be waiting.
     pub async fn read_runs(
         &self,
-        fd: RawFd,
+        fd: BorrowedFd<'_>,
         mut buf: IoBuf,
         runs: &[FileRun],
+        mut batch: Option<&Batch>,
     ) -> (IoBuf, io::Result<()>) {
         let mut at = 0usize;
         for run in runs {
@@ -175,7 +155,9 @@ impl Ring {
             let mut done = at;
             while done < end {
                 let pos = run.offset + (done - at) as u64;
-                let (back, res) = self.submit(Kind::Read, fd, buf, done, end, pos).await;
+                let (back, res) = self
+                    .submit(Kind::Read, fd, buf, done, end, pos, batch.take())
+                    .await;
                 buf = back;
                 match res {
                     0 => {
@@ -193,19 +175,21 @@ impl Ring {
     }
 
     /// Writes all of `buf` to `fd` at `offset`; with `dsync`, durably
-    /// (RWF_DSYNC, as `pwritev2` does for FUA).
+    /// (RWF_DSYNC, as `pwritev2` does for FUA). The first entry goes
+    /// through `batch`, as for [`Self::read_runs`].
     pub async fn write(
         &self,
-        fd: RawFd,
+        fd: BorrowedFd<'_>,
         mut buf: IoBuf,
         offset: u64,
         dsync: bool,
+        mut batch: Option<&Batch>,
     ) -> (IoBuf, io::Result<()>) {
         let mut done = 0;
         while done < buf.len() {
             let (end, pos) = (buf.len(), offset + done as u64);
             let (back, res) = self
-                .submit(Kind::Write { dsync }, fd, buf, done, end, pos)
+                .submit(Kind::Write { dsync }, fd, buf, done, end, pos, batch.take())
                 .await;
             buf = back;
             match res {
@@ -220,14 +204,16 @@ impl Ring {
 
     /// One read or write of `buf[at..end]` at file offset `pos`: the
     /// buffer and the kernel's result (bytes, or minus an errno).
+    #[allow(clippy::too_many_arguments)]
     async fn submit(
         &self,
         kind: Kind,
-        fd: RawFd,
+        fd: BorrowedFd<'_>,
         mut buf: IoBuf,
         at: usize,
         end: usize,
         pos: u64,
+        batch: Option<&Batch>,
     ) -> (IoBuf, i32) {
         assert!(
             at < end && end <= buf.len(),
@@ -237,24 +223,27 @@ impl Ring {
         // SAFETY: `at < buf.len()` (asserted), so the pointer stays inside the buffer.
         let ptr = unsafe { buf.as_mut_ptr().add(at) };
         let entry = match kind {
-            Kind::Read => opcode::Read::new(types::Fd(fd), ptr, len)
+            Kind::Read => opcode::Read::new(types::Fd(fd.as_raw_fd()), ptr, len)
                 .offset(pos)
                 .build(),
-            Kind::Write { dsync } => opcode::Write::new(types::Fd(fd), ptr, len)
+            Kind::Write { dsync } => opcode::Write::new(types::Fd(fd.as_raw_fd()), ptr, len)
                 .offset(pos)
                 .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
                 .build(),
         };
         let (tx, rx) = oneshot::channel();
         let key = {
-            let mut ops = self.shared.ops.lock().unwrap();
+            let mut ops = lock(&self.shared.ops);
             let key = ops.next;
             ops.next = (ops.next + 1) % STOP;
             // The buffer lives here until the completion, whatever the caller does.
             ops.in_flight.insert(key, Op { buf, done: tx });
             key
         };
-        Shared::push(&self.shared, &entry.user_data(key));
+        let entry = entry.user_data(key);
+        if !batch.is_some_and(|b| b.defer(&self.shared, &entry)) {
+            self.shared.push_now(&entry);
+        }
         match rx.await {
             Ok(done) => done,
             // The reaper is gone (the ring failed, or its runtime ended) and
@@ -274,31 +263,24 @@ impl Drop for Ring {
 }
 
 impl Shared {
-    /// Queues `entry` and enters the kernel to submit it (or, while
-    /// [`deferring`], leaves that to [`submit_deferred`]). Once queued, the
+    /// Queues `entry` and enters the kernel to submit it. Once queued, the
     /// entry completes (a failed one with an error result), so its buffer
     /// stays in the table until then; this never fails.
-    fn push(this: &Arc<Self>, entry: &squeue::Entry) {
-        if !DEFERRING.get() {
-            return this.push_now(entry);
-        }
-        drop(this.queue(entry));
-        DEFERRED.with_borrow_mut(|rings| {
-            if !rings.iter().any(|r| Arc::ptr_eq(r, this)) {
-                rings.push(this.clone());
-            }
-        });
-    }
-
     fn push_now(&self, entry: &squeue::Entry) {
         let _one_writer = self.queue(entry);
+        self.submit_queued();
+    }
+
+    /// Enters the kernel for what others queued (a [`Batch`]'s entries).
+    fn submit_now(&self) {
+        let _one_writer = lock(&self.sq);
         self.submit_queued();
     }
 
     /// Puts `entry` in the submission queue, submitting what it holds first
     /// if it is full; the returned guard keeps other writers out.
     fn queue(&self, entry: &squeue::Entry) -> std::sync::MutexGuard<'_, ()> {
-        let one_writer = self.sq.lock().unwrap();
+        let one_writer = lock(&self.sq);
         // SAFETY: the `sq` lock makes this the only submission queue in use,
         // and the buffer `entry` points into lives in `ops` (or, for a NOP,
         // there is none) until the entry's completion has been reaped.
@@ -359,7 +341,7 @@ impl Shared {
     }
 
     fn idle(&self) -> bool {
-        self.ops.lock().unwrap().in_flight.is_empty()
+        lock(&self.ops).in_flight.is_empty()
     }
 
     /// Hands every queued completion to its waiter; true once the stop
@@ -370,7 +352,7 @@ impl Shared {
             .map(|cqe| (cqe.user_data(), cqe.result()))
             .collect();
         let mut stop = false;
-        let mut ops = self.ops.lock().unwrap();
+        let mut ops = lock(&self.ops);
         for (key, result) in completions {
             if key == STOP {
                 stop = true;
@@ -386,7 +368,7 @@ impl Shared {
     /// the kernel may still write into them.
     fn abandon(&self, e: &io::Error) {
         tracing::error!(error = %e, "io_uring wait failed");
-        let ops = std::mem::take(&mut self.ops.lock().unwrap().in_flight);
+        let ops = std::mem::take(&mut lock(&self.ops).in_flight);
         for (_, op) in ops {
             std::mem::forget(op.buf);
         }
@@ -397,7 +379,13 @@ impl Drop for Shared {
     /// Only with operations in flight if the reaper was dropped with them
     /// (its runtime ended): their buffers may still be written into.
     fn drop(&mut self) {
-        let ops = std::mem::take(&mut self.ops.get_mut().unwrap().in_flight);
+        let ops = std::mem::take(
+            &mut self
+                .ops
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner)
+                .in_flight,
+        );
         for (_, op) in ops {
             std::mem::forget(op.buf);
         }
@@ -416,7 +404,7 @@ impl AsRawFd for RingFd {
 #[cfg(test)]
 mod tests {
     use std::future::Future;
-    use std::os::fd::AsRawFd;
+    use std::os::fd::{AsFd, AsRawFd};
     use std::os::unix::fs::FileExt;
 
     use super::*;
@@ -436,20 +424,22 @@ mod tests {
         let Some(ring) = ring_or_skip() else { return };
         let file = tempfile::tempfile().unwrap();
         file.write_all_at(&[7u8; 10000], 0).unwrap();
-        let fd = file.as_raw_fd();
+        let fd = file.as_fd();
         let (_, r) = ring
-            .write(fd, IoBuf::from_slice(&[1u8; 5000]), 3000, false)
+            .write(fd, IoBuf::from_slice(&[1u8; 5000]), 3000, false, None)
             .await;
         r.unwrap();
-        let (_, r) = ring.write(fd, IoBuf::from_slice(b"fua"), 20000, true).await;
+        let (_, r) = ring
+            .write(fd, IoBuf::from_slice(b"fua"), 20000, true, None)
+            .await;
         r.unwrap();
-        let (buf, r) = ring.read(fd, IoBuf::for_overwrite(9000), 1000).await;
+        let (buf, r) = ring.read(fd, IoBuf::for_overwrite(9000), 1000, None).await;
         r.unwrap();
         assert_eq!(&buf[..2000], &[7u8; 2000][..]);
         assert_eq!(&buf[2000..7000], &[1u8; 5000][..]);
         assert_eq!(&buf[7000..], &[7u8; 2000][..]);
         // Past the end of the file: zeroes after the last byte.
-        let (buf, r) = ring.read(fd, IoBuf::for_overwrite(100), 19990).await;
+        let (buf, r) = ring.read(fd, IoBuf::for_overwrite(100), 19990, None).await;
         r.unwrap();
         assert_eq!(&buf[..10], &[0u8; 10][..]);
         assert_eq!(&buf[10..13], b"fua");
@@ -464,7 +454,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let (buf, r) = rt.block_on(ring.read(file.as_raw_fd(), IoBuf::for_overwrite(6), 4096));
+        let (buf, r) = rt.block_on(ring.read(file.as_fd(), IoBuf::for_overwrite(6), 4096, None));
         r.unwrap();
         assert_eq!(&buf[..], b"thread");
         drop(ring);
@@ -473,12 +463,16 @@ mod tests {
     #[tokio::test]
     async fn test_errors_come_back_as_the_errno() {
         let Some(ring) = ring_or_skip() else { return };
-        let (_, r) = ring.read(-1, IoBuf::for_overwrite(512), 0).await;
-        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EBADF));
         let file = tempfile::tempfile().unwrap();
-        let ro = std::fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).unwrap();
+        let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+        let wo = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         let (_, r) = ring
-            .write(ro.as_raw_fd(), IoBuf::from_slice(b"x"), 0, false)
+            .read(wo.as_fd(), IoBuf::for_overwrite(512), 0, None)
+            .await;
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EBADF));
+        let ro = std::fs::File::open(&path).unwrap();
+        let (_, r) = ring
+            .write(ro.as_fd(), IoBuf::from_slice(b"x"), 0, false, None)
             .await;
         assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EBADF));
     }
@@ -494,7 +488,7 @@ mod tests {
             let (ring, file) = (ring.clone(), file.clone());
             tasks.push(tokio::spawn(async move {
                 let data = IoBuf::from_slice(&i.to_le_bytes());
-                let (_, r) = ring.write(file.as_raw_fd(), data, i * 8, false).await;
+                let (_, r) = ring.write(file.as_fd(), data, i * 8, false, None).await;
                 r.unwrap();
             }));
         }
@@ -502,7 +496,7 @@ mod tests {
             t.await.unwrap();
         }
         let (buf, r) = ring
-            .read(file.as_raw_fd(), IoBuf::for_overwrite(n as usize * 8), 0)
+            .read(file.as_fd(), IoBuf::for_overwrite(n as usize * 8), 0, None)
             .await;
         r.unwrap();
         for i in 0..n as usize {
@@ -511,30 +505,46 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn test_deferred_entries_wait_for_submit_deferred() {
+    async fn test_entries_through_a_plugged_batch_wait_for_submit() {
         let Some(ring) = ring_or_skip() else { return };
         let file = tempfile::tempfile().unwrap();
         file.write_all_at(b"deferred", 0).unwrap();
         // One read first, then a pause, so nothing else is under way.
-        ring.read(file.as_raw_fd(), IoBuf::for_overwrite(8), 0)
+        ring.read(file.as_fd(), IoBuf::for_overwrite(8), 0, None)
             .await
             .1
             .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let mut read = Box::pin(ring.read(file.as_raw_fd(), IoBuf::for_overwrite(8), 0));
+        let batch = Batch::new();
+        let mut read = Box::pin(ring.read(file.as_fd(), IoBuf::for_overwrite(8), 0, Some(&batch)));
         let waker = std::task::Waker::noop();
         let mut cx = std::task::Context::from_waker(waker);
-        // Queued while deferring, and submitted by nobody.
-        assert!(deferring(|| read.as_mut().poll(&mut cx)).is_pending());
+        // Queued while plugged, and submitted by nobody.
+        assert!(batch.plugged(|| read.as_mut().poll(&mut cx)).is_pending());
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(
             read.as_mut().poll(&mut cx).is_pending(),
-            "submitted before submit_deferred"
+            "submitted before Batch::submit"
         );
-        submit_deferred();
+        batch.submit();
         let (buf, r) = read.await;
         r.unwrap();
         assert_eq!(&buf[..], b"deferred");
+    }
+
+    #[tokio::test]
+    async fn test_an_unplugged_batch_submits_at_once() {
+        let Some(ring) = ring_or_skip() else { return };
+        let file = tempfile::tempfile().unwrap();
+        file.write_all_at(b"at once", 0).unwrap();
+        let batch = Batch::new();
+        // Nobody calls submit: the push itself entered the kernel.
+        let read = ring.read(file.as_fd(), IoBuf::for_overwrite(7), 0, Some(&batch));
+        let (buf, r) = tokio::time::timeout(std::time::Duration::from_secs(10), read)
+            .await
+            .expect("an unplugged push is submitted");
+        r.unwrap();
+        assert_eq!(&buf[..], b"at once");
     }
 
     #[tokio::test]
@@ -543,12 +553,12 @@ mod tests {
         let file = tempfile::tempfile().unwrap();
         file.write_all_at(&[5u8; 1 << 20], 0).unwrap();
         for _ in 0..100 {
-            let read = ring.read(file.as_raw_fd(), IoBuf::for_overwrite(1 << 20), 0);
+            let read = ring.read(file.as_fd(), IoBuf::for_overwrite(1 << 20), 0, None);
             // Polled once (submitted), then dropped.
             let _ = tokio::time::timeout(std::time::Duration::ZERO, read).await;
         }
         let (buf, r) = ring
-            .read(file.as_raw_fd(), IoBuf::for_overwrite(16), 0)
+            .read(file.as_fd(), IoBuf::for_overwrite(16), 0, None)
             .await;
         r.unwrap();
         assert_eq!(&buf[..], &[5u8; 16][..]);
