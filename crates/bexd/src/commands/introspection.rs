@@ -108,13 +108,13 @@ fn blockdev(s: &mut Schema) {
         ],
         "driver",
         vec![
-            ("blkdebug", "BlockdevOptionsBlkdebug"),
-            ("file", "BlockdevOptionsFile"),
-            ("host_device", "BlockdevOptionsFile"),
-            ("null-aio", "BlockdevOptionsNull"),
-            ("null-co", "BlockdevOptionsNull"),
-            ("qcow2", "BlockdevOptionsQcow2"),
-            ("raw", "BlockdevOptionsRaw"),
+            ("blkdebug", named("BlockdevOptionsBlkdebug")),
+            ("file", named("BlockdevOptionsFile")),
+            ("host_device", named("BlockdevOptionsFile")),
+            ("null-aio", named("BlockdevOptionsNull")),
+            ("null-co", named("BlockdevOptionsNull")),
+            ("qcow2", named("BlockdevOptionsQcow2")),
+            ("raw", named("BlockdevOptionsRaw")),
         ],
     );
     s.object(
@@ -250,10 +250,10 @@ fn sockets(s: &mut Schema) {
         vec![req("type", named("SocketAddressType"))],
         "type",
         vec![
-            ("inet", "InetSocketAddressWrapper"),
-            ("unix", "UnixSocketAddressWrapper"),
-            ("vsock", "VsockSocketAddressWrapper"),
-            ("fd", "FdSocketAddressWrapper"),
+            ("inet", named("InetSocketAddressWrapper")),
+            ("unix", named("UnixSocketAddressWrapper")),
+            ("vsock", named("VsockSocketAddressWrapper")),
+            ("fd", named("FdSocketAddressWrapper")),
         ],
     );
 }
@@ -292,7 +292,7 @@ fn exports(s: &mut Schema) {
             opt("allow-inactive", bool()),
         ],
         "type",
-        vec![("nbd", "BlockExportOptionsNbd")],
+        vec![("nbd", named("BlockExportOptionsNbd"))],
     );
     s.object(
         "BlockExportOptionsNbd",
@@ -436,12 +436,27 @@ fn bitmaps(s: &mut Schema) {
         vec![req("type", named("TransactionActionKind"))],
         "type",
         vec![
-            ("block-dirty-bitmap-add", "BlockDirtyBitmapAddWrapper"),
-            ("block-dirty-bitmap-remove", "BlockDirtyBitmapWrapper"),
-            ("block-dirty-bitmap-clear", "BlockDirtyBitmapWrapper"),
-            ("block-dirty-bitmap-enable", "BlockDirtyBitmapWrapper"),
-            ("block-dirty-bitmap-disable", "BlockDirtyBitmapWrapper"),
-            ("block-dirty-bitmap-merge", "BlockDirtyBitmapMergeWrapper"),
+            (
+                "block-dirty-bitmap-add",
+                named("BlockDirtyBitmapAddWrapper"),
+            ),
+            (
+                "block-dirty-bitmap-remove",
+                named("BlockDirtyBitmapWrapper"),
+            ),
+            ("block-dirty-bitmap-clear", named("BlockDirtyBitmapWrapper")),
+            (
+                "block-dirty-bitmap-enable",
+                named("BlockDirtyBitmapWrapper"),
+            ),
+            (
+                "block-dirty-bitmap-disable",
+                named("BlockDirtyBitmapWrapper"),
+            ),
+            (
+                "block-dirty-bitmap-merge",
+                named("BlockDirtyBitmapMergeWrapper"),
+            ),
         ],
     );
     s.enumeration("ActionCompletionMode", vec!["individual", "grouped"]);
@@ -525,13 +540,13 @@ fn objects(s: &mut Schema) {
         vec![req("qom-type", named("ObjectType")), req("id", str())],
         "qom-type",
         vec![
-            ("authz-list", "AuthZListProperties"),
-            ("authz-list-file", "AuthZListFileProperties"),
-            ("authz-listfile", "AuthZListFileProperties"),
-            ("authz-simple", "AuthZSimpleProperties"),
-            ("iothread", "IothreadProperties"),
-            ("tls-creds-psk", "TlsCredsPskProperties"),
-            ("tls-creds-x509", "TlsCredsX509Properties"),
+            ("authz-list", named("AuthZListProperties")),
+            ("authz-list-file", named("AuthZListFileProperties")),
+            ("authz-listfile", named("AuthZListFileProperties")),
+            ("authz-simple", named("AuthZSimpleProperties")),
+            ("iothread", named("IothreadProperties")),
+            ("tls-creds-psk", named("TlsCredsPskProperties")),
+            ("tls-creds-x509", named("TlsCredsX509Properties")),
         ],
     );
     s.object("ObjectDelArgs", vec![req("id", str())]);
