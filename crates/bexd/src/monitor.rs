@@ -192,21 +192,13 @@ async fn execute(
     // QEMU's order: an unknown command, then one that cannot run out of band,
     // then the command itself (qmp_capabilities refuses a second negotiation).
     if request.oob {
-        return Err(
-            match commands::COMMANDS.contains(&request.command.as_str()) {
-                true => QmpError::generic(format!(
-                    "The command {} does not support OOB",
-                    request.command
-                )),
-                false => commands::not_found(&request.command),
-            },
-        );
-    }
-    if request.command == "qmp_capabilities" {
-        return Err(QmpError::new(
-            ErrorClass::CommandNotFound,
-            "Capabilities negotiation is already complete, command ignored",
-        ));
+        return Err(match commands::exists(&request.command) {
+            true => QmpError::generic(format!(
+                "The command {} does not support OOB",
+                request.command
+            )),
+            false => commands::not_found(&request.command),
+        });
     }
     commands::dispatch(daemon, &request.command, request.arguments.clone()).await
 }

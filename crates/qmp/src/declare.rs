@@ -211,7 +211,7 @@ mod tests {
         let mut s = Schema::new();
         s.command(
             "c",
-            "Pair",
+            Pair::ty(),
             crate::introspect::named(crate::introspect::EMPTY),
             &[],
         );

@@ -66,7 +66,7 @@ enum Def {
 struct Entry {
     name: &'static str,
     kind: &'static str,
-    arg: &'static str,
+    arg: Ty,
     ret: Option<Ty>,
     features: Vec<&'static str>,
 }
@@ -134,7 +134,7 @@ impl Schema {
     pub fn command(
         &mut self,
         name: &'static str,
-        arg: &'static str,
+        arg: Ty,
         ret: Ty,
         features: &[&'static str],
     ) -> &mut Self {
@@ -148,7 +148,7 @@ impl Schema {
         self
     }
 
-    pub fn event(&mut self, name: &'static str, arg: &'static str) -> &mut Self {
+    pub fn event(&mut self, name: &'static str, arg: Ty) -> &mut Self {
         self.entries.push(Entry {
             name,
             kind: "event",
@@ -171,7 +171,7 @@ impl Schema {
             let mut v = Map::new();
             v.insert("name".into(), json!(e.name));
             v.insert("meta-type".into(), json!(e.kind));
-            v.insert("arg-type".into(), json!(r.type_name(&Ty::Named(e.arg))));
+            v.insert("arg-type".into(), json!(r.type_name(&e.arg)));
             if let Some(ret) = &e.ret {
                 v.insert("ret-type".into(), json!(r.type_name(ret)));
             }
@@ -346,7 +346,7 @@ mod tests {
         let mut s = Schema::new();
         s.object("Args", vec![req("id", str()), opt("mode", named("Mode"))]);
         s.enumeration("Mode", vec!["safe", "hard"]);
-        s.command("del", "Args", named(EMPTY), &[]);
+        s.command("del", named("Args"), named(EMPTY), &[]);
         let v = s.render();
         let list = v.as_array().unwrap();
         let cmd = list.iter().find(|e| e["name"] == "del").unwrap();
@@ -371,7 +371,7 @@ mod tests {
         );
         s.enumeration("T", vec!["nbd"]);
         s.object("Nbd", vec![opt("name", str())]);
-        s.command("add", "U", named(EMPTY), &["deprecated"]);
+        s.command("add", named("U"), named(EMPTY), &["deprecated"]);
         let v = s.render();
         let list = v.as_array().unwrap();
         let u = list.iter().find(|e| e["tag"] == "type").unwrap();
