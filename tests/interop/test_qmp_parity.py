@@ -38,6 +38,9 @@ CASES = [
     ("nbd-server-remove", {"name": "nope"}),
     ("nbd-server-add", {"device": "nope"}),
     ("nbd-server-add", {"device": "disk0", "name": "disk"}),
+    # Members are checked in QEMU's order: name, description, device, writable, bitmap.
+    ("nbd-server-add", {"bitmap": 1}),
+    ("nbd-server-add", {"device": "disk0", "writable": 1, "bitmap": 2}),
     ("blockdev-del", {"node-name": "disk0"}),
     ("blockdev-del", {"node-name": "nope"}),
     ("blockdev-add", {"driver": "null-co", "node-name": "disk0"}),
