@@ -77,6 +77,9 @@ SEQUENCES = [
      ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "disk0", "name": "in-io0", "iothread": "io0"}),
      ("query-block-exports", {}),
      ("object-del", {"id": "io0"})],
+    # A refused quit leaves the daemon serving.
+    [("quit", {"bogus": 1}),
+     ("query-block-exports", {})],
 ]
 
 
