@@ -31,8 +31,10 @@ use crate::config::{
     Qcow2Cache, RemoveMode, DEFAULT_PAYLOAD_BUDGET,
 };
 
-/// QEMU's limit on export names and descriptions (NBD_MAX_STRING_SIZE).
-const MAX_STRING: usize = 4096;
+// QEMU's limit on export names and descriptions (NBD_MAX_STRING_SIZE) is
+// the protocol's string limit.
+use nbd::consts::MAX_STRING;
+
 /// null-co's default size.
 const NULL_DEFAULT_SIZE: u64 = 1 << 30;
 

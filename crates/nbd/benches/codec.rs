@@ -1,14 +1,15 @@
 //! The per-request codec work on the data path: decoding a request header,
-//! encoding the reply headers that go in front of READ data, and a
+//! encoding the reply headers that go in front of READ data, shaping whole
+//! reply plans (a fresh one per request, as the server does), and a
 //! BLOCK_STATUS chunk of many extents. `cargo bench -p nbd`.
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use nbd::consts::{REQUEST_HEADER_LEN, REQUEST_MAGIC};
-use nbd::reply;
-use nbd::request::decode_request;
-use nbd::types::NbdErrno;
+use nbd::reply::{self, ReplyShape};
+use nbd::request::{decode_request, RequestHeader};
+use nbd::types::{CommandType, NbdErrno};
 
 fn request_header(cookie: u64) -> [u8; REQUEST_HEADER_LEN] {
     let mut h = [0u8; REQUEST_HEADER_LEN];
@@ -52,6 +53,46 @@ fn bench_codec(c: &mut Criterion) {
                 reply::offset_data_header(&mut out, black_box(cookie), true, cookie * 4096, 4096);
             }
             black_box(out.len())
+        })
+    });
+    g.finish();
+
+    let reads: Vec<RequestHeader> = (0..1024u64)
+        .map(|cookie| RequestHeader {
+            flags: 0,
+            command: CommandType::READ,
+            cookie,
+            offset: cookie * 4096,
+            length: 4096,
+        })
+        .collect();
+    let shape = ReplyShape::Structured;
+    let mut g = c.benchmark_group("reply plan");
+    g.throughput(Throughput::Elements(reads.len() as u64));
+    g.bench_function("1024 acks", |b| {
+        b.iter(|| {
+            for r in &reads {
+                black_box(shape.ack(black_box(r.cookie)));
+            }
+        })
+    });
+    g.bench_function("1024 whole 4k READs", |b| {
+        b.iter(|| {
+            for r in &reads {
+                black_box(shape.read(black_box(r), &[]));
+            }
+        })
+    });
+    let runs: Vec<(u32, u32)> = (0..16).map(|i| (4096, (i % 2) * 3)).collect();
+    g.bench_function("1024 sparse 64k READs of 16 runs", |b| {
+        b.iter(|| {
+            for r in &reads {
+                let r = RequestHeader {
+                    length: 65536,
+                    ..*r
+                };
+                black_box(shape.read(black_box(&r), &runs));
+            }
         })
     });
     g.finish();

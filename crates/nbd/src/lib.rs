@@ -14,17 +14,21 @@
 //!                        │   NeedInput │ StartTls │ Closed         │ Ok │ Reject{errno,msg}
 //!                        │   Done(Negotiated) ──────────────────►  │    │ Disconnect
 //!                        ▼                                         ▼
-//!   socket ◄─bytes─ take_output()                 socket ◄─ reply::* (headers only; the
-//!                   take_leftover() ─► first requests      data goes out with vectored I/O)
+//!   socket ◄─bytes─ take_output()               reply::ReplyShape::{ack,error,read,block_status}
+//!                   take_leftover() ─► first requests          │ ReplyPlan: header bytes and
+//!                                                  socket ◄────┘ data ranges, filled in place
 //! ```
 //!
 //! Layout:
 //! - [`consts`]: magics, flag bits, limits.
 //! - [`types`]: open newtypes for wire enumerations (`OptionType`, `CommandType`, ...).
+//! - `text`: protocol strings cut to their limit (shared by handshake and replies).
 //! - [`export`]: what the daemon tells the handshake about its exports.
 //! - [`handshake`]: the server's option negotiation, QEMU's behaviour exactly.
 //! - [`request`]: request header decoding and validation.
-//! - [`reply`]: simple and structured reply encoders.
+//! - [`reply`]: the shape of every reply (simple or structured, sparse reads,
+//!   error chunks, block status per context), laid out as a plan whose data
+//!   the daemon fills in place; and the single-chunk encoders.
 //! - `client` (feature `client`): a client codec for tests, fuzzing and benches.
 
 pub mod consts;
@@ -32,6 +36,7 @@ pub mod export;
 pub mod handshake;
 pub mod reply;
 pub mod request;
+mod text;
 pub mod types;
 
 #[cfg(feature = "client")]

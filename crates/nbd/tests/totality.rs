@@ -7,6 +7,7 @@ use nbd::client;
 use nbd::consts::*;
 use nbd::export::{BlockSize, ExportCatalog, ExportInfo, MetaContext};
 use nbd::handshake::{HandshakeConfig, HandshakeStatus, Negotiated, ServerHandshake, TlsMode};
+use nbd::reply::ReplyShape;
 use nbd::request::{self, RequestHeader};
 use nbd::types::{CommandType, InfoType, OptionType, ReplyType};
 
@@ -301,5 +302,73 @@ fn test_client_decoders_when_random_never_panic() {
         let _ = client::decode_offset_hole(&buf);
         let _ = client::decode_block_status(&buf);
         let _ = client::decode_error(ReplyType(0x8000 | rng.below(4) as u16), &buf);
+    }
+}
+
+/// Walks a structured READ reply: each byte of the request covered exactly
+/// once, by data (from the plan's range at the same position) or a hole, and
+/// DONE on the last chunk only.
+fn assert_read_covers_request(wire: &[u8], req: &RequestHeader) {
+    let mut covered = 0u64;
+    let mut rest = wire;
+    let mut done = false;
+    while !rest.is_empty() {
+        assert!(!done, "a chunk after DONE");
+        let (header, used) = client::decode_reply_header(rest).unwrap().unwrap();
+        let client::ReplyHeader::Chunk {
+            flags,
+            reply_type,
+            cookie,
+            length,
+        } = header
+        else {
+            panic!("a simple reply to a structured READ");
+        };
+        assert_eq!(cookie, req.cookie);
+        done = flags & REPLY_FLAG_DONE != 0;
+        let payload = &rest[used..used + length as usize];
+        let (offset, len) = match reply_type {
+            ReplyType::OFFSET_DATA => {
+                let (offset, data) = client::decode_offset_data(payload).unwrap();
+                // The data is the request's own bytes: byte i is (offset + i) as u8.
+                assert!(data
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &b)| b == (offset - req.offset + i as u64) as u8));
+                (offset, data.len() as u64)
+            }
+            ReplyType::OFFSET_HOLE => {
+                let (offset, len) = client::decode_offset_hole(payload).unwrap();
+                (offset, u64::from(len))
+            }
+            other => panic!("unexpected chunk {other:?}"),
+        };
+        assert_eq!(offset, req.offset + covered, "chunks in order, no gap");
+        assert!(len > 0);
+        covered += len;
+        rest = &rest[used + length as usize..];
+    }
+    assert!(done, "the reply ends with DONE");
+    assert_eq!(covered, u64::from(req.length));
+}
+
+#[test]
+fn test_read_shape_when_allocation_random_covers_request_exactly_once() {
+    let mut rng = Rng(0x05ee_d0f5_a45e);
+    for _ in 0..300 {
+        let req = RequestHeader {
+            flags: if rng.below(8) == 0 { CMD_FLAG_DF } else { 0 },
+            command: CommandType::READ,
+            cookie: rng.next(),
+            offset: rng.below(1 << 40),
+            length: 1 + rng.below(256 * 1024) as u32,
+        };
+        let allocation: Vec<(u32, u32)> = (0..rng.below(12))
+            .map(|_| (rng.below(96 * 1024) as u32, rng.below(4) as u32))
+            .collect();
+        let plan = ReplyShape::Structured.read(&req, &allocation);
+        let data: Vec<u8> = (0..req.length).map(|i| i as u8).collect();
+        let wire = plan.to_wire(&data).expect("ranges inside the request");
+        assert_read_covers_request(&wire, &req);
     }
 }

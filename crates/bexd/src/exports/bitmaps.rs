@@ -5,14 +5,12 @@
 use std::sync::Arc;
 
 use block::{BlockNode, DirtyBitmap};
+use nbd::reply::dirty_status;
 
 use crate::config::BitmapRef;
 use crate::error::ExportError;
 use crate::nodes::bitmaps::{check_usable, lookup, Use};
 use crate::nodes::NodeTable;
-
-/// NBD flag for a dirty region in `qemu:dirty-bitmap:*`.
-const STATE_DIRTY: u32 = 1;
 
 /// The bitmaps `refs` names on `node`, checked in QEMU's order per bitmap:
 /// found, not busy or inconsistent, and not recording if the export is read-only while
@@ -53,11 +51,11 @@ pub fn extents(bitmap: &DirtyBitmap, offset: u64, len: u32, max: usize) -> Vec<(
     let runs = bitmap.extents(offset, u64::from(len), max);
     let mut out: Vec<(u32, u32)> = runs
         .into_iter()
-        .map(|(l, dirty)| (l as u32, if dirty { STATE_DIRTY } else { 0 }))
+        .map(|(l, dirty)| (l as u32, dirty_status(dirty)))
         .collect();
     // A request past the bitmap (cannot happen: both have the node's size) still gets an answer.
     if out.is_empty() {
-        out.push((len, 0));
+        out.push((len, dirty_status(false)));
     }
     out
 }

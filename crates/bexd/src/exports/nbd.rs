@@ -8,15 +8,13 @@ use std::any::Any;
 use std::sync::{Arc, Mutex};
 
 use block::{BitmapLease, BlockNode, DirtyBitmap};
+use nbd::consts::MAX_PAYLOAD;
 use nbd::export::{BlockSize, ExportInfo, MetaContext};
 
 use super::{Export, ExportKind};
 use crate::config::NbdExportConfig;
 use crate::error::ExportError;
 use crate::nodes::NodeTable;
-
-/// QEMU's NBD server never transfers more than 32 MiB in one request.
-const MAX_TRANSFER: u32 = 32 * 1024 * 1024;
 
 #[derive(Debug)]
 pub struct NbdExport {
@@ -59,8 +57,8 @@ impl NbdExport {
         let caps = export.node.capabilities();
         let min = caps.request_alignment.max(1);
         let max = match caps.max_transfer {
-            0 => MAX_TRANSFER,
-            n => n.min(MAX_TRANSFER),
+            0 => MAX_PAYLOAD,
+            n => n.min(MAX_PAYLOAD),
         };
         let mut meta_contexts = vec![MetaContext::BaseAllocation];
         if self.allocation_depth {

@@ -1,11 +1,12 @@
-//! A reply ready for the wire: protocol bytes interleaved with data that
-//! stays where it is, in the I/O buffer it was read into or in the page
+//! A reply ready for the wire: the nbd crate's plan of it (protocol bytes
+//! and data ranges; the daemon decides nothing about its shape) and data
+//! that stays where it is, in the I/O buffer it was read into or in the page
 //! cache (then sent with `sendfile`), never copied into a reply buffer.
 
 use std::io::IoSlice;
-use std::ops::Range;
 
 use block::{FileSlice, IoBuf};
+use nbd::reply::{PlanPiece, ReplyPlan};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -31,13 +32,11 @@ pub enum Piece<'a> {
     },
 }
 
-/// One reply (simple, or all chunks of a structured one), written whole.
-#[derive(Debug, Default)]
+/// One reply (simple, or all chunks of a structured one), written whole:
+/// the nbd crate's plan of it, and the data its ranges point into.
+#[derive(Debug)]
 pub struct Reply {
-    /// Headers of every chunk, concatenated.
-    meta: Vec<u8>,
-    /// In wire order: a slice of `meta`, then optionally a slice of `data`.
-    pieces: Vec<(Range<usize>, Option<Range<usize>>)>,
+    plan: ReplyPlan,
     data: Option<Data>,
     /// The in-flight budget this request holds until its reply is on the wire.
     _permits: Option<Permits>,
@@ -70,43 +69,38 @@ impl Permits {
 }
 
 impl Reply {
-    pub fn new() -> Self {
-        Self::default()
+    /// A reply that carries no data (its plan has no data ranges).
+    pub fn new(plan: ReplyPlan) -> Self {
+        Self {
+            plan,
+            data: None,
+            _permits: None,
+        }
     }
 
-    /// Appends protocol bytes produced by `encode`, with no data after them.
-    pub fn push_meta(&mut self, encode: impl FnOnce(&mut Vec<u8>)) {
-        self.push(encode, None);
-    }
-
-    /// Appends protocol bytes followed by `data_range` of the data buffer.
-    pub fn push_with_data(&mut self, encode: impl FnOnce(&mut Vec<u8>), data_range: Range<usize>) {
-        self.push(encode, Some(data_range));
-    }
-
-    fn push(&mut self, encode: impl FnOnce(&mut Vec<u8>), data: Option<Range<usize>>) {
-        let start = self.meta.len();
-        encode(&mut self.meta);
-        self.pieces.push((start..self.meta.len(), data));
-    }
-
-    pub fn set_data(&mut self, data: Data) {
-        self.data = Some(data);
+    /// A reply whose plan's data ranges are ranges of `data`.
+    pub fn with_data(plan: ReplyPlan, data: Data) -> Self {
+        Self {
+            plan,
+            data: Some(data),
+            _permits: None,
+        }
     }
 
     pub fn hold_permits(&mut self, permits: Permits) {
         self._permits = Some(permits);
     }
 
-    /// The reply in wire order: slices of its headers and of its data.
+    /// The reply in wire order: its protocol bytes, and its data where it lies.
     pub fn pieces(&self) -> impl Iterator<Item = Piece<'_>> {
-        self.pieces.iter().flat_map(|(meta, data)| {
-            let (bytes, file) = match (data, &self.data) {
-                (Some(range), Some(Data::Buf(buf))) => {
-                    (Some(Piece::Bytes(&buf[range.clone()])), None)
+        self.plan.pieces().flat_map(|piece| {
+            let (bytes, file) = match (piece, &self.data) {
+                (PlanPiece::Bytes(b), _) => (Some(Piece::Bytes(b)), None),
+                (PlanPiece::Data(range), Some(Data::Buf(buf))) => {
+                    (Some(Piece::Bytes(&buf[range])), None)
                 }
                 // A data range of a qcow2 slice may span several file runs.
-                (Some(range), Some(Data::File(f))) => {
+                (PlanPiece::Data(range), Some(Data::File(f))) => {
                     let runs = f.runs_in(range.start as u64..range.end as u64);
                     (
                         None,
@@ -117,11 +111,9 @@ impl Reply {
                         })),
                     )
                 }
-                _ => (None, None),
+                (PlanPiece::Data(_), None) => (None, None),
             };
-            std::iter::once(Piece::Bytes(&self.meta[meta.clone()]))
-                .chain(bytes)
-                .chain(file.into_iter().flatten())
+            bytes.into_iter().chain(file.into_iter().flatten())
         })
     }
 }
@@ -294,15 +286,36 @@ mod tests {
 
     impl ReplyWriter for Trickle {}
 
+    /// A sparse READ of `data` (data, hole, data) and an ack: every kind of piece.
+    fn plans(offset: u64, data: &[u8]) -> (ReplyPlan, ReplyPlan) {
+        let req = nbd::request::RequestHeader {
+            flags: 0,
+            command: nbd::types::CommandType::READ,
+            cookie: 7,
+            offset,
+            length: data.len() as u32,
+        };
+        let shape = nbd::reply::ReplyShape::Structured;
+        let allocation = [(3, 0), (2, nbd::consts::STATE_ZERO), (3, 0)];
+        (shape.read(&req, &allocation), shape.ack(8))
+    }
+
+    const DATA: &[u8] = b"01234567";
+
+    /// The batch's bytes, from the plans alone.
+    fn expected(offset: u64, data: &[u8]) -> Vec<u8> {
+        let (read, ack) = plans(offset, data);
+        let mut out = read.to_wire(data).expect("data covers the plan");
+        out.extend_from_slice(ack.protocol_bytes());
+        out
+    }
+
     fn sample() -> Vec<Reply> {
-        let mut a = Reply::new();
-        a.push_with_data(|m| m.extend_from_slice(b"HDR1"), 2..6);
-        a.push_meta(|m| m.extend_from_slice(b"HOLE"));
-        a.push_with_data(|m| m.extend_from_slice(b"HDR2"), 6..8);
-        a.set_data(Data::Buf(IoBuf::from_slice(b"01234567")));
-        let mut b = Reply::new();
-        b.push_meta(|m| m.extend_from_slice(b"ACK"));
-        vec![a, b]
+        let (read, ack) = plans(0, DATA);
+        vec![
+            Reply::with_data(read, Data::Buf(IoBuf::from_slice(DATA))),
+            Reply::new(ack),
+        ]
     }
 
     #[test]
@@ -319,10 +332,7 @@ mod tests {
                 };
                 rt.block_on(write_batch(&mut w, &sample(), &mut Vec::new()))
                     .unwrap();
-                assert_eq!(
-                    w.out, b"HDR12345HOLEHDR267ACK",
-                    "vectored={vectored} step={step}"
-                );
+                assert_eq!(w.out, expected(0, DATA), "vectored={vectored} step={step}");
             }
         }
     }
@@ -342,18 +352,14 @@ mod tests {
         (dir, std::sync::Arc::new(node))
     }
 
+    /// The file is "0123456789"; the READ covers bytes 2..10.
     fn file_sample(node: &std::sync::Arc<block::BlockNode>) -> Vec<Reply> {
-        let mut a = Reply::new();
-        a.push_with_data(|m| m.extend_from_slice(b"HDR1"), 0..3);
-        a.push_meta(|m| m.extend_from_slice(b"HOLE"));
-        a.push_with_data(|m| m.extend_from_slice(b"HDR2"), 5..8);
-        a.set_data(Data::File(node.page_cache_slice(2, 8).unwrap()));
-        let mut b = Reply::new();
-        b.push_meta(|m| m.extend_from_slice(b"ACK"));
-        vec![a, b]
+        let (read, ack) = plans(2, &FILE_DATA);
+        let slice = node.page_cache_slice(2, 8).unwrap();
+        vec![Reply::with_data(read, Data::File(slice)), Reply::new(ack)]
     }
 
-    const FILE_EXPECTED: &[u8] = b"HDR1234HOLEHDR2789ACK";
+    const FILE_DATA: [u8; 8] = *b"23456789";
 
     #[test]
     fn test_file_data_without_sendfile_is_read_in_order() {
@@ -369,7 +375,7 @@ mod tests {
             };
             rt.block_on(write_batch(&mut w, &file_sample(&node), &mut Vec::new()))
                 .unwrap();
-            assert_eq!(w.out, FILE_EXPECTED, "vectored={vectored}");
+            assert_eq!(w.out, expected(2, &FILE_DATA), "vectored={vectored}");
         }
     }
 
@@ -389,7 +395,7 @@ mod tests {
             drop(w);
             let mut got = Vec::new();
             b.read_to_end(&mut got).await.unwrap();
-            assert_eq!(got, FILE_EXPECTED);
+            assert_eq!(got, expected(2, &FILE_DATA));
         });
     }
 
@@ -442,7 +448,7 @@ mod tests {
             };
             rt.block_on(write_batch(&mut w, &sample(), &mut Vec::new()))
                 .unwrap();
-            assert_eq!(w.out, b"HDR12345HOLEHDR267ACK", "vectored: {vectored}");
+            assert_eq!(w.out, expected(0, DATA), "vectored: {vectored}");
             assert!(w.held.is_empty(), "vectored: {vectored}");
         }
     }

@@ -6,6 +6,10 @@
 //!  socket ◄── writer task: replies in completion order, one writev per batch ◄──┘
 //! ```
 //!
+//! What each reply looks like on the wire is the nbd crate's call
+//! (`nbd::reply::ReplyShape`): this file runs the request, gathers its data
+//! and extents, and hands the plan and the data to the writer.
+//!
 //! READ data in a tmpfs file is not read at all on plain sockets: the reply
 //! names the file range and the writer `sendfile`s it (see `sink.rs`).
 //!
@@ -22,12 +26,11 @@ use std::time::Duration;
 
 use block::{BlockError, BlockNode, IoBuf, ZeroFlags};
 use nbd::consts::{
-    CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE,
-    REQUEST_HEADER_LEN,
+    CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, REQUEST_HEADER_LEN,
 };
 use nbd::export::MetaContext;
 use nbd::handshake::Negotiated;
-use nbd::reply;
+use nbd::reply::{allocation_status, status_chunk_len, ReplyShape, MAX_EXTENTS};
 use nbd::request::{decode_request, validate, RequestHeader, Verdict};
 use nbd::types::{CommandType, NbdErrno};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -50,8 +53,6 @@ const BUDGET: usize = 256 + (64 << 20) / BUDGET_UNIT as usize;
 /// least 4 KiB and a task, so as one unit each of `BUDGET` a client sending
 /// small READs could hold 16640 of them (130 MiB per connection, measured).
 const MAX_REQUESTS: usize = 256;
-/// Reads at least this large are sent sparse (holes as OFFSET_HOLE chunks), as QEMU does.
-const SPARSE_READ_MIN: u32 = 64 * 1024;
 /// Reads at least this large go out with `sendfile` when their bytes are in
 /// a page-cache file and the socket is plain. Below it, the copy costs less
 /// than a `sendfile` call of its own (which also splits the writer's batch):
@@ -70,15 +71,12 @@ const INPUT_BUFFER: usize = 256 * 1024;
 /// would hold those up (64 KiB randrw on a disk read 459 MiB/s against
 /// qemu-storage-daemon's 515 without this).
 const SUBMIT_BEFORE_PAYLOAD: usize = 32 * 1024;
-/// Bound on the extents gathered for one BLOCK_STATUS reply.
-const MAX_EXTENTS: usize = 128 * 1024;
-/// NBD base:allocation flags.
-const STATE_HOLE: u32 = 1;
-const STATE_ZERO: u32 = 2;
 
 /// What every request task needs, shared by reference count.
 struct Context {
     negotiated: Negotiated,
+    /// How replies are framed, from the handshake.
+    shape: ReplyShape,
     client: ExportClient,
     node: Arc<BlockNode>,
     writethrough: bool,
@@ -112,6 +110,7 @@ impl Session {
         let writethrough = client.export().config.writethrough;
         Self {
             ctx: Arc::new(Context {
+                shape: ReplyShape::of(&negotiated),
                 negotiated,
                 client,
                 node,
@@ -306,8 +305,7 @@ fn pinned_bytes(request: &RequestHeader, verdict: &Verdict, contexts: usize) -> 
                 0 => u64::from(request.length.div_ceil(STATUS_GRANULE)).min(MAX_EXTENTS as u64),
                 _ => 1,
             };
-            // One chunk per context: its header, the context id, 8 bytes a descriptor.
-            contexts as u64 * (20 + 4 + 8 * descriptors)
+            contexts as u64 * status_chunk_len(descriptors as usize) as u64
         }
         _ => 0,
     }
@@ -498,27 +496,13 @@ async fn handle(ctx: &Context, req: &RequestHeader, payload: Payload) -> Reply {
         _ => return error_reply(ctx, req, NbdErrno::EINVAL, "unknown command"),
     };
     match result {
-        Ok(()) => ok_reply(req),
+        Ok(()) => Reply::new(ctx.shape.ack(req.cookie)),
         Err(e) => block_error_reply(ctx, req, &e),
     }
 }
 
-fn ok_reply(req: &RequestHeader) -> Reply {
-    let mut r = Reply::new();
-    r.push_meta(|out| reply::simple_reply(out, req.cookie, NbdErrno(0)));
-    r
-}
-
-/// An error reply the way QEMU sends one: a structured error chunk (it carries
-/// a message) once structured replies are negotiated, a simple reply before.
 fn error_reply(ctx: &Context, req: &RequestHeader, errno: NbdErrno, message: &str) -> Reply {
-    let mut r = Reply::new();
-    if ctx.negotiated.structured_replies {
-        r.push_meta(|out| reply::error_chunk(out, req.cookie, errno, message));
-    } else {
-        r.push_meta(|out| reply::simple_reply(out, req.cookie, errno));
-    }
-    r
+    Reply::new(ctx.shape.error(req.cookie, errno, message))
 }
 
 fn block_error_reply(ctx: &Context, req: &RequestHeader, e: &BlockError) -> Reply {
@@ -527,15 +511,8 @@ fn block_error_reply(ctx: &Context, req: &RequestHeader, e: &BlockError) -> Repl
 }
 
 async fn read(ctx: &Context, req: &RequestHeader) -> Reply {
-    let len = req.length as usize;
-    let structured = ctx.negotiated.structured_replies;
-    if len == 0 {
-        let mut r = Reply::new();
-        match structured {
-            true => r.push_meta(|out| reply::none_chunk(out, req.cookie)),
-            false => r.push_meta(|out| reply::simple_reply(out, req.cookie, NbdErrno(0))),
-        }
-        return r;
+    if req.length == 0 {
+        return Reply::new(ctx.shape.read(req, &[]));
     }
     let slice = match ctx.zero_copy && req.length >= ZERO_COPY_MIN {
         true => ctx.node.page_cache_slice(req.offset, u64::from(req.length)),
@@ -545,65 +522,21 @@ async fn read(ctx: &Context, req: &RequestHeader) -> Reply {
         Some(slice) => Data::File(slice),
         None => {
             // Every driver fills a read buffer completely on success, so a reused one is fine.
-            let (buf, result) = ctx.node.read(IoBuf::for_overwrite(len), req.offset).await;
+            let buf = IoBuf::for_overwrite(req.length as usize);
+            let (buf, result) = ctx.node.read(buf, req.offset).await;
             if let Err(e) = result {
                 return block_error_reply(ctx, req, &e);
             }
             Data::Buf(buf)
         }
     };
-    let mut r = Reply::new();
-    let sparse = structured && req.flags & CMD_FLAG_DF == 0 && req.length >= SPARSE_READ_MIN;
-    let extents = match sparse {
+    let extents = match ctx.shape.read_wants_allocation(req) {
         true => allocation_extents(&ctx.node, req.offset, u64::from(req.length), MAX_EXTENTS)
             .await
             .unwrap_or_default(),
         false => Vec::new(),
     };
-    if !extents.is_empty() {
-        push_sparse_chunks(&mut r, req, &extents);
-    } else if structured {
-        push_data_chunk(&mut r, req, 0, req.length, true);
-    } else {
-        r.push_with_data(
-            |out| reply::simple_reply(out, req.cookie, NbdErrno(0)),
-            0..len,
-        );
-    }
-    r.set_data(data);
-    r
-}
-
-/// One chunk per extent: holes as OFFSET_HOLE, data as OFFSET_DATA from the
-/// read buffer. The chunks always cover the whole request, and only the last
-/// carries DONE, even if the extents stop short (the rest goes out as data).
-fn push_sparse_chunks(r: &mut Reply, req: &RequestHeader, extents: &[(u32, u32)]) {
-    let mut pos = 0u32;
-    for &(len, flags) in extents {
-        let len = len.min(req.length - pos);
-        if len == 0 {
-            break;
-        }
-        let done = pos + len == req.length;
-        let offset = req.offset + u64::from(pos);
-        if flags & STATE_ZERO != 0 {
-            r.push_meta(|out| reply::offset_hole(out, req.cookie, done, offset, len));
-        } else {
-            push_data_chunk(r, req, pos, len, done);
-        }
-        pos += len;
-    }
-    if pos < req.length {
-        push_data_chunk(r, req, pos, req.length - pos, true);
-    }
-}
-
-fn push_data_chunk(r: &mut Reply, req: &RequestHeader, pos: u32, len: u32, done: bool) {
-    let offset = req.offset + u64::from(pos);
-    r.push_with_data(
-        |out| reply::offset_data_header(out, req.cookie, done, offset, len),
-        pos as usize..(pos + len) as usize,
-    );
+    Reply::with_data(ctx.shape.read(req, &extents), data)
 }
 
 /// base:allocation extents covering `[offset, offset+len)`, equal neighbours merged.
@@ -614,7 +547,7 @@ async fn allocation_extents(
     max: usize,
 ) -> Result<Vec<(u32, u32)>, BlockError> {
     status_extents(node, offset, len, max, |e| {
-        (if e.allocated { 0 } else { STATE_HOLE }) | (if e.zero { STATE_ZERO } else { 0 })
+        allocation_status(e.allocated, e.zero)
     })
     .await
 }
@@ -661,33 +594,27 @@ async fn status_extents(
 }
 
 async fn block_status(ctx: &Context, req: &RequestHeader) -> Reply {
-    let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
-    let max = if req_one { 1 } else { MAX_EXTENTS };
     let (offset, len) = (req.offset, u64::from(req.length));
     let contexts = &ctx.negotiated.meta_contexts;
-    let mut r = Reply::new();
-    for (i, (id, context)) in contexts.iter().enumerate() {
+    let mut plan = ctx.shape.block_status(req, contexts.len());
+    let max = plan.max_extents();
+    for (id, context) in contexts {
         let extents = match context {
             MetaContext::BaseAllocation => allocation_extents(&ctx.node, offset, len, max).await,
             MetaContext::AllocationDepth => depth_extents(&ctx.node, offset, len, max).await,
             MetaContext::DirtyBitmap(name) => {
                 Ok(match exported_bitmap(ctx.client.export(), name) {
                     Some(b) => crate::exports::bitmaps::extents(b, offset, req.length, max),
-                    None => vec![(req.length, 0)],
+                    None => vec![(req.length, nbd::reply::dirty_status(false))],
                 })
             }
         };
-        let mut extents = match extents {
-            Ok(e) => e,
+        match extents {
+            Ok(extents) => plan.push(*id, &extents),
             Err(e) => return block_error_reply(ctx, req, &e),
-        };
-        if req_one {
-            extents.truncate(1);
         }
-        let done = i + 1 == contexts.len();
-        r.push_meta(|out| reply::block_status_chunk(out, req.cookie, done, *id, &extents));
     }
-    r
+    Reply::new(plan.finish())
 }
 
 /// The bitmap an NBD export serves as `qemu:dirty-bitmap:NAME`.

@@ -7,7 +7,7 @@
 use thiserror::Error;
 
 use crate::consts::*;
-pub(crate) use crate::reply::truncate_utf8;
+pub(crate) use crate::text::truncate_utf8;
 use crate::types::{InfoType, OptionReplyType, OptionType};
 
 /// Why an option payload does not follow its grammar. The `Display` text is

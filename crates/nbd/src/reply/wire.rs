@@ -1,7 +1,9 @@
-//! Reply encoders. Each appends only headers to `out`; read data stays in the
-//! caller's I/O buffer and goes out with a vectored write after the header.
+//! Reply encoders: each appends one simple reply or one structured chunk,
+//! headers only, to `out`. Read data is never copied in; [`super::ReplyPlan`]
+//! says where it goes between these headers.
 
 use crate::consts::*;
+use crate::text::truncate_utf8;
 use crate::types::{NbdErrno, ReplyType};
 
 /// A simple reply (16 bytes); a successful READ's data follows it.
@@ -75,18 +77,6 @@ pub fn block_status_chunk(
         out.extend_from_slice(&length.to_be_bytes());
         out.extend_from_slice(&flags.to_be_bytes());
     }
-}
-
-/// `s` cut to at most `max` bytes, on a character boundary.
-pub(crate) fn truncate_utf8(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 #[cfg(test)]
