@@ -38,6 +38,9 @@ CASES = [
     ("nbd-server-remove", {"name": "nope"}),
     ("nbd-server-add", {"device": "nope"}),
     ("nbd-server-add", {"device": "disk0", "name": "disk"}),
+    # Members are checked in QEMU's order: name, description, device, writable, bitmap.
+    ("nbd-server-add", {"bitmap": 1}),
+    ("nbd-server-add", {"device": "disk0", "writable": 1, "bitmap": 2}),
     ("blockdev-del", {"node-name": "disk0"}),
     ("blockdev-del", {"node-name": "nope"}),
     ("blockdev-add", {"driver": "null-co", "node-name": "disk0"}),
@@ -74,6 +77,9 @@ SEQUENCES = [
      ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "disk0", "name": "in-io0", "iothread": "io0"}),
      ("query-block-exports", {}),
      ("object-del", {"id": "io0"})],
+    # A refused quit leaves the daemon serving.
+    [("quit", {"bogus": 1}),
+     ("query-block-exports", {})],
 ]
 
 
@@ -157,3 +163,24 @@ def test_same_oob_outcomes_as_qemu_storage_daemon(both, line):
     got = raw_session(ours.qmp_sock, line, negotiate)
     assert got == raw_session(theirs.qmp_sock, line, negotiate)
     assert "id" in got[0]
+
+
+def test_quit_before_negotiation_is_refused_and_the_daemon_serves_on(both):
+    import json
+    import socket
+    import time
+    for d in both:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect(str(d.qmp_sock))
+        f = s.makefile("rwb")
+        f.readline()
+        f.write(b'{"execute": "quit"}\n')
+        f.flush()
+        reply = json.loads(f.readline())
+        f.close()
+        s.close()
+        assert reply["error"]["class"] == "CommandNotFound"
+        time.sleep(0.3)
+        assert d.alive()
+        assert asyncio.run(qmp_outcome(d.qmp_sock, "query-block-exports", {}))[0] == "ok"

@@ -153,11 +153,14 @@ async fn handle_item(
     // Events the command caused (e.g. BLOCK_EXPORT_DELETED on a safe removal)
     // go out before its return, as QEMU orders them.
     drain_events(session, out);
+    // Only a quit that ran ends the daemon: one refused (unexpected arguments,
+    // before negotiation, out of band) leaves it serving, as in QEMU.
+    let quitting = request.command == "quit" && result.is_ok();
     match result {
         Ok(value) => out.push_str(&wire::encode_return(&value, request.id.as_ref())),
         Err(e) => out.push_str(&wire::encode_error(&e, request.id.as_ref())),
     }
-    if request.command == "quit" {
+    if quitting {
         daemon.begin_quit();
     }
 }
@@ -192,21 +195,13 @@ async fn execute(
     // QEMU's order: an unknown command, then one that cannot run out of band,
     // then the command itself (qmp_capabilities refuses a second negotiation).
     if request.oob {
-        return Err(
-            match commands::COMMANDS.contains(&request.command.as_str()) {
-                true => QmpError::generic(format!(
-                    "The command {} does not support OOB",
-                    request.command
-                )),
-                false => commands::not_found(&request.command),
-            },
-        );
-    }
-    if request.command == "qmp_capabilities" {
-        return Err(QmpError::new(
-            ErrorClass::CommandNotFound,
-            "Capabilities negotiation is already complete, command ignored",
-        ));
+        return Err(match commands::exists(&request.command) {
+            true => QmpError::generic(format!(
+                "The command {} does not support OOB",
+                request.command
+            )),
+            false => commands::not_found(&request.command),
+        });
     }
     commands::dispatch(daemon, &request.command, request.arguments.clone()).await
 }

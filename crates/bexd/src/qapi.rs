@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use block::drivers::blkdebug::{InjectError, IoType};
 use block::drivers::file::{AioMode, LockingMode};
+use qmp::schema::block_core::BlockdevDelArgs;
 use qmp::schema::block_core::{
     BlkdebugIOType, BlkdebugInjectError, BlockdevAioOptions, BlockdevDiscardOptions,
     BlockdevOptions, BlockdevOptionsQcow2, BlockdevRef, BlockdevRefOrNull, BlockdevSpecific,
@@ -18,8 +19,9 @@ use qmp::schema::block_export::{
     BlockExportRemoveMode, BlockExportType, NbdServerAddOptions, NbdServerOptions,
 };
 use qmp::schema::char::{ChardevSocket, MonitorOptions};
+use qmp::schema::object::ObjectDelArgs;
 use qmp::schema::sockets::SocketAddress;
-use qmp::visitor::{from_value, Ctx, Fields, InputMode};
+use qmp::visitor::{from_value, Ctx, InputMode};
 use qmp::QmpError;
 use serde_json::Value;
 
@@ -342,18 +344,12 @@ pub fn export_removal(value: Value, key: &str) -> Result<(String, RemoveMode), Q
 
 /// object-del's single argument.
 pub fn object_id_arg(value: Value) -> Result<String, QmpError> {
-    let mut f = Fields::new(value, &Ctx::root(InputMode::Json))?;
-    let id: String = f.required("id")?;
-    f.finish()?;
-    Ok(id)
+    Ok(from_value::<ObjectDelArgs>(value, InputMode::Json)?.id)
 }
 
 /// blockdev-del's single argument.
 pub fn node_name_arg(value: Value) -> Result<String, QmpError> {
-    let mut f = Fields::new(value, &Ctx::root(InputMode::Json))?;
-    let name: String = f.required("node-name")?;
-    f.finish()?;
-    Ok(name)
+    Ok(from_value::<BlockdevDelArgs>(value, InputMode::Json)?.node_name)
 }
 
 /// `--chardev socket,...` (keyval only, as in qemu-storage-daemon).

@@ -5,6 +5,9 @@
 //! opaque numeric names and `default: null` on optional members. Tools such
 //! as libvirt probe features by walking it (`block-export-add/arg-type/...`).
 
+#[cfg(test)]
+pub(crate) mod agreement;
+
 use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
@@ -53,7 +56,7 @@ enum Def {
     Object {
         members: Vec<Member>,
         tag: Option<&'static str>,
-        variants: Vec<(&'static str, &'static str)>,
+        variants: Vec<(&'static str, Ty)>,
     },
     Enum(Vec<&'static str>),
     Alternate(Vec<Ty>),
@@ -63,7 +66,7 @@ enum Def {
 struct Entry {
     name: &'static str,
     kind: &'static str,
-    arg: &'static str,
+    arg: Ty,
     ret: Option<Ty>,
     features: Vec<&'static str>,
 }
@@ -101,7 +104,7 @@ impl Schema {
         key: &'static str,
         members: Vec<Member>,
         tag: &'static str,
-        variants: Vec<(&'static str, &'static str)>,
+        variants: Vec<(&'static str, Ty)>,
     ) -> &mut Self {
         let def = Def::Object {
             members,
@@ -110,6 +113,12 @@ impl Schema {
         };
         self.defs.insert(key, def);
         self
+    }
+
+    /// Whether `key` is defined already (a [`Describe::define`] stops there,
+    /// which also ends the recursion of self-referring types such as BlockdevRef).
+    pub fn defines(&self, key: &str) -> bool {
+        self.defs.contains_key(key)
     }
 
     pub fn enumeration(&mut self, key: &'static str, values: Vec<&'static str>) -> &mut Self {
@@ -125,7 +134,7 @@ impl Schema {
     pub fn command(
         &mut self,
         name: &'static str,
-        arg: &'static str,
+        arg: Ty,
         ret: Ty,
         features: &[&'static str],
     ) -> &mut Self {
@@ -139,7 +148,7 @@ impl Schema {
         self
     }
 
-    pub fn event(&mut self, name: &'static str, arg: &'static str) -> &mut Self {
+    pub fn event(&mut self, name: &'static str, arg: Ty) -> &mut Self {
         self.entries.push(Entry {
             name,
             kind: "event",
@@ -162,7 +171,7 @@ impl Schema {
             let mut v = Map::new();
             v.insert("name".into(), json!(e.name));
             v.insert("meta-type".into(), json!(e.kind));
-            v.insert("arg-type".into(), json!(r.type_name(&Ty::Named(e.arg))));
+            v.insert("arg-type".into(), json!(r.type_name(&e.arg)));
             if let Some(ret) = &e.ret {
                 v.insert("ret-type".into(), json!(r.type_name(ret)));
             }
@@ -172,6 +181,57 @@ impl Schema {
             r.out.push(Value::Object(v));
         }
         r.finish()
+    }
+}
+
+/// A QAPI type as introspection describes it. Readers implement it beside
+/// their [`FromQapi`](crate::visitor::FromQapi), so a command's schema entry
+/// names Rust types and cannot drift from what the command reads.
+pub trait Describe {
+    /// How a member or command refers to the type.
+    fn ty() -> Ty;
+    /// Adds the type's definition and those of the types it refers to.
+    fn define(_s: &mut Schema) {}
+}
+
+/// Defines `T` in `s` and names it: what a command's arg-type or ret-type is.
+pub fn describe<T: Describe>(s: &mut Schema) -> Ty {
+    T::define(s);
+    T::ty()
+}
+
+macro_rules! builtin {
+    ($name:literal: $($t:ty),*) => {
+        $(impl Describe for $t {
+            fn ty() -> Ty {
+                Ty::Builtin($name)
+            }
+        })*
+    };
+}
+
+// QEMU's introspection folds every integer type (and `size`) into `int`.
+builtin!("str": String);
+builtin!("bool": bool);
+builtin!("int": i64, u16, u32, u64, crate::visitor::Size);
+builtin!("any": Value);
+
+impl<T: Describe> Describe for Vec<T> {
+    fn ty() -> Ty {
+        array(T::ty())
+    }
+    fn define(s: &mut Schema) {
+        T::define(s)
+    }
+}
+
+/// The empty object: the arguments of commands that take none, and the
+/// return of commands that return nothing.
+pub enum Empty {}
+
+impl Describe for Empty {
+    fn ty() -> Ty {
+        named(EMPTY)
     }
 }
 
@@ -252,7 +312,7 @@ impl Renderer<'_> {
                 if let Some(tag) = tag {
                     let variants: Vec<Value> = variants
                         .iter()
-                        .map(|(case, key)| json!({"case": case, "type": self.named(key)}))
+                        .map(|(case, ty)| json!({"case": case, "type": self.type_name(ty)}))
                         .collect();
                     v["tag"] = json!(tag);
                     v["variants"] = json!(variants);
@@ -286,7 +346,7 @@ mod tests {
         let mut s = Schema::new();
         s.object("Args", vec![req("id", str()), opt("mode", named("Mode"))]);
         s.enumeration("Mode", vec!["safe", "hard"]);
-        s.command("del", "Args", named(EMPTY), &[]);
+        s.command("del", named("Args"), named(EMPTY), &[]);
         let v = s.render();
         let list = v.as_array().unwrap();
         let cmd = list.iter().find(|e| e["name"] == "del").unwrap();
@@ -307,11 +367,11 @@ mod tests {
             "U",
             vec![req("type", named("T"))],
             "type",
-            vec![("nbd", "Nbd")],
+            vec![("nbd", named("Nbd"))],
         );
         s.enumeration("T", vec!["nbd"]);
         s.object("Nbd", vec![opt("name", str())]);
-        s.command("add", "U", named(EMPTY), &["deprecated"]);
+        s.command("add", named("U"), named(EMPTY), &["deprecated"]);
         let v = s.render();
         let list = v.as_array().unwrap();
         let u = list.iter().find(|e| e["tag"] == "type").unwrap();

@@ -298,34 +298,6 @@ pub fn enum_str(value: Value, ctx: &Ctx, allowed: &[&str]) -> Result<String, Qmp
     }
 }
 
-/// Declares a QAPI enum as a Rust enum with its wire names.
-#[macro_export]
-macro_rules! qapi_enum {
-    ($(#[$doc:meta])* $name:ident { $($variant:ident = $wire:expr),* $(,)? }) => {
-        $(#[$doc])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-        pub enum $name { $($variant),* }
-
-        impl $name {
-            pub const NAMES: &'static [&'static str] = &[$($wire),*];
-
-            pub fn as_str(self) -> &'static str {
-                match self { $(Self::$variant => $wire),* }
-            }
-        }
-
-        impl $crate::visitor::FromQapi for $name {
-            fn from_qapi(value: serde_json::Value, ctx: &$crate::visitor::Ctx) -> Result<Self, $crate::QmpError> {
-                let s = $crate::visitor::enum_str(value, ctx, Self::NAMES)?;
-                match s.as_str() {
-                    $($wire => Ok(Self::$variant),)*
-                    other => Err(ctx.bad_value(other)),
-                }
-            }
-        }
-    };
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

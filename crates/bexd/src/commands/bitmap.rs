@@ -28,18 +28,42 @@ use crate::nodes::bitmaps::{check_usable, find_on, Use};
 /// QEMU's limit on bitmap names (BDRV_BITMAP_MAX_NAME_SIZE).
 const MAX_NAME: usize = 1023;
 
-/// One of the single bitmap commands.
-pub fn command(daemon: &Daemon, name: &str, args: Args) -> Result<Value, QmpError> {
-    let args = Value::Object(args);
-    let action = match name {
-        "block-dirty-bitmap-add" => TransactionAction::Add(read(args)?),
-        "block-dirty-bitmap-remove" => TransactionAction::Remove(read(args)?),
-        "block-dirty-bitmap-clear" => TransactionAction::Clear(read(args)?),
-        "block-dirty-bitmap-enable" => TransactionAction::Enable(read(args)?),
-        "block-dirty-bitmap-disable" => TransactionAction::Disable(read(args)?),
-        "block-dirty-bitmap-merge" => TransactionAction::Merge(read(args)?),
-        _ => return Err(super::not_found(name)),
-    };
+/// The single bitmap commands, each a transaction of one action.
+pub mod single {
+    use super::*;
+
+    pub fn add(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
+        one(daemon, args, TransactionAction::Add)
+    }
+
+    pub fn remove(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
+        one(daemon, args, TransactionAction::Remove)
+    }
+
+    pub fn clear(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
+        one(daemon, args, TransactionAction::Clear)
+    }
+
+    pub fn enable(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
+        one(daemon, args, TransactionAction::Enable)
+    }
+
+    pub fn disable(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
+        one(daemon, args, TransactionAction::Disable)
+    }
+
+    pub fn merge(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
+        one(daemon, args, TransactionAction::Merge)
+    }
+}
+
+/// Runs one bitmap command as a transaction of one action.
+fn one<T: FromQapi>(
+    daemon: &Daemon,
+    args: Args,
+    action: fn(T) -> TransactionAction,
+) -> Result<Value, QmpError> {
+    let action = action(read(Value::Object(args))?);
     run(daemon, vec![action]).map(|()| ok())
 }
 
@@ -47,7 +71,7 @@ fn read<T: FromQapi>(args: Value) -> Result<T, QmpError> {
     from_value(args, InputMode::Json)
 }
 
-pub fn transaction(daemon: &Daemon, args: Args) -> Result<Value, QmpError> {
+pub fn transaction(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
     let t: Transaction = read(Value::Object(args))?;
     if let (Some(ActionCompletionMode::Grouped), Some(first)) =
         (t.completion_mode, t.actions.first())

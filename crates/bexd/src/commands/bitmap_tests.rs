@@ -17,12 +17,11 @@ fn daemon() -> Arc<Daemon> {
     d
 }
 
-fn call(d: &Daemon, name: &str, args: Value) -> Result<Value, QmpError> {
+/// Runs a command through the registry, as a QMP client would.
+fn call(d: &Arc<Daemon>, name: &str, args: Value) -> Result<Value, QmpError> {
     let args = args.as_object().cloned().unwrap_or_default();
-    match name {
-        "transaction" => transaction(d, args),
-        _ => command(d, name, args),
-    }
+    let command = crate::commands::registry::find(name).expect("a registered command");
+    (command.handler)(d, args)
 }
 
 fn bitmap(d: &Daemon, name: &str) -> Option<Arc<DirtyBitmap>> {

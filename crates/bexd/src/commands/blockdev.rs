@@ -21,6 +21,11 @@ pub fn add(daemon: &Arc<Daemon>, value: Value, mode: InputMode) -> Result<Value,
     Ok(ok())
 }
 
+/// `blockdev-add` from QMP.
+pub fn add_qmp(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
+    add(daemon, Value::Object(args), InputMode::Json)
+}
+
 pub fn del(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
     let node_name = crate::qapi::node_name_arg(Value::Object(args))?;
     daemon.nodes.delete(&node_name)?;

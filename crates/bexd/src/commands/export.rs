@@ -7,7 +7,7 @@ use qmp::visitor::InputMode;
 use qmp::QmpError;
 use serde_json::Value;
 
-use super::{ok, Args};
+use super::{no_args, ok, Args};
 use crate::daemon::Daemon;
 use crate::error::{NodeError, ServerError};
 use crate::qapi;
@@ -24,7 +24,13 @@ pub fn nbd_server_start(
     Ok(ok())
 }
 
-pub fn nbd_server_stop(daemon: &Arc<Daemon>) -> Result<Value, QmpError> {
+/// `nbd-server-start` from QMP.
+pub fn nbd_server_start_qmp(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
+    nbd_server_start(daemon, Value::Object(args), true, InputMode::Json)
+}
+
+pub fn nbd_server_stop(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
+    no_args(args)?;
     daemon.stop_nbd_server()?;
     Ok(ok())
 }
@@ -37,6 +43,11 @@ pub fn block_export_add(
     let config = qapi::export_config(value, mode)?;
     daemon.add_export(config)?;
     Ok(ok())
+}
+
+/// `block-export-add` from QMP.
+pub fn block_export_add_qmp(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
+    block_export_add(daemon, Value::Object(args), InputMode::Json)
 }
 
 pub fn block_export_del(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {

@@ -1,95 +1,95 @@
-//! QMP command dispatch. Each family lives in its own file; this table is
-//! the single list of what bexd implements (it also answers `query-commands`).
+//! QMP commands. Each is defined once, in the table below: its name, the
+//! QAPI types of its arguments and reply, and its handler. Dispatch,
+//! `query-commands` and `query-qmp-schema` are all read from that table
+//! (`registry.rs`), so they cannot disagree; each family's handlers live in
+//! their own file.
 
 pub(crate) mod bitmap;
 mod blockdev;
 mod export;
-mod introspection;
+mod object;
 mod query;
+mod registry;
+#[cfg(test)]
+mod registry_tests;
 
 pub use blockdev::add as blockdev_add;
 pub use export::{block_export_add, nbd_server_start};
+pub use registry::{dispatch, exists, not_found};
 
 use std::sync::Arc;
 
-use qmp::visitor::InputMode;
+use qmp::introspect::{describe, Empty};
+use qmp::schema::bitmap::{
+    BlockDirtyBitmap, BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, Transaction,
+};
+use qmp::schema::block_core::{
+    BlockDeviceInfo, BlockdevDelArgs, BlockdevOptions, QueryNamedBlockNodesArgs,
+};
+use qmp::schema::block_export::{
+    BlockExportDelArgs, BlockExportDeletedEvent, BlockExportInfo, BlockExportOptions,
+    NbdServerAddOptions, NbdServerOptionsLegacy, NbdServerRemoveArgs,
+};
+use qmp::schema::control::{CommandInfo, QmpCapabilitiesArgs, SchemaInfo, VersionInfo};
+use qmp::schema::object::{ObjectDelArgs, ObjectOptions};
 use qmp::{ErrorClass, QmpError};
 use serde_json::{Map, Value};
 
 use crate::daemon::Daemon;
+use registry::{commands, Args, Command, Event};
 
-/// Every command bexd answers, in the order `query-commands` lists them.
-pub const COMMANDS: &[&str] = &[
-    "qmp_capabilities",
-    "query-version",
-    "query-commands",
-    "query-qmp-schema",
-    "quit",
-    "blockdev-add",
-    "blockdev-del",
-    "query-named-block-nodes",
-    "object-add",
-    "object-del",
-    "nbd-server-start",
-    "nbd-server-stop",
-    "nbd-server-add",
-    "nbd-server-remove",
-    "block-export-add",
-    "block-export-del",
-    "query-block-exports",
-    "block-dirty-bitmap-add",
-    "block-dirty-bitmap-remove",
-    "block-dirty-bitmap-clear",
-    "block-dirty-bitmap-enable",
-    "block-dirty-bitmap-disable",
-    "block-dirty-bitmap-merge",
-    "transaction",
-];
-
-type Args = Map<String, Value>;
-
-/// Runs one command (capabilities negotiation is the monitor's business).
-pub async fn dispatch(daemon: &Arc<Daemon>, name: &str, args: Args) -> Result<Value, QmpError> {
-    let json = InputMode::Json;
-    match name {
-        "query-version" => no_args(name, args).map(|()| query::version()),
-        "query-commands" => no_args(name, args).map(|()| query::commands()),
-        "query-qmp-schema" => no_args(name, args).map(|()| introspection::schema()),
-        "quit" => no_args(name, args).map(|()| {
-            // QEMU announces every export's deletion before the quit's return.
-            daemon.remove_all_exports();
-            ok()
-        }),
-        "blockdev-add" => blockdev::add(daemon, Value::Object(args), json),
-        "blockdev-del" => blockdev::del(daemon, args),
-        "query-named-block-nodes" => query::named_block_nodes(daemon, args),
-        "object-add" => crate::objects::create(Value::Object(args), json)
-            .and_then(|(id, object)| Ok(daemon.add_object(id, object).map(|()| ok())?)),
-        "object-del" => crate::qapi::object_id_arg(Value::Object(args))
-            .and_then(|id| Ok(daemon.delete_object(&id).map(|()| ok())?)),
-        "nbd-server-start" => export::nbd_server_start(daemon, Value::Object(args), true, json),
-        "nbd-server-stop" => no_args(name, args).and_then(|()| export::nbd_server_stop(daemon)),
-        "nbd-server-add" => export::nbd_server_add(daemon, args),
-        "nbd-server-remove" => export::nbd_server_remove(daemon, args),
-        "block-export-add" => export::block_export_add(daemon, Value::Object(args), json),
-        "block-export-del" => export::block_export_del(daemon, args),
-        "query-block-exports" => no_args(name, args).map(|()| query::block_exports(daemon)),
-        "transaction" => bitmap::transaction(daemon, args),
-        n if n.starts_with("block-dirty-bitmap-") => bitmap::command(daemon, name, args),
-        _ => Err(not_found(name)),
-    }
+commands! {
+    "qmp_capabilities" (QmpCapabilitiesArgs) -> Empty => negotiated_already,
+    "query-version" (Empty) -> VersionInfo => query::version,
+    "query-commands" (Empty) -> Vec<CommandInfo> => query::commands,
+    "query-qmp-schema" (Empty) -> Vec<SchemaInfo> => query::schema,
+    "quit" (Empty) -> Empty => quit,
+    "blockdev-add" (BlockdevOptions) -> Empty => blockdev::add_qmp,
+    "blockdev-del" (BlockdevDelArgs) -> Empty => blockdev::del,
+    "query-named-block-nodes" (QueryNamedBlockNodesArgs) -> Vec<BlockDeviceInfo>
+        => query::named_block_nodes,
+    "object-add" (ObjectOptions) -> Empty => object::add,
+    "object-del" (ObjectDelArgs) -> Empty => object::del,
+    "nbd-server-start" (NbdServerOptionsLegacy) -> Empty => export::nbd_server_start_qmp,
+    "nbd-server-stop" (Empty) -> Empty => export::nbd_server_stop,
+    "nbd-server-add" (NbdServerAddOptions) -> Empty ["deprecated"] => export::nbd_server_add,
+    "nbd-server-remove" (NbdServerRemoveArgs) -> Empty ["deprecated"]
+        => export::nbd_server_remove,
+    "block-export-add" (BlockExportOptions) -> Empty => export::block_export_add_qmp,
+    "block-export-del" (BlockExportDelArgs) -> Empty => export::block_export_del,
+    "query-block-exports" (Empty) -> Vec<BlockExportInfo> => query::block_exports,
+    "block-dirty-bitmap-add" (BlockDirtyBitmapAdd) -> Empty => bitmap::single::add,
+    "block-dirty-bitmap-remove" (BlockDirtyBitmap) -> Empty => bitmap::single::remove,
+    "block-dirty-bitmap-clear" (BlockDirtyBitmap) -> Empty => bitmap::single::clear,
+    "block-dirty-bitmap-enable" (BlockDirtyBitmap) -> Empty => bitmap::single::enable,
+    "block-dirty-bitmap-disable" (BlockDirtyBitmap) -> Empty => bitmap::single::disable,
+    "block-dirty-bitmap-merge" (BlockDirtyBitmapMerge) -> Empty => bitmap::single::merge,
+    "transaction" (Transaction) -> Empty => bitmap::transaction,
 }
 
-/// The error for a command bexd does not have.
-pub fn not_found(name: &str) -> QmpError {
-    QmpError::new(
+/// The events bexd emits, for `query-qmp-schema`.
+pub static EVENTS: &[Event] = &[Event {
+    name: "BLOCK_EXPORT_DELETED",
+    data: describe::<BlockExportDeletedEvent>,
+}];
+
+/// `qmp_capabilities` once negotiated (the monitor runs the negotiation itself).
+fn negotiated_already(_daemon: &Arc<Daemon>, _args: Args) -> Result<Value, QmpError> {
+    Err(QmpError::new(
         ErrorClass::CommandNotFound,
-        format!("The command {name} has not been found"),
-    )
+        "Capabilities negotiation is already complete, command ignored",
+    ))
+}
+
+fn quit(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
+    no_args(args)?;
+    // QEMU announces every export's deletion before the quit's return.
+    daemon.remove_all_exports();
+    Ok(ok())
 }
 
 /// Commands without arguments still refuse unknown ones, as QEMU does.
-fn no_args(_name: &str, args: Args) -> Result<(), QmpError> {
+fn no_args(args: Args) -> Result<(), QmpError> {
     match args.keys().next() {
         Some(key) => Err(QmpError::generic(format!(
             "Parameter '{key}' is unexpected"

@@ -4,30 +4,35 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::{no_args, Args, COMMANDS};
+use super::{no_args, registry, Args};
 use crate::daemon::Daemon;
+use qmp::schema::block_core::QueryNamedBlockNodesArgs;
+use qmp::visitor::{from_value, InputMode};
 use qmp::QmpError;
 
-pub fn version() -> Value {
+pub fn version(_daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
+    no_args(args)?;
     let (major, minor, micro) = crate::QEMU_VERSION;
-    json!({
+    Ok(json!({
         "qemu": { "major": major, "minor": minor, "micro": micro },
         "package": crate::PACKAGE,
-    })
+    }))
 }
 
-pub fn commands() -> Value {
-    Value::Array(
-        COMMANDS
-            .iter()
-            .map(|name| json!({ "name": name }))
-            .collect(),
-    )
+pub fn commands(_daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
+    no_args(args)?;
+    Ok(registry::command_list())
+}
+
+pub fn schema(_daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
+    no_args(args)?;
+    Ok(registry::schema())
 }
 
 /// Newest first, as QEMU lists them; exports still shutting down included.
-pub fn block_exports(daemon: &Daemon) -> Value {
-    Value::Array(
+pub fn block_exports(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
+    no_args(args)?;
+    Ok(Value::Array(
         daemon
             .exports
             .all()
@@ -35,22 +40,14 @@ pub fn block_exports(daemon: &Daemon) -> Value {
             .rev()
             .map(|e| e.query())
             .collect(),
-    )
+    ))
 }
 
 /// The subset of QEMU's BlockDeviceInfo that describes bexd's nodes.
-pub fn named_block_nodes(daemon: &Arc<Daemon>, mut args: Args) -> Result<Value, QmpError> {
+pub fn named_block_nodes(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
     // `flat` only changes whether backing images nest in `image`.
-    let flat = match args.remove("flat") {
-        None => false,
-        Some(Value::Bool(b)) => b,
-        Some(_) => {
-            return Err(QmpError::generic(
-                "Invalid parameter type for 'flat', expected: boolean",
-            ))
-        }
-    };
-    no_args("query-named-block-nodes", args)?;
+    let args: QueryNamedBlockNodesArgs = from_value(Value::Object(args), InputMode::Json)?;
+    let flat = args.flat.unwrap_or(false);
     let nodes = daemon.nodes.lock();
     let list = nodes
         .iter()

@@ -4,71 +4,38 @@
 use serde_json::Value;
 
 use super::block_export::BlockDirtyBitmapOrStr;
+use crate::introspect::{describe, named, opt, req, Describe, Schema, Ty};
 use crate::visitor::{Ctx, Fields, FromQapi};
-use crate::{qapi_enum, QmpError};
+use crate::{qapi_enum, qapi_struct, QmpError};
 
-/// block-dirty-bitmap-add's arguments.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BlockDirtyBitmapAdd {
-    pub node: String,
-    pub name: String,
-    pub granularity: Option<u32>,
-    pub persistent: Option<bool>,
-    pub disabled: Option<bool>,
-}
-
-impl FromQapi for BlockDirtyBitmapAdd {
-    fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
-        let mut f = Fields::new(value, ctx)?;
-        let r = Self {
-            node: f.required("node")?,
-            name: f.required("name")?,
-            granularity: f.optional("granularity")?,
-            persistent: f.optional("persistent")?,
-            disabled: f.optional("disabled")?,
-        };
-        f.finish()?;
-        Ok(r)
+qapi_struct! {
+    /// block-dirty-bitmap-add's arguments.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct BlockDirtyBitmapAdd {
+        req "node" node: String,
+        req "name" name: String,
+        opt "granularity" granularity: u32,
+        opt "persistent" persistent: bool,
+        opt "disabled" disabled: bool,
     }
 }
 
-/// BlockDirtyBitmap: remove, clear, enable and disable name one bitmap.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BlockDirtyBitmap {
-    pub node: String,
-    pub name: String,
-}
-
-impl FromQapi for BlockDirtyBitmap {
-    fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
-        let mut f = Fields::new(value, ctx)?;
-        let r = Self {
-            node: f.required("node")?,
-            name: f.required("name")?,
-        };
-        f.finish()?;
-        Ok(r)
+qapi_struct! {
+    /// BlockDirtyBitmap: remove, clear, enable and disable name one bitmap.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct BlockDirtyBitmap {
+        req "node" node: String,
+        req "name" name: String,
     }
 }
 
-/// block-dirty-bitmap-merge: `bitmaps` are ORed into `target` on `node`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BlockDirtyBitmapMerge {
-    pub node: String,
-    pub target: String,
-    pub bitmaps: Vec<BlockDirtyBitmapOrStr>,
-}
-
-impl FromQapi for BlockDirtyBitmapMerge {
-    fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
-        let mut f = Fields::new(value, ctx)?;
-        let r = Self {
-            node: f.required("node")?,
-            target: f.required("target")?,
-            bitmaps: f.required("bitmaps")?,
-        };
-        f.finish()?;
-        Ok(r)
+qapi_struct! {
+    /// block-dirty-bitmap-merge: `bitmaps` are ORed into `target` on `node`.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct BlockDirtyBitmapMerge {
+        req "node" node: String,
+        req "target" target: String,
+        req "bitmaps" bitmaps: Vec<BlockDirtyBitmapOrStr>,
     }
 }
 
@@ -135,6 +102,51 @@ impl FromQapi for TransactionAction {
     }
 }
 
+/// The action kinds bexd implements (the reader knows QEMU's others, to refuse them by name).
+const IMPLEMENTED_ACTIONS: &[&str] = &[
+    "block-dirty-bitmap-add",
+    "block-dirty-bitmap-remove",
+    "block-dirty-bitmap-clear",
+    "block-dirty-bitmap-enable",
+    "block-dirty-bitmap-disable",
+    "block-dirty-bitmap-merge",
+];
+
+/// QAPI wraps each action's arguments in `data` (a "simple union").
+impl Describe for TransactionAction {
+    fn ty() -> Ty {
+        named("TransactionAction")
+    }
+    fn define(s: &mut Schema) {
+        s.enumeration("TransactionActionKind", IMPLEMENTED_ACTIONS.to_vec());
+        let mut wrapper = |key: &'static str, data: Ty| {
+            s.object(key, vec![req("data", data)]);
+            named(key)
+        };
+        let add = wrapper("BlockDirtyBitmapAddWrapper", BlockDirtyBitmapAdd::ty());
+        let one = wrapper("BlockDirtyBitmapWrapper", BlockDirtyBitmap::ty());
+        let merge = wrapper("BlockDirtyBitmapMergeWrapper", BlockDirtyBitmapMerge::ty());
+        let branch = |kind: &str| match kind {
+            "block-dirty-bitmap-add" => add.clone(),
+            "block-dirty-bitmap-merge" => merge.clone(),
+            _ => one.clone(),
+        };
+        let variants = IMPLEMENTED_ACTIONS
+            .iter()
+            .map(|k| (*k, branch(k)))
+            .collect();
+        s.union(
+            "TransactionAction",
+            vec![req("type", named("TransactionActionKind"))],
+            "type",
+            variants,
+        );
+        BlockDirtyBitmapAdd::define(s);
+        BlockDirtyBitmap::define(s);
+        BlockDirtyBitmapMerge::define(s);
+    }
+}
+
 qapi_enum!(ActionCompletionMode { Individual = "individual", Grouped = "grouped" });
 
 /// transaction's arguments.
@@ -165,6 +177,29 @@ impl FromQapi for Transaction {
     }
 }
 
+/// transaction's arguments as QEMU declares them (`properties` is an object
+/// of its own, read inline above).
+impl Describe for Transaction {
+    fn ty() -> Ty {
+        named("TransactionArgs")
+    }
+    fn define(s: &mut Schema) {
+        let completion = describe::<ActionCompletionMode>(s);
+        s.object(
+            "TransactionProperties",
+            vec![opt("completion-mode", completion)],
+        );
+        let actions = describe::<Vec<TransactionAction>>(s);
+        s.object(
+            "TransactionArgs",
+            vec![
+                req("actions", actions),
+                opt("properties", named("TransactionProperties")),
+            ],
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,6 +218,19 @@ mod tests {
         let v = json!({"actions": [{"type": "block-dirty-bitmap-add", "data": {"node": "n"}}]});
         let e = from_value::<Transaction>(v, InputMode::Json).unwrap_err();
         assert_eq!(e.desc, "Parameter 'actions[0].data.name' is missing");
+    }
+
+    #[test]
+    fn test_transaction_reader_accepts_every_described_member() {
+        crate::introspect::agreement::check::<Transaction>();
+        crate::introspect::agreement::check::<TransactionAction>();
+    }
+
+    #[test]
+    fn test_implemented_actions_are_all_read() {
+        for kind in IMPLEMENTED_ACTIONS {
+            assert!(ACTION_TYPES.contains(kind));
+        }
     }
 
     #[test]

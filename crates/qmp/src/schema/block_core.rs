@@ -2,39 +2,30 @@
 
 use serde_json::Value;
 
+use crate::introspect::{any, bool, describe, int, named, opt, req, str, Describe, Schema, Ty};
 use crate::visitor::{Ctx, Fields, FromQapi, InputMode};
-use crate::{qapi_enum, QmpError};
+use crate::{qapi_enum, qapi_object, qapi_struct, QmpError};
 
 qapi_enum!(BlockdevDriver {
     Blkdebug = "blkdebug",
     File = "file",
     HostDevice = "host_device",
-    Raw = "raw",
-    NullCo = "null-co",
     NullAio = "null-aio",
+    NullCo = "null-co",
     Qcow2 = "qcow2",
+    Raw = "raw",
 });
 qapi_enum!(BlockdevDiscardOptions { Ignore = "ignore", Unmap = "unmap" });
 qapi_enum!(BlockdevDetectZeroesOptions { Off = "off", On = "on", Unmap = "unmap" });
 qapi_enum!(OnOffAuto { Auto = "auto", On = "on", Off = "off" });
 qapi_enum!(BlockdevAioOptions { Threads = "threads", Native = "native", IoUring = "io_uring" });
 
-/// BlockdevCacheOptions.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct BlockdevCacheOptions {
-    pub direct: Option<bool>,
-    pub no_flush: Option<bool>,
-}
-
-impl FromQapi for BlockdevCacheOptions {
-    fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
-        let mut f = Fields::new(value, ctx)?;
-        let r = Self {
-            direct: f.optional("direct")?,
-            no_flush: f.optional("no-flush")?,
-        };
-        f.finish()?;
-        Ok(r)
+qapi_struct! {
+    /// BlockdevCacheOptions.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct BlockdevCacheOptions {
+        opt "direct" direct: bool,
+        opt "no-flush" no_flush: bool,
     }
 }
 
@@ -51,14 +42,17 @@ pub struct BlockdevBase {
     pub detect_zeroes: Option<BlockdevDetectZeroesOptions>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BlockdevOptionsFile {
-    pub filename: String,
-    pub pr_manager: Option<String>,
-    pub locking: Option<OnOffAuto>,
-    pub aio: Option<BlockdevAioOptions>,
-    pub aio_max_batch: Option<i64>,
-    pub drop_cache: Option<bool>,
+qapi_struct! {
+    /// The `file` and `host_device` branch.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct BlockdevOptionsFile {
+        req "filename" filename: String,
+        opt "pr-manager" pr_manager: String,
+        opt "locking" locking: OnOffAuto,
+        opt "aio" aio: BlockdevAioOptions,
+        opt "aio-max-batch" aio_max_batch: i64,
+        opt "drop-cache" drop_cache: bool,
+    }
 }
 
 /// BlockdevRef: a node name, or a node described inline.
@@ -74,6 +68,16 @@ impl FromQapi for BlockdevRef {
             Value::String(s) => Ok(Self::Reference(s)),
             other => BlockdevOptions::from_qapi(other, ctx).map(|o| Self::Definition(Box::new(o))),
         }
+    }
+}
+
+impl Describe for BlockdevRef {
+    fn ty() -> Ty {
+        named("BlockdevRef")
+    }
+    fn define(s: &mut Schema) {
+        let options = describe::<BlockdevOptions>(s);
+        s.alternate("BlockdevRef", vec![options, str()]);
     }
 }
 
@@ -95,6 +99,19 @@ impl FromQapi for BlockdevRefOrNull {
     }
 }
 
+impl Describe for BlockdevRefOrNull {
+    fn ty() -> Ty {
+        named("BlockdevRefOrNull")
+    }
+    fn define(s: &mut Schema) {
+        let options = describe::<BlockdevOptions>(s);
+        s.alternate(
+            "BlockdevRefOrNull",
+            vec![options, str(), Ty::Builtin("null")],
+        );
+    }
+}
+
 qapi_enum!(BlkdebugIOType {
     Read = "read",
     Write = "write",
@@ -104,34 +121,18 @@ qapi_enum!(BlkdebugIOType {
     BlockStatus = "block-status",
 });
 
-/// One `inject-error` rule of blkdebug (plus bexd's `x-after`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BlkdebugInjectError {
-    pub event: String,
-    pub state: Option<i64>,
-    pub iotype: Option<BlkdebugIOType>,
-    pub errno: Option<i64>,
-    pub sector: Option<i64>,
-    pub once: Option<bool>,
-    pub immediately: Option<bool>,
-    pub x_after: Option<u64>,
-}
-
-impl FromQapi for BlkdebugInjectError {
-    fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
-        let mut f = Fields::new(value, ctx)?;
-        let r = Self {
-            event: f.required("event")?,
-            state: f.optional("state")?,
-            iotype: f.optional("iotype")?,
-            errno: f.optional("errno")?,
-            sector: f.optional("sector")?,
-            once: f.optional("once")?,
-            immediately: f.optional("immediately")?,
-            x_after: f.optional("x-after")?,
-        };
-        f.finish()?;
-        Ok(r)
+qapi_struct! {
+    /// One `inject-error` rule of blkdebug (plus bexd's `x-after`).
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct BlkdebugInjectError {
+        req "event" event: String,
+        opt "state" state: i64,
+        opt "iotype" iotype: BlkdebugIOType,
+        opt "errno" errno: i64,
+        opt "sector" sector: i64,
+        opt "once" once: bool,
+        opt "immediately" immediately: bool,
+        opt "x-after" x_after: u64,
     }
 }
 
@@ -193,14 +194,7 @@ fn read_specific(driver: BlockdevDriver, f: &mut Fields) -> Result<BlockdevSpeci
             inject_error: f.optional("inject-error")?,
         },
         BlockdevDriver::File | BlockdevDriver::HostDevice => {
-            BlockdevSpecific::File(BlockdevOptionsFile {
-                filename: f.required("filename")?,
-                pr_manager: f.optional("pr-manager")?,
-                locking: f.optional("locking")?,
-                aio: f.optional("aio")?,
-                aio_max_batch: f.optional("aio-max-batch")?,
-                drop_cache: f.optional("drop-cache")?,
-            })
+            BlockdevSpecific::File(BlockdevOptionsFile::read_members(f)?)
         }
         BlockdevDriver::Raw => BlockdevSpecific::Raw {
             file: f.required("file")?,
@@ -250,12 +244,145 @@ impl FromQapi for BlockdevOptions {
     }
 }
 
+/// A flat union on `driver`. The branches other than `file` are read inline
+/// by `read_specific`, so they are described here, member for member.
+impl Describe for BlockdevOptions {
+    fn ty() -> Ty {
+        named("BlockdevOptions")
+    }
+    fn define(s: &mut Schema) {
+        if s.defines("BlockdevOptions") {
+            return;
+        }
+        // Defined first: the branches refer back to this union through BlockdevRef.
+        s.union("BlockdevOptions", vec![], "driver", vec![]);
+        let base = vec![
+            req("driver", describe::<BlockdevDriver>(s)),
+            opt("node-name", str()),
+            opt("discard", describe::<BlockdevDiscardOptions>(s)),
+            opt("cache", describe::<BlockdevCacheOptions>(s)),
+            opt("read-only", bool()),
+            opt("auto-read-only", bool()),
+            opt("force-share", bool()),
+            opt("detect-zeroes", describe::<BlockdevDetectZeroesOptions>(s)),
+        ];
+        let variants = BlockdevDriver::NAMES
+            .iter()
+            .map(|driver| (*driver, branch(s, driver)))
+            .collect();
+        s.union("BlockdevOptions", base, "driver", variants);
+    }
+}
+
+/// The branch object of one driver.
+fn branch(s: &mut Schema, driver: &str) -> Ty {
+    let node = describe::<BlockdevRef>(s);
+    let (key, members) = match driver {
+        "file" | "host_device" => return describe::<BlockdevOptionsFile>(s),
+        "blkdebug" => (
+            "BlockdevOptionsBlkdebug",
+            vec![
+                req("image", node),
+                opt("inject-error", describe::<Vec<BlkdebugInjectError>>(s)),
+            ],
+        ),
+        "raw" => (
+            "BlockdevOptionsRaw",
+            vec![req("file", node), opt("offset", int()), opt("size", int())],
+        ),
+        "qcow2" => ("BlockdevOptionsQcow2", qcow2_members(s, node)),
+        _ => (
+            "BlockdevOptionsNull",
+            vec![
+                opt("size", int()),
+                opt("latency-ns", int()),
+                opt("read-zeroes", bool()),
+            ],
+        ),
+    };
+    s.object(key, members);
+    named(key)
+}
+
+/// In QEMU's order; the reader takes `backing` before `file`.
+fn qcow2_members(s: &mut Schema, node: Ty) -> Vec<crate::introspect::Member> {
+    vec![
+        req("file", node.clone()),
+        opt("backing", describe::<BlockdevRefOrNull>(s)),
+        opt("lazy-refcounts", bool()),
+        opt("pass-discard-request", bool()),
+        opt("pass-discard-snapshot", bool()),
+        opt("pass-discard-other", bool()),
+        opt("discard-no-unref", bool()),
+        opt("overlap-check", any()),
+        opt("cache-size", int()),
+        opt("l2-cache-size", int()),
+        opt("l2-cache-entry-size", int()),
+        opt("refcount-cache-size", int()),
+        opt("cache-clean-interval", int()),
+        opt("encrypt", any()),
+        opt("data-file", node),
+    ]
+}
+
+qapi_struct! {
+    /// blockdev-del's arguments.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct BlockdevDelArgs {
+        req "node-name" node_name: String,
+    }
+}
+
+qapi_struct! {
+    /// query-named-block-nodes' arguments.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct QueryNamedBlockNodesArgs {
+        opt "flat" flat: bool,
+    }
+}
+
+qapi_object! {
+    /// One entry of query-named-block-nodes (the members bexd fills in).
+    pub BlockDeviceInfo {
+        req "file": String,
+        opt "node-name": String,
+        req "ro": bool,
+        req "drv": String,
+        req "encrypted": bool,
+        req "detect_zeroes": BlockdevDetectZeroesOptions,
+        req "backing_file_depth": i64,
+        req "write_threshold": i64,
+        req "image": Value,
+        req "cache": Value,
+        opt "dirty-bitmaps": Vec<BlockDirtyInfo>,
+    }
+}
+
+qapi_object! {
+    /// One bitmap in BlockDeviceInfo's `dirty-bitmaps`.
+    pub BlockDirtyInfo {
+        req "name": String,
+        req "count": i64,
+        req "granularity": i64,
+        req "recording": bool,
+        req "busy": bool,
+        req "persistent": bool,
+        opt "inconsistent": bool,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::keyval::parse_keyval;
     use crate::visitor::from_value;
     use serde_json::json;
+
+    #[test]
+    fn test_reader_accepts_every_described_member_of_every_driver() {
+        crate::introspect::agreement::check::<BlockdevOptions>();
+        crate::introspect::agreement::check::<BlockdevRefOrNull>();
+    }
 
     #[test]
     fn test_keyval_raw_with_nested_file() {

@@ -2,9 +2,11 @@
 
 use serde_json::Value;
 
+use super::bitmap::BlockDirtyBitmap;
 use super::sockets::{SocketAddress, SocketAddressLegacy};
+use crate::introspect::{bool, describe, int, named, opt, req, str, Describe, Schema, Ty};
 use crate::visitor::{Ctx, Fields, FromQapi};
-use crate::{qapi_enum, QmpError};
+use crate::{qapi_enum, qapi_object, qapi_struct, QmpError};
 
 /// NbdServerOptions / NbdServerOptionsLegacy: the same members, two address forms.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,7 +38,43 @@ impl NbdServerOptions {
     }
 }
 
-qapi_enum!(BlockExportType { Nbd = "nbd", VhostUserBlk = "vhost-user-blk", Fuse = "fuse", VduseBlk = "vduse-blk" });
+/// nbd-server-start's arguments: the options with the legacy (`data`-wrapped) address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NbdServerOptionsLegacy(pub NbdServerOptions);
+
+impl FromQapi for NbdServerOptionsLegacy {
+    fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
+        NbdServerOptions::read(value, ctx, true).map(Self)
+    }
+}
+
+/// Listed in QEMU's order (NbdServerOptionsBase, then `addr`); the reader
+/// takes `addr` first.
+impl Describe for NbdServerOptionsLegacy {
+    fn ty() -> Ty {
+        named("NbdServerOptionsLegacy")
+    }
+    fn define(s: &mut Schema) {
+        let addr = describe::<SocketAddressLegacy>(s);
+        s.object(
+            "NbdServerOptionsLegacy",
+            vec![
+                opt("handshake-max-seconds", int()),
+                opt("tls-creds", str()),
+                opt("tls-authz", str()),
+                opt("max-connections", int()),
+                req("addr", addr),
+            ],
+        );
+    }
+}
+
+// The reader knows QEMU's other export types to refuse them by name;
+// introspection lists the one bexd implements.
+qapi_enum!(
+    BlockExportType { Nbd = "nbd", VhostUserBlk = "vhost-user-blk", Fuse = "fuse", VduseBlk = "vduse-blk" }
+    advertises ["nbd"]
+);
 qapi_enum!(BlockExportRemoveMode { Safe = "safe", Hard = "hard" });
 
 /// BlockDirtyBitmapOrStr: a bitmap on the exported node by name, or `{node, name}`.
@@ -72,6 +110,16 @@ impl FromQapi for BlockDirtyBitmapOrStr {
     }
 }
 
+impl Describe for BlockDirtyBitmapOrStr {
+    fn ty() -> Ty {
+        named("BlockDirtyBitmapOrStr")
+    }
+    fn define(s: &mut Schema) {
+        let external = describe::<BlockDirtyBitmap>(s);
+        s.alternate("BlockDirtyBitmapOrStr", vec![str(), external]);
+    }
+}
+
 /// BlockExportIothreads: one iothread name or a list.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BlockExportIothreads {
@@ -88,13 +136,15 @@ impl FromQapi for BlockExportIothreads {
     }
 }
 
-/// The NBD branch of BlockExportOptions.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct BlockExportOptionsNbd {
-    pub name: Option<String>,
-    pub description: Option<String>,
-    pub bitmaps: Option<Vec<BlockDirtyBitmapOrStr>>,
-    pub allocation_depth: Option<bool>,
+qapi_struct! {
+    /// The NBD branch of BlockExportOptions.
+    #[derive(Clone, Debug, PartialEq, Eq, Default)]
+    pub struct BlockExportOptionsNbd {
+        opt "name" name: String,
+        opt "description" description: String,
+        opt "bitmaps" bitmaps: Vec<BlockDirtyBitmapOrStr>,
+        opt "allocation-depth" allocation_depth: bool,
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,39 +180,67 @@ impl FromQapi for BlockExportOptions {
             f.discard_rest();
             return Ok(options);
         }
-        options.nbd = Some(BlockExportOptionsNbd {
-            name: f.optional("name")?,
-            description: f.optional("description")?,
-            bitmaps: f.optional("bitmaps")?,
-            allocation_depth: f.optional("allocation-depth")?,
-        });
+        options.nbd = Some(BlockExportOptionsNbd::read_members(&mut f)?);
         f.finish()?;
         Ok(options)
     }
 }
 
-/// nbd-server-add's arguments (deprecated command).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NbdServerAddOptions {
-    pub device: String,
-    pub name: Option<String>,
-    pub description: Option<String>,
-    pub writable: Option<bool>,
-    pub bitmap: Option<String>,
+/// A flat union on `type`; `iothread` is described as QEMU 10.0 lists it
+/// (a string), though the reader also takes a list to refuse it with QEMU's text.
+impl Describe for BlockExportOptions {
+    fn ty() -> Ty {
+        named("BlockExportOptions")
+    }
+    fn define(s: &mut Schema) {
+        let kind = describe::<BlockExportType>(s);
+        let nbd = describe::<BlockExportOptionsNbd>(s);
+        s.union(
+            "BlockExportOptions",
+            vec![
+                req("type", kind),
+                req("id", str()),
+                opt("fixed-iothread", bool()),
+                opt("iothread", str()),
+                req("node-name", str()),
+                opt("writable", bool()),
+                opt("writethrough", bool()),
+                opt("allow-inactive", bool()),
+            ],
+            "type",
+            vec![("nbd", nbd)],
+        );
+    }
 }
 
-impl FromQapi for NbdServerAddOptions {
-    fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
-        let mut f = Fields::new(value, ctx)?;
-        let r = Self {
-            name: f.optional("name")?,
-            description: f.optional("description")?,
-            bitmap: f.optional("bitmap")?,
-            device: f.required("device")?,
-            writable: f.optional("writable")?,
-        };
-        f.finish()?;
-        Ok(r)
+qapi_struct! {
+    /// nbd-server-add's arguments (deprecated command): BlockExportOptionsNbdBase's
+    /// members, then its own.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct NbdServerAddOptions {
+        opt "name" name: String,
+        opt "description" description: String,
+        req "device" device: String,
+        opt "writable" writable: bool,
+        opt "bitmap" bitmap: String,
+    }
+}
+
+qapi_struct! {
+    /// block-export-del's arguments.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct BlockExportDelArgs {
+        req "id" id: String,
+        opt "mode" mode: BlockExportRemoveMode,
+    }
+}
+
+qapi_struct! {
+    /// nbd-server-remove's arguments (deprecated command).
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct NbdServerRemoveArgs {
+        req "name" name: String,
+        opt "mode" mode: BlockExportRemoveMode,
     }
 }
 
@@ -172,11 +250,27 @@ pub fn read_removal(
     ctx: &Ctx,
     key: &str,
 ) -> Result<(String, Option<BlockExportRemoveMode>), QmpError> {
-    let mut f = Fields::new(value, ctx)?;
-    let id: String = f.required(key)?;
-    let mode = f.optional("mode")?;
-    f.finish()?;
-    Ok((id, mode))
+    match key {
+        "name" => NbdServerRemoveArgs::from_qapi(value, ctx).map(|a| (a.name, a.mode)),
+        _ => BlockExportDelArgs::from_qapi(value, ctx).map(|a| (a.id, a.mode)),
+    }
+}
+
+qapi_object! {
+    /// One entry of query-block-exports.
+    pub BlockExportInfo {
+        req "id": String,
+        req "type": BlockExportType,
+        req "node-name": String,
+        req "shutting-down": bool,
+    }
+}
+
+qapi_object! {
+    /// BLOCK_EXPORT_DELETED's data.
+    pub BlockExportDeletedEvent {
+        req "id": String,
+    }
 }
 
 #[cfg(test)]
@@ -221,6 +315,23 @@ mod tests {
         let v = json!({"type": "nbd", "id": "e", "node-name": "n", "bogus": 1});
         let e = from_value::<BlockExportOptions>(v, InputMode::Json).unwrap_err();
         assert_eq!(e.desc, "Parameter 'bogus' is unexpected");
+    }
+
+    #[test]
+    fn test_hand_written_readers_accept_every_described_member() {
+        use crate::introspect::agreement::check;
+        check::<BlockExportOptions>();
+        check::<NbdServerOptionsLegacy>();
+        check::<BlockDirtyBitmapOrStr>();
+    }
+
+    #[test]
+    fn test_removal_reads_the_named_key() {
+        let v = json!({"name": "e", "mode": "hard"});
+        let r = read_removal(v, &Ctx::root(InputMode::Json), "name").unwrap();
+        assert_eq!(r, ("e".to_string(), Some(BlockExportRemoveMode::Hard)));
+        let e = read_removal(json!({}), &Ctx::root(InputMode::Json), "id").unwrap_err();
+        assert_eq!(e.desc, "Parameter 'id' is missing");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use serde_json::Value;
 
 use crate::visitor::{Ctx, Fields, FromQapi};
-use crate::{qapi_enum, QmpError};
+use crate::{qapi_enum, qapi_struct, QmpError};
 
 /// `--chardev socket,id=..,path=..|host=..,port=..,server=on,wait=off`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,25 +54,13 @@ impl FromQapi for ChardevSocket {
 
 qapi_enum!(MonitorMode { Readline = "readline", Control = "control" });
 
-/// `--monitor [chardev=]ID[,mode=control][,pretty=on|off]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MonitorOptions {
-    pub id: Option<String>,
-    pub mode: Option<MonitorMode>,
-    pub pretty: Option<bool>,
-    pub chardev: String,
-}
-
-impl FromQapi for MonitorOptions {
-    fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
-        let mut f = Fields::new(value, ctx)?;
-        let r = Self {
-            id: f.optional("id")?,
-            mode: f.optional("mode")?,
-            pretty: f.optional("pretty")?,
-            chardev: f.required("chardev")?,
-        };
-        f.finish()?;
-        Ok(r)
+qapi_struct! {
+    /// `--monitor [chardev=]ID[,mode=control][,pretty=on|off]`.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct MonitorOptions {
+        opt "id" id: String,
+        opt "mode" mode: MonitorMode,
+        opt "pretty" pretty: bool,
+        req "chardev" chardev: String,
     }
 }

@@ -2,8 +2,9 @@
 
 use serde_json::Value;
 
+use crate::introspect::{bool, describe, int, named, opt, req, str, Describe, Member, Schema, Ty};
 use crate::visitor::{Ctx, Fields, FromQapi};
-use crate::{qapi_enum, QmpError};
+use crate::{qapi_enum, qapi_struct, QmpError};
 
 qapi_enum!(QAuthZListPolicy { Deny = "deny", Allow = "allow" });
 qapi_enum!(QAuthZListFormat { Exact = "exact", Glob = "glob" });
@@ -30,24 +31,13 @@ impl TlsCredsCommon {
     }
 }
 
-/// One `authz-list` rule.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct QAuthZListRule {
-    pub r#match: String,
-    pub policy: QAuthZListPolicy,
-    pub format: Option<QAuthZListFormat>,
-}
-
-impl FromQapi for QAuthZListRule {
-    fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
-        let mut f = Fields::new(value, ctx)?;
-        let r = Self {
-            r#match: f.required("match")?,
-            policy: f.required("policy")?,
-            format: f.optional("format")?,
-        };
-        f.finish()?;
-        Ok(r)
+qapi_struct! {
+    /// One `authz-list` rule.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct QAuthZListRule {
+        req "match" r#match: String,
+        req "policy" policy: QAuthZListPolicy,
+        opt "format" format: QAuthZListFormat,
     }
 }
 
@@ -97,6 +87,17 @@ pub const OBJECT_TYPES: &[&str] = &[
     "tls-creds-x509",
 ];
 
+/// The iothread properties: accepted and range-checked, not acted on (bexd
+/// serves every export from its own runtime).
+const IOTHREAD_MEMBERS: &[&str] = &[
+    "poll-max-ns",
+    "poll-grow",
+    "poll-shrink",
+    "aio-max-batch",
+    "thread-pool-min",
+    "thread-pool-max",
+];
+
 impl FromQapi for ObjectOptions {
     fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
         let mut f = Fields::new(value, ctx)?;
@@ -120,14 +121,7 @@ impl FromQapi for ObjectOptions {
                 refresh: f.optional("refresh")?,
             },
             "iothread" => {
-                for key in [
-                    "poll-max-ns",
-                    "poll-grow",
-                    "poll-shrink",
-                    "aio-max-batch",
-                    "thread-pool-min",
-                    "thread-pool-max",
-                ] {
+                for key in IOTHREAD_MEMBERS {
                     let _: Option<i64> = f.optional(key)?;
                 }
                 ObjectProps::Iothread
@@ -151,11 +145,89 @@ impl FromQapi for ObjectOptions {
     }
 }
 
+/// A flat union on `qom-type`; the branches are read inline above, so they
+/// are described here, member for member.
+impl Describe for ObjectOptions {
+    fn ty() -> Ty {
+        named("ObjectOptions")
+    }
+    fn define(s: &mut Schema) {
+        s.enumeration("ObjectType", OBJECT_TYPES.to_vec());
+        let variants = OBJECT_TYPES
+            .iter()
+            .map(|t| (*t, object_branch(s, t)))
+            .collect();
+        s.union(
+            "ObjectOptions",
+            vec![req("qom-type", named("ObjectType")), req("id", str())],
+            "qom-type",
+            variants,
+        );
+    }
+}
+
+/// The properties object of one `qom-type`.
+fn object_branch(s: &mut Schema, qom_type: &str) -> Ty {
+    let (key, members) = match qom_type {
+        "authz-simple" => ("AuthZSimpleProperties", vec![req("identity", str())]),
+        "authz-list" => (
+            "AuthZListProperties",
+            vec![
+                opt("policy", describe::<QAuthZListPolicy>(s)),
+                opt("rules", describe::<Vec<QAuthZListRule>>(s)),
+            ],
+        ),
+        "authz-list-file" | "authz-listfile" => (
+            "AuthZListFileProperties",
+            vec![req("filename", str()), opt("refresh", bool())],
+        ),
+        "iothread" => (
+            "IothreadProperties",
+            IOTHREAD_MEMBERS.iter().map(|m| opt(m, int())).collect(),
+        ),
+        "tls-creds-x509" => {
+            let mut m = tls_common(s);
+            m.extend([opt("sanity-check", bool()), opt("passwordid", str())]);
+            ("TlsCredsX509Properties", m)
+        }
+        _ => {
+            let mut m = tls_common(s);
+            m.push(opt("username", str()));
+            ("TlsCredsPskProperties", m)
+        }
+    };
+    s.object(key, members);
+    named(key)
+}
+
+/// TlsCredsCommon's members, as `TlsCredsCommon::read` takes them.
+fn tls_common(s: &mut Schema) -> Vec<Member> {
+    vec![
+        opt("verify-peer", bool()),
+        opt("dir", str()),
+        opt("endpoint", describe::<QCryptoTLSCredsEndpoint>(s)),
+        opt("priority", str()),
+    ]
+}
+
+qapi_struct! {
+    /// object-del's arguments.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct ObjectDelArgs {
+        req "id" id: String,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::visitor::{from_value, InputMode};
     use serde_json::json;
+
+    #[test]
+    fn test_reader_accepts_every_described_member_of_every_type() {
+        crate::introspect::agreement::check::<ObjectOptions>();
+    }
 
     #[test]
     fn test_authz_list_rule_needs_policy() {

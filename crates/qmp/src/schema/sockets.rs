@@ -2,28 +2,33 @@
 
 use serde_json::Value;
 
+use crate::introspect::{describe, named, req, str, Describe, Schema, Ty};
 use crate::visitor::{Ctx, Fields, FromQapi};
-use crate::{qapi_enum, QmpError};
+use crate::{qapi_enum, qapi_struct, QmpError};
 
 qapi_enum!(SocketAddressType { Inet = "inet", Unix = "unix", Vsock = "vsock", Fd = "fd" });
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InetSocketAddress {
-    pub host: String,
-    pub port: String,
-    pub numeric: Option<bool>,
-    pub to: Option<u16>,
-    pub ipv4: Option<bool>,
-    pub ipv6: Option<bool>,
-    pub keep_alive: Option<bool>,
-    pub mptcp: Option<bool>,
+qapi_struct! {
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct InetSocketAddress {
+        opt "numeric" numeric: bool,
+        req "host" host: String,
+        req "port" port: String,
+        opt "to" to: u16,
+        opt "ipv4" ipv4: bool,
+        opt "ipv6" ipv6: bool,
+        opt "keep-alive" keep_alive: bool,
+        opt "mptcp" mptcp: bool,
+    }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UnixSocketAddress {
-    pub path: String,
-    pub r#abstract: Option<bool>,
-    pub tight: Option<bool>,
+qapi_struct! {
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct UnixSocketAddress {
+        req "path" path: String,
+        opt "abstract" r#abstract: bool,
+        opt "tight" tight: bool,
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,32 +39,11 @@ pub enum SocketAddress {
     Fd { str: String },
 }
 
-fn inet_members(f: &mut Fields) -> Result<InetSocketAddress, QmpError> {
-    Ok(InetSocketAddress {
-        numeric: f.optional("numeric")?,
-        host: f.required("host")?,
-        port: f.required("port")?,
-        to: f.optional("to")?,
-        ipv4: f.optional("ipv4")?,
-        ipv6: f.optional("ipv6")?,
-        keep_alive: f.optional("keep-alive")?,
-        mptcp: f.optional("mptcp")?,
-    })
-}
-
-fn unix_members(f: &mut Fields) -> Result<UnixSocketAddress, QmpError> {
-    Ok(UnixSocketAddress {
-        path: f.required("path")?,
-        r#abstract: f.optional("abstract")?,
-        tight: f.optional("tight")?,
-    })
-}
-
 /// Reads the members of one variant from `f` (the discriminator already consumed).
 fn variant(kind: SocketAddressType, f: &mut Fields) -> Result<SocketAddress, QmpError> {
     Ok(match kind {
-        SocketAddressType::Inet => SocketAddress::Inet(inet_members(f)?),
-        SocketAddressType::Unix => SocketAddress::Unix(unix_members(f)?),
+        SocketAddressType::Inet => SocketAddress::Inet(InetSocketAddress::read_members(f)?),
+        SocketAddressType::Unix => SocketAddress::Unix(UnixSocketAddress::read_members(f)?),
         SocketAddressType::Vsock => SocketAddress::Vsock {
             cid: f.required("cid")?,
             port: f.required("port")?,
@@ -97,6 +81,45 @@ impl FromQapi for SocketAddressLegacy {
     }
 }
 
+/// The legacy union: each branch wraps its address in `data`.
+impl Describe for SocketAddressLegacy {
+    fn ty() -> Ty {
+        named("SocketAddressLegacy")
+    }
+    fn define(s: &mut Schema) {
+        let kind = describe::<SocketAddressType>(s);
+        let inet = describe::<InetSocketAddress>(s);
+        let unix = describe::<UnixSocketAddress>(s);
+        s.object(
+            "VsockSocketAddress",
+            vec![req("cid", str()), req("port", str())],
+        );
+        s.object("FdSocketAddress", vec![req("str", str())]);
+        let mut wrapper = |key: &'static str, data: Ty| {
+            s.object(key, vec![req("data", data)]);
+            named(key)
+        };
+        let variants = vec![
+            ("inet", wrapper("InetSocketAddressWrapper", inet)),
+            ("unix", wrapper("UnixSocketAddressWrapper", unix)),
+            (
+                "vsock",
+                wrapper("VsockSocketAddressWrapper", named("VsockSocketAddress")),
+            ),
+            (
+                "fd",
+                wrapper("FdSocketAddressWrapper", named("FdSocketAddress")),
+            ),
+        ];
+        s.union(
+            "SocketAddressLegacy",
+            vec![req("type", kind)],
+            "type",
+            variants,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,6 +138,11 @@ mod tests {
         let ctx = Ctx::root(InputMode::Json).member("addr");
         let e = SocketAddressLegacy::from_qapi(json!({"type": "unix"}), &ctx).unwrap_err();
         assert_eq!(e.desc, "Parameter 'addr.data' is missing");
+    }
+
+    #[test]
+    fn test_legacy_reader_accepts_every_described_member() {
+        crate::introspect::agreement::check::<SocketAddressLegacy>();
     }
 
     #[test]
