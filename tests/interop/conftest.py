@@ -2,6 +2,13 @@
 
 DAEMON=bexd (default) or DAEMON=qsd picks the server; BEXD points at the binary
 (default: <repo>/target/release/bexd). Both get the same command line.
+
+With DAEMON=qsd the run checks the expectations themselves: it keeps only the tests whose
+daemon DAEMON picks (they ask for the `kind` fixture, themselves or through `start`), and
+leaves out those marked `bexd_only(reason)` (bexd's own commands, limits and process) and
+those that start the same daemons whatever DAEMON says (the DAEMON=bexd run has them).
+
+Under CI=true nothing may pass without running: a skipped test is reported as failed.
 """
 
 import os
@@ -20,6 +27,63 @@ REPO = Path(__file__).resolve().parents[2]
 TOOLS = ["qemu-img", "qemu-io", "qemu-storage-daemon", "nbdinfo", "nbdcopy", "nbdsh", "fio",
          "openssl", "strace"]
 MODULES = ["nbd", "qemu.qmp"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "bexd_only(reason): checks bexd's own behaviour, which qemu-storage-daemon "
+        "does not have or has otherwise by design; left out of the DAEMON=qsd run")
+
+
+def follows_daemon(item):
+    """Whether the daemon this test starts is the one DAEMON names: it asks for the `kind`
+    fixture (itself or through `start`) and no parametrization fixes `kind`."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return "kind" in getattr(item, "fixturenames", ()) and "kind" not in params
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("DAEMON", "bexd") != "qsd":
+        return
+    keep, bexd_only, fixed = [], [], []
+    for item in items:
+        if item.get_closest_marker("bexd_only"):
+            bexd_only.append(item)
+        elif not follows_daemon(item):
+            fixed.append(item)
+        else:
+            keep.append(item)
+    if bexd_only or fixed:
+        config.hook.pytest_deselected(items=bexd_only + fixed)
+        items[:] = keep
+    config._qsd_left_out = (len(bexd_only), len(fixed))
+
+
+def pytest_report_header(config):
+    if os.environ.get("DAEMON", "bexd") == "qsd":
+        return ("DAEMON=qsd: only tests whose daemon DAEMON picks; bexd_only tests and tests "
+                "that start fixed daemons are deselected")
+    return None
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    left_out = getattr(config, "_qsd_left_out", None)
+    if left_out:
+        terminalreporter.write_line(
+            f"DAEMON=qsd: deselected {left_out[0]} bexd_only tests and {left_out[1]} tests that "
+            "start the same daemons whatever DAEMON says (the DAEMON=bexd run has them)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI=true a skip is a failure: CI must not pass a test that did not run."""
+    outcome = yield
+    report = outcome.get_result()
+    if (os.environ.get("CI") == "true" and report.skipped
+            and not hasattr(report, "wasxfail")):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, where every test must run: {reason}"
 
 
 def pytest_sessionstart(session):

@@ -2,7 +2,6 @@
 NBD error, the connection and export survive, nothing acknowledged is lost,
 and a failed flush is never reported as success."""
 
-import os
 import shutil
 
 import nbd
@@ -13,10 +12,7 @@ from tls_certs import make_pki
 MIB = 1 << 20
 
 
-@pytest.fixture(autouse=True)
-def bexd_only():
-    if os.environ.get("DAEMON", "bexd") != "bexd":
-        pytest.skip("bexd's blkdebug rules are always armed; QEMU's need events")
+pytestmark = pytest.mark.bexd_only("bexd's blkdebug rules are always armed; QEMU's need events")
 
 
 @pytest.fixture(scope="module")

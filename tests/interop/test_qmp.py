@@ -211,12 +211,11 @@ def test_qemu_qmp_shell_drives_the_daemon(start, image):
     assert "Export 'nope' is not found" in out
 
 
+@pytest.mark.bexd_only("bexd qmp is bexd's own client")
 def test_bexd_qmp_shell_scripted(start, image):
     import os
     import subprocess
     from conftest import daemon_binary
-    if os.environ.get("DAEMON", "bexd") != "bexd":
-        pytest.skip("bexd qmp is bexd's own client")
     d = start(*file_export(image()))
     script = ("block-export-add type=nbd id=e1 node-name=disk0 name=second\n"
               "query-block-exports\nblock-export-del id=e1\nblock-export-del id=nope\n")
@@ -253,15 +252,12 @@ def test_nbd_server_stop_removes_every_export_and_can_restart(start, image, tmp_
     assert h.get_size() == 64 << 20
 
 
-def test_events_reach_every_monitor(tmp_path):
-    import os
-    if os.environ.get("DAEMON", "bexd") != "bexd":
-        pytest.skip("started by hand with bexd's binary")
+def test_events_reach_every_monitor(tmp_path, kind):
     import subprocess
     from conftest import daemon_binary, wait_until, can_connect_unix
     nbd_sock = tmp_path / "two.sock"
     first, second = tmp_path / "first-qmp.sock", tmp_path / "second-qmp.sock"
-    p = subprocess.Popen(daemon_binary("bexd") + [
+    p = subprocess.Popen(daemon_binary(kind) + [
         "--blockdev", "null-co,node-name=n0,size=1048576",
         "--chardev", f"socket,id=a,path={first},server=on,wait=off", "--monitor", "chardev=a",
         "--chardev", f"socket,id=b,path={second},server=on,wait=off", "--monitor", "chardev=b",
@@ -291,10 +287,8 @@ def test_events_reach_every_monitor(tmp_path):
         assert p.wait(timeout=20) == 0
 
 
+@pytest.mark.bexd_only("bexd's own limits (QEMU's differ)")
 def test_huge_and_deep_documents_get_errors_and_the_monitor_survives(start, image):
-    import os
-    if os.environ.get("DAEMON", "bexd") != "bexd":
-        pytest.skip("bexd's own limits (QEMU's differ)")
     d = start(*file_export(image()))
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(30)

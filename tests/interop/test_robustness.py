@@ -1,7 +1,6 @@
 """Hostile clients and hard kills: memory stays bounded, good clients keep
 working, acknowledged-durable writes survive kill -9."""
 
-import os
 import random
 import signal
 import socket
@@ -16,10 +15,7 @@ from conftest import Daemon, file_export
 MIB = 1 << 20
 
 
-@pytest.fixture(autouse=True)
-def bexd_only():
-    if os.environ.get("DAEMON", "bexd") != "bexd":
-        pytest.skip("measures bexd's own process")
+pytestmark = pytest.mark.bexd_only("measures bexd's own process")
 
 
 def rss_kib(pid):

@@ -11,6 +11,8 @@ from conftest import daemon_binary, free_port
 
 MIB = 1 << 20
 
+pytestmark = pytest.mark.bexd_only("bexd serve is bexd's own")
+
 
 @pytest.fixture
 def serve():
@@ -28,8 +30,6 @@ def serve():
 
 
 def test_serve_prints_a_uri_that_clients_can_use(serve, image):
-    if os.environ.get("DAEMON", "bexd") != "bexd":
-        pytest.skip("bexd serve is bexd's own")
     img = image(8 * MIB, [(0, b"serve" * 100)])
     port = free_port()
     _, uri = serve("--port", str(port), str(img))
@@ -42,8 +42,6 @@ def test_serve_prints_a_uri_that_clients_can_use(serve, image):
 
 
 def test_serve_read_only_on_a_unix_socket_with_a_name(serve, image, tmp_path):
-    if os.environ.get("DAEMON", "bexd") != "bexd":
-        pytest.skip("bexd serve is bexd's own")
     sock = tmp_path / "s.sock"
     _, uri = serve("--socket", str(sock), "--read-only", "--name", "d0", str(image(4 * MIB)))
     assert uri == f"nbd+unix:///d0?socket={sock}"
@@ -55,8 +53,6 @@ def test_serve_read_only_on_a_unix_socket_with_a_name(serve, image, tmp_path):
 
 
 def test_serve_missing_image_exits_1_with_one_line(tmp_path):
-    if os.environ.get("DAEMON", "bexd") != "bexd":
-        pytest.skip("bexd serve is bexd's own")
     p = subprocess.run(daemon_binary("bexd") + ["serve", str(tmp_path / "nope.img")], capture_output=True, text=True)
     assert p.returncode == 1
     assert len(p.stderr.strip().splitlines()) == 1
@@ -66,8 +62,6 @@ def test_serve_missing_image_exits_1_with_one_line(tmp_path):
 def test_serve_finds_qcow2_by_itself_and_takes_aio(serve, tmp_path):
     """Without -f a qcow2 image is served as qcow2 (its virtual size and
     guest data, not its file bytes), as qemu-nbd does; -f raw serves the file."""
-    if os.environ.get("DAEMON", "bexd") != "bexd":
-        pytest.skip("bexd serve is bexd's own")
     img = tmp_path / "d.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "16M"], check=True)
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 64k", str(img)], check=True,
@@ -88,8 +82,6 @@ def test_serve_finds_qcow2_by_itself_and_takes_aio(serve, tmp_path):
 
 
 def test_serve_unknown_format_exits_1_with_one_line(tmp_path):
-    if os.environ.get("DAEMON", "bexd") != "bexd":
-        pytest.skip("bexd serve is bexd's own")
     img = tmp_path / "d.img"
     img.write_bytes(bytes(MIB))
     p = subprocess.run(daemon_binary("bexd") + ["serve", "-f", "vmdk", str(img)], capture_output=True,

@@ -28,10 +28,7 @@ MIB = 1 << 20
 BLOCK = 4096
 
 
-@pytest.fixture(autouse=True)
-def bexd_only():
-    if os.environ.get("DAEMON", "bexd") != "bexd":
-        pytest.skip("measures bexd's own process")
+pytestmark = pytest.mark.bexd_only("measures bexd's own process")
 
 
 def status(pid, key):
