@@ -1,14 +1,18 @@
 //! bexd, the block export daemon: block nodes served over NBD, managed over QMP,
 //! started with qemu-storage-daemon's command line.
 //!
-//! Layout (see docs/architecture.md for the walkthrough):
-//! - [`cli`]: argv in order, as qemu-storage-daemon reads it; [`startup`] applies it.
-//! - [`daemon`]: the state (nodes, exports, NBD server) and the operations CLI and QMP share.
-//! - [`qapi`]: QAPI argument types (crate `qmp`) turned into the daemon's own configs.
-//! - [`blockdev`]: opening block nodes (crate `block`) from `BlockdevOptions`.
-//! - [`export`] and [`export_bitmaps`]: exports, and the dirty bitmaps they serve.
-//! - [`nbd_server`]: listener, handshake and transmission (crate `nbd` does the protocol).
-//! - [`monitor`] and [`commands`]: QMP over socket chardevs.
+//! Layout (see docs/architecture.md for the walkthrough and the module graph):
+//! - [`program`] picks the mode; [`cli`] reads argv in order, as qemu-storage-daemon does, and
+//!   [`startup`] applies it through the same commands QMP uses.
+//! - [`config`]: plain data, what the CLI and QMP asked for; [`qapi`] reads QAPI types into it.
+//! - [`daemon`]: owns the tables and the NBD server and wires what spans them.
+//! - [`nodes`]: the node table (opening nodes from config, the graph, bitmap rules).
+//! - [`exports`]: the export table and the export kinds behind [`exports::ExportKind`] (NBD).
+//! - [`objects`]: the object table (authz, TLS credentials, iothreads); [`tls`] loads credentials.
+//! - [`nbd_server`]: listener, handshake and transmission over a [`nbd_server::ServerContext`]
+//!   (crate `nbd` owns the protocol); [`net`] is the accept side shared with the monitors.
+//! - [`monitor`] and [`commands`]: QMP over socket chardevs, each command defined once.
+//! - [`error`]: one error type per part, printing QEMU's texts; [`events`]: the QMP event bus.
 //! - [`serve`]: `bexd serve IMAGE`, the one-image shortcut.
 //! - [`backup`]: `bexd backup`, an NBD client pulling full and incremental backups.
 //! - [`shell`]: `bexd qmp SOCKET`, an interactive QMP shell.
