@@ -47,10 +47,12 @@ section "cargo clippy"
 cargo clippy --all-targets -- -D warnings
 section "cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --quiet
-section "module cycles"
+section "module cycles and layering"
 python3 scripts/test_modcycles.py
 # A module cycle in any crate fails the run (issue 15 removed the last ones).
 python3 scripts/modcycles.py
+# So does an import the daemon's layering forbids (the NBD server naming the daemon, ...).
+python3 scripts/layers.py
 section "cargo build --release"
 cargo build --release --bin bexd
 section "cargo test"

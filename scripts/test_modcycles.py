@@ -204,5 +204,44 @@ class NoCycle(unittest.TestCase):
         self.assertEqual((modules, edges), (["a"], set()))
 
 
+class LayersTest(unittest.TestCase):
+    """scripts/layers.py: the never-arrows between the daemon's parts."""
+
+    def violations(self, files):
+        import layers
+
+        ws = Workspace({"bexd": files})
+        try:
+            return [(a, b) for a, b, _, _ in layers.violations(ws.dir)]
+        finally:
+            ws.close()
+
+    def test_server_importing_the_daemon_is_refused(self):
+        files = {
+            "lib.rs": "pub mod daemon;\npub mod nbd_server;\n",
+            "daemon.rs": "pub struct Daemon;\n",
+            "nbd_server/mod.rs": "use crate::daemon::Daemon;\n",
+        }
+        self.assertEqual(self.violations(files), [("nbd_server", "daemon")])
+
+    def test_config_importing_anything_is_refused(self):
+        files = {
+            "lib.rs": "pub mod config;\npub mod util;\n",
+            "config.rs": "use super::util::strerror;\n",
+            "util.rs": "pub fn strerror() {}\n",
+        }
+        self.assertEqual(self.violations(files), [("config", "util")])
+
+    def test_allowed_arrows_pass(self):
+        files = {
+            "lib.rs": "pub mod config;\npub mod exports;\npub mod nbd_server;\npub mod nodes;\n",
+            "config.rs": "pub struct C;\n",
+            "nodes.rs": "use crate::config::C;\n",
+            "exports.rs": "use crate::{config::C, nodes};\n",
+            "nbd_server.rs": "use crate::exports;\n",
+        }
+        self.assertEqual(self.violations(files), [])
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=1)

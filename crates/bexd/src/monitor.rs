@@ -5,8 +5,6 @@
 //! QEMU, a socket chardev serves one client at a time; several monitors serve
 //! clients concurrently, and every negotiated monitor gets every event.
 
-use std::sync::{Arc, Weak};
-
 use qmp::wire::{self, JsonStream, Request};
 use qmp::{ErrorClass, QmpError};
 use serde_json::{json, Value};
@@ -14,14 +12,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::broadcast;
 
-use crate::commands;
+use crate::commands::{self, Executor};
 use crate::config::{ChardevAddr, ChardevConfig};
-use crate::daemon::Daemon;
 use crate::events::QmpEvent;
 use crate::net::{ClientStream, Listener};
 
 /// Binds the chardev's socket and serves QMP on it until the daemon shuts down.
-pub async fn start_monitor(daemon: &Arc<Daemon>, chardev: &ChardevConfig) -> Result<(), QmpError> {
+pub async fn start_monitor(exec: &Executor, chardev: &ChardevConfig) -> Result<(), QmpError> {
     let bind_err = |e: std::io::Error| {
         QmpError::generic(format!(
             "Failed to bind socket for chardev '{}': {}",
@@ -29,7 +26,6 @@ pub async fn start_monitor(daemon: &Arc<Daemon>, chardev: &ChardevConfig) -> Res
             crate::util::strerror(&e)
         ))
     };
-    let weak = Arc::downgrade(daemon);
     let (listener, socket_file) = match &chardev.addr {
         ChardevAddr::Unix(path) => {
             let _ = std::fs::remove_file(path);
@@ -43,17 +39,17 @@ pub async fn start_monitor(daemon: &Arc<Daemon>, chardev: &ChardevConfig) -> Res
             (Listener::Tcp(l), None)
         }
     };
-    daemon.tasks.spawn(async move {
-        while let Some(d) = weak.upgrade() {
-            let shutdown = d.shutdown.clone();
-            drop(d);
+    let exec = exec.clone();
+    exec.tasks().clone().spawn(async move {
+        let shutdown = exec.shutdown();
+        loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 a = listener.accept() => a,
             };
             match accepted {
-                Ok(ClientStream::Unix(s)) => serve_client(s, weak.clone()).await,
-                Ok(ClientStream::Tcp(s)) => serve_client(s, weak.clone()).await,
+                Ok(ClientStream::Unix(s)) => serve_client(s, &exec).await,
+                Ok(ClientStream::Tcp(s)) => serve_client(s, &exec).await,
                 Err(e) => tracing::warn!(error = %e, "QMP accept failed"),
             }
         }
@@ -73,10 +69,8 @@ struct Session {
 }
 
 /// Serves one QMP client until it disconnects or the daemon shuts down.
-pub async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, daemon: Weak<Daemon>) {
-    let Some(shutdown) = daemon.upgrade().map(|d| d.shutdown.clone()) else {
-        return;
-    };
+pub async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, exec: &Executor) {
+    let shutdown = exec.shutdown();
     let (major, minor, micro) = crate::QEMU_VERSION;
     let greeting = wire::greeting(major, minor, micro, crate::PACKAGE);
     if stream.write_all(greeting.as_bytes()).await.is_err() {
@@ -97,8 +91,7 @@ pub async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, daem
                 Ok(n) => {
                     parser.feed(&buf[..n]);
                     while let Some(item) = parser.next() {
-                        let Some(d) = daemon.upgrade() else { return };
-                        handle_item(&d, &mut session, item, &mut out).await;
+                        handle_item(exec, &mut session, item, &mut out).await;
                     }
                 }
             },
@@ -134,7 +127,7 @@ async fn next_event(events: &mut Option<broadcast::Receiver<QmpEvent>>) -> Optio
 
 /// Handles one parsed JSON document, appending every line to send to `out`.
 async fn handle_item(
-    daemon: &Arc<Daemon>,
+    exec: &Executor,
     session: &mut Session,
     item: Result<Value, QmpError>,
     out: &mut String,
@@ -149,7 +142,7 @@ async fn handle_item(
             return;
         }
     };
-    let result = execute(daemon, session, &request).await;
+    let result = execute(exec, session, &request).await;
     // Events the command caused (e.g. BLOCK_EXPORT_DELETED on a safe removal)
     // go out before its return, as QEMU orders them.
     drain_events(session, out);
@@ -161,7 +154,7 @@ async fn handle_item(
         Err(e) => out.push_str(&wire::encode_error(&e, request.id.as_ref())),
     }
     if quitting {
-        daemon.begin_quit();
+        exec.quit();
     }
 }
 
@@ -179,13 +172,13 @@ fn drain_events(session: &mut Session, out: &mut String) {
 }
 
 async fn execute(
-    daemon: &Arc<Daemon>,
+    exec: &Executor,
     session: &mut Session,
     request: &Request,
 ) -> Result<Value, QmpError> {
     if !session.negotiated {
         return match request.command.as_str() {
-            "qmp_capabilities" => negotiate(daemon, session, request),
+            "qmp_capabilities" => negotiate(exec, session, request),
             _ => Err(QmpError::new(
                 ErrorClass::CommandNotFound,
                 "Expecting capabilities negotiation with 'qmp_capabilities'",
@@ -195,7 +188,7 @@ async fn execute(
     // QEMU's order: an unknown command, then one that cannot run out of band,
     // then the command itself (qmp_capabilities refuses a second negotiation).
     if request.oob {
-        return Err(match commands::exists(&request.command) {
+        return Err(match exec.exists(&request.command) {
             true => QmpError::generic(format!(
                 "The command {} does not support OOB",
                 request.command
@@ -203,14 +196,10 @@ async fn execute(
             false => commands::not_found(&request.command),
         });
     }
-    commands::dispatch(daemon, &request.command, request.arguments.clone()).await
+    exec.run(&request.command, request.arguments.clone()).await
 }
 
-fn negotiate(
-    daemon: &Arc<Daemon>,
-    session: &mut Session,
-    request: &Request,
-) -> Result<Value, QmpError> {
+fn negotiate(exec: &Executor, session: &mut Session, request: &Request) -> Result<Value, QmpError> {
     let mut oob = false;
     for (key, value) in &request.arguments {
         if key != "enable" {
@@ -241,6 +230,6 @@ fn negotiate(
     }
     session.negotiated = true;
     session.oob = oob;
-    session.events = Some(daemon.events.subscribe());
+    session.events = Some(exec.events());
     Ok(json!({}))
 }

@@ -192,7 +192,7 @@ async fn set_up(daemon: &Arc<Daemon>, args: &ServeArgs) -> Result<Option<PidFile
             id: "qmp0".into(),
             addr: ChardevAddr::Unix(path.clone()),
         };
-        crate::monitor::start_monitor(daemon, &chardev)
+        crate::monitor::start_monitor(&crate::commands::Executor::new(daemon), &chardev)
             .await
             .map_err(|e| e.desc)?;
     }

@@ -136,7 +136,7 @@ async fn apply_one(daemon: &Arc<Daemon>, option: &CliOption) -> Result<(), QmpEr
             let chardev = daemon
                 .chardev(&chardev_id)
                 .ok_or_else(|| QmpError::generic(format!("chardev \"{chardev_id}\" not found")))?;
-            monitor::start_monitor(daemon, &chardev).await
+            monitor::start_monitor(&commands::Executor::new(daemon), &chardev).await
         }
         CliOption::Object(s) => {
             let (value, mode) = option_value(s, Some("qom-type"))?;

@@ -6,6 +6,7 @@
 
 pub(crate) mod bitmap;
 mod blockdev;
+mod executor;
 mod export;
 mod object;
 mod query;
@@ -14,6 +15,7 @@ mod registry;
 mod registry_tests;
 
 pub use blockdev::add as blockdev_add;
+pub use executor::Executor;
 pub use export::{block_export_add, nbd_server_start};
 pub use registry::{dispatch, exists, not_found};
 
