@@ -798,13 +798,15 @@ def settled_rss(pid, quiet=0.5, timeout=20.0):
 def test_flooding_clients_are_bounded_by_the_server_wide_budget(start, image, monkeypatch):
     """16 clients pipeline 1 MiB READs and never read a reply. Each may hold its
     own 64 MiB budget, 1 GiB in all, but the server-wide budget (128 MiB here,
-    BEXD_NBD_PAYLOAD_BUDGET_MIB) stops their readers once it is spent: RSS
+    the server's x-payload-budget) stops their readers once it is spent: RSS
     stays below it plus the 2 MiB each connection may use when it has nothing
     else in flight. A client that sends one request at a time keeps its
-    verified writes and reads going, and the flooders' fds come back."""
-    monkeypatch.setenv("BEXD_NBD_PAYLOAD_BUDGET_MIB", "128")
+    verified writes and reads going, and the flooders' fds come back. (With
+    the default budget of 1 GiB, RSS would grow past the bound checked.)"""
+    monkeypatch.delenv("BEXD_NBD_PAYLOAD_BUDGET_MIB", raising=False)
     size = 64 * MIB
-    d = start(*file_export(image(size)), server_extra=",max-connections=0")
+    d = start(*file_export(image(size)),
+              server_extra=",max-connections=0,x-payload-budget=128M")
     pid = d.proc.pid
     stop, latencies, errors = threading.Event(), [], []
     good = threading.Thread(target=verifying_client, args=(d.uri("disk"), stop, latencies, errors, size))

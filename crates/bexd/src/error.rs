@@ -67,6 +67,13 @@ pub enum ObjectError {
     Duplicate(String),
     #[error("object '{0}' not found")]
     NotFound(String),
+    #[error("object '{0}' is in use, can not be deleted")]
+    InUse(String),
+    #[error("only one main-loop instance allowed")]
+    SecondMainLoop,
+    /// QEMU can resize its pool at run time; bexd's is built with the process.
+    #[error("a main-loop object can only be created on the command line: the thread pool it sizes is already running")]
+    MainLoopAfterStart,
     #[error("No TLS credentials with id '{0}'")]
     NoTlsCreds(String),
     #[error("Expected TLS credentials for a server endpoint")]

@@ -31,6 +31,13 @@ pub enum Object {
     /// Accepted for compatibility: bexd's runtime serves every export on all
     /// its threads, so placing an export in an iothread changes nothing.
     Iothread,
+    /// `main-loop`: `thread-pool-max` sizes the blocking pool where driver
+    /// calls that may wait for a device run. The pool is built when the
+    /// process starts, so the object exists only from the command line, and
+    /// like QEMU's it cannot be deleted.
+    MainLoop {
+        thread_pool_max: usize,
+    },
 }
 
 /// QEMU's QAuthZ family: decides whether an identity (an x509 DN) may connect.
@@ -169,6 +176,11 @@ pub fn create(value: Value, mode: InputMode) -> Result<(String, Object), QmpErro
             })
         }
         ObjectProps::Iothread => Object::Iothread,
+        ObjectProps::MainLoop {
+            thread_pool_min,
+            thread_pool_max,
+            aio_max_batch,
+        } => main_loop(thread_pool_min, thread_pool_max, aio_max_batch)?,
         ObjectProps::TlsCredsX509 {
             common,
             sanity_check,
@@ -186,6 +198,50 @@ pub fn create(value: Value, mode: InputMode) -> Result<(String, Object), QmpErro
     Ok((options.id, object))
 }
 
+/// QEMU's default for the main loop's pool: 64 threads.
+pub const DEFAULT_THREAD_POOL_MAX: usize = 64;
+
+/// A main-loop object, with QEMU's range checks; what bexd cannot honour
+/// (a pool minimum, a batch bound for its own AIO) is refused, not ignored.
+fn main_loop(
+    min: Option<i64>,
+    max: Option<i64>,
+    aio_max_batch: Option<i64>,
+) -> Result<Object, QmpError> {
+    for (name, v) in [
+        ("aio-max-batch", aio_max_batch),
+        ("thread-pool-min", min),
+        ("thread-pool-max", max),
+    ] {
+        if v.is_some_and(|v| v < 0) {
+            return Err(QmpError::generic(format!(
+                "{name} value must be in range [0, {}]",
+                i64::MAX
+            )));
+        }
+    }
+    let max = max.map_or(DEFAULT_THREAD_POOL_MAX, |m| m as usize);
+    let min = min.unwrap_or(0) as usize;
+    if max == 0 || min > max {
+        return Err(QmpError::generic(
+            "bad thread-pool-min/thread-pool-max values",
+        ));
+    }
+    if min > 0 {
+        return Err(QmpError::generic(
+            "thread-pool-min is not supported by bexd: its pool starts threads on demand",
+        ));
+    }
+    if aio_max_batch.unwrap_or(0) > 0 {
+        return Err(QmpError::generic(
+            "aio-max-batch is not supported by bexd: io_uring submissions are batched per connection",
+        ));
+    }
+    Ok(Object::MainLoop {
+        thread_pool_max: max,
+    })
+}
+
 fn tls_object(creds: Result<TlsCreds, crate::tls::TlsError>) -> Result<Object, QmpError> {
     creds
         .map(|c| Object::TlsCreds(Arc::new(c)))
@@ -198,6 +254,9 @@ fn tls_object(creds: Result<TlsCreds, crate::tls::TlsError>) -> Result<Object, Q
 #[derive(Debug, Default)]
 pub struct ObjectTable {
     objects: Mutex<BTreeMap<String, Object>>,
+    /// Set once the command line is applied: a main-loop can no longer be
+    /// made (the thread pool it would size is already running).
+    started: std::sync::atomic::AtomicBool,
 }
 
 impl ObjectTable {
@@ -216,15 +275,37 @@ impl ObjectTable {
         if objects.contains_key(&id) {
             return Err(ObjectError::Duplicate(id));
         }
+        if let Object::MainLoop { .. } = object {
+            if objects
+                .values()
+                .any(|o| matches!(o, Object::MainLoop { .. }))
+            {
+                return Err(ObjectError::SecondMainLoop);
+            }
+            if self.started.load(std::sync::atomic::Ordering::Acquire) {
+                return Err(ObjectError::MainLoopAfterStart);
+            }
+        }
         objects.insert(id, object);
         Ok(())
     }
 
     pub fn delete(&self, id: &str) -> Result<(), ObjectError> {
-        match self.lock().remove(id) {
-            Some(_) => Ok(()),
+        let mut objects = self.lock();
+        match objects.get(id) {
             None => Err(ObjectError::NotFound(id.to_string())),
+            Some(Object::MainLoop { .. }) => Err(ObjectError::InUse(id.to_string())),
+            Some(_) => {
+                objects.remove(id);
+                Ok(())
+            }
         }
+    }
+
+    /// The command line has been applied: from now on no main-loop can be made.
+    pub fn mark_started(&self) {
+        self.started
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     pub fn is_iothread(&self, id: &str) -> bool {
@@ -255,6 +336,65 @@ impl ObjectTable {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn main_loop_object(props: serde_json::Value) -> Result<Object, QmpError> {
+        let mut v = json!({"qom-type": "main-loop", "id": "ml0"});
+        for (k, x) in props.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        create(v, InputMode::Json).map(|(_, o)| o)
+    }
+
+    #[test]
+    fn test_main_loop_takes_thread_pool_max_and_defaults_to_qemus_64() {
+        let o = main_loop_object(json!({"thread-pool-max": 8})).unwrap();
+        assert!(matches!(o, Object::MainLoop { thread_pool_max: 8 }));
+        let o = main_loop_object(json!({})).unwrap();
+        assert!(matches!(
+            o,
+            Object::MainLoop {
+                thread_pool_max: 64
+            }
+        ));
+    }
+
+    #[test]
+    fn test_main_loop_refuses_what_it_cannot_honour() {
+        let desc = |p| {
+            main_loop_object(p)
+                .err()
+                .map(|e| e.desc)
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            desc(json!({"thread-pool-max": 0})),
+            "bad thread-pool-min/thread-pool-max values"
+        );
+        assert!(desc(json!({"thread-pool-min": 2})).contains("not supported by bexd"));
+        assert!(desc(json!({"aio-max-batch": 4})).contains("not supported by bexd"));
+        assert!(desc(json!({"thread-pool-max": -1}))
+            .starts_with("thread-pool-max value must be in range"));
+    }
+
+    #[test]
+    fn test_one_main_loop_made_before_start_and_never_deleted() {
+        let table = ObjectTable::new();
+        let ml = || Object::MainLoop { thread_pool_max: 4 };
+        table.add("ml0".into(), ml()).unwrap();
+        assert_eq!(
+            table.add("ml1".into(), ml()),
+            Err(ObjectError::SecondMainLoop)
+        );
+        assert_eq!(table.delete("ml0"), Err(ObjectError::InUse("ml0".into())));
+        let later = ObjectTable::new();
+        later.mark_started();
+        assert_eq!(
+            later.add("ml0".into(), ml()),
+            Err(ObjectError::MainLoopAfterStart)
+        );
+        later.add("io0".into(), Object::Iothread).unwrap();
+        later.delete("io0").unwrap();
+    }
 
     #[test]
     fn test_glob_star_and_question_mark() {

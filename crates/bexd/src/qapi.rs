@@ -21,7 +21,7 @@ use qmp::schema::block_export::{
 use qmp::schema::char::{ChardevSocket, MonitorOptions};
 use qmp::schema::object::ObjectDelArgs;
 use qmp::schema::sockets::SocketAddress;
-use qmp::visitor::{from_value, Ctx, InputMode};
+use qmp::visitor::{from_value, Ctx, InputMode, Size};
 use qmp::QmpError;
 use serde_json::Value;
 
@@ -236,7 +236,15 @@ pub fn nbd_server_config(
         addr,
         tls_creds: o.tls_creds,
         tls_authz: o.tls_authz,
-        payload_budget: DEFAULT_PAYLOAD_BUDGET,
+        payload_budget: match o.x_payload_budget {
+            None => DEFAULT_PAYLOAD_BUDGET,
+            Some(Size(0)) => {
+                return Err(QmpError::generic(
+                    "Parameter 'x-payload-budget' must be a positive size",
+                ))
+            }
+            Some(Size(bytes)) => bytes,
+        },
         max_connections: o.max_connections.unwrap_or(100),
         handshake_max: match o.handshake_max_seconds.unwrap_or(10) {
             0 => None,

@@ -19,17 +19,43 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// device run (one per request in flight). tokio's default is 512; QEMU's
 /// thread pool stops at 64, and past that more threads only add contention on
 /// the same disk and 8 MiB of stack reservation each. Requests beyond it queue
-/// for a free thread. `BEXD_MAX_BLOCKING_THREADS` overrides it.
-const MAX_BLOCKING_THREADS: usize = 64;
+/// for a free thread. `--object main-loop,id=ID,thread-pool-max=N` sets it, as
+/// in QEMU; without one, `BEXD_MAX_BLOCKING_THREADS` (documented in the
+/// README) overrides the default.
+const MAX_BLOCKING_THREADS: usize = crate::objects::DEFAULT_THREAD_POOL_MAX;
 
 /// Builds the multi-threaded runtime every mode runs on.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let env = std::env::var("BEXD_MAX_BLOCKING_THREADS").ok();
+    runtime_with_pool(None)
+}
+
+/// The runtime, its blocking pool sized by a main-loop's `thread-pool-max` if there is one.
+fn runtime_with_pool(thread_pool_max: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = match thread_pool_max {
+        Some(n) => n,
+        None => blocking_threads(std::env::var("BEXD_MAX_BLOCKING_THREADS").ok().as_deref()),
+    };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("bexd")
-        .max_blocking_threads(blocking_threads(env.as_deref()))
+        .max_blocking_threads(threads)
         .build()
+}
+
+/// The `thread-pool-max` of a `--object main-loop` among the options, read
+/// before the runtime exists (the object itself is created in order later,
+/// from the same text, so a bad one fails there with its option named).
+fn main_loop_pool(options: &[CliOption]) -> Option<usize> {
+    options.iter().find_map(|option| {
+        let CliOption::Object(s) = option else {
+            return None;
+        };
+        let (value, mode) = option_value(s, Some("qom-type")).ok()?;
+        match crate::objects::create(value, mode) {
+            Ok((_, crate::objects::Object::MainLoop { thread_pool_max })) => Some(thread_pool_max),
+            _ => None,
+        }
+    })
 }
 
 /// The blocking pool's size: `env` if it is a positive number, else the default.
@@ -61,7 +87,7 @@ pub fn run(options: Vec<CliOption>) -> i32 {
             }
         },
     };
-    let rt = match runtime() {
+    let rt = match runtime_with_pool(main_loop_pool(&options)) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("bexd: cannot start runtime: {e}");
@@ -78,6 +104,7 @@ pub fn run(options: Vec<CliOption>) -> i32 {
                 return 1;
             }
         };
+        daemon.objects.mark_started();
         run_until_shutdown(daemon, signals, notifier, pidfile).await
     })
 }

@@ -5,7 +5,7 @@ use serde_json::Value;
 use super::bitmap::BlockDirtyBitmap;
 use super::sockets::{SocketAddress, SocketAddressLegacy};
 use crate::introspect::{bool, describe, int, named, opt, req, str, Describe, Schema, Ty};
-use crate::visitor::{Ctx, Fields, FromQapi};
+use crate::visitor::{Ctx, Fields, FromQapi, Size};
 use crate::{qapi_enum, qapi_object, qapi_struct, QmpError};
 
 /// NbdServerOptions / NbdServerOptionsLegacy: the same members, two address forms.
@@ -16,6 +16,9 @@ pub struct NbdServerOptions {
     pub tls_authz: Option<String>,
     pub max_connections: Option<u32>,
     pub handshake_max_seconds: Option<u32>,
+    /// bexd's own (QEMU has no such bound): bytes all connections together
+    /// may pin in requests in flight.
+    pub x_payload_budget: Option<Size>,
 }
 
 impl NbdServerOptions {
@@ -32,6 +35,7 @@ impl NbdServerOptions {
             tls_authz: f.optional("tls-authz")?,
             max_connections: f.optional("max-connections")?,
             handshake_max_seconds: f.optional("handshake-max-seconds")?,
+            x_payload_budget: f.optional("x-payload-budget")?,
         };
         f.finish()?;
         Ok(options)
@@ -64,6 +68,7 @@ impl Describe for NbdServerOptionsLegacy {
                 opt("tls-authz", str()),
                 opt("max-connections", int()),
                 req("addr", addr),
+                opt("x-payload-budget", int()),
             ],
         );
     }

@@ -56,6 +56,12 @@ pub enum ObjectProps {
         refresh: Option<bool>,
     },
     Iothread,
+    /// `main-loop`: the event loop's thread pool (QEMU's EventLoopBaseProperties).
+    MainLoop {
+        thread_pool_min: Option<i64>,
+        thread_pool_max: Option<i64>,
+        aio_max_batch: Option<i64>,
+    },
     /// `tls-creds-x509`: certificates in `dir` (ca-cert.pem, server-cert.pem, ...).
     TlsCredsX509 {
         common: TlsCredsCommon,
@@ -83,6 +89,7 @@ pub const OBJECT_TYPES: &[&str] = &[
     "authz-listfile",
     "authz-simple",
     "iothread",
+    "main-loop",
     "tls-creds-psk",
     "tls-creds-x509",
 ];
@@ -97,6 +104,9 @@ const IOTHREAD_MEMBERS: &[&str] = &[
     "thread-pool-min",
     "thread-pool-max",
 ];
+
+/// The main-loop properties, in QEMU's order (EventLoopBaseProperties).
+const MAIN_LOOP_MEMBERS: &[&str] = &["aio-max-batch", "thread-pool-min", "thread-pool-max"];
 
 impl FromQapi for ObjectOptions {
     fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
@@ -126,6 +136,11 @@ impl FromQapi for ObjectOptions {
                 }
                 ObjectProps::Iothread
             }
+            "main-loop" => ObjectProps::MainLoop {
+                aio_max_batch: f.optional("aio-max-batch")?,
+                thread_pool_min: f.optional("thread-pool-min")?,
+                thread_pool_max: f.optional("thread-pool-max")?,
+            },
             "tls-creds-x509" => ObjectProps::TlsCredsX509 {
                 common: TlsCredsCommon::read(&mut f)?,
                 sanity_check: f.optional("sanity-check")?,
@@ -184,6 +199,10 @@ fn object_branch(s: &mut Schema, qom_type: &str) -> Ty {
         "iothread" => (
             "IothreadProperties",
             IOTHREAD_MEMBERS.iter().map(|m| opt(m, int())).collect(),
+        ),
+        "main-loop" => (
+            "MainLoopProperties",
+            MAIN_LOOP_MEMBERS.iter().map(|m| opt(m, int())).collect(),
         ),
         "tls-creds-x509" => {
             let mut m = tls_common(s);
