@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use block::driver::{Capabilities, Driver, Extent, ZeroFlags};
 use block::drivers::qcow2::{Qcow2Driver, Qcow2Options};
-use block::{BlockNode, BlockResult};
+use block::{BitmapStore, BlockNode, BlockResult};
 use libfuzzer_sys::fuzz_target;
 
 /// The image file: reads past its end return zeroes, as a file's do.
