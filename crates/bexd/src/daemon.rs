@@ -18,6 +18,7 @@ use crate::events::EventBus;
 use crate::exports::nbd::NbdExport;
 use crate::exports::{Export, ExportKind, ExportTable};
 use crate::nbd_server::{NbdServer, ServerContext};
+use crate::net::StartGate;
 use crate::nodes::NodeTable;
 use crate::objects::{Object, ObjectTable};
 
@@ -35,6 +36,8 @@ pub struct Daemon {
     pub shutdown: CancellationToken,
     /// Connection and monitor tasks, awaited on shutdown so in-flight requests finish.
     pub tasks: TaskTracker,
+    /// Opened when start-up is complete; listeners accept only from then on.
+    pub gate: StartGate,
 }
 
 impl Daemon {
@@ -49,6 +52,7 @@ impl Daemon {
             events,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            gate: StartGate::closed(),
         })
     }
 
@@ -65,6 +69,7 @@ impl Daemon {
             objects: self.objects.clone(),
             shutdown: self.shutdown.clone(),
             tasks: self.tasks.clone(),
+            gate: self.gate.clone(),
         }
     }
 
@@ -166,6 +171,13 @@ impl Daemon {
     pub fn chardev(&self, id: &str) -> Option<ChardevConfig> {
         let chardevs = self.chardevs.lock().unwrap_or_else(|e| e.into_inner());
         chardevs.get(id).cloned()
+    }
+
+    /// Start-up is complete: objects can no longer be made that only the
+    /// command line may make, and the listeners start accepting.
+    pub fn start_serving(&self) {
+        self.objects.mark_started();
+        self.gate.open();
     }
 
     /// `quit`: the main task notices and shuts the daemon down.

@@ -42,7 +42,12 @@ pub async fn start_monitor(exec: &Executor, chardev: &ChardevConfig) -> Result<(
     let exec = exec.clone();
     exec.tasks().clone().spawn(async move {
         let shutdown = exec.shutdown();
-        loop {
+        // Served from when start-up is complete; a shutdown before then still cleans up.
+        let started = tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = exec.gate().wait() => true,
+        };
+        while started && !shutdown.is_cancelled() {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 a = listener.accept() => a,

@@ -2,6 +2,38 @@
 //! monitors (each binds its own addresses; this is only the accept side).
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+/// Opens once, when start-up is complete. Listeners are bound as their
+/// option is applied (so errors name the option, and a client that connects
+/// early waits in the listen backlog), but accept only once the gate is open:
+/// as with qemu-storage-daemon, whose main loop runs only after the whole
+/// command line, no client is served before every `--export` is in place.
+#[derive(Clone, Debug, Default)]
+pub struct StartGate(CancellationToken);
+
+impl StartGate {
+    /// A gate that is still closed.
+    pub fn closed() -> Self {
+        Self::default()
+    }
+
+    /// A gate already open (a server started after start-up, or in a test).
+    pub fn opened() -> Self {
+        let gate = Self::default();
+        gate.open();
+        gate
+    }
+
+    pub fn open(&self) {
+        self.0.cancel();
+    }
+
+    /// Resolves once the gate is open (at once if it is).
+    pub async fn wait(&self) {
+        self.0.cancelled().await
+    }
+}
 
 /// A bound listening socket of either family.
 #[derive(Debug)]

@@ -196,7 +196,7 @@ async fn set_up(daemon: &Arc<Daemon>, args: &ServeArgs) -> Result<Option<PidFile
             .await
             .map_err(|e| e.desc)?;
     }
-    daemon.objects.mark_started();
+    daemon.start_serving();
     let pidfile = args.pidfile.as_deref().map(PidFile::create).transpose()?;
     let bound = daemon.nbd_server_addr();
     println!("{}", bound.unwrap_or(addr).uri(&args.name));

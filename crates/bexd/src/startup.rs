@@ -104,7 +104,7 @@ pub fn run(options: Vec<CliOption>) -> i32 {
                 return 1;
             }
         };
-        daemon.objects.mark_started();
+        daemon.start_serving();
         run_until_shutdown(daemon, signals, notifier, pidfile).await
     })
 }

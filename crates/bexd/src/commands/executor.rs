@@ -46,6 +46,11 @@ impl Executor {
         self.daemon.shutdown.clone()
     }
 
+    /// Opens when start-up is complete: a monitor accepts its first client then.
+    pub fn gate(&self) -> &crate::net::StartGate {
+        &self.daemon.gate
+    }
+
     /// Where a monitor's tasks go, so shutdown waits for them.
     pub fn tasks(&self) -> &TaskTracker {
         &self.daemon.tasks

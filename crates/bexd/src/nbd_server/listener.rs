@@ -86,6 +86,11 @@ pub async fn accept_loop(listener: Listener, settings: Arc<Settings>, cancel: Ca
         n => Some(Arc::new(Semaphore::new(n as usize))),
     };
     let shutdown = settings.ctx.shutdown.clone();
+    tokio::select! {
+        _ = cancel.cancelled() => return,
+        _ = shutdown.cancelled() => return,
+        _ = settings.ctx.gate.wait() => {}
+    }
     loop {
         let permit = match &slots {
             None => None,

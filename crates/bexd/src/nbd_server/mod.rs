@@ -30,6 +30,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{ListenAddr, NbdServerConfig};
 use crate::error::ServerError;
 use crate::exports::ExportTable;
+use crate::net::StartGate;
 use crate::objects::ObjectTable;
 use crate::tls::TlsCreds;
 
@@ -45,6 +46,8 @@ pub struct ServerContext {
     pub shutdown: CancellationToken,
     /// Connection tasks, awaited at shutdown.
     pub tasks: TaskTracker,
+    /// Clients are accepted once it opens (when start-up is complete).
+    pub gate: StartGate,
 }
 
 /// One running server's settings, shared by its listener and its connections.

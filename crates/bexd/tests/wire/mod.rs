@@ -148,6 +148,7 @@ impl Server {
             objects: Arc::new(ObjectTable::new()),
             shutdown: shutdown.clone(),
             tasks: TaskTracker::new(),
+            gate: bexd::net::StartGate::opened(),
         };
         let config = NbdServerConfig {
             addr: ListenAddr::Unix {
