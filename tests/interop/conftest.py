@@ -158,6 +158,15 @@ def daemon_binary(kind):
     return [os.environ.get("BEXD", str(REPO / "target" / "release" / "bexd"))]
 
 
+def proc_status(pid, field):
+    """A number from /proc/PID/status (`VmRSS` in KiB, `Threads`, ...)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
 def wait_until(predicate, timeout=10.0, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -10,7 +10,7 @@ import time
 import nbd
 import pytest
 
-from conftest import daemon_binary, qmp_outcome
+from conftest import daemon_binary, proc_status, qmp_outcome
 
 MIB = 1 << 20
 # Every request on this node sleeps 200 ms in a driver call, so it holds a pool thread.
@@ -19,11 +19,7 @@ SLOW_EXPORT = "type=nbd,id=e0,node-name=slow,name=slow"
 
 
 def threads_of(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("Threads:"):
-                return int(line.split()[1])
-    raise AssertionError("no Threads: line")
+    return proc_status(pid, "Threads")
 
 
 def peak_threads_under_load(d, in_flight=24):

@@ -10,7 +10,7 @@ import time
 import nbd
 import pytest
 
-from conftest import Daemon, file_export
+from conftest import Daemon, file_export, proc_status
 
 MIB = 1 << 20
 
@@ -19,11 +19,7 @@ pytestmark = pytest.mark.bexd_only("measures bexd's own process")
 
 
 def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
+    return proc_status(pid, "VmRSS")
 
 
 def stalled_writer(d):
