@@ -184,3 +184,44 @@ def test_quit_before_negotiation_is_refused_and_the_daemon_serves_on(both):
         time.sleep(0.3)
         assert d.alive()
         assert asyncio.run(qmp_outcome(d.qmp_sock, "query-block-exports", {}))[0] == "ok"
+
+
+def qmp_raw(sock, chunks):
+    """Sends each chunk of raw bytes (after negotiating) and returns every reply line, parsed."""
+    import json
+    import socket
+    import time
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(sock))
+    s.settimeout(5)
+    f = s.makefile("rb")
+    f.readline()  # greeting
+    s.sendall(b'{"execute": "qmp_capabilities"}\n')
+    assert json.loads(f.readline()) == {"return": {}}
+    replies = []
+    for chunk, expected in chunks:
+        s.sendall(chunk)
+        for _ in range(expected):
+            reply = json.loads(f.readline())
+            if isinstance(reply.get("return"), dict):
+                reply["return"].pop("package", None)  # the one member that differs
+            replies.append(reply)
+        time.sleep(0.05)
+    s.close()
+    return replies
+
+
+def test_0xff_drops_a_partial_command_and_the_next_one_runs(both):
+    """QMP spec: a 0xFF byte resets the JSON parser. The document cut short gets an error
+    (QEMU's text quotes the token it cut), and the stream goes on with the next command."""
+    chunks = [
+        (b'{"execute": "query-ver', 0),
+        (b'\xff', 1),
+        (b'{"execute": "query-version"}\n', 1),
+        (b'\xff{"execute": "query-version"}\n', 2),
+        (b'{"execute": tru\xff{"execute": "query-block-exports"}\n', 2),
+    ]
+    ours, theirs = both
+    got, expected = qmp_raw(ours.qmp_sock, chunks), qmp_raw(theirs.qmp_sock, chunks)
+    assert got == expected
+    assert expected[0]["error"]["desc"] == "JSON parse error, stray '\"query-ver\ufffd'"

@@ -49,6 +49,9 @@ pub struct JsonStream {
     scalar: bool,
     /// After a limit error: track structure but store nothing until the document ends.
     discarding: bool,
+    /// Where the string being read starts in `doc`, for the text of a
+    /// "stray" error (QEMU quotes a string cut short, not a bare word).
+    token_start: Option<usize>,
     ready: std::collections::VecDeque<Result<Value, QmpError>>,
 }
 
@@ -76,14 +79,31 @@ impl JsonStream {
         self.escaped = false;
         self.scalar = false;
         self.discarding = false;
+        self.token_start = None;
+    }
+
+    /// A 0xFF byte, anywhere (QEMU's documented way for a client to
+    /// resynchronise): the document so far is dropped with QEMU's error, which
+    /// quotes the token it cut short, and the next byte starts a new one.
+    fn stray(&mut self) {
+        let token = match self.token_start {
+            Some(at) if !self.discarding => String::from_utf8_lossy(&self.doc[at..]).into_owned(),
+            _ => String::new(),
+        };
+        self.ready
+            .push_back(Err(parse_error(&format!("stray '{token}\u{FFFD}'"))));
+        self.reset();
     }
 
     fn byte(&mut self, b: u8) {
+        if b == 0xff {
+            return self.stray();
+        }
         if self.quote != Quote::None {
             return self.string_byte(b);
         }
-        if b == 0xff || (b < 0x20 && !matches!(b, b' ' | b'\t' | b'\n' | b'\r')) {
-            // QEMU's documented way for a client to resynchronise.
+        if b < 0x20 && !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            // A control character also resets the parser (silently).
             return self.reset();
         }
         if self.scalar
@@ -128,6 +148,7 @@ impl JsonStream {
 
     fn open_string(&mut self, quote: Quote) {
         self.quote = quote;
+        self.token_start = Some(self.doc.len());
         self.push(b'"');
     }
 
@@ -148,6 +169,7 @@ impl JsonStream {
             (_, b'\\') => self.escaped = true,
             (Quote::Double, b'"') | (Quote::Single, b'\'') => {
                 self.quote = Quote::None;
+                self.token_start = None;
                 self.push(b'"');
                 if self.depth == 0 {
                     self.finish_document();
@@ -382,9 +404,30 @@ mod tests {
     }
 
     #[test]
-    fn test_stream_0xff_resets() {
+    fn test_stream_0xff_resets_with_qemus_error() {
         let got = parse_all(b"{\"a\": \xff{\"b\": 1}");
-        assert_eq!(got, vec![Ok(json!({"b": 1}))]);
+        assert_eq!(got.len(), 2);
+        assert_eq!(
+            got[0].as_ref().unwrap_err().desc,
+            "JSON parse error, stray '\u{FFFD}'"
+        );
+        assert_eq!(got[1], Ok(json!({"b": 1})));
+    }
+
+    #[test]
+    fn test_stream_0xff_inside_a_string_cuts_it_short() {
+        let got = parse_all(b"{\"execute\": \"query-ver\xff{\"execute\": \"x\"}");
+        assert_eq!(
+            got[0].as_ref().unwrap_err().desc,
+            "JSON parse error, stray '\"query-ver\u{FFFD}'"
+        );
+        assert_eq!(got[1], Ok(json!({"execute": "x"})));
+        let got = parse_all(b"{\"a\": tru\xff[1]");
+        assert_eq!(
+            got[0].as_ref().unwrap_err().desc,
+            "JSON parse error, stray '\u{FFFD}'"
+        );
+        assert_eq!(got[1], Ok(json!([1])));
     }
 
     #[test]
