@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ChardevConfig, ExportConfig, ExportKindConfig, NbdServerConfig, RemoveMode};
+use crate::config::{ChardevConfig, ExportConfig, ExportKindConfig, NbdServerConfig};
 use crate::error::{ExportError, ObjectError, ServerError};
 use crate::events::EventBus;
 use crate::exports::nbd::NbdExport;
@@ -20,7 +20,7 @@ use crate::exports::{Export, ExportKind, ExportTable};
 use crate::nbd_server::{NbdServer, ServerContext};
 use crate::net::StartGate;
 use crate::nodes::NodeTable;
-use crate::objects::{Object, ObjectTable};
+use crate::objects::ObjectTable;
 
 #[derive(Debug)]
 pub struct Daemon {
@@ -114,11 +114,8 @@ impl Daemon {
     /// then what every kind shares (node, iothread, writable), then the kind's
     /// own part, then the table (id and name clashes).
     pub fn add_export(&self, config: ExportConfig) -> Result<(), ExportError> {
-        match &config.kind {
-            ExportKindConfig::Nbd(_) if !self.nbd_server_running() => {
-                return Err(ExportError::NbdServerNotRunning)
-            }
-            ExportKindConfig::Nbd(_) => {}
+        if matches!(config.kind, ExportKindConfig::Nbd(_)) && !self.nbd_server_running() {
+            return Err(ExportError::NbdServerNotRunning);
         }
         let hold = self.nodes.hold(&config.node_name)?;
         if let Some(iothread) = &config.iothread {
@@ -138,24 +135,6 @@ impl Daemon {
             )?),
         };
         self.exports.add(Export::new(config, hold, kind))
-    }
-
-    /// `block-export-del` / `nbd-server-remove`.
-    pub fn remove_export(&self, id: &str, mode: RemoveMode) -> Result<(), ExportError> {
-        self.exports.remove(id, mode)
-    }
-
-    /// Removes every export (hard), as `quit` does.
-    pub fn remove_all_exports(&self) {
-        self.exports.remove_all(None);
-    }
-
-    pub fn add_object(&self, id: String, object: Object) -> Result<(), ObjectError> {
-        self.objects.add(id, object)
-    }
-
-    pub fn delete_object(&self, id: &str) -> Result<(), ObjectError> {
-        self.objects.delete(id)
     }
 
     /// `--chardev`: registers a chardev for a later `--monitor`.
@@ -188,7 +167,7 @@ impl Daemon {
     /// The last steps of shutdown, once connections have drained: exports
     /// go (announced), every node is flushed and closed, the listener stops.
     pub async fn wind_down(&self) {
-        self.remove_all_exports();
+        self.exports.remove_all(None);
         self.nodes.flush_all().await;
         self.nodes.close_all().await;
         let server = self.nbd().take();

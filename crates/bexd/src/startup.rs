@@ -51,6 +51,11 @@ fn main_loop_pool(options: &[CliOption]) -> Option<usize> {
             return None;
         };
         let (value, mode) = option_value(s, Some("qom-type")).ok()?;
+        // Only a main-loop is read here: creating any other object loads files
+        // (certificates, authz lists), which its turn in order does once.
+        if value.get("qom-type").and_then(|t| t.as_str()) != Some("main-loop") {
+            return None;
+        }
         match crate::objects::create(value, mode) {
             Ok((_, crate::objects::Object::MainLoop { thread_pool_max })) => Some(thread_pool_max),
             _ => None,
@@ -168,7 +173,7 @@ async fn apply_one(daemon: &Arc<Daemon>, option: &CliOption) -> Result<(), QmpEr
         CliOption::Object(s) => {
             let (value, mode) = option_value(s, Some("qom-type"))?;
             let (id, object) = crate::objects::create(value, mode)?;
-            Ok(daemon.add_object(id, object)?)
+            Ok(daemon.objects.add(id, object)?)
         }
         CliOption::Pidfile(_) | CliOption::Daemonize | CliOption::Trace(_) => Ok(()),
     }

@@ -52,7 +52,7 @@ pub fn block_export_add_qmp(daemon: &Arc<Daemon>, args: Args) -> Result<Value, Q
 
 pub fn block_export_del(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
     let (id, mode) = qapi::export_removal(Value::Object(args), "id")?;
-    daemon.remove_export(&id, mode)?;
+    daemon.exports.remove(&id, mode)?;
     Ok(ok())
 }
 
@@ -74,6 +74,6 @@ pub fn nbd_server_remove(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpE
     if !daemon.nbd_server_running() {
         return Err(ServerError::NotRunning.into());
     }
-    daemon.remove_export(&id, mode)?;
+    daemon.exports.remove(&id, mode)?;
     Ok(ok())
 }

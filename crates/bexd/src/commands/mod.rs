@@ -86,7 +86,7 @@ fn negotiated_already(_daemon: &Arc<Daemon>, _args: Args) -> Result<Value, QmpEr
 fn quit(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
     no_args(args)?;
     // QEMU announces every export's deletion before the quit's return.
-    daemon.remove_all_exports();
+    daemon.exports.remove_all(None);
     Ok(ok())
 }
 
