@@ -7,7 +7,9 @@
 use libfuzzer_sys::fuzz_target;
 use nbd::export::{BlockSize, ExportInfo, MetaContext};
 use nbd::handshake::Negotiated;
-use nbd::request::{incoming, status_filter, validate, validate_selected, HeaderForm, StatusFilter};
+use nbd::request::{
+    incoming, status_filter, validate, validate_selected, HeaderForm, StatusFilter,
+};
 
 /// A session picked by the input's first byte: compact or extended headers,
 /// structured or not, with or without contexts, a small or a huge export.
@@ -22,13 +24,20 @@ fn session(selector: u8) -> Negotiated {
         can_fast_zero: true,
         can_multi_conn: true,
         can_cache: true,
-        block_size: BlockSize { min: 1, preferred: 4096, max: 32 << 20 },
+        block_size: BlockSize {
+            min: 1,
+            preferred: 4096,
+            max: 32 << 20,
+        },
         meta_contexts: vec![MetaContext::BaseAllocation, MetaContext::AllocationDepth],
     };
     let extended = selector & 1 != 0;
     let structured = extended || selector & 2 != 0;
     let meta_contexts = match selector & 16 {
-        0 => vec![(0, MetaContext::BaseAllocation), (1, MetaContext::AllocationDepth)],
+        0 => vec![
+            (0, MetaContext::BaseAllocation),
+            (1, MetaContext::AllocationDepth),
+        ],
         _ => Vec::new(),
     };
     Negotiated {
