@@ -6,13 +6,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use block::drivers::blkdebug::{InjectError, IoType};
+use block::drivers::blkdebug::{BlkdebugOptions, InjectError, IoType, Limits, SetState};
 use block::drivers::file::{AioMode, LockingMode};
+use block::DebugEvent;
 use qmp::schema::block_core::BlockdevDelArgs;
 use qmp::schema::block_core::{
-    BlkdebugIOType, BlkdebugInjectError, BlockdevAioOptions, BlockdevDiscardOptions,
-    BlockdevOptions, BlockdevOptionsQcow2, BlockdevRef, BlockdevRefOrNull, BlockdevSpecific,
-    OnOffAuto,
+    BlkdebugEvent, BlkdebugIOType, BlkdebugInjectError, BlkdebugSetState, BlockdevAioOptions,
+    BlockdevDiscardOptions, BlockdevOptions, BlockdevOptionsBlkdebug, BlockdevOptionsQcow2,
+    BlockdevRef, BlockdevRefOrNull, BlockdevSpecific, OnOffAuto,
 };
 use qmp::schema::block_export::{
     read_removal, BlockDirtyBitmapOrStr, BlockExportIothreads, BlockExportOptions,
@@ -76,18 +77,7 @@ fn convert_node(o: BlockdevOptions) -> Result<NodeOptions, QmpError> {
                 .unwrap_or(NULL_DEFAULT_SIZE),
             read_zeroes: read_zeroes.unwrap_or(false),
         },
-        BlockdevSpecific::Blkdebug {
-            image,
-            inject_error,
-        } => NodeSpec::Blkdebug {
-            image: child_ref(image)?,
-            rules: inject_error
-                .unwrap_or_default()
-                .into_iter()
-                .enumerate()
-                .map(|(i, r)| blkdebug_rule(r, i))
-                .collect::<Result<_, _>>()?,
-        },
+        BlockdevSpecific::Blkdebug(b) => blkdebug_spec(b)?,
         BlockdevSpecific::Qcow2(q) => qcow2_spec(q)?,
     };
     Ok(NodeOptions {
@@ -120,46 +110,96 @@ fn qcow2_spec(q: BlockdevOptionsQcow2) -> Result<NodeSpec, QmpError> {
     })
 }
 
-/// One blkdebug rule. Rules are always armed (no event state machine), so
-/// the event only picks the I/O type when `iotype` is not given.
+/// blkdebug: rules and limits; the configuration file is read at open, as
+/// QEMU reads it then (after these checks, which its QAPI layer makes).
+fn blkdebug_spec(b: BlockdevOptionsBlkdebug) -> Result<NodeSpec, QmpError> {
+    let limit = |v: Option<i32>, name: &str| -> Result<u64, QmpError> {
+        v.map_or(Ok(0), |v| non_negative(i64::from(v), name))
+    };
+    let limits = Limits {
+        align: b.align.map_or(Ok(0), |v| non_negative(v, "align"))?,
+        max_transfer: limit(b.max_transfer, "max-transfer")?,
+        opt_write_zero: limit(b.opt_write_zero, "opt-write-zero")?,
+        max_write_zero: limit(b.max_write_zero, "max-write-zero")?,
+        opt_discard: limit(b.opt_discard, "opt-discard")?,
+        max_discard: limit(b.max_discard, "max-discard")?,
+    };
+    let inject = b
+        .inject_error
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| blkdebug_rule(r, i))
+        .collect::<Result<_, _>>()?;
+    let set_state = b
+        .set_state
+        .unwrap_or_default()
+        .into_iter()
+        .map(set_state_rule)
+        .collect();
+    Ok(NodeSpec::Blkdebug {
+        image: child_ref(b.image)?,
+        options: BlkdebugOptions {
+            config: b.config.map(PathBuf::from),
+            inject,
+            set_state,
+            limits,
+        },
+    })
+}
+
+/// One inject-error rule. QEMU accepts any errno and sector; bexd refuses
+/// those that cannot mean anything (a negative errno, a negative sector
+/// other than QEMU's -1 for "any"), since such a rule would be accepted
+/// and then never fail a request as asked.
 fn blkdebug_rule(r: BlkdebugInjectError, index: usize) -> Result<InjectError, QmpError> {
     let member = |m: &str| format!("inject-error[{index}].{m}");
-    if r.state.is_some_and(|s| s != 1) {
-        return Err(QmpError::generic(format!(
-            "Parameter '{}': blkdebug states are not supported by bexd",
-            member("state")
-        )));
-    }
     let errno = r.errno.unwrap_or(i64::from(libc::EIO));
     let errno = i32::try_from(errno)
         .ok()
-        .filter(|e| (1..4096).contains(e))
+        .filter(|e| (0..4096).contains(e))
         .ok_or_else(|| {
             QmpError::generic(format!(
-                "Parameter '{}' expects a positive errno",
+                "Parameter '{}' expects an errno from 0 to 4095",
                 member("errno")
             ))
         })?;
     let sector = match r.sector {
+        None | Some(-1) => None,
         Some(s) => Some(u64::try_from(s).map_err(|_| {
             QmpError::generic(format!(
-                "Parameter '{}' must not be negative",
+                "Parameter '{}' expects a sector number or -1 (any sector)",
                 member("sector")
             ))
         })?),
-        None => None,
     };
     let iotypes = match r.iotype {
-        Some(t) => vec![io_type(t)],
-        None => event_io_types(&r.event),
+        Some(t) => vec![io_type(t.0)],
+        None => IoType::DEFAULT.to_vec(),
     };
     Ok(InjectError {
+        event: debug_event(r.event.0),
+        state: r.state.unwrap_or(0),
         iotypes,
         errno,
         sector,
         once: r.once.unwrap_or(false),
+        immediately: r.immediately.unwrap_or(false),
         after: r.x_after.unwrap_or(0),
     })
+}
+
+fn set_state_rule(r: BlkdebugSetState) -> SetState {
+    SetState {
+        event: debug_event(r.event.0),
+        state: r.state.unwrap_or(0),
+        new_state: r.new_state,
+    }
+}
+
+/// The schema's event is the block layer's, by name (a test checks every one maps).
+fn debug_event(e: BlkdebugEvent) -> DebugEvent {
+    DebugEvent::from_name(e.as_str()).unwrap_or(DebugEvent::None)
 }
 
 fn io_type(t: BlkdebugIOType) -> IoType {
@@ -170,23 +210,6 @@ fn io_type(t: BlkdebugIOType) -> IoType {
         BlkdebugIOType::Discard => IoType::Discard,
         BlkdebugIOType::Flush => IoType::Flush,
         BlkdebugIOType::BlockStatus => IoType::BlockStatus,
-    }
-}
-
-/// The I/O a QEMU blkdebug event stands for; other events mean any data I/O.
-fn event_io_types(event: &str) -> Vec<IoType> {
-    match event {
-        "read_aio" | "read_backing_aio" | "read_compressed" => vec![IoType::Read],
-        "write_aio" | "pwritev" | "pwritev_rmw_head" | "pwritev_rmw_tail" => vec![IoType::Write],
-        "pwritev_zero" => vec![IoType::WriteZeroes],
-        "flush_to_os" | "flush_to_disk" => vec![IoType::Flush],
-        _ => vec![
-            IoType::Read,
-            IoType::Write,
-            IoType::WriteZeroes,
-            IoType::Discard,
-            IoType::Flush,
-        ],
     }
 }
 
@@ -394,4 +417,53 @@ pub fn monitor_chardev(value: Value, mode: InputMode) -> Result<String, QmpError
         return Err(QmpError::generic("Only QMP is supported"));
     }
     Ok(m.chardev)
+}
+
+#[cfg(test)]
+mod blkdebug_tests {
+    use super::*;
+
+    #[test]
+    fn test_every_schema_event_is_a_block_layer_event() {
+        assert_eq!(BlkdebugEvent::NAMES.len(), DebugEvent::ALL.len());
+        for name in BlkdebugEvent::NAMES {
+            assert!(DebugEvent::from_name(name).is_some(), "{name}");
+        }
+    }
+
+    #[test]
+    fn test_bad_rule_values_are_named_as_qemu_names_them() {
+        let add = |rules: Value| {
+            let mut v = serde_json::json!({"driver": "blkdebug", "node-name": "d", "image": "f"});
+            v.as_object_mut()
+                .unwrap()
+                .extend(rules.as_object().unwrap().clone());
+            node_options(v, InputMode::Json).unwrap_err().to_string()
+        };
+        let e = add(serde_json::json!({"inject-error": [{"event": "bogus"}]}));
+        assert!(
+            e.contains("Parameter 'event' does not accept value 'bogus'"),
+            "{e}"
+        );
+        let e = add(serde_json::json!({"inject-error": [{"event": "none", "iotype": "x"}]}));
+        assert!(
+            e.contains("Parameter 'iotype' does not accept value 'x'"),
+            "{e}"
+        );
+        let e = add(serde_json::json!({"set-state": [{"event": "none"}]}));
+        assert!(
+            e.contains("Parameter 'set-state[0].new_state' is missing"),
+            "{e}"
+        );
+        let e = add(serde_json::json!({"max-transfer": 2147483648u64}));
+        assert!(
+            e.contains("Parameter 'max-transfer' expects int32_t"),
+            "{e}"
+        );
+        let e = add(serde_json::json!({"align": -1}));
+        assert!(
+            e.contains("Value '-1' is out of range for parameter 'align'"),
+            "{e}"
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! The driver trait every block driver implements.
 
 use crate::bitmap_store::BitmapStore;
+use crate::debug_event::DebugEvent;
 use crate::error::BlockResult;
 use crate::mapping::{Access, FileMapping};
 
@@ -105,6 +106,12 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
     fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
         None
     }
+    /// The driver above this one reports what it is about to do (QEMU's
+    /// `BLKDBG_EVENT`). Only `blkdebug` acts on events; drivers over a child
+    /// pass them down to it, as QEMU looks for the first node below that
+    /// handles events, and drivers without a child ignore them. Without a
+    /// blkdebug node in the chain this costs a call that does nothing.
+    fn debug_event(&self, _event: DebugEvent) {}
     /// Readahead hint.
     fn cache(&self, _offset: u64, _len: u64) -> BlockResult<()> {
         Ok(())

@@ -15,11 +15,14 @@
 //! Modules import one way (no cycle): `node` → `driver` → `mapping` (where
 //! a range lies in a file) → `uring` (the ring and its `Batch`) → `run`
 //! (`FileRun`); `bitmap_store` holds the persistent-bitmap trait a format
-//! may offer beside `Driver`; `buf` owns `IoBuf` and its buffer pool.
+//! may offer beside `Driver`; `buf` owns `IoBuf` and its buffer pool;
+//! `debug_event` names the events a driver reports to a blkdebug node below,
+//! and `write_gen` the write generations that decide the flush events.
 
 pub mod bitmap;
 pub mod bitmap_store;
 pub mod buf;
+pub mod debug_event;
 pub mod driver;
 pub mod drivers;
 pub mod error;
@@ -27,6 +30,7 @@ pub mod mapping;
 pub mod node;
 pub mod run;
 pub mod uring;
+pub mod write_gen;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
@@ -34,6 +38,7 @@ pub mod test_utils;
 pub use bitmap::{BitmapLease, BitmapSet, DirtyBitmap};
 pub use bitmap_store::{BitmapStore, StoredBitmap};
 pub use buf::IoBuf;
+pub use debug_event::DebugEvent;
 pub use driver::{Capabilities, Driver, Extent, ZeroFlags};
 pub use error::{BlockError, BlockErrorKind, BlockResult};
 pub use mapping::{Access, FileMapping, MappingLease};

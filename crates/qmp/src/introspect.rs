@@ -213,7 +213,7 @@ macro_rules! builtin {
 // QEMU's introspection folds every integer type (and `size`) into `int`.
 builtin!("str": String);
 builtin!("bool": bool);
-builtin!("int": i64, u16, u32, u64, crate::visitor::Size);
+builtin!("int": i64, i32, u16, u32, u64, crate::visitor::Size);
 builtin!("any": Value);
 
 impl<T: Describe> Describe for Vec<T> {

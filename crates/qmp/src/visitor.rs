@@ -231,6 +231,7 @@ macro_rules! int_type {
 int_type!(u16, "uint16_t", true);
 int_type!(u32, "uint32_t", true);
 int_type!(u64, "uint64_t", true);
+int_type!(i32, "int32_t", false);
 int_type!(i64, "int64_t", false);
 
 /// QAPI's `size`: bytes; keyval accepts k/M/G/T/P/E suffixes (powers of 1024).

@@ -1,11 +1,11 @@
 //! `--blockdev` / `blockdev-add`: a node and its inline children.
 //!
-//! The driver-level option types (`InjectError`, `AioMode`, `LockingMode`) are
+//! The driver-level option types (`BlkdebugOptions`, `AioMode`, `LockingMode`) are
 //! the block crate's own plain enums, so the node table hands them straight on.
 
 use std::path::PathBuf;
 
-use block::drivers::blkdebug::InjectError;
+use block::drivers::blkdebug::BlkdebugOptions;
 use block::drivers::file::{AioMode, LockingMode};
 
 /// Options common to every node, with QEMU's defaults.
@@ -26,7 +26,8 @@ pub struct NodeOptions {
 pub enum NodeSpec {
     Blkdebug {
         image: ChildRef,
-        rules: Vec<InjectError>,
+        /// Rules, limits and the configuration file (read when the node opens).
+        options: BlkdebugOptions,
     },
     File {
         filename: PathBuf,

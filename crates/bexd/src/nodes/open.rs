@@ -121,9 +121,12 @@ fn open_plain(
                 RawDriver::new(child, *offset, *size, options.discard).map_err(block_error)?;
             Ok((Arc::new(driver), vec![child_name], filename))
         }
-        NodeSpec::Blkdebug { image, rules } => {
+        NodeSpec::Blkdebug {
+            image,
+            options: debug,
+        } => {
             let (child, child_name, filename) = open_child(nodes, options, image)?;
-            let driver = BlkdebugDriver::new(child, rules.clone());
+            let driver = BlkdebugDriver::open(child, debug).map_err(block_error)?;
             Ok((Arc::new(driver), vec![child_name], filename))
         }
         NodeSpec::Null {

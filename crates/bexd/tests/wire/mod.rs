@@ -26,6 +26,7 @@ use bexd::nbd_server::{NbdServer, ServerContext};
 use bexd::nodes::{NodeEntry, NodeTable};
 use bexd::objects::ObjectTable;
 use block::drivers::blkdebug::{BlkdebugDriver, InjectError, IoType};
+use block::DebugEvent;
 use block::{BlockNode, DirtyBitmap};
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
@@ -68,15 +69,14 @@ impl Setup {
         }
     }
 
-    /// Every request of kind `io` covering byte `offset` fails with `errno`.
+    /// Every request of kind `io` covering byte `offset` fails with `errno`
+    /// (every flush, for `Flush`: a flush covers no sector). The rule waits
+    /// for `none`, which blkdebug reports when it opens, so it is armed at once.
     pub fn failing(io: IoType, offset: u64, errno: i32) -> Self {
         Self {
             faults: vec![InjectError {
-                iotypes: vec![io],
-                errno,
-                sector: Some(offset / 512),
-                once: false,
-                after: 0,
+                sector: (io != IoType::Flush).then_some(offset / 512),
+                ..InjectError::new(DebugEvent::None, vec![io], errno)
             }],
             ..Self::default()
         }

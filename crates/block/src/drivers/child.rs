@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use crate::debug_event::DebugEvent;
 use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
 use crate::error::BlockResult;
 use crate::mapping::{Access, FileMapping};
@@ -39,6 +40,10 @@ impl Driver for MarkingChild {
 
     fn capabilities(&self) -> Capabilities {
         self.d().capabilities()
+    }
+
+    fn debug_event(&self, event: DebugEvent) {
+        self.d().debug_event(event);
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {

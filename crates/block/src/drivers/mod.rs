@@ -1,4 +1,5 @@
-//! The drivers: `file` (protocol), `raw` (format over a child node), `null-co`.
+//! The drivers: `file` (protocol), `raw` and `qcow2` (formats over a child
+//! node), `blkdebug` (fault injection over a child), `null-co`.
 
 pub mod blkdebug;
 pub mod child;

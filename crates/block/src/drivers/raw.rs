@@ -2,10 +2,12 @@
 
 use std::sync::Arc;
 
+use crate::debug_event::DebugEvent;
 use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 use crate::mapping::{Access, FileMapping};
 use crate::node::BlockNode;
+use crate::write_gen::{report_flush, WriteGen};
 
 #[derive(Debug)]
 pub struct RawDriver {
@@ -14,6 +16,9 @@ pub struct RawDriver {
     size: u64,
     /// `discard=unmap` on this node; QEMU passes discards down only if every layer allows it.
     discard: bool,
+    /// For the flush events QEMU reports to the child (`flush_to_disk`
+    /// only after a write).
+    generation: WriteGen,
 }
 
 impl RawDriver {
@@ -38,6 +43,7 @@ impl RawDriver {
             offset,
             size,
             discard,
+            generation: WriteGen::default(),
         })
     }
 
@@ -62,7 +68,13 @@ impl Driver for RawDriver {
         caps
     }
 
+    fn debug_event(&self, event: DebugEvent) {
+        self.inner().debug_event(event);
+    }
+
+    /// Reports `read_aio` to the child first, as QEMU's raw format does.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
+        self.inner().debug_event(DebugEvent::ReadAio);
         self.inner().read_at(buf, self.offset + offset)
     }
 
@@ -71,6 +83,7 @@ impl Driver for RawDriver {
     }
 
     fn mapping_written(&self, offset: u64, len: u64) {
+        self.generation.wrote();
         self.child.mark_dirty(self.offset + offset, len);
         self.inner().mapping_written(self.offset + offset, len);
     }
@@ -79,20 +92,27 @@ impl Driver for RawDriver {
         self.inner().try_read_now(buf, self.offset + offset)
     }
 
+    /// Reports `write_aio` to the child first, as QEMU's raw format does.
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
+        self.inner().debug_event(DebugEvent::WriteAio);
         let r = self.inner().write_at(buf, self.offset + offset, fua);
+        self.generation.wrote();
         self.child
             .mark_dirty(self.offset + offset, buf.len() as u64);
         r
     }
 
     fn flush(&self) -> BlockResult<()> {
-        self.inner().flush()
+        let generation = report_flush(self.inner(), &self.generation);
+        self.inner().flush()?;
+        self.generation.flushed(generation);
+        Ok(())
     }
 
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
         match self.discard {
             true => {
+                self.generation.wrote();
                 let r = self.inner().discard(self.offset + offset, len);
                 if self.child.capabilities().can_discard {
                     self.child.mark_dirty(self.offset + offset, len);
@@ -108,6 +128,7 @@ impl Driver for RawDriver {
             may_unmap: flags.may_unmap && self.discard,
             ..flags
         };
+        self.generation.wrote();
         let r = self.inner().write_zeroes(self.offset + offset, len, flags);
         self.child.mark_dirty(self.offset + offset, len);
         r

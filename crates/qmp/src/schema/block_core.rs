@@ -121,13 +121,86 @@ qapi_enum!(BlkdebugIOType {
     BlockStatus = "block-status",
 });
 
+qapi_enum!(BlkdebugEvent {
+    L1Update = "l1_update",
+    L1GrowAllocTable = "l1_grow_alloc_table",
+    L1GrowWriteTable = "l1_grow_write_table",
+    L1GrowActivateTable = "l1_grow_activate_table",
+    L2Load = "l2_load",
+    L2Update = "l2_update",
+    L2UpdateCompressed = "l2_update_compressed",
+    L2AllocCowRead = "l2_alloc_cow_read",
+    L2AllocWrite = "l2_alloc_write",
+    ReadAio = "read_aio",
+    ReadBackingAio = "read_backing_aio",
+    ReadCompressed = "read_compressed",
+    WriteAio = "write_aio",
+    WriteCompressed = "write_compressed",
+    VmstateLoad = "vmstate_load",
+    VmstateSave = "vmstate_save",
+    CowRead = "cow_read",
+    CowWrite = "cow_write",
+    ReftableLoad = "reftable_load",
+    ReftableGrow = "reftable_grow",
+    ReftableUpdate = "reftable_update",
+    RefblockLoad = "refblock_load",
+    RefblockUpdate = "refblock_update",
+    RefblockUpdatePart = "refblock_update_part",
+    RefblockAlloc = "refblock_alloc",
+    RefblockAllocHookup = "refblock_alloc_hookup",
+    RefblockAllocWrite = "refblock_alloc_write",
+    RefblockAllocWriteBlocks = "refblock_alloc_write_blocks",
+    RefblockAllocWriteTable = "refblock_alloc_write_table",
+    RefblockAllocSwitchTable = "refblock_alloc_switch_table",
+    ClusterAlloc = "cluster_alloc",
+    ClusterAllocBytes = "cluster_alloc_bytes",
+    ClusterFree = "cluster_free",
+    FlushToOs = "flush_to_os",
+    FlushToDisk = "flush_to_disk",
+    PwritevRmwHead = "pwritev_rmw_head",
+    PwritevRmwAfterHead = "pwritev_rmw_after_head",
+    PwritevRmwTail = "pwritev_rmw_tail",
+    PwritevRmwAfterTail = "pwritev_rmw_after_tail",
+    Pwritev = "pwritev",
+    PwritevZero = "pwritev_zero",
+    PwritevDone = "pwritev_done",
+    EmptyImagePrepare = "empty_image_prepare",
+    L1ShrinkWriteTable = "l1_shrink_write_table",
+    L1ShrinkFreeL2Clusters = "l1_shrink_free_l2_clusters",
+    CorWrite = "cor_write",
+    ClusterAllocSpace = "cluster_alloc_space",
+    None = "none",
+});
+
+/// A blkdebug rule's enum member. QEMU re-reads its rules from flattened
+/// options, so it names a bad value by the member alone: "Parameter 'event'
+/// does not accept value 'x'", where other readers give the full path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleEnum<T>(pub T);
+
+impl<T: FromQapi> FromQapi for RuleEnum<T> {
+    fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
+        let leaf = ctx.path.rsplit('.').next().unwrap_or_default().to_string();
+        T::from_qapi(value, &Ctx::root(ctx.mode).member(&leaf)).map(RuleEnum)
+    }
+}
+
+impl<T: Describe> Describe for RuleEnum<T> {
+    fn ty() -> Ty {
+        T::ty()
+    }
+    fn define(s: &mut Schema) {
+        T::define(s)
+    }
+}
+
 qapi_struct! {
     /// One `inject-error` rule of blkdebug (plus bexd's `x-after`).
     #[derive(Clone, Debug, PartialEq, Eq)]
     pub struct BlkdebugInjectError {
-        req "event" event: String,
+        req "event" event: RuleEnum<BlkdebugEvent>,
         opt "state" state: i64,
-        opt "iotype" iotype: BlkdebugIOType,
+        opt "iotype" iotype: RuleEnum<BlkdebugIOType>,
         opt "errno" errno: i64,
         opt "sector" sector: i64,
         opt "once" once: bool,
@@ -136,12 +209,35 @@ qapi_struct! {
     }
 }
 
+qapi_struct! {
+    /// One `set-state` rule of blkdebug.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct BlkdebugSetState {
+        req "event" event: RuleEnum<BlkdebugEvent>,
+        opt "state" state: i64,
+        req "new_state" new_state: i64,
+    }
+}
+
+/// BlockdevOptionsBlkdebug (`take-child-perms` and `unshare-child-perms`
+/// are not read, so they are refused as unexpected members).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockdevOptionsBlkdebug {
+    pub image: BlockdevRef,
+    pub config: Option<String>,
+    pub align: Option<i64>,
+    pub max_transfer: Option<i32>,
+    pub opt_write_zero: Option<i32>,
+    pub max_write_zero: Option<i32>,
+    pub opt_discard: Option<i32>,
+    pub max_discard: Option<i32>,
+    pub inject_error: Option<Vec<BlkdebugInjectError>>,
+    pub set_state: Option<Vec<BlkdebugSetState>>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BlockdevSpecific {
-    Blkdebug {
-        image: BlockdevRef,
-        inject_error: Option<Vec<BlkdebugInjectError>>,
-    },
+    Blkdebug(BlockdevOptionsBlkdebug),
     File(BlockdevOptionsFile),
     Raw {
         file: BlockdevRef,
@@ -189,10 +285,18 @@ fn read_base(f: &mut Fields) -> Result<BlockdevBase, QmpError> {
 
 fn read_specific(driver: BlockdevDriver, f: &mut Fields) -> Result<BlockdevSpecific, QmpError> {
     Ok(match driver {
-        BlockdevDriver::Blkdebug => BlockdevSpecific::Blkdebug {
+        BlockdevDriver::Blkdebug => BlockdevSpecific::Blkdebug(BlockdevOptionsBlkdebug {
             image: f.required("image")?,
+            config: f.optional("config")?,
+            align: f.optional("align")?,
+            max_transfer: f.optional("max-transfer")?,
+            opt_write_zero: f.optional("opt-write-zero")?,
+            max_write_zero: f.optional("max-write-zero")?,
+            opt_discard: f.optional("opt-discard")?,
+            max_discard: f.optional("max-discard")?,
             inject_error: f.optional("inject-error")?,
-        },
+            set_state: f.optional("set-state")?,
+        }),
         BlockdevDriver::File | BlockdevDriver::HostDevice => {
             BlockdevSpecific::File(BlockdevOptionsFile::read_members(f)?)
         }
@@ -283,7 +387,15 @@ fn branch(s: &mut Schema, driver: &str) -> Ty {
             "BlockdevOptionsBlkdebug",
             vec![
                 req("image", node),
+                opt("config", str()),
+                opt("align", int()),
+                opt("max-transfer", int()),
+                opt("opt-write-zero", int()),
+                opt("max-write-zero", int()),
+                opt("opt-discard", int()),
+                opt("max-discard", int()),
                 opt("inject-error", describe::<Vec<BlkdebugInjectError>>(s)),
+                opt("set-state", describe::<Vec<BlkdebugSetState>>(s)),
             ],
         ),
         "raw" => (

@@ -9,6 +9,7 @@
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
+use crate::debug_event::DebugEvent;
 use crate::driver::{Extent, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 use crate::mapping::{Access, FileMapping, MappingLease};
@@ -191,9 +192,13 @@ impl Qcow2Driver {
                 Ok(())
             }
             Source::Below { guest } => self.read_below(buf, guest),
-            Source::Host { pos } => self.f().read_at(buf, pos),
+            Source::Host { pos } => {
+                self.f().debug_event(DebugEvent::ReadAio);
+                self.f().read_at(buf, pos)
+            }
             Source::Compressed { host, len, skip } => {
                 let mut packed = vec![0u8; len as usize];
+                self.f().debug_event(DebugEvent::ReadCompressed);
                 self.f().read_at(&mut packed, host)?;
                 let mut cluster = vec![0u8; self.cluster_size() as usize];
                 decompress(self.header.compression, &packed, &mut cluster)?;
@@ -212,6 +217,7 @@ impl Qcow2Driver {
         };
         let avail = b.size().saturating_sub(guest).min(buf.len() as u64) as usize;
         if avail > 0 {
+            self.f().debug_event(DebugEvent::ReadBackingAio);
             b.driver().read_at(&mut buf[..avail], guest)?;
         }
         buf[avail..].fill(0);
@@ -291,6 +297,7 @@ impl Qcow2Driver {
         m.in_flight.fetch_add(1, Ordering::AcqRel);
         let in_flight = m.in_flight.clone();
         drop(m);
+        self.f().debug_event(DebugEvent::WriteAio);
         let r = self
             .f()
             .write_at(&buf[..n as usize], host + in_cluster, false);
@@ -397,6 +404,7 @@ impl Qcow2Driver {
         let cs = self.cluster_size();
         let start = offset % cs;
         let n = (k * cs - start).min(buf.len() as u64) as usize;
+        self.f().debug_event(DebugEvent::WriteAio);
         self.f().write_at(&buf[..n], host + start, false)?;
         Ok(n)
     }
@@ -418,7 +426,9 @@ impl Qcow2Driver {
         let end = start + n;
         let mut whole_from = 0u64;
         let mut whole_to = k;
+        self.f().debug_event(DebugEvent::WriteAio);
         if start != 0 || (k == 1 && n < cs) {
+            self.f().debug_event(DebugEvent::CowRead);
             let mut c = self.read_cluster(olds[0], base)?;
             let len = (cs - start).min(n) as usize;
             c[start as usize..start as usize + len].copy_from_slice(&buf[..len]);
@@ -427,6 +437,7 @@ impl Qcow2Driver {
         }
         if k > whole_from && !end.is_multiple_of(cs) {
             let last = k - 1;
+            self.f().debug_event(DebugEvent::CowRead);
             let mut c = self.read_cluster(olds[last as usize], base + last * cs)?;
             let len = (end - last * cs) as usize;
             let from = (last * cs - start) as usize;

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::debug_event::DebugEvent;
 use crate::driver::Driver;
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 
@@ -140,6 +141,7 @@ impl Meta {
         }
         self.make_room_l2(f)?;
         let mut data = vec![0u8; self.geom.cluster_size() as usize];
+        f.debug_event(DebugEvent::L2Load);
         f.read_at(&mut data, offset)?;
         self.l2_cache.insert(offset, data, false);
         Ok(())
@@ -248,6 +250,7 @@ impl Meta {
         f.flush()?;
         let l2 = self.l2_cache.dirty();
         for (off, data) in &l2 {
+            f.debug_event(DebugEvent::L2Update);
             f.write_at(data, *off, false)?;
         }
         if !l2.is_empty() {
@@ -280,6 +283,7 @@ impl Meta {
 
     fn write_rc_blocks(&mut self, f: &dyn Driver) -> BlockResult<()> {
         for (off, data) in self.rc_cache.dirty() {
+            f.debug_event(DebugEvent::RefblockUpdatePart);
             f.write_at(&data, off, false)?;
             self.rc_cache.mark_clean(off);
         }
@@ -296,6 +300,7 @@ impl Meta {
                 .iter()
                 .flat_map(|e| e.to_be_bytes())
                 .collect();
+            f.debug_event(DebugEvent::L1Update);
             f.write_at(&bytes, self.l1_offset + first as u64 * 8, false)?;
         }
         self.l1_dirty.clear();

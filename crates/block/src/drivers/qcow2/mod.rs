@@ -37,11 +37,13 @@ use std::time::{Duration, Instant};
 
 use crate::bitmap::DirtyBitmap;
 use crate::bitmap_store::{BitmapStore, StoredBitmap};
+use crate::debug_event::DebugEvent;
 use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
 use crate::drivers::child::MarkingChild;
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 use crate::mapping::{Access, FileMapping};
 use crate::node::BlockNode;
+use crate::write_gen::{report_flush, WriteGen};
 
 use bitmaps::BitmapDirectory;
 use cache::TableCache;
@@ -84,6 +86,9 @@ pub struct Qcow2Driver {
     released: Condvar,
     /// Persistent bitmaps on disk. Locked before `meta`, never after.
     bitmaps: Mutex<BitmapDirectory>,
+    /// For the flush events QEMU reports to the file (`flush_to_disk`
+    /// only after a write).
+    generation: WriteGen,
 }
 
 /// What `query-named-block-nodes` shows of a qcow2 image (QEMU's ImageInfoSpecificQCow2).
@@ -145,6 +150,7 @@ impl Qcow2Driver {
             meta: Mutex::new(meta),
             released: Condvar::new(),
             bitmaps: Mutex::new(bitmaps),
+            generation: WriteGen::default(),
         })
     }
 
@@ -352,11 +358,16 @@ impl Driver for Qcow2Driver {
         }
     }
 
+    fn debug_event(&self, event: DebugEvent) {
+        self.f().debug_event(event);
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
         self.read(buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
+        self.generation.wrote();
         self.write(buf, offset)?;
         match fua {
             true => self.flush_all(),
@@ -364,18 +375,27 @@ impl Driver for Qcow2Driver {
         }
     }
 
+    /// Reports `flush_to_os` (and `flush_to_disk` after a write) to the
+    /// file, as QEMU's block layer does for a flush of the qcow2 node.
     fn flush(&self) -> BlockResult<()> {
-        self.flush_all()
+        let generation = report_flush(self.f(), &self.generation);
+        self.flush_all()?;
+        self.generation.flushed(generation);
+        Ok(())
     }
 
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
         match self.discard {
-            true => self.discard_range(offset, len),
+            true => {
+                self.generation.wrote();
+                self.discard_range(offset, len)
+            }
             false => Ok(()),
         }
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
+        self.generation.wrote();
         self.zero_range(offset, len, flags)
     }
 

@@ -6,6 +6,7 @@
 //! refcount block or table is written and synced before anything points at
 //! it, so a kill at any moment leaves at worst leaked clusters.
 
+use crate::debug_event::DebugEvent;
 use crate::driver::Driver;
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 
@@ -106,6 +107,7 @@ impl Meta {
             }
         }
         let mut data = vec![0u8; self.geom.cluster_size() as usize];
+        f.debug_event(DebugEvent::RefblockLoad);
         f.read_at(&mut data, offset)?;
         self.rc_cache.insert(offset, data, false);
         Ok(())
@@ -114,6 +116,7 @@ impl Meta {
     pub fn write_rc_block(&mut self, f: &dyn Driver, offset: u64) -> BlockResult<()> {
         if let Some(data) = self.rc_cache.get(offset) {
             let data = data.to_vec();
+            f.debug_event(DebugEvent::RefblockUpdatePart);
             f.write_at(&data, offset, false)?;
             self.rc_cache.mark_clean(offset);
         }
@@ -157,6 +160,7 @@ impl Meta {
 
     /// Allocates `n` contiguous free clusters with refcount 1; returns the host offset.
     pub fn alloc_clusters(&mut self, f: &dyn Driver, n: u64) -> BlockResult<u64> {
+        f.debug_event(DebugEvent::ClusterAlloc);
         let mut start = self.free_hint;
         // The first free cluster the search passed over (too short a run), for the next search.
         let mut skipped_free = None;
@@ -221,9 +225,12 @@ impl Meta {
         let mut data = vec![0u8; self.geom.cluster_size() as usize];
         set(&mut data, 0, self.refcount_order, 1);
         self.note_used(offset + self.geom.cluster_size());
+        f.debug_event(DebugEvent::RefblockAlloc);
+        f.debug_event(DebugEvent::RefblockAllocWrite);
         f.write_at(&data, offset, false)?;
         f.flush()?;
         let entry_at = self.rc_table_offset + ti as u64 * 8;
+        f.debug_event(DebugEvent::RefblockAllocHookup);
         f.write_at(&offset.to_be_bytes(), entry_at, false)?;
         self.rc_table[ti] = offset;
         self.insert_rc_block(f, offset, data)?;
@@ -247,6 +254,7 @@ impl Meta {
     /// a refcount block in front describing the block and the table. Written
     /// and synced before the header points at it; the old table is freed later.
     fn grow_rc_table(&mut self, f: &dyn Driver, min_entries: usize) -> BlockResult<()> {
+        f.debug_event(DebugEvent::ReftableGrow);
         let cs = self.geom.cluster_size();
         let old_len = self.rc_table.len();
         let per_cluster = (cs / 8) as usize;
