@@ -351,3 +351,70 @@ fn test_map_file_says_what_the_file_can_do() {
         assert!(m.ring.is_some() && !m.page_cache);
     }
 }
+
+/// A memory disk that records which thread answered block status.
+#[derive(Debug)]
+struct StatusThread {
+    mem: MemDriver,
+    seen: std::sync::Mutex<Vec<std::thread::ThreadId>>,
+}
+
+impl Driver for StatusThread {
+    fn driver_name(&self) -> &'static str {
+        "status-thread"
+    }
+    fn size(&self) -> u64 {
+        self.mem.size()
+    }
+    fn capabilities(&self) -> block::Capabilities {
+        self.mem.capabilities()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> block::BlockResult<()> {
+        self.mem.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> block::BlockResult<()> {
+        self.mem.write_at(buf, offset, fua)
+    }
+    fn flush(&self) -> block::BlockResult<()> {
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> block::BlockResult<()> {
+        self.mem.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> block::BlockResult<()> {
+        self.mem.write_zeroes(offset, len, flags)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> block::BlockResult<block::Extent> {
+        let me = std::thread::current().id();
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).push(me);
+        self.mem.block_status(offset, len)
+    }
+}
+
+#[test]
+fn test_block_status_of_any_length_runs_inline_on_a_nonblocking_driver() {
+    // 64 MiB: far past the inline limit for reads; a status query costs the same at any length.
+    let driver = Arc::new(StatusThread {
+        mem: MemDriver::new(64 << 20),
+        seen: Default::default(),
+    });
+    assert!(driver.capabilities().nonblocking);
+    let node = BlockNode::new("n".into(), driver.clone(), false);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime");
+    let extent = rt
+        .block_on(node.block_status(0, 64 << 20))
+        .expect("block status");
+    assert_eq!(extent.len, 64 << 20);
+    let seen = driver
+        .seen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    assert_eq!(
+        seen,
+        vec![std::thread::current().id()],
+        "not answered inline"
+    );
+}

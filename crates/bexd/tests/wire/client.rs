@@ -1,6 +1,8 @@
 //! A blocking NBD client over a unix socket, built on the nbd crate's client
 //! codec: the handshake, requests, and replies decoded chunk by chunk, with
-//! nothing merged or hidden, so tests see the exact reply shape.
+//! nothing merged or hidden, so tests see the exact reply shape. It speaks
+//! all three header forms: simple replies, structured replies, and extended
+//! headers (32-byte requests with 64-bit lengths, 32-byte reply chunks).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -10,8 +12,8 @@ use std::time::Duration;
 
 use nbd::client::{self, ReplyHeader};
 use nbd::consts::{
-    CHUNK_HEADER_LEN, CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, GREETING_LEN,
-    REPLY_FLAG_DONE, SIMPLE_REPLY_LEN, SIMPLE_REPLY_MAGIC,
+    CHUNK_HEADER_LEN, CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, EXTENDED_CHUNK_HEADER_LEN,
+    EXTENDED_REPLY_MAGIC, GREETING_LEN, REPLY_FLAG_DONE, SIMPLE_REPLY_LEN, SIMPLE_REPLY_MAGIC,
 };
 use nbd::request::RequestHeader;
 use nbd::types::{CommandType, NbdErrno, OptionReplyType, OptionType, ReplyType};
@@ -22,6 +24,17 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Cookies start here: every byte differs, so a cookie echoed with its bytes
 /// swapped or cut short shows.
 const FIRST_COOKIE: u64 = 0x0102_0304_0506_0700;
+
+/// What the client negotiates before GO.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Headers {
+    /// Nothing: 28-byte requests, simple replies.
+    Simple,
+    /// STRUCTURED_REPLY: 28-byte requests, 20-byte chunk headers.
+    Structured,
+    /// EXTENDED_HEADERS: 32-byte requests, 32-byte chunk headers.
+    Extended,
+}
 
 /// One whole reply to a request, as it came off the wire.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,6 +84,11 @@ pub enum Chunk {
         context: u32,
         extents: Vec<(u32, u32)>,
     },
+    /// BLOCK_STATUS_EXT: 64-bit extent lengths (extended headers only).
+    StatusExt {
+        context: u32,
+        extents: Vec<(u64, u32)>,
+    },
     Error {
         error: NbdErrno,
         message: String,
@@ -89,6 +107,8 @@ pub enum Chunk {
 
 pub struct Client {
     stream: UnixStream,
+    /// Requests are 32 bytes and replies extended chunks.
+    extended: bool,
     /// Meta context ids by name, as SET_META_CONTEXT answered.
     contexts: HashMap<String, u32>,
     /// Export size and transmission flags, from GO's NBD_INFO_EXPORT.
@@ -100,15 +120,16 @@ pub struct Client {
 }
 
 impl Client {
-    /// Greeting, client flags, then (if `structured`) STRUCTURED_REPLY and
-    /// SET_META_CONTEXT for `contexts`, then GO for `export`.
-    pub fn connect(socket: &Path, export: &str, structured: bool, contexts: &[&str]) -> Self {
+    /// Greeting, client flags, then STRUCTURED_REPLY or EXTENDED_HEADERS as
+    /// `headers` says, SET_META_CONTEXT for `contexts`, then GO for `export`.
+    pub fn connect(socket: &Path, export: &str, headers: Headers, contexts: &[&str]) -> Self {
         let stream = UnixStream::connect(socket).expect("connecting to the NBD socket");
         stream
             .set_read_timeout(Some(REPLY_TIMEOUT))
             .expect("a read timeout");
         let mut c = Self {
             stream,
+            extended: headers == Headers::Extended,
             contexts: HashMap::new(),
             size: 0,
             flags: 0,
@@ -121,15 +142,17 @@ impl Client {
             .expect("a whole greeting");
         let mut out = Vec::new();
         client::client_flags(&mut out, CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES);
-        if structured {
-            client::structured_reply(&mut out);
+        match headers {
+            Headers::Simple => {}
+            Headers::Structured => client::structured_reply(&mut out),
+            Headers::Extended => client::extended_headers(&mut out),
         }
         if !contexts.is_empty() {
             client::set_meta_context(&mut out, export, contexts);
         }
         client::go(&mut out, export, &[]);
         c.stream.write_all(&out).expect("sending the options");
-        if structured {
+        if headers != Headers::Simple {
             let ack = c.option_reply();
             assert_eq!(ack.reply, OptionReplyType::ACK, "{}", ack.message());
         }
@@ -197,6 +220,20 @@ impl Client {
         length: u32,
         payload: &[u8],
     ) -> u64 {
+        self.send_long(command, flags, offset, u64::from(length), payload)
+    }
+
+    /// [`Client::send`] with a 64-bit length, which only an extended header
+    /// carries whole: a compact one gets its low 32 bits, as a client that
+    /// truncates would send.
+    pub fn send_long(
+        &mut self,
+        command: CommandType,
+        flags: u16,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+    ) -> u64 {
         let cookie = self.next_cookie;
         self.next_cookie += 1;
         let mut out = Vec::new();
@@ -205,9 +242,17 @@ impl Client {
             command,
             cookie,
             offset,
-            length: u64::from(length),
+            length: if self.extended {
+                length
+            } else {
+                u64::from(length as u32)
+            },
         };
-        client::request(&mut out, &header);
+        if self.extended {
+            client::extended_request(&mut out, &header);
+        } else {
+            client::request(&mut out, &header);
+        }
         out.extend_from_slice(payload);
         self.stream.write_all(&out).expect("sending a request");
         cookie
@@ -245,17 +290,28 @@ impl Client {
         self.request(command, flags, offset, length, &[])
     }
 
+    /// [`Client::command`] with a 64-bit length (extended headers).
+    pub fn command_long(
+        &mut self,
+        command: CommandType,
+        flags: u16,
+        offset: u64,
+        length: u64,
+    ) -> Reply {
+        let cookie = self.send_long(command, flags, offset, length, &[]);
+        self.reply(cookie, 0)
+    }
+
     /// The next reply, which must be for `cookie`. A simple reply with no
     /// error is followed by `data_len` bytes of data.
     pub fn reply(&mut self, cookie: u64, data_len: usize) -> Reply {
         let mut chunks = Vec::new();
         loop {
             let mut head = self.read_bytes(4);
-            let simple = head == SIMPLE_REPLY_MAGIC.to_be_bytes();
-            let rest = if simple {
-                SIMPLE_REPLY_LEN
-            } else {
-                CHUNK_HEADER_LEN
+            let rest = match u32::from_be_bytes([head[0], head[1], head[2], head[3]]) {
+                SIMPLE_REPLY_MAGIC => SIMPLE_REPLY_LEN,
+                EXTENDED_REPLY_MAGIC => EXTENDED_CHUNK_HEADER_LEN,
+                _ => CHUNK_HEADER_LEN,
             } - 4;
             head.extend(self.read_bytes(rest));
             let header = client::decode_reply_header(&head)
@@ -265,6 +321,7 @@ impl Client {
             match header {
                 ReplyHeader::Simple { cookie: c, error } => {
                     assert_eq!(c, cookie, "simple reply for another request");
+                    assert!(!self.extended, "a simple reply with extended headers");
                     assert!(chunks.is_empty(), "a simple reply inside a structured one");
                     let data = match error {
                         NbdErrno::OK => self.read_bytes(data_len),
@@ -277,15 +334,21 @@ impl Client {
                     reply_type,
                     cookie: c,
                     length,
-                    ..
+                    offset,
                 } => {
                     assert_eq!(c, cookie, "chunk for another request");
+                    assert_eq!(
+                        offset.is_some(),
+                        self.extended,
+                        "the chunk header's form is not the negotiated one"
+                    );
                     assert_eq!(
                         flags & !REPLY_FLAG_DONE,
                         0,
                         "unknown chunk flags {flags:#x}"
                     );
-                    let payload = self.read_bytes(length as usize);
+                    let length = usize::try_from(length).expect("a chunk that fits in memory");
+                    let payload = self.read_bytes(length);
                     chunks.push(decode_chunk(reply_type, payload));
                     if flags & REPLY_FLAG_DONE != 0 {
                         return Reply::Structured(chunks);
@@ -336,6 +399,8 @@ fn decode_chunk(reply_type: ReplyType, payload: Vec<u8>) -> Chunk {
         }
         ReplyType::BLOCK_STATUS => client::decode_block_status(&payload)
             .map(|(context, extents)| Chunk::Status { context, extents }),
+        ReplyType::BLOCK_STATUS_EXT => client::decode_block_status_ext(&payload)
+            .map(|(context, extents)| Chunk::StatusExt { context, extents }),
         t if t.is_error() => client::decode_error(t, &payload).map(|e| match e.offset {
             None => Chunk::Error {
                 error: e.error,

@@ -1,14 +1,20 @@
 //! The disk behind the test export: memory with a fixed allocation map, and
 //! a log of what reached it, so a test can tell a hole from data, a backing
 //! layer from this one, and a FUA write from a plain one.
+//!
+//! A disk may be larger than its memory ([`MapDisk::with_size`]): the tail
+//! past [`SIZE`] is the map's last hole stretched, which reads as zeroes,
+//! logs trims and zeroing, and refuses writes. That lets the extended-header
+//! tests send 64-bit lengths without allocating gigabytes.
 
 use std::sync::Mutex;
 
 use block::test_utils::MemDriver;
-use block::{BlockResult, Capabilities, Driver, Extent, ZeroFlags};
+use block::{BlockError, BlockErrorKind, BlockResult, Capabilities, Driver, Extent, ZeroFlags};
 
 pub const KIB: u64 = 1024;
-/// The export's size.
+pub const GIB: u64 = 1024 * 1024 * KIB;
+/// The export's size, and the part of a larger disk held in memory.
 pub const SIZE: u64 = 1024 * KIB;
 
 /// Byte of the data regions at `offset` (never zero, so data is never mistaken for a hole).
@@ -24,7 +30,8 @@ struct Region {
     depth: u32,
 }
 
-/// The map, in order; each region ends where the next starts, the last at [`SIZE`].
+/// The map, in order; each region ends where the next starts, the last at
+/// the disk's end.
 ///
 /// | range         | what                        | base:allocation | depth |
 /// |---------------|-----------------------------|-----------------|-------|
@@ -79,13 +86,21 @@ pub enum Op {
 
 #[derive(Debug)]
 pub struct MapDisk {
+    /// The first [`SIZE`] bytes.
     mem: MemDriver,
+    size: u64,
     ops: Mutex<Vec<Op>>,
 }
 
 impl MapDisk {
     /// The disk with [`DATA`] filled with [`pattern`] and zeroes elsewhere.
     pub fn new() -> Self {
+        Self::with_size(SIZE)
+    }
+
+    /// The same map on a disk of `size` bytes (at least [`SIZE`]).
+    pub fn with_size(size: u64) -> Self {
+        assert!(size >= SIZE, "the map needs {SIZE} bytes");
         let mem = MemDriver::new(SIZE as usize);
         for (start, end) in DATA {
             let bytes: Vec<u8> = (start..end).map(pattern).collect();
@@ -94,8 +109,14 @@ impl MapDisk {
         }
         Self {
             mem,
+            size,
             ops: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The part of `[offset, offset + len)` held in memory, if any.
+    fn in_memory(offset: u64, len: u64) -> Option<(u64, u64)> {
+        (offset < SIZE).then(|| (offset, len.min(SIZE - offset)))
     }
 
     /// What reached the disk since the last call.
@@ -106,8 +127,7 @@ impl MapDisk {
     /// The disk's bytes, read past the NBD server.
     pub fn bytes(&self, offset: u64, len: usize) -> Vec<u8> {
         let mut buf = vec![0; len];
-        self.mem
-            .read_at(&mut buf, offset)
+        self.read_at(&mut buf, offset)
             .expect("reading the memory disk");
         buf
     }
@@ -123,15 +143,20 @@ impl Driver for MapDisk {
     }
 
     fn size(&self) -> u64 {
-        self.mem.size()
+        self.size
     }
 
     fn capabilities(&self) -> Capabilities {
         self.mem.capabilities()
     }
 
+    /// Memory, then zeroes past it.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
-        self.mem.read_at(buf, offset)
+        buf.fill(0);
+        if let Some((at, len)) = Self::in_memory(offset, buf.len() as u64) {
+            self.mem.read_at(&mut buf[..len as usize], at)?;
+        }
+        Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
@@ -140,6 +165,10 @@ impl Driver for MapDisk {
             len: buf.len() as u64,
             fua,
         });
+        if offset + buf.len() as u64 > SIZE {
+            let msg = "the test disk takes writes only in its first MiB";
+            return Err(BlockError::new(BlockErrorKind::NoSpace, msg));
+        }
         self.mem.write_at(buf, offset, fua)
     }
 
@@ -150,18 +179,24 @@ impl Driver for MapDisk {
 
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
         self.log(Op::Discard { offset, len });
-        self.mem.discard(offset, len)
+        match Self::in_memory(offset, len) {
+            Some((at, len)) => self.mem.discard(at, len),
+            None => Ok(()),
+        }
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
         self.log(Op::WriteZeroes { offset, len, flags });
-        self.mem.write_zeroes(offset, len, flags)
+        match Self::in_memory(offset, len) {
+            Some((at, len)) => self.mem.write_zeroes(at, len, flags),
+            None => Ok(()),
+        }
     }
 
     /// The map's region at `offset`, cut at the region's end and at `len`.
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
         let at = MAP.iter().rposition(|r| r.start <= offset).unwrap_or(0);
-        let end = MAP.get(at + 1).map_or(SIZE, |next| next.start);
+        let end = MAP.get(at + 1).map_or(self.size, |next| next.start);
         let r = &MAP[at];
         Ok(Extent {
             len: (end - offset).min(len),

@@ -32,7 +32,7 @@ use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use client::{Chunk, Client, Reply};
+pub use client::{Chunk, Client, Headers, Reply};
 pub use disk::{MapDisk, Op, KIB, SIZE};
 
 /// The NBD name of the export.
@@ -49,6 +49,8 @@ pub struct Setup {
     pub writethrough: bool,
     /// blkdebug rules on the exported node.
     pub faults: Vec<InjectError>,
+    /// The disk's size: [`SIZE`], or more for 64-bit lengths (see `disk.rs`).
+    pub size: u64,
 }
 
 impl Default for Setup {
@@ -57,6 +59,7 @@ impl Default for Setup {
             writable: true,
             writethrough: false,
             faults: Vec::new(),
+            size: SIZE,
         }
     }
 }
@@ -65,6 +68,14 @@ impl Setup {
     pub fn read_only() -> Self {
         Self {
             writable: false,
+            ..Self::default()
+        }
+    }
+
+    /// A writable disk of `size` bytes.
+    pub fn sized(size: u64) -> Self {
+        Self {
+            size,
             ..Self::default()
         }
     }
@@ -103,11 +114,11 @@ impl Server {
             .expect("a tokio runtime");
         let dir = tempfile::tempdir().expect("a temp dir");
         let socket = dir.path().join("nbd.sock");
-        let disk = Arc::new(MapDisk::new());
+        let disk = Arc::new(MapDisk::with_size(setup.size));
         let mem = Arc::new(BlockNode::new("mem".into(), disk.clone(), false));
         let blkdebug = Arc::new(BlkdebugDriver::new(mem, setup.faults.clone()));
         let node = Arc::new(BlockNode::new("dbg".into(), blkdebug, false));
-        let bitmap = DirtyBitmap::new(BITMAP.into(), SIZE, 64 * KIB, false, false);
+        let bitmap = DirtyBitmap::new(BITMAP.into(), setup.size, 64 * KIB, false, false);
         bitmap.set_range(BITMAP_DIRTY.0, BITMAP_DIRTY.1);
         node.bitmaps().insert(Arc::new(bitmap));
 
@@ -176,13 +187,19 @@ impl Server {
 
     /// A client in transmission: simple replies only, no meta contexts.
     pub fn simple_client(&self) -> Client {
-        Client::connect(&self.socket, EXPORT, false, &[])
+        Client::connect(&self.socket, EXPORT, Headers::Simple, &[])
     }
 
     /// A client in transmission with structured replies and the meta contexts
     /// `contexts` (ids as the server assigned them: see [`Client::context`]).
     pub fn structured_client(&self, contexts: &[&str]) -> Client {
-        Client::connect(&self.socket, EXPORT, true, contexts)
+        Client::connect(&self.socket, EXPORT, Headers::Structured, contexts)
+    }
+
+    /// A client in transmission with extended headers (32-byte requests,
+    /// 64-bit lengths, extended reply chunks) and the meta contexts `contexts`.
+    pub fn extended_client(&self, contexts: &[&str]) -> Client {
+        Client::connect(&self.socket, EXPORT, Headers::Extended, contexts)
     }
 }
 
