@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use block::drivers::blkdebug::{InjectError, IoType};
 use block::drivers::file::{AioMode, LockingMode};
+use block::DetectZeroes;
 use qmp::schema::block_core::BlockdevDelArgs;
 use qmp::schema::block_core::{
-    BlkdebugIOType, BlkdebugInjectError, BlockdevAioOptions, BlockdevDiscardOptions,
-    BlockdevOptions, BlockdevOptionsQcow2, BlockdevRef, BlockdevRefOrNull, BlockdevSpecific,
-    OnOffAuto,
+    BlkdebugIOType, BlkdebugInjectError, BlockdevAioOptions, BlockdevDetectZeroesOptions,
+    BlockdevDiscardOptions, BlockdevOptions, BlockdevOptionsQcow2, BlockdevRef, BlockdevRefOrNull,
+    BlockdevSpecific, OnOffAuto,
 };
 use qmp::schema::block_export::{
     read_removal, BlockDirtyBitmapOrStr, BlockExportIothreads, BlockExportOptions,
@@ -90,15 +91,45 @@ fn convert_node(o: BlockdevOptions) -> Result<NodeOptions, QmpError> {
         },
         BlockdevSpecific::Qcow2(q) => qcow2_spec(q)?,
     };
+    let read_only = base.read_only.unwrap_or(false);
+    let discard = base.discard == Some(BlockdevDiscardOptions::Unmap);
+    let force_share = base.force_share.unwrap_or(false);
+    if force_share && !read_only {
+        return Err(QmpError::generic(
+            "force-share=on can only be used with read-only images",
+        ));
+    }
+    if base.active == Some(false) {
+        return Err(QmpError::generic(
+            "Parameter 'active': inactive nodes are not supported by bexd",
+        ));
+    }
     Ok(NodeOptions {
         node_name: base.node_name,
-        read_only: base.read_only.unwrap_or(false),
+        read_only,
         auto_read_only: base.auto_read_only.unwrap_or(false),
-        discard: base.discard == Some(BlockdevDiscardOptions::Unmap),
+        discard,
         cache_direct: cache.direct.unwrap_or(false),
         cache_no_flush: cache.no_flush.unwrap_or(false),
+        force_share,
+        detect_zeroes: detect_zeroes(base.detect_zeroes, discard)?,
         spec,
     })
+}
+
+/// QEMU's rule: `unmap` is refused unless the node passes discards down.
+fn detect_zeroes(
+    option: Option<BlockdevDetectZeroesOptions>,
+    discard: bool,
+) -> Result<DetectZeroes, QmpError> {
+    match option {
+        None | Some(BlockdevDetectZeroesOptions::Off) => Ok(DetectZeroes::Off),
+        Some(BlockdevDetectZeroesOptions::On) => Ok(DetectZeroes::On),
+        Some(BlockdevDetectZeroesOptions::Unmap) if discard => Ok(DetectZeroes::Unmap),
+        Some(BlockdevDetectZeroesOptions::Unmap) => Err(QmpError::generic(
+            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
+        )),
+    }
 }
 
 fn qcow2_spec(q: BlockdevOptionsQcow2) -> Result<NodeSpec, QmpError> {

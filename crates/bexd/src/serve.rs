@@ -123,6 +123,8 @@ async fn set_up(daemon: &Arc<Daemon>, args: &ServeArgs) -> Result<Option<PidFile
         discard: args.discard,
         cache_direct: args.direct,
         cache_no_flush: false,
+        force_share: false,
+        detect_zeroes: block::DetectZeroes::Off,
         spec: NodeSpec::File {
             filename: args.image.clone(),
             aio,

@@ -27,6 +27,7 @@ pub mod mapping;
 pub mod node;
 pub mod run;
 pub mod uring;
+pub mod zeroes;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
@@ -39,3 +40,4 @@ pub use error::{BlockError, BlockErrorKind, BlockResult};
 pub use mapping::{Access, FileMapping, MappingLease};
 pub use node::{BlockNode, FileSlice};
 pub use run::FileRun;
+pub use zeroes::DetectZeroes;

@@ -40,6 +40,8 @@ pub struct BlockdevBase {
     pub auto_read_only: Option<bool>,
     pub force_share: Option<bool>,
     pub detect_zeroes: Option<BlockdevDetectZeroesOptions>,
+    /// QEMU 10: `false` opens the node inactive (bexd refuses that).
+    pub active: Option<bool>,
 }
 
 qapi_struct! {
@@ -184,6 +186,7 @@ fn read_base(f: &mut Fields) -> Result<BlockdevBase, QmpError> {
         auto_read_only: f.optional("auto-read-only")?,
         force_share: f.optional("force-share")?,
         detect_zeroes: f.optional("detect-zeroes")?,
+        active: f.optional("active")?,
     })
 }
 
@@ -265,6 +268,7 @@ impl Describe for BlockdevOptions {
             opt("auto-read-only", bool()),
             opt("force-share", bool()),
             opt("detect-zeroes", describe::<BlockdevDetectZeroesOptions>(s)),
+            opt("active", bool()),
         ];
         let variants = BlockdevDriver::NAMES
             .iter()
