@@ -3,12 +3,12 @@
 
 import asyncio
 import os
-import shutil
+import socket
 import subprocess
 
 import pytest
 
-from conftest import daemon_binary, need, qmp_outcome
+from conftest import daemon_binary, free_port, need, qmp_outcome, wait_until
 
 
 def run_both(args, timeout=3):
@@ -187,3 +187,102 @@ def test_qmp_blockdev_add_refusals_match_qsd(start, tmp_path):
         b = asyncio.run(qmp_outcome(theirs.qmp_sock, "blockdev-add", args))
         assert a == b, args
         assert a[0] == "GenericError", a
+
+
+def nbd_server_errors(addr):
+    return run_both(["--nbd-server", "addr.type=inet," + addr])
+
+
+@pytest.mark.parametrize("addr", [
+    "addr.host=127.0.0.1,addr.port={port},addr.ipv4=off,addr.ipv6=off",
+    "addr.host=127.0.0.1,addr.port={port},addr.ipv6=on",
+    "addr.host=127.0.0.1,addr.port={port},addr.ipv4=off",
+    "addr.host=localhost,addr.port={port},addr.numeric=on",
+    "addr.host=127.0.0.1,addr.port={taken}",
+    "addr.host=127.0.0.1,addr.port={taken},addr.to={taken}",
+    "addr.host=127.0.0.1,addr.port=x",
+])
+def test_inet_listen_refusals_match_qsd(addr):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        got = nbd_server_errors(addr.format(port=free_port(), taken=held.getsockname()[1]))
+    assert got["qsd"][0] == 1, got
+    assert got["bexd"] == got["qsd"]
+
+
+def test_inet_port_range_takes_the_next_free_port(start_raw):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        d = start_raw([f"addr.type=inet,addr.host=127.0.0.1,addr.port={port},"
+                       f"addr.to={port + 10}"])
+        listening = listening_ports(d.pid)
+    assert port not in listening and any(port < p <= port + 10 for p in listening), listening
+
+
+def test_inet_localhost_listens_on_every_address(start_raw):
+    """QEMU resolves the host and listens on each address it yields."""
+    port = free_port()
+    d = start_raw([f"addr.type=inet,addr.host=localhost,addr.port={port}"])
+    want = {a[4][0] for a in socket.getaddrinfo("localhost", port, type=socket.SOCK_STREAM,
+                                                  flags=socket.AI_PASSIVE)}
+    got = {addr for addr, p in listening_addrs(d.pid) if p == port}
+    assert got == want
+
+
+@pytest.mark.bexd_only("qemu-storage-daemon 10.0 accepts keep-alive on a listening address "
+                       "and ignores it; later QEMU (and bexd) set it on accepted sockets")
+def test_inet_keep_alive_on_accepted_sockets(start_raw):
+    port = free_port()
+    d = start_raw([f"addr.type=inet,addr.host=127.0.0.1,addr.port={port},addr.keep-alive=on"])
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        c.recv(8)
+        out = subprocess.run(["ss", "-tnoH", "state", "established", f"sport = :{port}"],
+                             capture_output=True, text=True, check=True).stdout
+    assert "keepalive" in out, out
+
+
+def listening_addrs(pid):
+    """(address, port) of every TCP socket process `pid` listens on."""
+    out = subprocess.run(["ss", "-tlnpH"], capture_output=True, text=True, check=True).stdout
+    addrs = []
+    for line in out.splitlines():
+        if f"pid={pid}," in line:
+            local = line.split()[3]
+            host, port = local.rsplit(":", 1)
+            addrs.append((host.strip("[]").split("%")[0], int(port)))
+    return addrs
+
+
+def listening_ports(pid):
+    return {p for _, p in listening_addrs(pid)}
+
+
+class RawDaemon:
+    def __init__(self, proc):
+        self.proc = proc
+        self.pid = proc.pid
+
+
+@pytest.fixture
+def start_raw(kind):
+    """Starts the daemon DAEMON names with these --nbd-server arguments and waits until
+    it listens; killed at teardown."""
+    procs = []
+
+    def _start(servers):
+        argv = daemon_binary(kind)
+        for s in servers:
+            argv += ["--nbd-server", s]
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        procs.append(p)
+        wait_until(lambda: p.poll() is not None or listening_addrs(p.pid), what="listen")
+        assert p.poll() is None, p.stderr.read()
+        return RawDaemon(p)
+
+    yield _start
+    for p in procs:
+        p.terminate()
+        assert p.wait(timeout=20) == 0

@@ -21,15 +21,15 @@ use qmp::schema::block_export::{
 };
 use qmp::schema::char::{ChardevSocket, MonitorOptions};
 use qmp::schema::object::ObjectDelArgs;
-use qmp::schema::sockets::SocketAddress;
+use qmp::schema::sockets::{InetSocketAddress, SocketAddress};
 use qmp::visitor::{from_value, Ctx, InputMode, Size};
 use qmp::QmpError;
 use serde_json::Value;
 
 use crate::config::{
     is_well_formed_id, BackingSpec, BitmapRef, ChardevAddr, ChardevConfig, ChildRef, ExportConfig,
-    ExportKindConfig, ListenAddr, NbdExportConfig, NbdServerConfig, NodeOptions, NodeSpec,
-    Qcow2Cache, RemoveMode, DEFAULT_PAYLOAD_BUDGET,
+    ExportKindConfig, InetOptions, ListenAddr, NbdExportConfig, NbdServerConfig, NodeOptions,
+    NodeSpec, Qcow2Cache, RemoveMode, DEFAULT_PAYLOAD_BUDGET,
 };
 
 // QEMU's limit on export names and descriptions (NBD_MAX_STRING_SIZE) is
@@ -243,10 +243,7 @@ pub fn nbd_server_config(
 ) -> Result<NbdServerConfig, QmpError> {
     let o = NbdServerOptions::read(value, &Ctx::root(mode), legacy)?;
     let addr = match o.addr {
-        SocketAddress::Inet(i) => ListenAddr::Tcp {
-            host: i.host,
-            port: i.port,
-        },
+        SocketAddress::Inet(i) => inet_listen_addr(i)?,
         SocketAddress::Unix(u) => ListenAddr::Unix {
             path: PathBuf::from(u.path),
         },
@@ -281,6 +278,25 @@ pub fn nbd_server_config(
             0 => None,
             s => Some(Duration::from_secs(u64::from(s))),
         },
+    })
+}
+
+/// An inet address to listen on, with QEMU's family rule; `mptcp` is refused.
+fn inet_listen_addr(i: InetSocketAddress) -> Result<ListenAddr, QmpError> {
+    if i.mptcp == Some(true) {
+        return Err(QmpError::generic(
+            "Parameter 'addr.mptcp': MPTCP is not supported by bexd",
+        ));
+    }
+    Ok(ListenAddr::Tcp {
+        inet: InetOptions {
+            numeric: i.numeric.unwrap_or(false),
+            to: i.to,
+            family: crate::config::inet_family(i.ipv4, i.ipv6).map_err(QmpError::generic)?,
+            keep_alive: i.keep_alive.unwrap_or(false),
+        },
+        host: i.host,
+        port: i.port,
     })
 }
 

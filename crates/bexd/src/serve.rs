@@ -163,6 +163,7 @@ async fn set_up(daemon: &Arc<Daemon>, args: &ServeArgs) -> Result<Option<PidFile
         None => ListenAddr::Tcp {
             host: args.bind.clone(),
             port: args.port.to_string(),
+            inet: Default::default(),
         },
     };
     daemon
