@@ -278,7 +278,8 @@ def start_raw(kind):
             argv += ["--nbd-server", s]
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
         procs.append(p)
-        wait_until(lambda: p.poll() is not None or listening_addrs(p.pid), what="listen")
+        wait_until(lambda: p.poll() is not None or listening_addrs(p.pid)
+                   or abstract_listeners(p.pid), what="listen")
         assert p.poll() is None, p.stderr.read()
         return RawDaemon(p)
 
@@ -286,3 +287,30 @@ def start_raw(kind):
     for p in procs:
         p.terminate()
         assert p.wait(timeout=20) == 0
+
+
+def abstract_listeners(pid):
+    """The abstract unix names process `pid` listens on, as ss prints them ('@' for NUL)."""
+    out = subprocess.run(["ss", "-xlpH"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[4] for line in out.splitlines() if f"pid={pid}," in line]
+
+
+@pytest.mark.parametrize("tight", [None, "on", "off"])
+def test_unix_abstract_listens_in_the_abstract_namespace(start_raw, tmp_path, tight):
+    name = f"bexd-test-{tmp_path.name}"
+    extra = f",addr.tight={tight}" if tight else ""
+    d = start_raw([f"addr.type=unix,addr.path={name},addr.abstract=on{extra}"])
+    wait_until(lambda: abstract_listeners(d.pid), what="abstract listener")
+    padded = "@" + name + ("@" * (107 - len(name)) if tight == "off" else "")
+    assert abstract_listeners(d.pid) == [padded]
+    assert not os.path.exists(name)
+    with socket.socket(socket.AF_UNIX) as c:
+        c.connect(padded.replace("@", "\0"))
+        assert c.recv(8) == b"NBDMAGIC"
+
+
+def test_unix_abstract_name_too_long_matches_qsd():
+    got = run_both(["--nbd-server", "addr.type=unix,addr.abstract=on,addr.path=" + "a" * 108])
+    assert got["qsd"][0] == 1, got
+    assert got["bexd"][0] == 1
+    assert got["bexd"][1] == got["qsd"][1].splitlines()[0]

@@ -4,6 +4,7 @@
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
+pub mod abstract_unix;
 pub mod inet;
 
 /// Opens once, when start-up is complete. Listeners are bound as their

@@ -244,6 +244,11 @@ pub fn nbd_server_config(
     let o = NbdServerOptions::read(value, &Ctx::root(mode), legacy)?;
     let addr = match o.addr {
         SocketAddress::Inet(i) => inet_listen_addr(i)?,
+        SocketAddress::Unix(u) if u.r#abstract == Some(true) => ListenAddr::UnixAbstract {
+            name: u.path,
+            tight: u.tight.unwrap_or(true),
+        },
+        // Without `abstract`, QEMU ignores `tight` too.
         SocketAddress::Unix(u) => ListenAddr::Unix {
             path: PathBuf::from(u.path),
         },

@@ -18,6 +18,13 @@ pub enum ListenAddr {
     Unix {
         path: PathBuf,
     },
+    /// A Linux abstract-namespace unix socket (`abstract=on`): no file;
+    /// `tight` (QEMU's default) gives the address length without the
+    /// trailing zeroes of `sun_path`.
+    UnixAbstract {
+        name: String,
+        tight: bool,
+    },
     /// An already listening socket passed in by file descriptor number.
     Fd {
         fd: i32,
@@ -34,6 +41,9 @@ impl ListenAddr {
             Self::Tcp { host, port, .. } => format!("nbd://{host}:{port}/{export_name}"),
             Self::Unix { path } => {
                 format!("nbd+unix:///{export_name}?socket={}", path.display())
+            }
+            Self::UnixAbstract { name, .. } => {
+                format!("nbd+unix:///{export_name}?socket=@{name}")
             }
             Self::Fd { fd } => format!("fd:{fd}"),
         }

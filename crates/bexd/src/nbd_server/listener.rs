@@ -47,6 +47,10 @@ pub fn bind(addr: &ListenAddr) -> Result<Listener, ServerError> {
             })?;
             from_std_unix(l)
         }
+        ListenAddr::UnixAbstract { name, tight } => {
+            let l = crate::net::abstract_unix::bind(name, *tight).map_err(ServerError::Listen)?;
+            from_std_unix(l)
+        }
         ListenAddr::Fd { fd } => {
             // SAFETY: the user handed us this descriptor number as a listening
             // socket (addr.type=fd); we take ownership of it from here on.
