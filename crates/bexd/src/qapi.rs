@@ -439,11 +439,12 @@ pub fn chardev_config(value: Value) -> Result<ChardevConfig, QmpError> {
     Ok(ChardevConfig { id: c.id, addr })
 }
 
-/// `--monitor`: the chardev it runs on (only QMP monitors exist in a storage daemon).
-pub fn monitor_chardev(value: Value, mode: InputMode) -> Result<String, QmpError> {
+/// `--monitor`: the chardev it runs on (only QMP monitors exist in a storage
+/// daemon) and whether its output is pretty-printed.
+pub fn monitor_chardev(value: Value, mode: InputMode) -> Result<(String, bool), QmpError> {
     let m: MonitorOptions = from_value(value, mode)?;
     if m.mode == Some(qmp::schema::char::MonitorMode::Readline) {
         return Err(QmpError::generic("Only QMP is supported"));
     }
-    Ok(m.chardev)
+    Ok((m.chardev, m.pretty.unwrap_or(false)))
 }

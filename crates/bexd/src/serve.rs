@@ -195,7 +195,7 @@ async fn set_up(daemon: &Arc<Daemon>, args: &ServeArgs) -> Result<Option<PidFile
             id: "qmp0".into(),
             addr: ChardevAddr::Unix(path.clone()),
         };
-        crate::monitor::start_monitor(&crate::commands::Executor::new(daemon), &chardev)
+        crate::monitor::start_monitor(&crate::commands::Executor::new(daemon), &chardev, false)
             .await
             .map_err(|e| e.desc)?;
     }

@@ -164,11 +164,11 @@ async fn apply_one(daemon: &Arc<Daemon>, option: &CliOption) -> Result<(), QmpEr
         }
         CliOption::Monitor(s) => {
             let (value, mode) = option_value(s, Some("chardev"))?;
-            let chardev_id = qapi::monitor_chardev(value, mode)?;
+            let (chardev_id, pretty) = qapi::monitor_chardev(value, mode)?;
             let chardev = daemon
                 .chardev(&chardev_id)
                 .ok_or_else(|| QmpError::generic(format!("chardev \"{chardev_id}\" not found")))?;
-            monitor::start_monitor(&commands::Executor::new(daemon), &chardev).await
+            monitor::start_monitor(&commands::Executor::new(daemon), &chardev, pretty).await
         }
         CliOption::Object(s) => {
             let (value, mode) = option_value(s, Some("qom-type"))?;
