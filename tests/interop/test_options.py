@@ -392,3 +392,44 @@ def qemu_pretty(v, level=0):
                     + "\n" + pad * level + c)
         return json.dumps(v)
     return (fmt(v, level) + "\n").replace("\n", "\r\n").encode()
+
+
+def test_trace_option_errors_match_qsd(tmp_path):
+    got = run_both(["--trace", "nbd_*,bogus=1"])
+    assert got["qsd"][0] == 1
+    assert got["bexd"] == got["qsd"]
+    got = run_both(["--trace", f"events={tmp_path}/missing"])
+    assert got["qsd"][0] == got["bexd"][0] == 1
+    assert "No such file or directory" in got["bexd"][1]
+
+
+@pytest.mark.bexd_only("bexd maps QEMU's trace patterns onto its log targets; the lines differ")
+def test_trace_nbd_pattern_logs_the_nbd_server_to_the_file(tmp_path):
+    need("nbdinfo")
+    log = tmp_path / "trace.log"
+    sock = tmp_path / "nbd.sock"
+    p = subprocess.Popen(daemon_binary("bexd") + [
+        "-T", f"nbd_*,file={log}", "--blockdev", "null-co,node-name=n",
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", "nbd,id=e,node-name=n,name=d"], stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: os.path.exists(sock), what="NBD socket")
+        subprocess.run(["nbdinfo", f"nbd+unix:///d?socket={sock}"], check=True,
+                       capture_output=True, timeout=30)
+    finally:
+        p.terminate()
+        assert p.wait(timeout=20) == 0
+    text = log.read_text()
+    assert "bexd::nbd_server" in text and "NBD connection closed" in text, text
+    assert p.stderr.read() == ""
+
+
+@pytest.mark.bexd_only("qemu-storage-daemon warns about an unknown event and goes on; bexd "
+                       "refuses a pattern it cannot map, so a trace is never silently empty")
+def test_trace_pattern_bexd_cannot_map_is_refused():
+    p = subprocess.run(daemon_binary("bexd") + ["-T", "vfio_*"], capture_output=True,
+                       text=True, timeout=10)
+    assert p.returncode == 1
+    assert p.stderr.startswith("bexd: --trace vfio_*: trace pattern 'vfio_*' matches no bexd")
+    assert len(p.stderr.strip().splitlines()) == 1

@@ -128,9 +128,8 @@ async fn apply_options(
         match option {
             CliOption::Pidfile(p) => pidfile_path = Some(p.clone()),
             CliOption::Daemonize => {}
-            CliOption::Trace(_) => {
-                tracing::warn!("-T/--trace is accepted but ignored; use BEXD_LOG")
-            }
+            // Applied before anything else, when logging starts (program.rs).
+            CliOption::Trace(_) => {}
             _ => apply_one(daemon, option)
                 .await
                 .map_err(|e| described(e.desc))?,
