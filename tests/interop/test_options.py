@@ -433,3 +433,65 @@ def test_trace_pattern_bexd_cannot_map_is_refused():
     assert p.returncode == 1
     assert p.stderr.startswith("bexd: --trace vfio_*: trace pattern 'vfio_*' matches no bexd")
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def qcow2_image(path):
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "1M"], check=True)
+    return path
+
+
+QCOW2 = "qcow2,node-name=q,file.driver=file,file.filename={img}"
+
+
+@pytest.mark.parametrize("extra", [
+    "",
+    ",discard=unmap,pass-discard-request=on,pass-discard-snapshot=on,pass-discard-other=on",
+    ",pass-discard-request=off,pass-discard-other=off,discard-no-unref=off,overlap-check=none",
+])
+def test_qcow2_members_bexd_acts_as_are_accepted_like_qsd(tmp_path, extra):
+    need("qemu-img")
+    img = qcow2_image(tmp_path / "d.qcow2")
+    got = run_both(["--blockdev", QCOW2.format(img=img) + extra], timeout=1)
+    assert got["qsd"] == (None, ""), got
+    assert got["bexd"] == got["qsd"]
+
+
+@pytest.mark.bexd_only("qemu-storage-daemon implements these qcow2 members; bexd refuses them")
+@pytest.mark.parametrize("extra,member", [
+    (",pass-discard-request=on", "pass-discard-request"),
+    (",discard=unmap,pass-discard-other=off", "pass-discard-other"),
+    (",discard-no-unref=on", "discard-no-unref"),
+    (",overlap-check=cached", "overlap-check"),
+    (",l2-cache-entry-size=4096", "l2-cache-entry-size"),
+    (",data-file=x", "data-file"),
+    (",encrypt.format=luks,encrypt.key-secret=s", "encrypt"),
+])
+def test_qcow2_members_bexd_does_not_act_on_are_refused(tmp_path, extra, member):
+    need("qemu-img")
+    img = qcow2_image(tmp_path / "d.qcow2")
+    p = subprocess.run(daemon_binary("bexd") + ["--blockdev", QCOW2.format(img=img) + extra],
+                       capture_output=True, text=True, timeout=10)
+    assert p.returncode == 1
+    assert f"Parameter '{member}'" in p.stderr, p.stderr
+
+
+def test_chardev_defaults_are_accepted_like_qsd(tmp_path):
+    sock = tmp_path / "m.sock"
+    got = run_both(["--chardev", f"socket,id=m0,path={sock},server=on,wait=off,tight=on,"
+                    "abstract=off,telnet=off,mux=off,nodelay=on",
+                    "--monitor", "chardev=m0"], timeout=1)
+    assert got["qsd"] == (None, ""), got
+    assert got["bexd"] == got["qsd"]
+
+
+@pytest.mark.bexd_only("qemu-storage-daemon implements these chardev members; bexd refuses them")
+@pytest.mark.parametrize("extra,member", [
+    ("telnet=on", "telnet"), ("mux=on", "mux"), ("ipv4=on", "ipv4"), ("to=5000", "to"),
+    ("abstract=on", "abstract"), ("logfile=/tmp/x", "logfile"), ("nodelay=off", "nodelay"),
+])
+def test_chardev_members_bexd_does_not_act_on_are_refused(tmp_path, extra, member):
+    p = subprocess.run(daemon_binary("bexd") + [
+        "--chardev", f"socket,id=m0,path={tmp_path}/m.sock,server=on,wait=off,{extra}"],
+        capture_output=True, text=True, timeout=10)
+    assert p.returncode == 1
+    assert f"Parameter '{member}'" in p.stderr, p.stderr

@@ -89,7 +89,9 @@ fn convert_node(o: BlockdevOptions) -> Result<NodeOptions, QmpError> {
                 .map(|(i, r)| blkdebug_rule(r, i))
                 .collect::<Result<_, _>>()?,
         },
-        BlockdevSpecific::Qcow2(q) => qcow2_spec(q)?,
+        BlockdevSpecific::Qcow2(q) => {
+            qcow2_spec(q, base.discard == Some(BlockdevDiscardOptions::Unmap))?
+        }
     };
     let read_only = base.read_only.unwrap_or(false);
     let discard = base.discard == Some(BlockdevDiscardOptions::Unmap);
@@ -132,7 +134,51 @@ fn detect_zeroes(
     }
 }
 
-fn qcow2_spec(q: BlockdevOptionsQcow2) -> Result<NodeSpec, QmpError> {
+/// qcow2's members bexd does not act on, refused when they ask for anything
+/// else than what bexd does. Freed clusters go down to the file exactly when
+/// the node has `discard=unmap` (so each `pass-discard-*` must say so), and
+/// bexd makes no metadata overlap checks, has no encryption and no external
+/// data files.
+fn qcow2_refusals(q: &BlockdevOptionsQcow2, discard: bool) -> Result<(), QmpError> {
+    let unsupported = |member: &str, why: &str| {
+        Err(QmpError::generic(format!(
+            "Parameter '{member}': {why} (not supported by bexd)"
+        )))
+    };
+    for (member, value) in [
+        ("pass-discard-request", q.pass_discard_request),
+        ("pass-discard-snapshot", q.pass_discard_snapshot),
+        ("pass-discard-other", q.pass_discard_other),
+    ] {
+        if value.is_some_and(|v| v != discard) {
+            return unsupported(
+                member,
+                "freed clusters are discarded in the file exactly when discard=unmap",
+            );
+        }
+    }
+    if q.discard_no_unref == Some(true) {
+        return unsupported("discard-no-unref", "discarded clusters are always freed");
+    }
+    match &q.overlap_check {
+        None => {}
+        Some(Value::String(s)) if s == "none" => {}
+        Some(_) => return unsupported("overlap-check", "only 'none' (no overlap checks)"),
+    }
+    if q.l2_cache_entry_size.is_some() {
+        return unsupported("l2-cache-entry-size", "L2 tables are cached whole");
+    }
+    if q.encrypt.is_some() {
+        return unsupported("encrypt", "encrypted images");
+    }
+    if q.data_file.is_some() {
+        return unsupported("data-file", "external data files");
+    }
+    Ok(())
+}
+
+fn qcow2_spec(q: BlockdevOptionsQcow2, discard: bool) -> Result<NodeSpec, QmpError> {
+    qcow2_refusals(&q, discard)?;
     let size = |v: Option<i64>, name: &str| v.map(|v| non_negative(v, name)).transpose();
     Ok(NodeSpec::Qcow2 {
         file: child_ref(q.file)?,
