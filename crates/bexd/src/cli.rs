@@ -185,6 +185,10 @@ bexd: the block export daemon (a drop-in for qemu-storage-daemon's NBD exports)
 
   --pidfile <path>       write process ID to a file after startup
 
+  -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]
+                         trace QEMU event patterns (nbd_*, qmp_*, bdrv_*, ...),
+                         mapped onto bexd's log targets
+
 Every option also takes QEMU's JSON form, e.g. --blockdev '{\"driver\":\"file\",...}'.
 Options are processed in the order given.
 ";

@@ -16,6 +16,7 @@
 //! - [`serve`]: `bexd serve IMAGE`, the one-image shortcut.
 //! - [`backup`]: `bexd backup`, an NBD client pulling full and incremental backups.
 //! - [`shell`]: `bexd qmp SOCKET`, an interactive QMP shell.
+//! - [`trace`]: `--trace`/`-T`, QEMU trace patterns mapped onto the log targets.
 
 pub mod backup;
 pub mod cli;
@@ -37,6 +38,7 @@ pub mod serve;
 pub mod shell;
 pub mod startup;
 pub mod tls;
+pub mod trace;
 pub mod util;
 
 /// The QEMU version bexd's QMP interface corresponds to (tools gate features on it).

@@ -18,7 +18,13 @@ use crate::events::QmpEvent;
 use crate::net::{ClientStream, Listener};
 
 /// Binds the chardev's socket and serves QMP on it until the daemon shuts down.
-pub async fn start_monitor(exec: &Executor, chardev: &ChardevConfig) -> Result<(), QmpError> {
+/// `pretty` is the monitor's `pretty=on`: replies and events laid out as QEMU's
+/// pretty printer does (see [`wire::pretty`]).
+pub async fn start_monitor(
+    exec: &Executor,
+    chardev: &ChardevConfig,
+    pretty: bool,
+) -> Result<(), QmpError> {
     let bind_err = |e: std::io::Error| {
         QmpError::generic(format!(
             "Failed to bind socket for chardev '{}': {}",
@@ -53,8 +59,8 @@ pub async fn start_monitor(exec: &Executor, chardev: &ChardevConfig) -> Result<(
                 a = listener.accept() => a,
             };
             match accepted {
-                Ok(ClientStream::Unix(s)) => serve_client(s, &exec).await,
-                Ok(ClientStream::Tcp(s)) => serve_client(s, &exec).await,
+                Ok(ClientStream::Unix(s)) => serve_client(s, &exec, pretty).await,
+                Ok(ClientStream::Tcp(s)) => serve_client(s, &exec, pretty).await,
                 Err(e) => tracing::warn!(error = %e, "QMP accept failed"),
             }
         }
@@ -74,10 +80,18 @@ struct Session {
 }
 
 /// Serves one QMP client until it disconnects or the daemon shuts down.
-pub async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, exec: &Executor) {
+pub async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    exec: &Executor,
+    pretty: bool,
+) {
+    let layout = |text: String| match pretty {
+        true => wire::pretty(&text),
+        false => text,
+    };
     let shutdown = exec.shutdown();
     let (major, minor, micro) = crate::QEMU_VERSION;
-    let greeting = wire::greeting(major, minor, micro, crate::PACKAGE);
+    let greeting = layout(wire::greeting(major, minor, micro, crate::PACKAGE));
     if stream.write_all(greeting.as_bytes()).await.is_err() {
         return;
     }
@@ -110,7 +124,7 @@ pub async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, exec
                 return;
             }
         }
-        if !out.is_empty() && stream.write_all(out.as_bytes()).await.is_err() {
+        if !out.is_empty() && stream.write_all(layout(out).as_bytes()).await.is_err() {
             return;
         }
     }

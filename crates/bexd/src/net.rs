@@ -4,6 +4,9 @@
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
+pub mod abstract_unix;
+pub mod inet;
+
 /// Opens once, when start-up is complete. Listeners are bound as their
 /// option is applied (so errors name the option, and a client that connects
 /// early waits in the listen backlog), but accept only once the gate is open:
@@ -39,6 +42,8 @@ impl StartGate {
 #[derive(Debug)]
 pub enum Listener {
     Tcp(TcpListener),
+    /// The NBD server's inet listener: every resolved address (see `inet.rs`).
+    Inet(inet::InetListener),
     Unix(UnixListener),
 }
 
@@ -54,6 +59,7 @@ impl Listener {
     pub fn tcp_port(&self) -> Option<u16> {
         match self {
             Self::Tcp(l) => l.local_addr().ok().map(|a| a.port()),
+            Self::Inet(l) => l.port(),
             Self::Unix(_) => None,
         }
     }
@@ -63,6 +69,11 @@ impl Listener {
             Self::Tcp(l) => {
                 let (s, _) = l.accept().await?;
                 // Small replies (write acks) must not wait for Nagle.
+                s.set_nodelay(true)?;
+                Ok(ClientStream::Tcp(s))
+            }
+            Self::Inet(l) => {
+                let s = l.accept().await?;
                 s.set_nodelay(true)?;
                 Ok(ClientStream::Tcp(s))
             }

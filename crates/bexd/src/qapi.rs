@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use block::drivers::blkdebug::{BlkdebugOptions, InjectError, IoType, Limits, SetState};
 use block::drivers::file::{AioMode, LockingMode};
-use block::DebugEvent;
+use block::{DebugEvent, DetectZeroes};
 use qmp::schema::block_core::BlockdevDelArgs;
 use qmp::schema::block_core::{
     BlkdebugEvent, BlkdebugIOType, BlkdebugInjectError, BlkdebugSetState, BlockdevAioOptions,
-    BlockdevDiscardOptions, BlockdevOptions, BlockdevOptionsBlkdebug, BlockdevOptionsQcow2,
-    BlockdevRef, BlockdevRefOrNull, BlockdevSpecific, OnOffAuto,
+    BlockdevDetectZeroesOptions, BlockdevDiscardOptions, BlockdevOptions,
+    BlockdevOptionsBlkdebug, BlockdevOptionsQcow2, BlockdevRef, BlockdevRefOrNull,
+    BlockdevSpecific, OnOffAuto,
 };
 use qmp::schema::block_export::{
     read_removal, BlockDirtyBitmapOrStr, BlockExportIothreads, BlockExportOptions,
@@ -21,15 +22,15 @@ use qmp::schema::block_export::{
 };
 use qmp::schema::char::{ChardevSocket, MonitorOptions};
 use qmp::schema::object::ObjectDelArgs;
-use qmp::schema::sockets::SocketAddress;
+use qmp::schema::sockets::{InetSocketAddress, SocketAddress};
 use qmp::visitor::{from_value, Ctx, InputMode, Size};
 use qmp::QmpError;
 use serde_json::Value;
 
 use crate::config::{
     is_well_formed_id, BackingSpec, BitmapRef, ChardevAddr, ChardevConfig, ChildRef, ExportConfig,
-    ExportKindConfig, ListenAddr, NbdExportConfig, NbdServerConfig, NodeOptions, NodeSpec,
-    Qcow2Cache, RemoveMode, DEFAULT_PAYLOAD_BUDGET,
+    ExportKindConfig, InetOptions, ListenAddr, NbdExportConfig, NbdServerConfig, NodeOptions,
+    NodeSpec, Qcow2Cache, RemoveMode, DEFAULT_PAYLOAD_BUDGET,
 };
 
 // QEMU's limit on export names and descriptions (NBD_MAX_STRING_SIZE) is
@@ -78,20 +79,96 @@ fn convert_node(o: BlockdevOptions) -> Result<NodeOptions, QmpError> {
             read_zeroes: read_zeroes.unwrap_or(false),
         },
         BlockdevSpecific::Blkdebug(b) => blkdebug_spec(b)?,
-        BlockdevSpecific::Qcow2(q) => qcow2_spec(q)?,
+        BlockdevSpecific::Qcow2(q) => {
+            qcow2_spec(q, base.discard == Some(BlockdevDiscardOptions::Unmap))?
+        }
     };
+    let read_only = base.read_only.unwrap_or(false);
+    let discard = base.discard == Some(BlockdevDiscardOptions::Unmap);
+    let force_share = base.force_share.unwrap_or(false);
+    if force_share && !read_only {
+        return Err(QmpError::generic(
+            "force-share=on can only be used with read-only images",
+        ));
+    }
+    if base.active == Some(false) {
+        return Err(QmpError::generic(
+            "Parameter 'active': inactive nodes are not supported by bexd",
+        ));
+    }
     Ok(NodeOptions {
         node_name: base.node_name,
-        read_only: base.read_only.unwrap_or(false),
+        read_only,
         auto_read_only: base.auto_read_only.unwrap_or(false),
-        discard: base.discard == Some(BlockdevDiscardOptions::Unmap),
+        discard,
         cache_direct: cache.direct.unwrap_or(false),
         cache_no_flush: cache.no_flush.unwrap_or(false),
+        force_share,
+        detect_zeroes: detect_zeroes(base.detect_zeroes, discard)?,
         spec,
     })
 }
 
-fn qcow2_spec(q: BlockdevOptionsQcow2) -> Result<NodeSpec, QmpError> {
+/// QEMU's rule: `unmap` is refused unless the node passes discards down.
+fn detect_zeroes(
+    option: Option<BlockdevDetectZeroesOptions>,
+    discard: bool,
+) -> Result<DetectZeroes, QmpError> {
+    match option {
+        None | Some(BlockdevDetectZeroesOptions::Off) => Ok(DetectZeroes::Off),
+        Some(BlockdevDetectZeroesOptions::On) => Ok(DetectZeroes::On),
+        Some(BlockdevDetectZeroesOptions::Unmap) if discard => Ok(DetectZeroes::Unmap),
+        Some(BlockdevDetectZeroesOptions::Unmap) => Err(QmpError::generic(
+            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
+        )),
+    }
+}
+
+/// qcow2's members bexd does not act on, refused when they ask for anything
+/// else than what bexd does. Freed clusters go down to the file exactly when
+/// the node has `discard=unmap` (so each `pass-discard-*` must say so), and
+/// bexd makes no metadata overlap checks, has no encryption and no external
+/// data files.
+fn qcow2_refusals(q: &BlockdevOptionsQcow2, discard: bool) -> Result<(), QmpError> {
+    let unsupported = |member: &str, why: &str| {
+        Err(QmpError::generic(format!(
+            "Parameter '{member}': {why} (not supported by bexd)"
+        )))
+    };
+    for (member, value) in [
+        ("pass-discard-request", q.pass_discard_request),
+        ("pass-discard-snapshot", q.pass_discard_snapshot),
+        ("pass-discard-other", q.pass_discard_other),
+    ] {
+        if value.is_some_and(|v| v != discard) {
+            return unsupported(
+                member,
+                "freed clusters are discarded in the file exactly when discard=unmap",
+            );
+        }
+    }
+    if q.discard_no_unref == Some(true) {
+        return unsupported("discard-no-unref", "discarded clusters are always freed");
+    }
+    match &q.overlap_check {
+        None => {}
+        Some(Value::String(s)) if s == "none" => {}
+        Some(_) => return unsupported("overlap-check", "only 'none' (no overlap checks)"),
+    }
+    if q.l2_cache_entry_size.is_some() {
+        return unsupported("l2-cache-entry-size", "L2 tables are cached whole");
+    }
+    if q.encrypt.is_some() {
+        return unsupported("encrypt", "encrypted images");
+    }
+    if q.data_file.is_some() {
+        return unsupported("data-file", "external data files");
+    }
+    Ok(())
+}
+
+fn qcow2_spec(q: BlockdevOptionsQcow2, discard: bool) -> Result<NodeSpec, QmpError> {
+    qcow2_refusals(&q, discard)?;
     let size = |v: Option<i64>, name: &str| v.map(|v| non_negative(v, name)).transpose();
     Ok(NodeSpec::Qcow2 {
         file: child_ref(q.file)?,
@@ -235,10 +312,12 @@ pub fn nbd_server_config(
 ) -> Result<NbdServerConfig, QmpError> {
     let o = NbdServerOptions::read(value, &Ctx::root(mode), legacy)?;
     let addr = match o.addr {
-        SocketAddress::Inet(i) => ListenAddr::Tcp {
-            host: i.host,
-            port: i.port,
+        SocketAddress::Inet(i) => inet_listen_addr(i)?,
+        SocketAddress::Unix(u) if u.r#abstract == Some(true) => ListenAddr::UnixAbstract {
+            name: u.path,
+            tight: u.tight.unwrap_or(true),
         },
+        // Without `abstract`, QEMU ignores `tight` too.
         SocketAddress::Unix(u) => ListenAddr::Unix {
             path: PathBuf::from(u.path),
         },
@@ -273,6 +352,25 @@ pub fn nbd_server_config(
             0 => None,
             s => Some(Duration::from_secs(u64::from(s))),
         },
+    })
+}
+
+/// An inet address to listen on, with QEMU's family rule; `mptcp` is refused.
+fn inet_listen_addr(i: InetSocketAddress) -> Result<ListenAddr, QmpError> {
+    if i.mptcp == Some(true) {
+        return Err(QmpError::generic(
+            "Parameter 'addr.mptcp': MPTCP is not supported by bexd",
+        ));
+    }
+    Ok(ListenAddr::Tcp {
+        inet: InetOptions {
+            numeric: i.numeric.unwrap_or(false),
+            to: i.to,
+            family: crate::config::inet_family(i.ipv4, i.ipv6).map_err(QmpError::generic)?,
+            keep_alive: i.keep_alive.unwrap_or(false),
+        },
+        host: i.host,
+        port: i.port,
     })
 }
 
@@ -410,13 +508,14 @@ pub fn chardev_config(value: Value) -> Result<ChardevConfig, QmpError> {
     Ok(ChardevConfig { id: c.id, addr })
 }
 
-/// `--monitor`: the chardev it runs on (only QMP monitors exist in a storage daemon).
-pub fn monitor_chardev(value: Value, mode: InputMode) -> Result<String, QmpError> {
+/// `--monitor`: the chardev it runs on (only QMP monitors exist in a storage
+/// daemon) and whether its output is pretty-printed.
+pub fn monitor_chardev(value: Value, mode: InputMode) -> Result<(String, bool), QmpError> {
     let m: MonitorOptions = from_value(value, mode)?;
     if m.mode == Some(qmp::schema::char::MonitorMode::Readline) {
         return Err(QmpError::generic("Only QMP is supported"));
     }
-    Ok(m.chardev)
+    Ok((m.chardev, m.pretty.unwrap_or(false)))
 }
 
 #[cfg(test)]

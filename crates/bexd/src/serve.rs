@@ -123,6 +123,8 @@ async fn set_up(daemon: &Arc<Daemon>, args: &ServeArgs) -> Result<Option<PidFile
         discard: args.discard,
         cache_direct: args.direct,
         cache_no_flush: false,
+        force_share: false,
+        detect_zeroes: block::DetectZeroes::Off,
         spec: NodeSpec::File {
             filename: args.image.clone(),
             aio,
@@ -161,6 +163,7 @@ async fn set_up(daemon: &Arc<Daemon>, args: &ServeArgs) -> Result<Option<PidFile
         None => ListenAddr::Tcp {
             host: args.bind.clone(),
             port: args.port.to_string(),
+            inet: Default::default(),
         },
     };
     daemon
@@ -192,7 +195,7 @@ async fn set_up(daemon: &Arc<Daemon>, args: &ServeArgs) -> Result<Option<PidFile
             id: "qmp0".into(),
             addr: ChardevAddr::Unix(path.clone()),
         };
-        crate::monitor::start_monitor(&crate::commands::Executor::new(daemon), &chardev)
+        crate::monitor::start_monitor(&crate::commands::Executor::new(daemon), &chardev, false)
             .await
             .map_err(|e| e.desc)?;
     }

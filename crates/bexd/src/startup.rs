@@ -128,9 +128,8 @@ async fn apply_options(
         match option {
             CliOption::Pidfile(p) => pidfile_path = Some(p.clone()),
             CliOption::Daemonize => {}
-            CliOption::Trace(_) => {
-                tracing::warn!("-T/--trace is accepted but ignored; use BEXD_LOG")
-            }
+            // Applied before anything else, when logging starts (program.rs).
+            CliOption::Trace(_) => {}
             _ => apply_one(daemon, option)
                 .await
                 .map_err(|e| described(e.desc))?,
@@ -164,11 +163,11 @@ async fn apply_one(daemon: &Arc<Daemon>, option: &CliOption) -> Result<(), QmpEr
         }
         CliOption::Monitor(s) => {
             let (value, mode) = option_value(s, Some("chardev"))?;
-            let chardev_id = qapi::monitor_chardev(value, mode)?;
+            let (chardev_id, pretty) = qapi::monitor_chardev(value, mode)?;
             let chardev = daemon
                 .chardev(&chardev_id)
                 .ok_or_else(|| QmpError::generic(format!("chardev \"{chardev_id}\" not found")))?;
-            monitor::start_monitor(&commands::Executor::new(daemon), &chardev).await
+            monitor::start_monitor(&commands::Executor::new(daemon), &chardev, pretty).await
         }
         CliOption::Object(s) => {
             let (value, mode) = option_value(s, Some("qom-type"))?;

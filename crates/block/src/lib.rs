@@ -31,6 +31,7 @@ pub mod node;
 pub mod run;
 pub mod uring;
 pub mod write_gen;
+pub mod zeroes;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
@@ -44,3 +45,4 @@ pub use error::{BlockError, BlockErrorKind, BlockResult};
 pub use mapping::{Access, FileMapping, MappingLease};
 pub use node::{BlockNode, FileSlice};
 pub use run::FileRun;
+pub use zeroes::DetectZeroes;

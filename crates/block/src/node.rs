@@ -12,6 +12,7 @@ use crate::error::{BlockError, BlockErrorKind, BlockResult};
 use crate::mapping::{Access, FileMapping, MappingLease};
 use crate::run::{runs_within, FileRun};
 use crate::uring::{Batch, Ring};
+use crate::zeroes::{is_zero, DetectZeroes};
 
 /// The largest request a non-blocking driver runs inline on the caller's thread.
 const INLINE_MAX: u64 = 256 * 1024;
@@ -73,6 +74,8 @@ pub struct BlockNode {
     bitmaps: BitmapSet,
     /// Set once the persistent bitmaps have been stored (see [`Self::close`]).
     closed: AtomicBool,
+    /// What a WRITE of zeroes becomes (see `zeroes.rs`).
+    detect_zeroes: DetectZeroes,
 }
 
 impl BlockNode {
@@ -91,7 +94,19 @@ impl BlockNode {
             caps,
             bitmaps,
             closed: AtomicBool::new(false),
+            detect_zeroes: DetectZeroes::Off,
         }
+    }
+
+    /// The node with QEMU's `detect-zeroes` set; the caller has checked
+    /// QEMU's rule (`unmap` needs `discard=unmap`).
+    pub fn with_detect_zeroes(mut self, mode: DetectZeroes) -> Self {
+        self.detect_zeroes = mode;
+        self
+    }
+
+    pub fn detect_zeroes(&self) -> DetectZeroes {
+        self.detect_zeroes
     }
 
     /// The range's bytes as a slice of a page-cache file (see
@@ -126,8 +141,12 @@ impl BlockNode {
     /// Like [`Self::page_cache_slice`], for writing the range straight into
     /// the file (a spliced NBD WRITE); `None` on a read-only node. The
     /// caller must call [`Self::page_cache_written`] once the bytes are in.
+    /// With `detect-zeroes` the payload must be looked at first, so no slice.
     pub fn page_cache_write_slice(self: &Arc<Self>, offset: u64, len: u64) -> Option<FileSlice> {
         self.check_writable().ok()?;
+        if self.detect_zeroes != DetectZeroes::Off {
+            return None;
+        }
         self.slice(offset, len, Access::Write)
     }
 
@@ -334,6 +353,9 @@ impl BlockNode {
             return (buf, Err(e));
         }
         let len = buf.len() as u64;
+        if self.detect_zeroes != DetectZeroes::Off && is_zero(&buf) {
+            return (buf, self.write_detected_zeroes(offset, len, fua).await);
+        }
         let mapping = self.ring_mapping(offset, len, Access::Write);
         // Only raw over a file answers writes: one run.
         if let Some((ring, m)) = mapping.filter(|(_, m)| m.runs.len() == 1) {
@@ -352,6 +374,27 @@ impl BlockNode {
             .await;
         self.mark_dirty(offset, len);
         done
+    }
+
+    /// A WRITE whose payload is all zeroes, as QEMU's `detect-zeroes` turns
+    /// it: a write-zeroes, which may deallocate with `unmap` (the driver
+    /// still deallocates only with `discard=unmap`); FUA becomes a flush.
+    async fn write_detected_zeroes(&self, offset: u64, len: u64, fua: bool) -> BlockResult<()> {
+        let flags = ZeroFlags {
+            may_unmap: self.detect_zeroes == DetectZeroes::Unmap,
+            fast: false,
+        };
+        let r = self
+            .run(len, move |d| {
+                d.write_zeroes(offset, len, flags)?;
+                match fua {
+                    true => d.flush(),
+                    false => Ok(()),
+                }
+            })
+            .await;
+        self.mark_dirty(offset, len);
+        r
     }
 
     pub async fn flush(&self) -> BlockResult<()> {

@@ -334,6 +334,75 @@ fn line(v: &Value) -> String {
     s
 }
 
+/// QMP output as a monitor with `pretty=on` sends it: every `\r\n`-ended
+/// document of `text` (compact, as the encoders here write it) laid out as
+/// QEMU's pretty printer does: one member or element per line, indented by
+/// four spaces a level, `": "` after a key, an empty object or array with its
+/// brackets on two lines, and `\r\n` for every newline (the monitor's
+/// line discipline).
+pub fn pretty(text: &str) -> String {
+    const NL: &str = "\r\n";
+    let indent = |out: &mut String, level: usize| {
+        out.push_str(NL);
+        out.extend(std::iter::repeat_n("    ", level));
+    };
+    let mut out = String::with_capacity(text.len() * 2);
+    let mut level = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if in_string {
+            out.push(c);
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => {
+                in_string = true;
+                out.push(c);
+            }
+            '{' | '[' => {
+                out.push(c);
+                let empty = matches!(chars.peek(), Some('}' | ']'));
+                match empty {
+                    true => indent(&mut out, level),
+                    false => {
+                        level += 1;
+                        indent(&mut out, level);
+                    }
+                }
+                if empty {
+                    out.extend(chars.next());
+                }
+            }
+            '}' | ']' => {
+                level = level.saturating_sub(1);
+                indent(&mut out, level);
+                out.push(c);
+            }
+            ',' => {
+                out.push(c);
+                indent(&mut out, level);
+            }
+            ':' => out.push_str(": "),
+            // Between documents; compact text has no other whitespace.
+            '\r' | '\n' => {
+                if c == '\n' {
+                    out.push_str(NL);
+                }
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
 /// JSON text with every non-ASCII character escaped, as QEMU sends it.
 fn ascii_json(v: &Value) -> String {
     let text = v.to_string();
@@ -363,6 +432,34 @@ mod tests {
         let mut s = JsonStream::new();
         s.feed(input);
         std::iter::from_fn(|| s.next()).collect()
+    }
+
+    #[test]
+    fn test_pretty_is_qemus_layout() {
+        let compact = encode_return(&json!({"a": {}, "b": [1, "x,:{"], "c": []}), None);
+        assert_eq!(
+            pretty(&compact),
+            "{\r\n    \"return\": {\r\n        \"a\": {\r\n        },\r\n        \"b\": [\r\n            1,\r\n            \"x,:{\"\r\n        ],\r\n        \"c\": [\r\n        ]\r\n    }\r\n}\r\n"
+        );
+        // Two documents stay two, and an empty return is QEMU's.
+        let two = format!(
+            "{}{}",
+            encode_return(&json!({}), None),
+            encode_return(&json!({}), None)
+        );
+        assert_eq!(
+            pretty(&two),
+            "{\r\n    \"return\": {\r\n    }\r\n}\r\n".repeat(2)
+        );
+    }
+
+    #[test]
+    fn test_pretty_keeps_escapes_inside_strings() {
+        let compact = encode_return(&json!("a\"}\\"), None);
+        assert_eq!(
+            pretty(&compact),
+            "{\r\n    \"return\": \"a\\\"}\\\\\"\r\n}\r\n"
+        );
     }
 
     #[test]

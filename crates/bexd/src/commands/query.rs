@@ -67,7 +67,7 @@ fn node_info(nodes: &Nodes, name: &str, entry: &NodeEntry, flat: bool) -> Value 
         "ro": node.read_only(),
         "file": entry.filename,
         "encrypted": false,
-        "detect_zeroes": "off",
+        "detect_zeroes": node.detect_zeroes().as_str(),
         "backing_file_depth": backing_depth(nodes, entry),
         "write_threshold": 0,
         "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,

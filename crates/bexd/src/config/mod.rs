@@ -15,4 +15,6 @@ pub use chardev::{ChardevAddr, ChardevConfig};
 pub use export::{BitmapRef, ExportConfig, ExportKindConfig, NbdExportConfig, RemoveMode};
 pub use ids::is_well_formed_id;
 pub use node::{BackingSpec, ChildRef, NodeOptions, NodeSpec, Qcow2Cache};
-pub use server::{ListenAddr, NbdServerConfig, DEFAULT_PAYLOAD_BUDGET};
+pub use server::{
+    inet_family, Family, InetOptions, ListenAddr, NbdServerConfig, DEFAULT_PAYLOAD_BUDGET,
+};

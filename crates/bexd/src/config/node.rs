@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use block::drivers::blkdebug::BlkdebugOptions;
 use block::drivers::file::{AioMode, LockingMode};
+use block::DetectZeroes;
 
 /// Options common to every node, with QEMU's defaults.
 #[derive(Clone, Debug, Default)]
@@ -18,6 +19,12 @@ pub struct NodeOptions {
     pub discard: bool,
     pub cache_direct: bool,
     pub cache_no_flush: bool,
+    /// `force-share=on` (read-only nodes only): the image is opened sharing
+    /// every permission, so others may write and resize it. Inline children
+    /// inherit it, as in QEMU.
+    pub force_share: bool,
+    /// `detect-zeroes`; not inherited by inline children (QEMU's rule).
+    pub detect_zeroes: DetectZeroes,
     pub spec: NodeSpec,
 }
 

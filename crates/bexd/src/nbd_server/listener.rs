@@ -8,21 +8,23 @@ use std::os::fd::FromRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::{conn, Settings};
 use crate::config::ListenAddr;
 use crate::error::ServerError;
+use crate::net::inet::InetListener;
 use crate::net::Listener;
 
 /// The address really bound: resolves a requested TCP port 0.
 pub fn local_addr(listener: &Listener, requested: &ListenAddr) -> ListenAddr {
     match (listener.tcp_port(), requested) {
-        (Some(port), ListenAddr::Tcp { host, .. }) => ListenAddr::Tcp {
+        (Some(port), ListenAddr::Tcp { host, inet, .. }) => ListenAddr::Tcp {
             host: host.clone(),
             port: port.to_string(),
+            inet: *inet,
         },
         _ => requested.clone(),
     }
@@ -31,7 +33,9 @@ pub fn local_addr(listener: &Listener, requested: &ListenAddr) -> ListenAddr {
 /// Binds the address. QEMU replaces a stale unix socket file, and so do we.
 pub fn bind(addr: &ListenAddr) -> Result<Listener, ServerError> {
     match addr {
-        ListenAddr::Tcp { host, port } => bind_tcp(host, port),
+        ListenAddr::Tcp { host, port, inet } => InetListener::bind(host, port, inet)
+            .map(Listener::Inet)
+            .map_err(ServerError::Listen),
         ListenAddr::Unix { path } => {
             let _ = std::fs::remove_file(path);
             let l = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
@@ -43,6 +47,10 @@ pub fn bind(addr: &ListenAddr) -> Result<Listener, ServerError> {
             })?;
             from_std_unix(l)
         }
+        ListenAddr::UnixAbstract { name, tight } => {
+            let l = crate::net::abstract_unix::bind(name, *tight).map_err(ServerError::Listen)?;
+            from_std_unix(l)
+        }
         ListenAddr::Fd { fd } => {
             // SAFETY: the user handed us this descriptor number as a listening
             // socket (addr.type=fd); we take ownership of it from here on.
@@ -50,26 +58,6 @@ pub fn bind(addr: &ListenAddr) -> Result<Listener, ServerError> {
             from_std_unix(l)
         }
     }
-}
-
-fn bind_tcp(host: &str, port: &str) -> Result<Listener, ServerError> {
-    let port_num: u16 = port
-        .parse()
-        .map_err(|_| ServerError::Listen(format!("Failed to parse port '{port}'")))?;
-    let host = match host {
-        "" => "0.0.0.0",
-        h => h.trim_start_matches('[').trim_end_matches(']'),
-    };
-    let l = std::net::TcpListener::bind((host, port_num)).map_err(|e| {
-        ServerError::Listen(format!(
-            "Failed to bind socket: {}",
-            crate::util::strerror(&e)
-        ))
-    })?;
-    l.set_nonblocking(true)
-        .and_then(|()| TcpListener::from_std(l))
-        .map(Listener::Tcp)
-        .map_err(|e| ServerError::Listen(format!("Failed to listen: {e}")))
 }
 
 fn from_std_unix(l: std::os::unix::net::UnixListener) -> Result<Listener, ServerError> {

@@ -51,7 +51,9 @@ fn open_node(nodes: &NodeTable, options: NodeOptions, implicit: bool) -> Result<
         format,
     } = open_driver(nodes, &options)?;
     let read_only = options.read_only || !driver.capabilities().can_write;
-    let node = Arc::new(BlockNode::new(name.clone(), driver, read_only));
+    let node = Arc::new(
+        BlockNode::new(name.clone(), driver, read_only).with_detect_zeroes(options.detect_zeroes),
+    );
     nodes.insert(NodeEntry::new(node, children, implicit, filename, format))?;
     tracing::info!(node = %name, "block node added");
     Ok(name)
@@ -111,6 +113,7 @@ fn open_plain(
                 aio: *aio,
                 locking: *locking,
                 discard: options.discard,
+                force_share: options.force_share,
             };
             let driver = FileDriver::open(&file_options).map_err(block_error)?;
             Ok((Arc::new(driver), Vec::new(), filename.display().to_string()))
@@ -277,6 +280,7 @@ fn open_child(
             // An implicit child inherits read-only from its parent, as in QEMU.
             child.read_only |= parent.read_only;
             child.auto_read_only |= parent.auto_read_only;
+            child.force_share |= parent.force_share;
             open(nodes, child, true)?
         }
     };

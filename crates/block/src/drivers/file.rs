@@ -55,6 +55,9 @@ pub struct FileOptions {
     pub locking: LockingMode,
     /// `discard=unmap`: TRIM punches holes.
     pub discard: bool,
+    /// QEMU's `force-share` (read-only only): nothing is forbidden to others,
+    /// so another process may write or resize the image meanwhile.
+    pub force_share: bool,
 }
 
 /// Largest zero buffer written when zeroing has to fall back to writes.
@@ -122,9 +125,10 @@ impl FileDriver {
         };
         if opts.locking != LockingMode::Off {
             // A writer forbids other writers, as a QEMU block backend does by default.
-            let (perms, unshared): (&[usize], &[usize]) = match read_only {
-                true => (&[PERM_READ], &[PERM_RESIZE]),
-                false => (&[PERM_READ, PERM_WRITE], &[PERM_WRITE, PERM_RESIZE]),
+            let (perms, unshared): (&[usize], &[usize]) = match (read_only, opts.force_share) {
+                (true, true) => (&[PERM_READ], &[]),
+                (true, false) => (&[PERM_READ], &[PERM_RESIZE]),
+                (false, _) => (&[PERM_READ, PERM_WRITE], &[PERM_WRITE, PERM_RESIZE]),
             };
             lock_image(&file, perms, unshared)?;
         }

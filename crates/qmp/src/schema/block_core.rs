@@ -40,6 +40,8 @@ pub struct BlockdevBase {
     pub auto_read_only: Option<bool>,
     pub force_share: Option<bool>,
     pub detect_zeroes: Option<BlockdevDetectZeroesOptions>,
+    /// QEMU 10: `false` opens the node inactive (bexd refuses that).
+    pub active: Option<bool>,
 }
 
 qapi_struct! {
@@ -252,16 +254,26 @@ pub enum BlockdevSpecific {
     Qcow2(BlockdevOptionsQcow2),
 }
 
-/// BlockdevOptionsQcow2 (the members bexd acts on; the others are accepted).
+/// BlockdevOptionsQcow2. Every member is read; bexd's converter acts on each
+/// or refuses it (`overlap-check`, `encrypt` and `data-file` are kept as
+/// plain values, since bexd only looks at whether and how they were given).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockdevOptionsQcow2 {
     pub file: BlockdevRef,
     pub backing: Option<BlockdevRefOrNull>,
     pub lazy_refcounts: Option<bool>,
+    pub pass_discard_request: Option<bool>,
+    pub pass_discard_snapshot: Option<bool>,
+    pub pass_discard_other: Option<bool>,
+    pub discard_no_unref: Option<bool>,
+    pub overlap_check: Option<Value>,
     pub cache_size: Option<i64>,
     pub l2_cache_size: Option<i64>,
+    pub l2_cache_entry_size: Option<i64>,
     pub refcount_cache_size: Option<i64>,
     pub cache_clean_interval: Option<i64>,
+    pub encrypt: Option<Value>,
+    pub data_file: Option<Value>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -280,6 +292,7 @@ fn read_base(f: &mut Fields) -> Result<BlockdevBase, QmpError> {
         auto_read_only: f.optional("auto-read-only")?,
         force_share: f.optional("force-share")?,
         detect_zeroes: f.optional("detect-zeroes")?,
+        active: f.optional("active")?,
     })
 }
 
@@ -310,31 +323,23 @@ fn read_specific(driver: BlockdevDriver, f: &mut Fields) -> Result<BlockdevSpeci
             latency_ns: f.optional("latency-ns")?,
             read_zeroes: f.optional("read-zeroes")?,
         },
-        BlockdevDriver::Qcow2 => {
-            let r = BlockdevSpecific::Qcow2(BlockdevOptionsQcow2 {
-                backing: f.optional("backing")?,
-                file: f.required("file")?,
-                lazy_refcounts: f.optional("lazy-refcounts")?,
-                cache_size: f.optional("cache-size")?,
-                l2_cache_size: f.optional("l2-cache-size")?,
-                refcount_cache_size: f.optional("refcount-cache-size")?,
-                cache_clean_interval: f.optional("cache-clean-interval")?,
-            });
-            // Members bexd accepts without acting on them.
-            for key in [
-                "pass-discard-request",
-                "pass-discard-snapshot",
-                "pass-discard-other",
-                "discard-no-unref",
-                "overlap-check",
-                "l2-cache-entry-size",
-                "encrypt",
-                "data-file",
-            ] {
-                let _: Option<Value> = f.optional(key)?;
-            }
-            r
-        }
+        BlockdevDriver::Qcow2 => BlockdevSpecific::Qcow2(BlockdevOptionsQcow2 {
+            backing: f.optional("backing")?,
+            file: f.required("file")?,
+            lazy_refcounts: f.optional("lazy-refcounts")?,
+            pass_discard_request: f.optional("pass-discard-request")?,
+            pass_discard_snapshot: f.optional("pass-discard-snapshot")?,
+            pass_discard_other: f.optional("pass-discard-other")?,
+            discard_no_unref: f.optional("discard-no-unref")?,
+            overlap_check: f.optional("overlap-check")?,
+            cache_size: f.optional("cache-size")?,
+            l2_cache_size: f.optional("l2-cache-size")?,
+            l2_cache_entry_size: f.optional("l2-cache-entry-size")?,
+            refcount_cache_size: f.optional("refcount-cache-size")?,
+            cache_clean_interval: f.optional("cache-clean-interval")?,
+            encrypt: f.optional("encrypt")?,
+            data_file: f.optional("data-file")?,
+        }),
     })
 }
 
@@ -369,6 +374,7 @@ impl Describe for BlockdevOptions {
             opt("auto-read-only", bool()),
             opt("force-share", bool()),
             opt("detect-zeroes", describe::<BlockdevDetectZeroesOptions>(s)),
+            opt("active", bool()),
         ];
         let variants = BlockdevDriver::NAMES
             .iter()

@@ -33,23 +33,43 @@ impl FromQapi for ChardevSocket {
             server: f.optional("server")?,
             wait: f.optional("wait")?,
         };
-        for key in [
-            "nodelay",
-            "ipv4",
-            "ipv6",
-            "to",
-            "tight",
-            "abstract",
-            "telnet",
-            "logfile",
-            "logappend",
-            "mux",
-        ] {
-            let _: Option<Value> = f.optional(key)?;
-        }
+        refuse_unsupported(&mut f)?;
         f.finish()?;
         Ok(r)
     }
+}
+
+/// Socket chardev members bexd's monitors do not act on: each is taken only
+/// with the value bexd behaves as (accepted sockets always get TCP_NODELAY;
+/// no telnet, no multiplexing, no abstract socket), and refused otherwise,
+/// naming the member, rather than read and dropped.
+fn refuse_unsupported(f: &mut Fields) -> Result<(), QmpError> {
+    for (key, what_bexd_does) in [
+        ("nodelay", true),
+        ("tight", true),
+        ("abstract", false),
+        ("telnet", false),
+        ("logappend", false),
+        ("mux", false),
+    ] {
+        let given: Option<bool> = f.optional(key)?;
+        if given.is_some_and(|v| v != what_bexd_does) {
+            return Err(unsupported(key));
+        }
+    }
+    for key in ["ipv4", "ipv6", "to", "logfile"] {
+        let given: Option<Value> = f.optional(key)?;
+        if given.is_some() {
+            return Err(unsupported(key));
+        }
+    }
+    Ok(())
+}
+
+fn unsupported(key: &str) -> QmpError {
+    QmpError::generic(format!(
+        "Parameter '{key}' is not supported by bexd's socket chardevs"
+    ))
 }
 
 qapi_enum!(MonitorMode { Readline = "readline", Control = "control" });
