@@ -14,8 +14,9 @@ use block::drivers::file::{AioMode, LockingMode};
 use clap::Parser;
 
 use crate::config::{
-    BackingSpec, ChardevAddr, ChardevConfig, ChildRef, ExportConfig, ExportKindConfig, ListenAddr,
-    NbdExportConfig, NbdServerConfig, NodeOptions, NodeSpec, Qcow2Cache, DEFAULT_PAYLOAD_BUDGET,
+    BackingSpec, ChardevAddr, ChardevBackend, ChardevConfig, ChildRef, ExportConfig,
+    ExportKindConfig, ListenAddr, NbdExportConfig, NbdServerConfig, NodeOptions, NodeSpec,
+    Qcow2Cache, SocketChardev, DEFAULT_PAYLOAD_BUDGET,
 };
 use crate::daemon::Daemon;
 use crate::process::PidFile;
@@ -190,11 +191,18 @@ async fn set_up(daemon: &Arc<Daemon>, args: &ServeArgs) -> Result<Option<PidFile
     if let Some(path) = &args.qmp {
         let chardev = ChardevConfig {
             id: "qmp0".into(),
-            addr: ChardevAddr::Unix(path.clone()),
+            backend: ChardevBackend::Socket(SocketChardev {
+                addr: ChardevAddr::Unix(path.clone()),
+                server: true,
+                reconnect: None,
+            }),
         };
-        crate::monitor::start_monitor(&crate::commands::Executor::new(daemon), &chardev)
+        let chardev = daemon.chardevs.add(chardev).map_err(|e| e.to_string())?;
+        crate::monitor::open_chardev(&chardev)
             .await
-            .map_err(|e| e.desc)?;
+            .map_err(|e| e.to_string())?;
+        crate::monitor::start_monitor(&crate::commands::Executor::new(daemon), chardev)
+            .map_err(|e| e.to_string())?;
     }
     daemon.start_serving();
     let pidfile = args.pidfile.as_deref().map(PidFile::create).transpose()?;
