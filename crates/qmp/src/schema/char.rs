@@ -93,8 +93,8 @@ impl ChardevSocket {
             fd: f.optional("fd")?,
             server: f.optional("server")?,
             wait: f.optional("wait")?,
-            reconnect: f.optional("reconnect")?,
-            reconnect_ms: f.optional("reconnect-ms")?,
+            reconnect: opts_number(&mut f, "reconnect")?,
+            reconnect_ms: opts_number(&mut f, "reconnect-ms")?,
         };
         for key in [
             "nodelay",
@@ -127,6 +127,16 @@ fn chardev_id(f: &mut Fields) -> Result<String, QmpError> {
         return Err(QmpError::generic("Parameter 'id' expects an identifier"));
     }
     Ok(id)
+}
+
+/// A QemuOpts number (keyval input is all strings), with QemuOpts' text.
+fn opts_number(f: &mut Fields, key: &str) -> Result<Option<i64>, QmpError> {
+    let Some(text) = f.optional::<String>(key)? else {
+        return Ok(None);
+    };
+    text.parse()
+        .map(Some)
+        .map_err(|_| QmpError::generic(format!("Parameter '{key}' expects a number")))
 }
 
 /// A member the backend does not have: QemuOpts' text.
