@@ -10,9 +10,10 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 # libnbd-bin (nbdinfo, nbdcopy, nbdsh), python3-libnbd, fio, pytest; libssl-dev and
 # pkg-config to build the openssl crate (TLS-PSK), openssl for the TLS tests' certificates;
 # the benchmark peers and ceilings (nbdkit, nbd-server, iperf3); strace, with which the
-# zero-copy tests see that replies really went out with sendfile.
+# zero-copy tests see that replies really went out with sendfile; systemd for
+# systemd-socket-activate (the socket-activation tests).
 packages=(qemu-utils libnbd-bin python3-libnbd fio python3-pytest python3-pip
-          libssl-dev pkg-config openssl nbdkit nbd-server iperf3 strace)
+          libssl-dev pkg-config openssl nbdkit nbd-server iperf3 strace systemd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -25,7 +25,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = ["qemu-img", "qemu-io", "qemu-storage-daemon", "nbdinfo", "nbdcopy", "nbdsh", "fio",
-         "openssl", "strace"]
+         "openssl", "strace", "systemd-socket-activate"]
 MODULES = ["nbd", "qemu.qmp"]
 
 

@@ -6,14 +6,14 @@
 //! call back: the NBD server sees a [`ServerContext`], an export's client
 //! guard holds the export table, a node hold the node's counter.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ChardevConfig, ExportConfig, ExportKindConfig, NbdServerConfig};
-use crate::error::{ExportError, ObjectError, ServerError};
+use crate::chardevs::ChardevTable;
+use crate::config::{ExportConfig, ExportKindConfig, NbdServerConfig};
+use crate::error::{ExportError, ServerError};
 use crate::events::EventBus;
 use crate::exports::nbd::NbdExport;
 use crate::exports::{Export, ExportKind, ExportTable};
@@ -29,8 +29,8 @@ pub struct Daemon {
     pub objects: Arc<ObjectTable>,
     /// The NBD server, while one runs.
     nbd: Mutex<Option<NbdServer>>,
-    /// `--chardev`s by id, for `--monitor` to find.
-    chardevs: Mutex<BTreeMap<String, ChardevConfig>>,
+    /// `--chardev`s by id, for `--monitor` to find and `query-chardev` to list.
+    pub chardevs: Arc<ChardevTable>,
     pub events: EventBus,
     /// Fired by `quit` or a signal: everything winds down.
     pub shutdown: CancellationToken,
@@ -48,7 +48,7 @@ impl Daemon {
             exports: Arc::new(ExportTable::new(events.clone())),
             objects: Arc::new(ObjectTable::new()),
             nbd: Mutex::new(None),
-            chardevs: Mutex::new(BTreeMap::new()),
+            chardevs: Arc::new(ChardevTable::new()),
             events,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -135,21 +135,6 @@ impl Daemon {
             )?),
         };
         self.exports.add(Export::new(config, hold, kind))
-    }
-
-    /// `--chardev`: registers a chardev for a later `--monitor`.
-    pub fn add_chardev(&self, chardev: ChardevConfig) -> Result<(), ObjectError> {
-        let mut chardevs = self.chardevs.lock().unwrap_or_else(|e| e.into_inner());
-        if chardevs.contains_key(&chardev.id) {
-            return Err(ObjectError::Duplicate(chardev.id));
-        }
-        chardevs.insert(chardev.id.clone(), chardev);
-        Ok(())
-    }
-
-    pub fn chardev(&self, id: &str) -> Option<ChardevConfig> {
-        let chardevs = self.chardevs.lock().unwrap_or_else(|e| e.into_inner());
-        chardevs.get(id).cloned()
     }
 
     /// Start-up is complete: objects can no longer be made that only the

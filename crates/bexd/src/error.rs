@@ -82,6 +82,51 @@ pub enum ObjectError {
     NotTlsCreds(String),
 }
 
+/// The chardev table and the monitors on it (`--chardev`, `--monitor`),
+/// and descriptors handed in as listening sockets (`addr.type=fd`, `getfd`).
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ChardevError {
+    #[error("attempt to add duplicate property '{0}' to object (type 'container')")]
+    Duplicate(String),
+    #[error("cannot use stdio by multiple character devices")]
+    StdioTaken,
+    #[error("chardev \"{0}\" not found")]
+    NotFound(String),
+    #[error("chardev '{0}' is already in use")]
+    InUse(String),
+    /// Binding or connecting failed; QEMU's text.
+    #[error("{0}")]
+    Socket(String),
+    #[error(transparent)]
+    Fd(#[from] FdError),
+}
+
+/// A descriptor named as a listening socket (`addr.type=fd`, `fd=`) or
+/// passed with `getfd`. Where QEMU has a text, it is QEMU's.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FdError {
+    #[error("Unable to parse FD number {0}")]
+    NotANumber(String),
+    #[error("File descriptor '{0}' is not a socket")]
+    NotASocket(String),
+    #[error("File descriptor '{0}' is not a stream socket")]
+    NotStream(String),
+    #[error("File descriptor '{0}' is not a listening socket")]
+    NotListening(String),
+    #[error("File descriptor '{0}' is neither a TCP nor a unix socket")]
+    Family(String),
+    #[error("File descriptor named '{0}' has not been found")]
+    NoSuchName(String),
+    #[error("File descriptor named '{0}' not found")]
+    CloseUnknown(String),
+    #[error("No file descriptor supplied via SCM_RIGHTS")]
+    NoneSupplied,
+    #[error("Parameter 'fdname' expects a name not starting with a digit")]
+    NameStartsWithDigit,
+    #[error("{0}")]
+    Io(String),
+}
+
 /// The NBD server's lifecycle (`nbd-server-start`, `nbd-server-stop`).
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ServerError {
@@ -92,6 +137,8 @@ pub enum ServerError {
     /// Binding or listening failed; QEMU's text.
     #[error("{0}")]
     Listen(String),
+    #[error(transparent)]
+    Fd(#[from] FdError),
     #[error(transparent)]
     Object(#[from] ObjectError),
 }
@@ -105,7 +152,14 @@ macro_rules! generic_error {
         }
     )*};
 }
-generic_error!(NodeError, ExportError, ObjectError, ServerError);
+generic_error!(
+    NodeError,
+    ExportError,
+    ObjectError,
+    ServerError,
+    ChardevError,
+    FdError
+);
 
 #[cfg(test)]
 mod tests {

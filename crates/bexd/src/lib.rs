@@ -11,7 +11,8 @@
 //! - [`objects`]: the object table (authz, TLS credentials, iothreads); [`tls`] loads credentials.
 //! - [`nbd_server`]: listener, handshake and transmission over a [`nbd_server::ServerContext`]
 //!   (crate `nbd` owns the protocol); [`net`] is the accept side shared with the monitors.
-//! - [`monitor`] and [`commands`]: QMP over socket chardevs, each command defined once.
+//! - [`monitor`] and [`commands`]: QMP over chardevs ([`chardevs`]: stdio, sockets listening or
+//!   connecting out), each command defined once; [`fds`]: descriptors taken as listening sockets.
 //! - [`error`]: one error type per part, printing QEMU's texts; [`events`]: the QMP event bus.
 //! - [`serve`]: `bexd serve IMAGE`, the one-image shortcut.
 //! - [`backup`]: `bexd backup`, an NBD client pulling full and incremental backups.
@@ -19,6 +20,7 @@
 //! - [`trace`]: `--trace`/`-T`, QEMU trace patterns mapped onto the log targets.
 
 pub mod backup;
+pub mod chardevs;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -26,6 +28,7 @@ pub mod daemon;
 pub mod error;
 pub mod events;
 pub mod exports;
+pub mod fds;
 pub mod monitor;
 pub mod nbd_server;
 pub mod net;

@@ -20,7 +20,7 @@ use qmp::schema::block_export::{
     read_removal, BlockDirtyBitmapOrStr, BlockExportIothreads, BlockExportOptions,
     BlockExportRemoveMode, BlockExportType, NbdServerAddOptions, NbdServerOptions,
 };
-use qmp::schema::char::{ChardevSocket, MonitorOptions};
+use qmp::schema::char::{ChardevOptions, ChardevSocket, MonitorOptions};
 use qmp::schema::object::ObjectDelArgs;
 use qmp::schema::sockets::{InetSocketAddress, SocketAddress};
 use qmp::visitor::{from_value, Ctx, InputMode, Size};
@@ -28,9 +28,10 @@ use qmp::QmpError;
 use serde_json::Value;
 
 use crate::config::{
-    is_well_formed_id, BackingSpec, BitmapRef, ChardevAddr, ChardevConfig, ChildRef, ExportConfig,
-    ExportKindConfig, InetOptions, ListenAddr, NbdExportConfig, NbdServerConfig, NodeOptions,
-    NodeSpec, Qcow2Cache, RemoveMode, DEFAULT_PAYLOAD_BUDGET,
+    is_well_formed_id, BackingSpec, BitmapRef, ChardevAddr, ChardevBackend, ChardevConfig,
+    ChildRef, ExportConfig, ExportKindConfig, InetOptions, ListenAddr, NbdExportConfig,
+    NbdServerConfig, NodeOptions, NodeSpec, Qcow2Cache, RemoveMode, SocketChardev,
+    DEFAULT_PAYLOAD_BUDGET,
 };
 
 // QEMU's limit on export names and descriptions (NBD_MAX_STRING_SIZE) is
@@ -321,13 +322,7 @@ pub fn nbd_server_config(
         SocketAddress::Unix(u) => ListenAddr::Unix {
             path: PathBuf::from(u.path),
         },
-        SocketAddress::Fd { str } => ListenAddr::Fd {
-            fd: str.parse().map_err(|_| {
-                QmpError::generic(format!(
-                    "Monitor file descriptor names are not supported: '{str}'"
-                ))
-            })?,
-        },
+        SocketAddress::Fd { str } => ListenAddr::Fd { fd: str },
         SocketAddress::Vsock { .. } => {
             return Err(QmpError::generic(
                 "vsock addresses are not supported by bexd",
@@ -481,17 +476,29 @@ pub fn node_name_arg(value: Value) -> Result<String, QmpError> {
     Ok(from_value::<BlockdevDelArgs>(value, InputMode::Json)?.node_name)
 }
 
-/// `--chardev socket,...` (keyval only, as in qemu-storage-daemon).
+/// `--chardev stdio|socket,...` (keyval only, as in qemu-storage-daemon).
 pub fn chardev_config(value: Value) -> Result<ChardevConfig, QmpError> {
-    let c: ChardevSocket = from_value(value, InputMode::Keyval)?;
-    if c.server == Some(false) {
-        return Err(QmpError::generic(
-            "bexd monitors listen: use server=on (client chardevs are not supported)",
-        ));
-    }
-    let addr = match (c.path, c.host, c.port) {
-        (Some(path), None, None) => ChardevAddr::Unix(PathBuf::from(path)),
-        (None, host, Some(port)) => ChardevAddr::Tcp {
+    let c = match from_value::<ChardevOptions>(value, InputMode::Keyval)? {
+        ChardevOptions::Stdio { id, signal } => {
+            // bexd never puts the terminal in raw mode, so ^C always signals:
+            // signal=off (^C as input) cannot be honoured.
+            if signal == Some(false) {
+                return Err(QmpError::generic(
+                    "Parameter 'signal': signal=off is not supported by bexd",
+                ));
+            }
+            return Ok(ChardevConfig {
+                id,
+                backend: ChardevBackend::Stdio,
+            });
+        }
+        ChardevOptions::Socket(c) => c,
+    };
+    let server = c.server.unwrap_or(true);
+    let reconnect = socket_reconnect(&c, server)?;
+    let addr = match (c.path, c.host, c.port, c.fd) {
+        (Some(path), None, None, None) => ChardevAddr::Unix(PathBuf::from(path)),
+        (None, host, Some(port), None) => ChardevAddr::Tcp {
             host: host.unwrap_or_else(|| "0.0.0.0".into()),
             port: port.parse().map_err(|_| {
                 QmpError::generic(format!(
@@ -499,13 +506,70 @@ pub fn chardev_config(value: Value) -> Result<ChardevConfig, QmpError> {
                 ))
             })?,
         },
+        (None, None, None, Some(fd)) if server => ChardevAddr::Fd(fd),
+        (None, None, None, Some(_)) => {
+            return Err(QmpError::generic(
+                "Parameter 'fd': bexd takes only a listening socket (server=on)",
+            ))
+        }
+        (None, None, None, None) => {
+            return Err(QmpError::generic(
+                "chardev: socket needs either 'path', 'fd', or 'host' and 'port'",
+            ))
+        }
         _ => {
             return Err(QmpError::generic(
-                "chardev: socket needs either 'path', or 'host' and 'port'",
+                "None or one of 'path', 'fd' or 'host' option required.",
             ))
         }
     };
-    Ok(ChardevConfig { id: c.id, addr })
+    Ok(ChardevConfig {
+        id: c.id,
+        backend: ChardevBackend::Socket(SocketChardev {
+            addr,
+            server,
+            reconnect,
+        }),
+    })
+}
+
+/// `reconnect` (seconds) or `reconnect-ms`, with QEMU's checks; 0 or less
+/// means no reconnecting, as in QEMU.
+fn socket_reconnect(c: &ChardevSocket, server: bool) -> Result<Option<Duration>, QmpError> {
+    if server {
+        // QEMU checks only `reconnect` here and then ignores `reconnect-ms`
+        // on a listening socket; bexd refuses both rather than ignore one.
+        for (name, given) in [
+            ("reconnect", c.reconnect.is_some()),
+            ("reconnect-ms", c.reconnect_ms.is_some()),
+        ] {
+            if given {
+                return Err(QmpError::generic(format!(
+                    "'{name}' option is incompatible with socket in server listen mode"
+                )));
+            }
+        }
+        return Ok(None);
+    }
+    if c.wait.is_some() {
+        return Err(QmpError::generic(
+            "'wait' option is incompatible with socket in client connect mode",
+        ));
+    }
+    let ms = match (c.reconnect, c.reconnect_ms) {
+        (Some(_), Some(_)) => {
+            return Err(QmpError::generic(
+                "'reconnect' and 'reconnect-ms' are mutually exclusive",
+            ))
+        }
+        (Some(s), None) => s.saturating_mul(1000),
+        (None, Some(ms)) => ms,
+        (None, None) => 0,
+    };
+    Ok(u64::try_from(ms)
+        .ok()
+        .filter(|&ms| ms > 0)
+        .map(Duration::from_millis))
 }
 
 /// `--monitor`: the chardev it runs on (only QMP monitors exist in a storage
@@ -564,5 +628,78 @@ mod blkdebug_tests {
             e.contains("Value '-1' is out of range for parameter 'align'"),
             "{e}"
         );
+    }
+}
+
+#[cfg(test)]
+mod chardev_tests {
+    use super::*;
+
+    fn chardev(s: &str) -> Result<ChardevConfig, String> {
+        let v = qmp::keyval::parse_keyval(s, Some("backend")).map_err(|e| e.to_string())?;
+        chardev_config(v).map_err(|e| e.desc)
+    }
+
+    fn socket(s: &str) -> SocketChardev {
+        match chardev(s).expect("accepted").backend {
+            ChardevBackend::Socket(s) => s,
+            ChardevBackend::Stdio => panic!("not a socket"),
+        }
+    }
+
+    #[test]
+    fn test_chardev_stdio_is_accepted_and_signal_off_refused() {
+        let c = chardev("stdio,id=m0").expect("stdio");
+        assert!(matches!(c.backend, ChardevBackend::Stdio));
+        assert!(chardev("stdio,id=m0,signal=on").is_ok());
+        assert!(chardev("stdio,id=m0,signal=off")
+            .expect_err("refused")
+            .contains("'signal'"));
+    }
+
+    #[test]
+    fn test_chardev_unknown_backend_has_qemus_text() {
+        assert_eq!(
+            chardev("bogus,id=c").err().as_deref(),
+            Some("'bogus' is not a valid char driver name")
+        );
+    }
+
+    #[test]
+    fn test_chardev_client_mode_reconnect_in_seconds_or_ms() {
+        let s = socket("socket,id=c,path=/s,server=off,reconnect=2");
+        assert!(!s.server);
+        assert_eq!(s.reconnect, Some(Duration::from_secs(2)));
+        let s = socket("socket,id=c,host=h,port=1,server=off,reconnect-ms=250");
+        assert_eq!(s.reconnect, Some(Duration::from_millis(250)));
+        let s = socket("socket,id=c,path=/s,server=off,reconnect=-1");
+        assert_eq!(s.reconnect, None);
+    }
+
+    #[test]
+    fn test_chardev_socket_option_clashes_have_qemus_texts() {
+        let err = |s| chardev(s).expect_err("refused");
+        assert_eq!(
+            err("socket,id=c,path=/s,server=off,reconnect=1,reconnect-ms=5"),
+            "'reconnect' and 'reconnect-ms' are mutually exclusive"
+        );
+        assert_eq!(
+            err("socket,id=c,path=/s,server=off,wait=off"),
+            "'wait' option is incompatible with socket in client connect mode"
+        );
+        assert_eq!(
+            err("socket,id=c,path=/s,server=on,wait=off,reconnect=1"),
+            "'reconnect' option is incompatible with socket in server listen mode"
+        );
+        assert_eq!(
+            err("socket,id=c,path=/s,fd=3,server=on,wait=off"),
+            "None or one of 'path', 'fd' or 'host' option required."
+        );
+    }
+
+    #[test]
+    fn test_chardev_fd_is_a_listening_socket_by_number() {
+        let s = socket("socket,id=c,fd=3,server=on,wait=off");
+        assert!(matches!(s.addr, ChardevAddr::Fd(ref n) if n == "3"));
     }
 }

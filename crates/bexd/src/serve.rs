@@ -14,8 +14,9 @@ use block::drivers::file::{AioMode, LockingMode};
 use clap::Parser;
 
 use crate::config::{
-    BackingSpec, ChardevAddr, ChardevConfig, ChildRef, ExportConfig, ExportKindConfig, ListenAddr,
-    NbdExportConfig, NbdServerConfig, NodeOptions, NodeSpec, Qcow2Cache, DEFAULT_PAYLOAD_BUDGET,
+    BackingSpec, ChardevAddr, ChardevBackend, ChardevConfig, ChildRef, ExportConfig,
+    ExportKindConfig, ListenAddr, NbdExportConfig, NbdServerConfig, NodeOptions, NodeSpec,
+    Qcow2Cache, SocketChardev, DEFAULT_PAYLOAD_BUDGET,
 };
 use crate::daemon::Daemon;
 use crate::process::PidFile;
@@ -29,12 +30,12 @@ use crate::process::PidFile;
 struct ServeArgs {
     /// The image file or block device to export.
     image: PathBuf,
-    /// TCP port to listen on.
-    #[arg(short, long, default_value_t = 10809)]
-    port: u16,
-    /// Address to listen on.
-    #[arg(short, long, default_value = "127.0.0.1")]
-    bind: String,
+    /// TCP port to listen on (default 10809).
+    #[arg(short, long)]
+    port: Option<u16>,
+    /// Address to listen on (default 127.0.0.1).
+    #[arg(short, long)]
+    bind: Option<String>,
     /// Listen on this unix socket instead of TCP.
     #[arg(short = 'k', long)]
     socket: Option<PathBuf>,
@@ -158,11 +159,24 @@ async fn set_up(daemon: &Arc<Daemon>, args: &ServeArgs) -> Result<Option<PidFile
         ..NodeOptions::default()
     };
     crate::nodes::open(&daemon.nodes, disk, false).map_err(|e| e.to_string())?;
-    let addr = match &args.socket {
-        Some(path) => ListenAddr::Unix { path: path.clone() },
-        None => ListenAddr::Tcp {
-            host: args.bind.clone(),
-            port: args.port.to_string(),
+    let addr = match (socket_activation()?, &args.socket) {
+        (Some(addr), _) => {
+            // qemu-nbd's checks and texts: the socket is systemd's.
+            if args.socket.is_some() {
+                return Err("Unix socket can't be set when using socket activation".into());
+            }
+            if args.bind.is_some() {
+                return Err("The interface can't be set when using socket activation".into());
+            }
+            if args.port.is_some() {
+                return Err("TCP port number can't be set when using socket activation".into());
+            }
+            addr
+        }
+        (None, Some(path)) => ListenAddr::Unix { path: path.clone() },
+        (None, None) => ListenAddr::Tcp {
+            host: args.bind.clone().unwrap_or_else(|| "127.0.0.1".into()),
+            port: args.port.unwrap_or(10809).to_string(),
             inet: Default::default(),
         },
     };
@@ -193,17 +207,44 @@ async fn set_up(daemon: &Arc<Daemon>, args: &ServeArgs) -> Result<Option<PidFile
     if let Some(path) = &args.qmp {
         let chardev = ChardevConfig {
             id: "qmp0".into(),
-            addr: ChardevAddr::Unix(path.clone()),
+            backend: ChardevBackend::Socket(SocketChardev {
+                addr: ChardevAddr::Unix(path.clone()),
+                server: true,
+                reconnect: None,
+            }),
         };
-        crate::monitor::start_monitor(&crate::commands::Executor::new(daemon), &chardev, false)
+        let chardev = daemon.chardevs.add(chardev).map_err(|e| e.to_string())?;
+        crate::monitor::open_chardev(&chardev)
             .await
-            .map_err(|e| e.desc)?;
+            .map_err(|e| e.to_string())?;
+        crate::monitor::start_monitor(&crate::commands::Executor::new(daemon), chardev, false)
+            .map_err(|e| e.to_string())?;
     }
     daemon.start_serving();
     let pidfile = args.pidfile.as_deref().map(PidFile::create).transpose()?;
     let bound = daemon.nbd_server_addr();
     println!("{}", bound.unwrap_or(addr).uri(&args.name));
     Ok(pidfile)
+}
+
+/// Socket activation as qemu-nbd and nbdkit read it: `LISTEN_PID` names this
+/// process and `LISTEN_FDS` is 1, so descriptor 3 is the listening socket
+/// (checked, like any `addr.type=fd`, when the server takes it).
+fn socket_activation() -> Result<Option<ListenAddr>, String> {
+    let for_us = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id());
+    if !for_us {
+        return Ok(None);
+    }
+    match std::env::var("LISTEN_FDS").ok().as_deref() {
+        Some("1") => Ok(Some(ListenAddr::Fd { fd: "3".into() })),
+        other => Err(format!(
+            "Unexpected value for LISTEN_FDS: {}",
+            other.unwrap_or("(unset)")
+        )),
+    }
 }
 
 /// qcow2 if the image starts with qcow2's magic ("QFI\xfb"), else raw: what

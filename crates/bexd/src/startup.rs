@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use crate::cli::CliOption;
 use crate::daemon::Daemon;
+use crate::error::ChardevError;
 use crate::process::{self, Forked, PidFile, StartupNotifier};
 use crate::{commands, monitor, qapi};
 
@@ -159,15 +160,21 @@ async fn apply_one(daemon: &Arc<Daemon>, option: &CliOption) -> Result<(), QmpEr
             let value = qmp::keyval::parse_keyval(s, Some("backend"))
                 .map_err(|e| QmpError::generic(e.to_string()))?;
             let chardev = qapi::chardev_config(value)?;
-            Ok(daemon.add_chardev(chardev)?)
+            let chardev = daemon.chardevs.add(chardev)?;
+            Ok(monitor::open_chardev(&chardev).await?)
         }
         CliOption::Monitor(s) => {
             let (value, mode) = option_value(s, Some("chardev"))?;
             let (chardev_id, pretty) = qapi::monitor_chardev(value, mode)?;
             let chardev = daemon
-                .chardev(&chardev_id)
-                .ok_or_else(|| QmpError::generic(format!("chardev \"{chardev_id}\" not found")))?;
-            monitor::start_monitor(&commands::Executor::new(daemon), &chardev, pretty).await
+                .chardevs
+                .get(&chardev_id)
+                .ok_or(ChardevError::NotFound(chardev_id))?;
+            Ok(monitor::start_monitor(
+                &commands::Executor::new(daemon),
+                chardev,
+                pretty,
+            )?)
         }
         CliOption::Object(s) => {
             let (value, mode) = option_value(s, Some("qom-type"))?;

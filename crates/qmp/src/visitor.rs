@@ -135,6 +135,11 @@ impl Fields {
         self.map.get(key).and_then(Value::as_str)
     }
 
+    /// The first member not read yet, if any.
+    pub fn first_left(&self) -> Option<&str> {
+        self.map.keys().next().map(String::as_str)
+    }
+
     /// Everything left over is an unexpected member.
     pub fn finish(self) -> Result<(), QmpError> {
         match self.map.keys().next() {

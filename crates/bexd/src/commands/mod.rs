@@ -6,6 +6,7 @@
 
 pub(crate) mod bitmap;
 mod blockdev;
+mod chardev;
 mod executor;
 mod export;
 mod object;
@@ -32,6 +33,7 @@ use qmp::schema::block_export::{
     BlockExportDelArgs, BlockExportDeletedEvent, BlockExportInfo, BlockExportOptions,
     NbdServerAddOptions, NbdServerOptionsLegacy, NbdServerRemoveArgs,
 };
+use qmp::schema::char::{ChardevBackendInfo, ChardevInfo, ClosefdArgs, GetfdArgs};
 use qmp::schema::control::{CommandInfo, QmpCapabilitiesArgs, SchemaInfo, VersionInfo};
 use qmp::schema::object::{ObjectDelArgs, ObjectOptions};
 use qmp::{ErrorClass, QmpError};
@@ -67,6 +69,10 @@ commands! {
     "block-dirty-bitmap-disable" (BlockDirtyBitmap) -> Empty => bitmap::single::disable,
     "block-dirty-bitmap-merge" (BlockDirtyBitmapMerge) -> Empty => bitmap::single::merge,
     "transaction" (Transaction) -> Empty => bitmap::transaction,
+    "query-chardev" (Empty) -> Vec<ChardevInfo> => chardev::query,
+    "query-chardev-backends" (Empty) -> Vec<ChardevBackendInfo> => chardev::query_backends,
+    "getfd" (GetfdArgs) -> Empty => chardev::getfd,
+    "closefd" (ClosefdArgs) -> Empty => chardev::closefd,
 }
 
 /// The events bexd emits, for `query-qmp-schema`.

@@ -11,7 +11,7 @@ mod ids;
 mod node;
 mod server;
 
-pub use chardev::{ChardevAddr, ChardevConfig};
+pub use chardev::{ChardevAddr, ChardevBackend, ChardevConfig, SocketChardev};
 pub use export::{BitmapRef, ExportConfig, ExportKindConfig, NbdExportConfig, RemoveMode};
 pub use ids::is_well_formed_id;
 pub use node::{BackingSpec, ChildRef, NodeOptions, NodeSpec, Qcow2Cache};

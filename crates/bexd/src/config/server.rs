@@ -25,9 +25,10 @@ pub enum ListenAddr {
         name: String,
         tight: bool,
     },
-    /// An already listening socket passed in by file descriptor number.
+    /// An already listening socket: a descriptor number, or a name given
+    /// to one with `getfd` (resolved, and checked, when the server starts).
     Fd {
-        fd: i32,
+        fd: String,
     },
 }
 

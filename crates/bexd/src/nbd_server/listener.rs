@@ -4,7 +4,6 @@
 //! than refusing: the client's connect succeeds, and it gets its greeting when
 //! a slot frees.
 
-use std::os::fd::FromRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,12 +50,8 @@ pub fn bind(addr: &ListenAddr) -> Result<Listener, ServerError> {
             let l = crate::net::abstract_unix::bind(name, *tight).map_err(ServerError::Listen)?;
             from_std_unix(l)
         }
-        ListenAddr::Fd { fd } => {
-            // SAFETY: the user handed us this descriptor number as a listening
-            // socket (addr.type=fd); we take ownership of it from here on.
-            let l = unsafe { std::os::unix::net::UnixListener::from_raw_fd(*fd) };
-            from_std_unix(l)
-        }
+        // Checked to be a listening stream socket before it is taken.
+        ListenAddr::Fd { fd } => Ok(crate::fds::take_listener(fd)?),
     }
 }
 

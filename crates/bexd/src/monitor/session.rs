@@ -1,76 +1,29 @@
-//! QMP monitors on socket chardevs.
-//!
-//! `--chardev socket,id=..,path=..|host=..,port=..,server=on,wait=off` only
-//! records the socket; `--monitor chardev=ID` binds it and serves QMP. Like
-//! QEMU, a socket chardev serves one client at a time; several monitors serve
-//! clients concurrently, and every negotiated monitor gets every event.
+//! One QMP session over any byte stream: greeting, negotiation, commands
+//! and events, until the peer goes or the daemon shuts down.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
 
 use qmp::wire::{self, JsonStream, Request};
 use qmp::{ErrorClass, QmpError};
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::broadcast;
 
 use crate::commands::{self, Executor};
-use crate::config::{ChardevAddr, ChardevConfig};
 use crate::events::QmpEvent;
-use crate::net::{ClientStream, Listener};
+use crate::fds::MonitorFds;
 
-/// Binds the chardev's socket and serves QMP on it until the daemon shuts down.
-/// `pretty` is the monitor's `pretty=on`: replies and events laid out as QEMU's
-/// pretty printer does (see [`wire::pretty`]).
-pub async fn start_monitor(
-    exec: &Executor,
-    chardev: &ChardevConfig,
-    pretty: bool,
-) -> Result<(), QmpError> {
-    let bind_err = |e: std::io::Error| {
-        QmpError::generic(format!(
-            "Failed to bind socket for chardev '{}': {}",
-            chardev.id,
-            crate::util::strerror(&e)
-        ))
-    };
-    let (listener, socket_file) = match &chardev.addr {
-        ChardevAddr::Unix(path) => {
-            let _ = std::fs::remove_file(path);
-            let l = UnixListener::bind(path).map_err(bind_err)?;
-            (Listener::Unix(l), Some(path.clone()))
-        }
-        ChardevAddr::Tcp { host, port } => {
-            let l = TcpListener::bind((host.as_str(), *port))
-                .await
-                .map_err(bind_err)?;
-            (Listener::Tcp(l), None)
-        }
-    };
-    let exec = exec.clone();
-    exec.tasks().clone().spawn(async move {
-        let shutdown = exec.shutdown();
-        // Served from when start-up is complete; a shutdown before then still cleans up.
-        let started = tokio::select! {
-            _ = shutdown.cancelled() => false,
-            _ = exec.gate().wait() => true,
-        };
-        while started && !shutdown.is_cancelled() {
-            let accepted = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                a = listener.accept() => a,
-            };
-            match accepted {
-                Ok(ClientStream::Unix(s)) => serve_client(s, &exec, pretty).await,
-                Ok(ClientStream::Tcp(s)) => serve_client(s, &exec, pretty).await,
-                Err(e) => tracing::warn!(error = %e, "QMP accept failed"),
-            }
-        }
-        // Like QEMU, leave no stale socket file behind.
-        if let Some(path) = socket_file {
-            let _ = std::fs::remove_file(path);
-        }
-    });
-    Ok(())
+/// A monitor's byte stream. Unix sockets also carry descriptors (SCM_RIGHTS).
+pub trait MonitorStream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Descriptors that came with the bytes read since the last call.
+    fn take_fds(&mut self) -> Vec<OwnedFd> {
+        Vec::new()
+    }
 }
+
+impl MonitorStream for tokio::net::TcpStream {}
+impl MonitorStream for tokio::io::DuplexStream {}
 
 /// Per-client QMP session state.
 struct Session {
@@ -80,9 +33,13 @@ struct Session {
 }
 
 /// Serves one QMP client until it disconnects or the daemon shuts down.
-pub async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(
+/// `fds` are the monitor's descriptors (`getfd`), kept across its clients;
+/// `pretty` is the monitor's `pretty=on`: replies and events laid out as
+/// QEMU's pretty printer does (see [`wire::pretty`]).
+pub async fn serve_client<S: MonitorStream>(
     mut stream: S,
     exec: &Executor,
+    fds: &Arc<MonitorFds>,
     pretty: bool,
 ) {
     let layout = |text: String| match pretty {
@@ -108,9 +65,10 @@ pub async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(
             n = stream.read(&mut buf) => match n {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
+                    fds.received(stream.take_fds());
                     parser.feed(&buf[..n]);
                     while let Some(item) = parser.next() {
-                        handle_item(exec, &mut session, item, &mut out).await;
+                        fds.scope(handle_item(exec, &mut session, item, &mut out)).await;
                     }
                 }
             },
