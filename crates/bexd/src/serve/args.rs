@@ -84,7 +84,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "HOSTNAME")]
     pub tls_hostname: Option<String>,
     /// QEMU trace event patterns.
-    #[arg(short = 'T', long, value_name = "[[enable=]PATTERN][,events=FILE][,file=FILE]")]
+    #[arg(
+        short = 'T',
+        long,
+        value_name = "[[enable=]PATTERN][,events=FILE][,file=FILE]"
+    )]
     pub trace: Vec<String>,
     /// Fork off the server and exit once it is ready.
     #[arg(long)]
@@ -290,7 +294,10 @@ impl ServeArgs {
             0 | 1 => Ok(()),
             _ => Err(message.to_string()),
         };
-        once(self.cache.len() + usize::from(self.nocache), "-n and --cache can only be specified once")?;
+        once(
+            self.cache.len() + usize::from(self.nocache),
+            "-n and --cache can only be specified once",
+        )?;
         once(self.aio.len(), "--aio can only be specified once")?;
         once(self.discard.len(), "--discard can only be specified once")?;
         let cache = match self.cache.first() {

@@ -109,7 +109,11 @@ fn format_node(plan: &ImagePlan) -> Result<NodeOptions, String> {
             cache: Qcow2Cache::default(),
             lazy_refcounts: None,
         },
-        other => return Err(format!("unsupported format '{other}' (supported: raw, qcow2)")),
+        other => {
+            return Err(format!(
+                "unsupported format '{other}' (supported: raw, qcow2)"
+            ))
+        }
     };
     Ok(NodeOptions {
         read_only: plan.read_only,
@@ -126,8 +130,8 @@ fn format_node(plan: &ImagePlan) -> Result<NodeOptions, String> {
 /// a `file` child given only by `filename` is a `file` node, and the command
 /// line's read-only, cache, aio and discard options apply unless it sets them.
 fn image_opts(plan: &ImagePlan) -> Result<NodeOptions, String> {
-    let mut value = qmp::keyval::parse_keyval(&plan.image, Some("driver"))
-        .map_err(|e| e.to_string())?;
+    let mut value =
+        qmp::keyval::parse_keyval(&plan.image, Some("driver")).map_err(|e| e.to_string())?;
     if let Some(Value::Object(file)) = value.get_mut("file") {
         if file.contains_key("filename") && !file.contains_key("driver") {
             file.insert("driver".into(), Value::String("file".into()));

@@ -11,6 +11,7 @@
 mod args;
 mod image;
 mod kernel;
+mod list;
 
 use std::sync::Arc;
 
@@ -42,7 +43,7 @@ pub fn main(args: &[String]) -> i32 {
     match plan {
         Err(message) => fail(&message),
         Ok(ServePlan::Disconnect(device)) => kernel::disconnect(&device),
-        Ok(ServePlan::List(_)) => fail("-L/--list is not supported by bexd serve yet"),
+        Ok(ServePlan::List(plan)) => list::main(&plan),
         Ok(ServePlan::Serve(plan)) => serve(*plan),
     }
 }
@@ -85,8 +86,8 @@ fn serve(plan: ImagePlan) -> i32 {
 
 async fn set_up(daemon: &Arc<Daemon>, plan: &ImagePlan) -> Result<Option<PidFile>, String> {
     for object in &plan.objects {
-        let (value, mode) = crate::startup::option_value(object, Some("qom-type"))
-            .map_err(|e| e.desc)?;
+        let (value, mode) =
+            crate::startup::option_value(object, Some("qom-type")).map_err(|e| e.desc)?;
         let (id, object) = crate::objects::create(value, mode).map_err(|e| e.desc)?;
         daemon.objects.add(id, object).map_err(|e| e.to_string())?;
     }
