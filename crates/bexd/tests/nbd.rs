@@ -79,7 +79,7 @@ fn send(
         command,
         cookie,
         offset,
-        length,
+        length: u64::from(length),
     };
     client::request(&mut out, &header);
     out.extend_from_slice(data);
@@ -101,6 +101,7 @@ fn read_reply(s: &mut UnixStream) -> (u64, NbdErrno, Vec<u8>) {
                 reply_type,
                 cookie,
                 length,
+                ..
             } => {
                 let payload = read_n(s, length as usize);
                 match reply_type {

@@ -72,7 +72,7 @@ fn bench_codec(c: &mut Criterion) {
     g.bench_function("1024 acks", |b| {
         b.iter(|| {
             for r in &reads {
-                black_box(shape.ack(black_box(r.cookie)));
+                black_box(shape.ack(black_box(r)));
             }
         })
     });
@@ -97,7 +97,7 @@ fn bench_codec(c: &mut Criterion) {
     });
     g.finish();
 
-    let extents: Vec<(u32, u32)> = (0..128 * 1024).map(|i| (65536, i % 2)).collect();
+    let extents: Vec<(u64, u32)> = (0..128 * 1024).map(|i| (65536, i % 2)).collect();
     let mut g = c.benchmark_group("block status");
     g.throughput(Throughput::Elements(extents.len() as u64));
     g.bench_function("chunk of 128Ki extents", |b| {

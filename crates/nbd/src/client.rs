@@ -64,6 +64,12 @@ pub fn structured_reply(out: &mut Vec<u8>) {
     option(out, OptionType::STRUCTURED_REPLY, &[]);
 }
 
+/// NBD_OPT_EXTENDED_HEADERS: 32-byte requests and replies, 64-bit lengths
+/// (implies structured replies).
+pub fn extended_headers(out: &mut Vec<u8>) {
+    option(out, OptionType::EXTENDED_HEADERS, &[]);
+}
+
 /// NBD_OPT_INFO for `name`, asking for `infos`.
 pub fn info(out: &mut Vec<u8>, name: &str, infos: &[InfoType]) {
     option(out, OptionType::INFO, &info_payload(name, infos));
@@ -238,17 +244,35 @@ pub fn request(out: &mut Vec<u8>, header: &RequestHeader) {
     header.encode(out);
 }
 
+/// An extended (32-byte) request header, once EXTENDED_HEADERS is acked.
+pub fn extended_request(out: &mut Vec<u8>, header: &RequestHeader) {
+    header.encode_extended(out);
+}
+
+/// The payload of a BLOCK_STATUS with PAYLOAD_LEN: the effective length,
+/// then the context ids to report.
+pub fn status_filter_payload(length: u64, ids: &[u32]) -> Vec<u8> {
+    let mut p = length.to_be_bytes().to_vec();
+    for id in ids {
+        p.extend_from_slice(&id.to_be_bytes());
+    }
+    p
+}
+
 /// A transmission reply header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReplyHeader {
     /// 16 bytes; a successful READ's data follows.
     Simple { cookie: u64, error: NbdErrno },
-    /// 20 bytes; `length` bytes of chunk payload follow.
+    /// 20 bytes (structured) or 32 (extended, which also repeats the
+    /// request's `offset`); `length` bytes of chunk payload follow.
     Chunk {
         flags: u16,
         reply_type: ReplyType,
         cookie: u64,
-        length: u32,
+        /// `Some` in an extended header: the request's offset.
+        offset: Option<u64>,
+        length: u64,
     },
 }
 
@@ -270,9 +294,20 @@ pub fn decode_reply_header(buf: &[u8]) -> Result<Option<(ReplyHeader, usize)>, C
                 flags: be16(h, 4),
                 reply_type: ReplyType(be16(h, 6)),
                 cookie: be64(h, 8),
-                length: be32(h, 16),
+                offset: None,
+                length: u64::from(be32(h, 16)),
             };
             (header, CHUNK_HEADER_LEN)
+        })),
+        EXTENDED_REPLY_MAGIC => Ok(buf.get(..EXTENDED_CHUNK_HEADER_LEN).map(|h| {
+            let header = ReplyHeader::Chunk {
+                flags: be16(h, 4),
+                reply_type: ReplyType(be16(h, 6)),
+                cookie: be64(h, 8),
+                offset: Some(be64(h, 16)),
+                length: be64(h, 24),
+            };
+            (header, EXTENDED_CHUNK_HEADER_LEN)
         })),
         other => Err(ClientError::BadMagic(u64::from(other))),
     }
@@ -300,6 +335,22 @@ pub fn decode_block_status(payload: &[u8]) -> Option<(u32, Vec<(u32, u32)>)> {
         .map(|c| (be32(c, 0), be32(c, 4)))
         .collect();
     Some((u32::from_be_bytes(*id), extents))
+}
+
+/// BLOCK_STATUS_EXT payload: context id, descriptor count, and (64-bit
+/// length, 64-bit flags) descriptors; `None` if the count disagrees with the
+/// size or a flags word does not fit the 32 bits contexts define.
+pub fn decode_block_status_ext(payload: &[u8]) -> Option<(u32, Vec<(u64, u32)>)> {
+    let (head, rest) = payload.split_first_chunk::<8>()?;
+    let count = be32(head, 4) as usize;
+    if rest.len() % 16 != 0 || rest.len() / 16 != count {
+        return None;
+    }
+    let extents = rest
+        .chunks_exact(16)
+        .map(|c| Some((be64(c, 0), u32::try_from(be64(c, 8)).ok()?)))
+        .collect::<Option<Vec<_>>>()?;
+    Some((be32(head, 0), extents))
 }
 
 /// An ERROR or ERROR_OFFSET chunk.
@@ -407,5 +458,37 @@ mod tests {
     #[test]
     fn test_decode_offset_data_when_no_data_returns_none() {
         assert_eq!(decode_offset_data(&[0; 8]), None);
+    }
+
+    #[test]
+    fn test_decode_reply_header_when_extended_returns_offset_and_64_bit_length() {
+        let mut buf = EXTENDED_REPLY_MAGIC.to_be_bytes().to_vec();
+        buf.extend_from_slice(&[0, 1, 0, 6]);
+        buf.extend_from_slice(&7u64.to_be_bytes());
+        buf.extend_from_slice(&4096u64.to_be_bytes());
+        buf.extend_from_slice(&(5u64 << 32).to_be_bytes());
+        let header = ReplyHeader::Chunk {
+            flags: 1,
+            reply_type: ReplyType::BLOCK_STATUS_EXT,
+            cookie: 7,
+            offset: Some(4096),
+            length: 5 << 32,
+        };
+        assert_eq!(decode_reply_header(&buf), Ok(Some((header, 32))));
+    }
+
+    #[test]
+    fn test_decode_block_status_ext_when_count_disagrees_returns_none() {
+        let mut p = vec![0, 0, 0, 0, 0, 0, 0, 2];
+        p.extend_from_slice(&[0; 16]);
+        assert_eq!(decode_block_status_ext(&p), None);
+    }
+
+    #[test]
+    fn test_decode_block_status_ext_when_flags_over_32_bits_returns_none() {
+        let mut p = vec![0, 0, 0, 0, 0, 0, 0, 1];
+        p.extend_from_slice(&512u64.to_be_bytes());
+        p.extend_from_slice(&(1u64 << 32).to_be_bytes());
+        assert_eq!(decode_block_status_ext(&p), None);
     }
 }

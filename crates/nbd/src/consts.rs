@@ -83,8 +83,12 @@ pub const OPTION_REPLY_HEADER_LEN: usize = 20;
 /// Zero padding after an EXPORT_NAME reply unless NO_ZEROES was negotiated.
 pub const EXPORT_NAME_PADDING: usize = 124;
 pub const REQUEST_HEADER_LEN: usize = 28;
+/// An extended request: as compact, but with a 64-bit length.
+pub const EXTENDED_REQUEST_HEADER_LEN: usize = 32;
 pub const SIMPLE_REPLY_LEN: usize = 16;
 pub const CHUNK_HEADER_LEN: usize = 20;
+/// An extended reply chunk header: the request's offset and a 64-bit length.
+pub const EXTENDED_CHUNK_HEADER_LEN: usize = 32;
 
 /// base:allocation status bit: the range is not allocated.
 pub const STATE_HOLE: u32 = 1 << 0;

@@ -57,10 +57,16 @@ fn test_reply_plans_allocate_once_for_common_replies_and_twice_for_sparse_reads(
         length,
     };
     let s = ReplyShape::Structured;
-    assert_eq!(allocations(|| s.ack(1)), 1, "ack");
+    assert_eq!(allocations(|| s.ack(&read(0))), 1, "ack");
+    let e = ReplyShape::Extended;
+    assert_eq!(allocations(|| e.ack(&read(0))), 1, "extended ack");
+    assert_eq!(allocations(|| e.read(&read(4096), &[])), 1, "extended READ");
     assert_eq!(allocations(|| ReplyShape::Simple.read(&read(4096), &[])), 1);
     assert_eq!(allocations(|| s.read(&read(4096), &[])), 1, "whole READ");
-    assert_eq!(allocations(|| s.error(1, NbdErrno::EIO, "failed")), 1);
+    assert_eq!(
+        allocations(|| s.error(&read(0), NbdErrno::EIO, "failed")),
+        1
+    );
     let runs: Vec<(u32, u32)> = (0..64).map(|i| (4096, (i % 2) * 3)).collect();
     assert_eq!(
         allocations(|| s.read(&read(64 * 4096), &runs)),

@@ -342,6 +342,7 @@ fn test_block_status_reply_round_trips_through_client_decoder() {
         reply_type,
         cookie,
         length,
+        ..
     } = header
     else {
         panic!("expected a chunk");

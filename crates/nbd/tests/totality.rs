@@ -231,9 +231,11 @@ fn random_negotiated(rng: &mut Rng) -> Negotiated {
         0 => vec![],
         _ => vec![(0, MetaContext::BaseAllocation)],
     };
+    let extended = rng.below(3) == 0;
     Negotiated {
-        transmission_flags: export.transmission_flags(structured),
-        structured_replies: structured,
+        transmission_flags: export.transmission_flags(structured || extended),
+        structured_replies: structured || extended,
+        extended_headers: extended,
         meta_contexts,
         export,
     }
@@ -268,11 +270,11 @@ fn test_validate_when_ok_request_stays_inside_export() {
             command: CommandType(rng.below(9) as u16),
             cookie: rng.next(),
             offset: rng.below(negotiated.export.size.saturating_add(2)),
-            length: rng.below(1 << 21) as u32,
+            length: rng.below(1 << 21),
         };
         let ok = request::validate(&header, &negotiated) == request::Verdict::Ok;
         if ok && header.command != CommandType::DISC {
-            let end = header.offset + u64::from(header.length);
+            let end = header.offset + header.length;
             assert!(end <= negotiated.export.size, "{header:?}");
         }
     }
@@ -320,6 +322,7 @@ fn assert_read_covers_request(wire: &[u8], req: &RequestHeader) {
             reply_type,
             cookie,
             length,
+            ..
         } = header
         else {
             panic!("a simple reply to a structured READ");
@@ -349,7 +352,7 @@ fn assert_read_covers_request(wire: &[u8], req: &RequestHeader) {
         rest = &rest[used + length as usize..];
     }
     assert!(done, "the reply ends with DONE");
-    assert_eq!(covered, u64::from(req.length));
+    assert_eq!(covered, req.length);
 }
 
 #[test]
@@ -361,7 +364,7 @@ fn test_read_shape_when_allocation_random_covers_request_exactly_once() {
             command: CommandType::READ,
             cookie: rng.next(),
             offset: rng.below(1 << 40),
-            length: 1 + rng.below(256 * 1024) as u32,
+            length: 1 + rng.below(256 * 1024),
         };
         let allocation: Vec<(u32, u32)> = (0..rng.below(12))
             .map(|_| (rng.below(96 * 1024) as u32, rng.below(4) as u32))

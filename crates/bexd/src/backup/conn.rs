@@ -1,8 +1,8 @@
 //! One NBD client connection for backups, on the repo's own sans-IO client
 //! codec (`nbd::client`) over a tokio socket.
 //!
-//! It negotiates what a backup needs (fixed newstyle, structured replies, one
-//! meta context, GO) and then runs one request at a time: a backup opens
+//! It negotiates what a backup needs (fixed newstyle, extended headers or
+//! else structured replies, one meta context, GO) and then runs one request at a time: a backup opens
 //! several connections instead of pipelining on one, which keeps each
 //! connection trivially correct and still fills the pipe when the server
 //! allows multi-conn.
@@ -20,7 +20,7 @@ trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// Largest chunk payload accepted from a server (a 32 MiB read plus headers).
-const MAX_CHUNK: u32 = MAX_PAYLOAD + 4096;
+const MAX_CHUNK: u64 = MAX_PAYLOAD as u64 + 4096;
 
 pub struct Conn {
     io: Box<dyn Io>,
@@ -29,6 +29,8 @@ pub struct Conn {
     pub flags: u16,
     /// The id the server gave the requested meta context.
     pub context_id: Option<u32>,
+    /// The server acked EXTENDED_HEADERS: 32-byte requests, extended replies.
+    pub extended: bool,
     cookie: u64,
 }
 
@@ -55,6 +57,7 @@ impl Conn {
             size: 0,
             flags: 0,
             context_id: None,
+            extended: false,
             cookie: 0,
         };
         c.handshake(target.export(), context).await?;
@@ -116,13 +119,21 @@ impl Conn {
             client |= CLIENT_FLAG_NO_ZEROES;
         }
         codec::client_flags(&mut out, client);
-        codec::structured_reply(&mut out);
+        // Extended headers first (one round trip covers a whole disk's block
+        // status); a server without them gets STRUCTURED_REPLY instead.
+        codec::extended_headers(&mut out);
         self.send(&out).await?;
-        let reply = self.option_reply().await?;
-        if reply.reply != OptionReplyType::ACK {
-            return Err(BackupError::Protocol(
-                "server does not support structured replies".into(),
-            ));
+        self.extended = self.option_reply().await?.reply == OptionReplyType::ACK;
+        if !self.extended {
+            let mut out = Vec::new();
+            codec::structured_reply(&mut out);
+            self.send(&out).await?;
+            let reply = self.option_reply().await?;
+            if reply.reply != OptionReplyType::ACK {
+                return Err(BackupError::Protocol(
+                    "server does not support structured replies".into(),
+                ));
+            }
         }
         if let Some(context) = context {
             let mut out = Vec::new();
@@ -178,16 +189,17 @@ impl Conn {
     ) -> Result<u64, BackupError> {
         let cookie = self.next_cookie();
         let mut out = Vec::new();
-        codec::request(
-            &mut out,
-            &RequestHeader {
-                flags,
-                command,
-                cookie,
-                offset,
-                length,
-            },
-        );
+        let header = RequestHeader {
+            flags,
+            command,
+            cookie,
+            offset,
+            length: u64::from(length),
+        };
+        match self.extended {
+            true => codec::extended_request(&mut out, &header),
+            false => codec::request(&mut out, &header),
+        }
         self.send(&out).await?;
         Ok(cookie)
     }
@@ -295,6 +307,18 @@ impl Conn {
                         .ok_or_else(|| BackupError::Protocol("bad BLOCK_STATUS chunk".into()))?;
                     if ctx == id {
                         extents = e;
+                    }
+                }
+                ReplyType::BLOCK_STATUS_EXT => {
+                    let (ctx, e) = codec::decode_block_status_ext(&payload).ok_or_else(|| {
+                        BackupError::Protocol("bad BLOCK_STATUS_EXT chunk".into())
+                    })?;
+                    // The request was at most 4 GiB, so each extent fits 32 bits.
+                    if ctx == id {
+                        extents = e
+                            .into_iter()
+                            .map(|(l, f)| (u32::try_from(l).unwrap_or(u32::MAX), f))
+                            .collect();
                     }
                 }
                 ReplyType::NONE => {}

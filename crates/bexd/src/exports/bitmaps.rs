@@ -47,11 +47,11 @@ pub fn resolve(
 /// `qemu:dirty-bitmap` extents for `[offset, offset+len)`: (length, flags),
 /// at most `max`, in granularity-aligned runs (the first and last clipped to
 /// the request), as QEMU sends them.
-pub fn extents(bitmap: &DirtyBitmap, offset: u64, len: u32, max: usize) -> Vec<(u32, u32)> {
-    let runs = bitmap.extents(offset, u64::from(len), max);
-    let mut out: Vec<(u32, u32)> = runs
+pub fn extents(bitmap: &DirtyBitmap, offset: u64, len: u64, max: usize) -> Vec<(u64, u32)> {
+    let runs = bitmap.extents(offset, len, max);
+    let mut out: Vec<(u64, u32)> = runs
         .into_iter()
-        .map(|(l, dirty)| (l as u32, dirty_status(dirty)))
+        .map(|(l, dirty)| (l, dirty_status(dirty)))
         .collect();
     // A request past the bitmap (cannot happen: both have the node's size) still gets an answer.
     if out.is_empty() {

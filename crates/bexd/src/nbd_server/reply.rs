@@ -293,11 +293,14 @@ mod tests {
             command: nbd::types::CommandType::READ,
             cookie: 7,
             offset,
-            length: data.len() as u32,
+            length: data.len() as u64,
         };
         let shape = nbd::reply::ReplyShape::Structured;
         let allocation = [(3, 0), (2, nbd::consts::STATE_ZERO), (3, 0)];
-        (shape.read(&req, &allocation), shape.ack(8))
+        (
+            shape.read(&req, &allocation),
+            shape.ack(&nbd::request::RequestHeader { cookie: 8, ..req }),
+        )
     }
 
     const DATA: &[u8] = b"01234567";

@@ -27,12 +27,16 @@ use std::time::Duration;
 use block::uring::Batch;
 use block::{BlockError, BlockNode, IoBuf, ZeroFlags};
 use nbd::consts::{
-    CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, REQUEST_HEADER_LEN,
+    CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE,
+    EXTENDED_REQUEST_HEADER_LEN,
 };
 use nbd::export::MetaContext;
 use nbd::handshake::Negotiated;
-use nbd::reply::{allocation_status, status_chunk_len, ReplyShape, MAX_EXTENTS};
-use nbd::request::{decode_request, validate, RequestHeader, Verdict};
+use nbd::reply::{allocation_status, ReplyShape, MAX_EXTENTS};
+use nbd::request::{
+    incoming, status_filter, validate, validate_selected, HeaderForm, Incoming, RequestHeader,
+    StatusFilter, Verdict,
+};
 use nbd::types::{CommandType, NbdErrno};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -78,6 +82,8 @@ struct Context {
     negotiated: Negotiated,
     /// How replies are framed, from the handshake.
     shape: ReplyShape,
+    /// How requests are framed (28 or 32 bytes), from the handshake.
+    form: HeaderForm,
     client: ExportClient,
     node: Arc<BlockNode>,
     writethrough: bool,
@@ -115,6 +121,7 @@ impl Session {
         Self {
             ctx: Arc::new(Context {
                 shape: ReplyShape::of(&negotiated),
+                form: HeaderForm::of(&negotiated),
                 negotiated,
                 client,
                 node,
@@ -146,8 +153,9 @@ impl Session {
         let reader_done = CancellationToken::new();
         let writer_task = tokio::spawn(write_replies(writer, rx, reader_done.clone()));
         let input = Input::new(reader, &self.leftover, INPUT_BUFFER);
+        let mut requests = 0u64;
         tokio::select! {
-            _ = read_requests(input, self.ctx.clone(), tx) => {}
+            _ = read_requests(input, self.ctx.clone(), tx, &mut requests) => {}
             _ = kick.cancelled() => tracing::info!("client dropped: export removed"),
             _ = shutdown.cancelled() => {}
         }
@@ -155,7 +163,16 @@ impl Session {
         // request task has sent its reply, or when the client stops taking them.
         reader_done.cancel();
         let _ = writer_task.await;
-        tracing::debug!(export = %self.ctx.client.export().id(), "NBD connection closed");
+        // What the client negotiated and how many requests it sent: the
+        // server's own account, which the interop tests and bench/ read
+        // (BEXD_LOG=bexd::nbd_server=debug) to prove extended headers were
+        // used and to count round trips.
+        tracing::debug!(
+            export = %self.ctx.client.export().id(),
+            replies = ?self.ctx.shape,
+            requests,
+            "NBD connection closed"
+        );
     }
 }
 
@@ -163,29 +180,38 @@ async fn read_requests<R: RequestReader>(
     mut input: Input<R>,
     ctx: Arc<Context>,
     tx: mpsc::UnboundedSender<Reply>,
+    requests: &mut u64,
 ) {
     let budget = Arc::new(Semaphore::new(BUDGET));
     let slots = Arc::new(Semaphore::new(MAX_REQUESTS));
-    let mut header = [0u8; REQUEST_HEADER_LEN];
+    let mut header = [0u8; EXTENDED_REQUEST_HEADER_LEN];
+    let header = &mut header[..ctx.form.header_len()];
     let mut pipe: Option<Pipe> = None;
     // Whichever way the loop ends, nothing it deferred stays unsubmitted.
     let _submit = SubmitOnDrop(ctx.batch.clone());
     let batch = &ctx.batch;
     loop {
-        if unplugged(batch, input.read_exact(&mut header))
-            .await
-            .is_err()
-        {
+        if unplugged(batch, input.read_exact(header)).await.is_err() {
             return;
         }
-        let request = match decode_request(&header) {
+        *requests += 1;
+        let request = match ctx.form.decode(header) {
             Ok(r) => r,
             Err(e) => {
                 tracing::info!(error = %e, "NBD client sent a bad request; disconnecting");
+                // In extended mode QEMU answers with the fields as read,
+                // then disconnects; compact mode drops the client silently.
+                if ctx.form == HeaderForm::Extended {
+                    send_then_close(&ctx, &tx, &ctx.form.fields(header), &e.to_string());
+                }
                 return;
             }
         };
-        let verdict = validate(&request, &ctx.negotiated);
+        let (request, selection, verdict, data_len) =
+            match take_payload(&mut input, &ctx, &tx, request).await {
+                Some(taken) => taken,
+                None => return,
+            };
         if let Verdict::Disconnect { reason } = &verdict {
             tracing::info!(%reason, "disconnecting NBD client");
             return;
@@ -193,19 +219,22 @@ async fn read_requests<R: RequestReader>(
         let Ok(slot) = unplugged(batch, slots.clone().acquire_owned()).await else {
             return;
         };
-        let len = pinned_bytes(&request, &verdict, ctx.negotiated.meta_contexts.len());
+        let selected = selection
+            .as_ref()
+            .map_or(ctx.negotiated.meta_contexts.len(), Vec::len);
+        let len = pinned_bytes(&request, &verdict, selected, ctx.shape);
         let cost = 1 + (len / BUDGET_UNIT).min(BUDGET as u64 - 1) as u32;
         let Ok(permit) = unplugged(batch, budget.clone().acquire_many_owned(cost)).await else {
             return;
         };
         let shared = unplugged(batch, take_shared(&ctx.shared, &slots, len)).await;
         let permits = Permits::new(slot, permit, shared);
-        if request.payload_len() >= SUBMIT_BEFORE_PAYLOAD {
+        if data_len >= SUBMIT_BEFORE_PAYLOAD {
             // A big payload takes a while to take in: what the requests
             // before it queued on a ring goes to the device first.
             batch.submit();
         }
-        let payload = match request.payload_len() {
+        let payload = match data_len {
             0 => Payload::None,
             len => match splice_target(&ctx, &request, &verdict, &input) {
                 Some(slice) => {
@@ -245,7 +274,7 @@ async fn read_requests<R: RequestReader>(
                     Verdict::Reject { errno, message } => {
                         error_reply(&ctx, &request, errno, &message)
                     }
-                    _ => handle(&ctx, &request, payload).await,
+                    _ => handle(&ctx, &request, payload, selection.as_deref()).await,
                 };
                 reply.hold_permits(permits);
                 let _ = tx.send(reply);
@@ -254,6 +283,90 @@ async fn read_requests<R: RequestReader>(
         )
         .await;
     }
+}
+
+/// Context ids a BLOCK_STATUS payload asked for (`None`: every negotiated one).
+type Selection = Option<Vec<u32>>;
+
+/// Takes in what follows a request header other than a WRITE's data (a
+/// BLOCK_STATUS context filter, a payload the command cannot take) and
+/// decides the request: the effective header (a filter's length, or length
+/// 0 after a dropped payload), the contexts it selects, the verdict, and how
+/// many bytes of WRITE data follow. `None`: the connection ends (the socket
+/// failed, or a payload too long to skip, answered first in extended mode).
+async fn take_payload<R: RequestReader>(
+    input: &mut Input<R>,
+    ctx: &Context,
+    tx: &mpsc::UnboundedSender<Reply>,
+    request: RequestHeader,
+) -> Option<(RequestHeader, Selection, Verdict, usize)> {
+    let negotiated = &ctx.negotiated;
+    match incoming(&request, negotiated) {
+        Incoming::Nothing => Some((request, None, validate(&request, negotiated), 0)),
+        Incoming::Data(n) => Some((request, None, validate(&request, negotiated), n)),
+        Incoming::Discard(n) => {
+            unplugged(&ctx.batch, discard(input, n)).await.ok()?;
+            let effective = RequestHeader {
+                length: 0,
+                ..request
+            };
+            Some((effective, None, validate(&effective, negotiated), 0))
+        }
+        Incoming::Filter(n) => {
+            // No valid filter is longer than the length and every negotiated
+            // id; a longer payload is dropped unread, as QEMU does.
+            let payload = match n <= 8 + 4 * negotiated.meta_contexts.len() {
+                true => {
+                    let mut payload = vec![0u8; n];
+                    unplugged(&ctx.batch, read_payload(input, &mut payload))
+                        .await
+                        .ok()?;
+                    payload
+                }
+                false => {
+                    unplugged(&ctx.batch, discard(input, n)).await.ok()?;
+                    Vec::new()
+                }
+            };
+            let (length, ids) = match status_filter(&payload, negotiated) {
+                StatusFilter::Valid { length, ids } => (length, ids),
+                StatusFilter::Invalid => (0, Vec::new()),
+            };
+            let effective = RequestHeader { length, ..request };
+            let verdict = validate_selected(&effective, negotiated, ids.len());
+            Some((effective, Some(ids), verdict, 0))
+        }
+        Incoming::TooLong { message } => {
+            tracing::info!(reason = %message, "disconnecting NBD client");
+            if ctx.form == HeaderForm::Extended {
+                send_then_close(ctx, tx, &request, &message);
+            }
+            None
+        }
+    }
+}
+
+/// Reads and drops `n` bytes of payload, 64 KiB at a time.
+async fn discard<R: AsyncRead + Unpin>(input: &mut Input<R>, n: usize) -> std::io::Result<()> {
+    let mut scratch = vec![0u8; n.min(64 * 1024)];
+    let mut left = n;
+    while left > 0 {
+        let chunk = left.min(scratch.len());
+        read_payload(input, &mut scratch[..chunk]).await?;
+        left -= chunk;
+    }
+    Ok(())
+}
+
+/// The EINVAL QEMU sends before it drops a client whose request it cannot
+/// take in (its payload too long to skip, or a header with a bad magic).
+fn send_then_close(
+    ctx: &Context,
+    tx: &mpsc::UnboundedSender<Reply>,
+    request: &RequestHeader,
+    message: &str,
+) {
+    let _ = tx.send(error_reply(ctx, request, NbdErrno::EINVAL, message));
 }
 
 /// The file range a WRITE's payload can be spliced into: an accepted WRITE
@@ -267,12 +380,10 @@ fn splice_target<R: RequestReader>(
     let eligible = ctx.zero_copy
         && matches!(verdict, Verdict::Ok)
         && req.command == CommandType::WRITE
-        && req.length >= SPLICE_MIN
+        && req.length >= u64::from(SPLICE_MIN)
         && input.get_ref().can_splice();
     match eligible {
-        true => ctx
-            .node
-            .page_cache_write_slice(req.offset, u64::from(req.length)),
+        true => ctx.node.page_cache_write_slice(req.offset, req.length),
         false => None,
     }
 }
@@ -304,34 +415,41 @@ async fn write_spliced<R: RequestReader>(
         }
     }
     // Even a payload cut short may have changed part of the range.
-    ctx.node
-        .page_cache_written(req.offset, u64::from(req.length));
+    ctx.node.page_cache_written(req.offset, req.length);
     socket.map(|()| result.map_err(|e| BlockError::io("Could not write to the image", e)))
 }
 
 /// Bytes a request pins until its reply is written: a WRITE's payload (read
 /// even when the request is rejected), a READ's data, or at most this much
-/// of BLOCK_STATUS descriptors for `contexts` metadata contexts. TRIM and
-/// WRITE_ZEROES pin nothing, however large their range: charged by length,
-/// one of 4 GiB took a connection's whole budget and so ran alone.
-fn pinned_bytes(request: &RequestHeader, verdict: &Verdict, contexts: usize) -> u64 {
+/// of BLOCK_STATUS descriptors for `contexts` metadata contexts in `shape`.
+/// TRIM and WRITE_ZEROES pin nothing, however large their range: charged by
+/// length, one of 4 GiB took a connection's whole budget and so ran alone.
+fn pinned_bytes(
+    request: &RequestHeader,
+    verdict: &Verdict,
+    contexts: usize,
+    shape: ReplyShape,
+) -> u64 {
     let ok = matches!(verdict, Verdict::Ok);
     match request.command {
-        CommandType::WRITE => u64::from(request.length),
-        CommandType::READ if ok => u64::from(request.length),
+        CommandType::WRITE => request.length,
+        CommandType::READ if ok => request.length,
         CommandType::BLOCK_STATUS if ok => {
             let descriptors = match request.flags & CMD_FLAG_REQ_ONE {
-                0 => u64::from(request.length.div_ceil(STATUS_GRANULE)).min(MAX_EXTENTS as u64),
+                0 => request
+                    .length
+                    .div_ceil(STATUS_GRANULE)
+                    .min(MAX_EXTENTS as u64),
                 _ => 1,
             };
-            contexts as u64 * status_chunk_len(descriptors as usize) as u64
+            contexts as u64 * shape.status_chunk_len(descriptors as usize) as u64
         }
         _ => 0,
     }
 }
 
 /// The smallest extent a driver reports (a sector), for the bound above.
-const STATUS_GRANULE: u32 = 512;
+const STATUS_GRANULE: u64 = 512;
 
 /// Takes the server-wide budget for a request of `len` bytes, once this
 /// request holds its own slot. A connection with nothing else in flight gets
@@ -478,13 +596,18 @@ where
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
-async fn handle(ctx: &Context, req: &RequestHeader, payload: Payload) -> Reply {
+async fn handle(
+    ctx: &Context,
+    req: &RequestHeader,
+    payload: Payload,
+    selection: Option<&[u32]>,
+) -> Reply {
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let node = &ctx.node;
-    let (offset, len) = (req.offset, u64::from(req.length));
+    let (offset, len) = (req.offset, req.length);
     let result = match req.command {
         CommandType::READ => return read(ctx, req).await,
-        CommandType::BLOCK_STATUS => return block_status(ctx, req).await,
+        CommandType::BLOCK_STATUS => return block_status(ctx, req, selection).await,
         CommandType::WRITE => match payload {
             Payload::Buf(buf) => {
                 let durable = fua || ctx.writethrough;
@@ -513,13 +636,13 @@ async fn handle(ctx: &Context, req: &RequestHeader, payload: Payload) -> Reply {
         _ => return error_reply(ctx, req, NbdErrno::EINVAL, "unknown command"),
     };
     match result {
-        Ok(()) => Reply::new(ctx.shape.ack(req.cookie)),
+        Ok(()) => Reply::new(ctx.shape.ack(req)),
         Err(e) => block_error_reply(ctx, req, &e),
     }
 }
 
 fn error_reply(ctx: &Context, req: &RequestHeader, errno: NbdErrno, message: &str) -> Reply {
-    Reply::new(ctx.shape.error(req.cookie, errno, message))
+    Reply::new(ctx.shape.error(req, errno, message))
 }
 
 fn block_error_reply(ctx: &Context, req: &RequestHeader, e: &BlockError) -> Reply {
@@ -531,8 +654,8 @@ async fn read(ctx: &Context, req: &RequestHeader) -> Reply {
     if req.length == 0 {
         return Reply::new(ctx.shape.read(req, &[]));
     }
-    let slice = match ctx.zero_copy && req.length >= ZERO_COPY_MIN {
-        true => ctx.node.page_cache_slice(req.offset, u64::from(req.length)),
+    let slice = match ctx.zero_copy && req.length >= u64::from(ZERO_COPY_MIN) {
+        true => ctx.node.page_cache_slice(req.offset, req.length),
         false => None,
     };
     let data = match slice {
@@ -548,22 +671,34 @@ async fn read(ctx: &Context, req: &RequestHeader) -> Reply {
         }
     };
     let extents = match ctx.shape.read_wants_allocation(req) {
-        true => allocation_extents(&ctx.node, req.offset, u64::from(req.length), MAX_EXTENTS)
-            .await
-            .unwrap_or_default(),
+        // A READ is at most 32 MiB, so its runs fit the 32-bit hole chunks.
+        true => allocation_extents(
+            &ctx.node,
+            req.offset,
+            req.length,
+            MAX_EXTENTS,
+            u32::MAX.into(),
+        )
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(len, flags)| (len as u32, flags))
+        .collect(),
         false => Vec::new(),
     };
     Reply::with_data(ctx.shape.read(req, &extents), data)
 }
 
-/// base:allocation extents covering `[offset, offset+len)`, equal neighbours merged.
+/// base:allocation extents covering `[offset, offset+len)`, equal neighbours
+/// merged while they stay within `max_len`.
 async fn allocation_extents(
     node: &BlockNode,
     offset: u64,
     len: u64,
     max: usize,
-) -> Result<Vec<(u32, u32)>, BlockError> {
-    status_extents(node, offset, len, max, |e| {
+    max_len: u64,
+) -> Result<Vec<(u64, u32)>, BlockError> {
+    status_extents(node, offset, len, (max, max_len), |e| {
         allocation_status(e.allocated, e.zero)
     })
     .await
@@ -575,54 +710,74 @@ async fn depth_extents(
     offset: u64,
     len: u64,
     max: usize,
-) -> Result<Vec<(u32, u32)>, BlockError> {
-    status_extents(node, offset, len, max, |e| e.depth).await
+    max_len: u64,
+) -> Result<Vec<(u64, u32)>, BlockError> {
+    status_extents(node, offset, len, (max, max_len), |e| e.depth).await
 }
 
 /// Block status over `[offset, offset+len)` as (length, `status(extent)`)
-/// descriptors, equal neighbours merged, at most `max` of them.
+/// descriptors, equal neighbours merged, at most `max` of them, none longer
+/// than `max_len` (32 bits, or 64 in extended mode).
 async fn status_extents(
     node: &BlockNode,
     offset: u64,
     len: u64,
-    max: usize,
+    (max, max_len): (usize, u64),
     status: impl Fn(&block::Extent) -> u32,
-) -> Result<Vec<(u32, u32)>, BlockError> {
-    let mut extents: Vec<(u32, u32)> = Vec::new();
-    let end = offset + len;
+) -> Result<Vec<(u64, u32)>, BlockError> {
+    let mut extents: Vec<(u64, u32)> = Vec::new();
+    let end = offset.saturating_add(len);
     let mut pos = offset;
+    // Each driver call asks for at most what one descriptor can carry
+    // (sector-aligned), so a descriptor never needs to be split.
+    let step = max_len.clamp(512, !511) & !511;
     // One descriptor past `max` is gathered (then dropped) so that the last
     // kept one has absorbed every equal neighbour: with REQ_ONE the answer is
     // the whole run, as QEMU gives it, not the first driver extent of it.
     while pos < end && extents.len() <= max {
-        // Descriptor lengths are 32-bit; ask for at most ~4 GiB at once.
-        let want = (end - pos).min(u64::from(u32::MAX) & !511);
+        let want = (end - pos).min(step);
         let e = node.block_status(pos, want).await?;
-        let e_len = e.len.clamp(1, want) as u32;
+        let e_len = e.len.clamp(1, want);
         let flags = status(&e);
         match extents.last_mut() {
-            Some(last) if last.1 == flags && last.0.checked_add(e_len).is_some() => last.0 += e_len,
+            Some(last)
+                if last.1 == flags && last.0.checked_add(e_len).is_some_and(|s| s <= max_len) =>
+            {
+                last.0 += e_len
+            }
             _ => extents.push((e_len, flags)),
         }
-        pos += u64::from(e_len);
+        pos += e_len;
     }
     extents.truncate(max);
     Ok(extents)
 }
 
-async fn block_status(ctx: &Context, req: &RequestHeader) -> Reply {
-    let (offset, len) = (req.offset, u64::from(req.length));
-    let contexts = &ctx.negotiated.meta_contexts;
+/// BLOCK_STATUS over the negotiated contexts, in their order (QEMU's), or
+/// only those a payload filter selected.
+async fn block_status(ctx: &Context, req: &RequestHeader, selection: Option<&[u32]>) -> Reply {
+    let (offset, len) = (req.offset, req.length);
+    let contexts: Vec<_> = ctx
+        .negotiated
+        .meta_contexts
+        .iter()
+        .filter(|(id, _)| selection.is_none_or(|ids| ids.contains(id)))
+        .collect();
     let mut plan = ctx.shape.block_status(req, contexts.len());
     let max = plan.max_extents();
+    let max_len = ctx.shape.max_extent_len();
     for (id, context) in contexts {
         let extents = match context {
-            MetaContext::BaseAllocation => allocation_extents(&ctx.node, offset, len, max).await,
-            MetaContext::AllocationDepth => depth_extents(&ctx.node, offset, len, max).await,
+            MetaContext::BaseAllocation => {
+                allocation_extents(&ctx.node, offset, len, max, max_len).await
+            }
+            MetaContext::AllocationDepth => {
+                depth_extents(&ctx.node, offset, len, max, max_len).await
+            }
             MetaContext::DirtyBitmap(name) => {
                 Ok(match exported_bitmap(ctx.client.export(), name) {
-                    Some(b) => crate::exports::bitmaps::extents(b, offset, req.length, max),
-                    None => vec![(req.length, nbd::reply::dirty_status(false))],
+                    Some(b) => crate::exports::bitmaps::extents(b, offset, len, max),
+                    None => vec![(len, nbd::reply::dirty_status(false))],
                 })
             }
         };
@@ -678,7 +833,8 @@ mod tests {
         let slots = Semaphore::new(MAX_REQUESTS);
         let _mine = slots.acquire().await.expect("a slot");
         assert!(take_shared(&shared, &slots, 0).await.is_none());
-        let pinned_bytes = |r: &RequestHeader, v: &Verdict| pinned_bytes(r, v, 1);
+        let pinned_bytes =
+            |r: &RequestHeader, v: &Verdict| pinned_bytes(r, v, 1, ReplyShape::Structured);
         let read = RequestHeader {
             flags: 0,
             command: CommandType::READ,
@@ -704,7 +860,7 @@ mod tests {
         assert_eq!(pinned_bytes(&trim, &Verdict::Ok), 0);
         let huge_zero = RequestHeader {
             command: CommandType::WRITE_ZEROES,
-            length: u32::MAX,
+            length: u64::MAX,
             ..read
         };
         assert_eq!(pinned_bytes(&huge_zero, &Verdict::Ok), 0);
@@ -720,18 +876,30 @@ mod tests {
             length,
         };
         // 4 GiB: at most MAX_EXTENTS descriptors per context, 1 MiB each.
-        let big = pinned_bytes(&status(u32::MAX, 0), &Verdict::Ok, 2);
+        let structured = ReplyShape::Structured;
+        let big = pinned_bytes(&status(u32::MAX.into(), 0), &Verdict::Ok, 2, structured);
         assert_eq!(big, 2 * (24 + 8 * MAX_EXTENTS as u64));
         // A 4 KiB range has at most 8 sector-sized extents.
-        assert_eq!(pinned_bytes(&status(4096, 0), &Verdict::Ok, 1), 24 + 64);
-        assert_eq!(
-            pinned_bytes(&status(u32::MAX, CMD_FLAG_REQ_ONE), &Verdict::Ok, 3),
-            3 * 32
+        let small = pinned_bytes(&status(4096, 0), &Verdict::Ok, 1, structured);
+        assert_eq!(small, 24 + 64);
+        let one = pinned_bytes(
+            &status(u32::MAX.into(), CMD_FLAG_REQ_ONE),
+            &Verdict::Ok,
+            3,
+            structured,
         );
+        assert_eq!(one, 3 * 32);
+        // Extended: 16-byte descriptors after a 40-byte chunk head, and a
+        // whole 1 TiB export in one request still pins only MAX_EXTENTS of them.
+        let ext = pinned_bytes(&status(1 << 40, 0), &Verdict::Ok, 1, ReplyShape::Extended);
+        assert_eq!(ext, 40 + 16 * MAX_EXTENTS as u64);
         let rejected = Verdict::Reject {
             errno: NbdErrno::EINVAL,
             message: String::new(),
         };
-        assert_eq!(pinned_bytes(&status(u32::MAX, 0), &rejected, 1), 0);
+        assert_eq!(
+            pinned_bytes(&status(u32::MAX.into(), 0), &rejected, 1, structured),
+            0
+        );
     }
 }

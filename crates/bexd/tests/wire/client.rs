@@ -205,7 +205,7 @@ impl Client {
             command,
             cookie,
             offset,
-            length,
+            length: u64::from(length),
         };
         client::request(&mut out, &header);
         out.extend_from_slice(payload);
@@ -277,6 +277,7 @@ impl Client {
                     reply_type,
                     cookie: c,
                     length,
+                    ..
                 } => {
                     assert_eq!(c, cookie, "chunk for another request");
                     assert_eq!(

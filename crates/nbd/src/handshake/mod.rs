@@ -57,6 +57,9 @@ pub struct Negotiated {
     pub export: ExportInfo,
     /// READ replies must be structured, and errors may carry messages.
     pub structured_replies: bool,
+    /// EXTENDED_HEADERS was negotiated: 32-byte requests with 64-bit
+    /// lengths, and every reply an extended chunk (structured replies too).
+    pub extended_headers: bool,
     /// Contexts selected by the last SET_META_CONTEXT for this export, with
     /// their ids, for BLOCK_STATUS. Empty means BLOCK_STATUS gets EINVAL.
     pub meta_contexts: Vec<(u32, MetaContext)>,
@@ -98,12 +101,17 @@ pub enum HandshakeError {
     StartTlsWithPayload,
     #[error("Handshake already finished")]
     Finished,
+    /// EXPORT_NAME cannot answer in extended mode (no flags for it), so QEMU drops the client.
+    #[error("Extended headers already negotiated")]
+    ExtendedHeadersNegotiated,
 }
 
 /// Everything negotiated so far; replaced whole by STARTTLS.
 #[derive(Debug, Default)]
 struct Session {
     structured_replies: bool,
+    /// EXTENDED_HEADERS was acked; implies `structured_replies`.
+    extended_headers: bool,
     /// The export name given to the last SET_META_CONTEXT and what it
     /// selected; only valid if GO later picks the same export.
     meta: Option<(String, Vec<(u32, MetaContext)>)>,
@@ -344,17 +352,27 @@ impl ServerHandshake {
         }
         let invalid = |msg: String| Plan::Skip(OptionReplyType::ERR_INVALID, msg);
         let plan = match option {
+            // QEMU refuses this before it looks at the name.
+            OptionType::EXPORT_NAME if self.session.extended_headers => {
+                return Err(HandshakeError::ExtendedHeadersNegotiated)
+            }
             OptionType::EXPORT_NAME if len as usize > MAX_STRING => {
                 return Err(HandshakeError::ExportNameTooLong(len))
             }
             OptionType::ABORT => Plan::Abort(OptionReplyType::ACK, String::new()),
-            OptionType::LIST | OptionType::STARTTLS | OptionType::STRUCTURED_REPLY if len > 0 => {
+            OptionType::LIST
+            | OptionType::STARTTLS
+            | OptionType::STRUCTURED_REPLY
+            | OptionType::EXTENDED_HEADERS
+                if len > 0 =>
+            {
                 invalid(unexpected_length(option))
             }
             OptionType::EXPORT_NAME
             | OptionType::LIST
             | OptionType::STARTTLS
-            | OptionType::STRUCTURED_REPLY => Plan::Read,
+            | OptionType::STRUCTURED_REPLY
+            | OptionType::EXTENDED_HEADERS => Plan::Read,
             OptionType::INFO
             | OptionType::GO
             | OptionType::LIST_META_CONTEXT

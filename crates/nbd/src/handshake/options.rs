@@ -27,6 +27,7 @@ impl ServerHandshake {
             OptionType::LIST => self.list(catalog),
             OptionType::STARTTLS => self.starttls(),
             OptionType::STRUCTURED_REPLY => self.structured_reply(),
+            OptionType::EXTENDED_HEADERS => self.extended_headers(),
             OptionType::INFO | OptionType::GO => self.info_or_go(option, payload, catalog),
             OptionType::LIST_META_CONTEXT => {
                 self.meta_context(option, payload, catalog, QueryMode::List)
@@ -66,16 +67,25 @@ impl ServerHandshake {
     /// SET_META_CONTEXT named this very export.
     fn negotiated(&mut self, export: ExportInfo) -> Negotiated {
         let structured = self.session.structured_replies;
+        let extended = self.session.extended_headers;
         let meta_contexts = match self.session.meta.take() {
             Some((name, contexts)) if name == export.name => contexts,
             _ => Vec::new(),
         };
         Negotiated {
-            transmission_flags: export.transmission_flags(structured),
+            transmission_flags: export.transmission_flags(structured)
+                | status_payload_flag(extended && !meta_contexts.is_empty()),
             structured_replies: structured,
+            extended_headers: extended,
             meta_contexts,
             export,
         }
+    }
+
+    /// Whether GO for `export` will leave meta contexts selected: the last
+    /// SET_META_CONTEXT named it and selected at least one.
+    fn has_contexts_for(&self, export: &ExportInfo) -> bool {
+        matches!(&self.session.meta, Some((name, c)) if *name == export.name && !c.is_empty())
     }
 
     /// One NBD_REP_SERVER (name length, name, description) per export, then ACK.
@@ -110,10 +120,28 @@ impl ServerHandshake {
 
     fn structured_reply(&mut self) -> Step {
         let option = OptionType::STRUCTURED_REPLY;
-        if self.session.structured_replies {
+        if self.session.extended_headers {
+            let msg = "extended headers already negotiated";
+            self.error(option, OptionReplyType::ERR_EXT_HEADER_REQD, msg);
+        } else if self.session.structured_replies {
             let msg = "structured reply already negotiated";
             self.error(option, OptionReplyType::ERR_INVALID, msg);
         } else {
+            self.session.structured_replies = true;
+            self.ack(option);
+        }
+        Step::Continue
+    }
+
+    /// Extended headers imply structured replies; they may follow
+    /// STRUCTURED_REPLY, never come twice (QEMU's texts and reply types).
+    fn extended_headers(&mut self) -> Step {
+        let option = OptionType::EXTENDED_HEADERS;
+        if self.session.extended_headers {
+            let msg = "extended headers already negotiated";
+            self.error(option, OptionReplyType::ERR_INVALID, msg);
+        } else {
+            self.session.extended_headers = true;
             self.session.structured_replies = true;
             self.ack(option);
         }
@@ -155,7 +183,11 @@ impl ServerHandshake {
             let msg = "request NBD_INFO_BLOCK_SIZE to use this export".to_string();
             return self.refuse(option, (OptionReplyType::ERR_BLOCK_SIZE_REQD, msg));
         }
-        let flags = export.transmission_flags(self.session.structured_replies);
+        // BLOCK_STAT_PAYLOAD: in extended mode, on INFO always, on GO when
+        // the client will have contexts to filter (QEMU's rule).
+        let filterable = option == OptionType::INFO || self.has_contexts_for(&export);
+        let flags = export.transmission_flags(self.session.structured_replies)
+            | status_payload_flag(self.session.extended_headers && filterable);
         let mut body = export.size.to_be_bytes().to_vec();
         body.extend_from_slice(&flags.to_be_bytes());
         info_reply(&mut self.output, option, InfoType::EXPORT, &body);
@@ -244,6 +276,14 @@ impl ServerHandshake {
     fn refuse(&mut self, option: OptionType, (reply, message): Refusal) -> Step {
         self.error(option, reply, &message);
         Step::Continue
+    }
+}
+
+/// NBD_FLAG_BLOCK_STATUS_PAYLOAD when `on`.
+fn status_payload_flag(on: bool) -> u16 {
+    match on {
+        true => FLAG_BLOCK_STATUS_PAYLOAD,
+        false => 0,
     }
 }
 

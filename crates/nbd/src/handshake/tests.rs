@@ -237,11 +237,103 @@ fn test_unknown_option_returns_err_unsup_with_qemu_message() {
     assert_eq!(message(&replies), "Unsupported option 99 (<unknown>)");
 }
 
+fn extended(hs: &mut ServerHandshake) {
+    let (_, replies) = exchange(hs, &option(OptionType::EXTENDED_HEADERS, &[]));
+    assert_eq!(types(&replies), [OptionReplyType::ACK]);
+}
+
 #[test]
-fn test_extended_headers_returns_err_unsup() {
+fn test_extended_headers_when_asked_acks_and_go_enters_extended_mode() {
     let mut hs = started(TlsMode::None);
+    extended(&mut hs);
+    let (status, _) = exchange(&mut hs, &option(OptionType::GO, &info_payload("disk", &[])));
+    let n = done(status);
+    assert!(n.extended_headers && n.structured_replies);
+    // No context selected: no BLOCK_STAT_PAYLOAD, as QEMU (0xded).
+    assert_eq!(n.transmission_flags, 0xded);
+}
+
+#[test]
+fn test_extended_headers_when_sent_twice_returns_err_invalid_with_qemu_message() {
+    let mut hs = started(TlsMode::None);
+    extended(&mut hs);
     let (_, replies) = exchange(&mut hs, &option(OptionType::EXTENDED_HEADERS, &[]));
-    assert_eq!(types(&replies), [OptionReplyType::ERR_UNSUP]);
+    assert_eq!(types(&replies), [OptionReplyType::ERR_INVALID]);
+    assert_eq!(message(&replies), "extended headers already negotiated");
+}
+
+#[test]
+fn test_extended_headers_with_payload_returns_err_invalid_unexpected_length() {
+    let mut hs = started(TlsMode::None);
+    let (_, replies) = exchange(&mut hs, &option(OptionType::EXTENDED_HEADERS, b"x"));
+    assert_eq!(types(&replies), [OptionReplyType::ERR_INVALID]);
+    assert_eq!(
+        message(&replies),
+        "option 'extended headers' has unexpected length"
+    );
+    extended(&mut hs);
+}
+
+#[test]
+fn test_structured_reply_after_extended_headers_returns_err_ext_header_reqd() {
+    let mut hs = started(TlsMode::None);
+    extended(&mut hs);
+    let (_, replies) = exchange(&mut hs, &option(OptionType::STRUCTURED_REPLY, &[]));
+    assert_eq!(types(&replies), [OptionReplyType::ERR_EXT_HEADER_REQD]);
+    assert_eq!(message(&replies), "extended headers already negotiated");
+}
+
+#[test]
+fn test_extended_headers_after_structured_reply_acks() {
+    let mut hs = started(TlsMode::None);
+    let (_, replies) = exchange(&mut hs, &option(OptionType::STRUCTURED_REPLY, &[]));
+    assert_eq!(types(&replies), [OptionReplyType::ACK]);
+    extended(&mut hs);
+}
+
+#[test]
+fn test_export_name_after_extended_headers_disconnects() {
+    let mut hs = started(TlsMode::None);
+    extended(&mut hs);
+    let (status, replies) = exchange(&mut hs, &option(OptionType::EXPORT_NAME, b"disk"));
+    assert_eq!(
+        status.unwrap_err(),
+        HandshakeError::ExtendedHeadersNegotiated
+    );
+    assert!(replies.is_empty());
+}
+
+#[test]
+fn test_extended_headers_before_tls_returns_err_tls_reqd() {
+    let mut hs = started(TlsMode::Required);
+    let (_, replies) = exchange(&mut hs, &option(OptionType::EXTENDED_HEADERS, &[]));
+    assert_eq!(types(&replies), [OptionReplyType::ERR_TLS_REQD]);
+}
+
+#[test]
+fn test_go_with_contexts_in_extended_mode_advertises_block_status_payload() {
+    let mut hs = started(TlsMode::None);
+    extended(&mut hs);
+    let set = meta_payload("disk", &["base:allocation"]);
+    let _ = exchange(&mut hs, &option(OptionType::SET_META_CONTEXT, &set));
+    let (status, _) = exchange(&mut hs, &option(OptionType::GO, &info_payload("disk", &[])));
+    // qemu-nbd 10 sends 0x1ded for a writable export with base:allocation.
+    assert_eq!(done(status).transmission_flags, 0x1ded);
+}
+
+#[test]
+fn test_info_in_extended_mode_advertises_block_status_payload_without_contexts() {
+    let mut hs = started(TlsMode::None);
+    extended(&mut hs);
+    let (_, replies) = exchange(
+        &mut hs,
+        &option(OptionType::INFO, &info_payload("disk", &[])),
+    );
+    let export = replies
+        .iter()
+        .find(|(t, d)| *t == OptionReplyType::INFO && d[..2] == [0, 0])
+        .expect("NBD_INFO_EXPORT");
+    assert_eq!(&export.1[10..12], &0x1dedu16.to_be_bytes());
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Transmission replies, sans-IO.
 //!
-//! [`ReplyShape`] (fixed by the handshake) decides each reply's form: simple
-//! or structured, a READ whole or as data and hole chunks, an error with or
+//! [`ReplyShape`] (fixed by the handshake) decides each reply's form: simple,
+//! structured or extended (32-byte chunk headers, 64-bit lengths), a READ whole or as data and hole chunks, an error with or
 //! without its message, one BLOCK_STATUS chunk per context. It answers with
 //! a [`ReplyPlan`]: the protocol bytes, and between them the ranges of the
 //! request's data, which the daemon fills from its I/O buffer or page-cache
@@ -30,5 +30,6 @@ pub use plan::{PlanPiece, ReplyPlan};
 pub use shape::{status_chunk_len, BlockStatusPlan, ReplyShape, MAX_EXTENTS, SPARSE_READ_MIN};
 pub use status::{allocation_status, dirty_status};
 pub use wire::{
-    block_status_chunk, error_chunk, none_chunk, offset_data_header, offset_hole, simple_reply,
+    block_status_chunk, block_status_ext_chunk, error_chunk, none_chunk, offset_data_header,
+    offset_hole, simple_reply, Frame,
 };

@@ -5,14 +5,15 @@
 //! The daemon decides nothing about the wire: it asks the shape for a
 //! [`ReplyPlan`] and fills the plan's data ranges.
 
+use crate::consts::STATE_ZERO;
 use crate::consts::{CHUNK_HEADER_LEN, CMD_FLAG_DF, CMD_FLAG_REQ_ONE, SIMPLE_REPLY_LEN};
-use crate::consts::{MAX_STRING, REPLY_FLAG_DONE, STATE_ZERO};
+use crate::consts::{EXTENDED_CHUNK_HEADER_LEN, MAX_PAYLOAD, MAX_STRING, REPLY_FLAG_DONE};
 use crate::handshake::Negotiated;
 use crate::request::RequestHeader;
 use crate::types::NbdErrno;
 
 use super::plan::ReplyPlan;
-use super::wire;
+use super::wire::{self, Frame};
 
 /// READs at least this large are sent sparse (runs of zeroes as OFFSET_HOLE
 /// chunks) when the client allows it. Smaller ones go out whole: finding
@@ -23,15 +24,12 @@ pub const SPARSE_READ_MIN: u32 = 64 * 1024;
 /// asks for at most 2^20), and so the most extents a server gathers for one.
 pub const MAX_EXTENTS: usize = 128 * 1024;
 
-/// OFFSET_DATA: the chunk header and the 8-byte offset before the data.
-const DATA_CHUNK_LEN: usize = CHUNK_HEADER_LEN + 8;
-/// OFFSET_HOLE: the chunk header, offset and hole length.
-const HOLE_CHUNK_LEN: usize = CHUNK_HEADER_LEN + 12;
+/// OFFSET_DATA: the 8-byte offset before the data.
+const DATA_CHUNK_BODY: usize = 8;
+/// OFFSET_HOLE: offset and hole length.
+const HOLE_CHUNK_BODY: usize = 12;
 
 /// How a connection's replies are framed, fixed by the handshake.
-///
-/// Extended headers (64-bit lengths) would be a third shape; the handshake
-/// refuses them (ERR_UNSUP), as QEMU 10.0's server does not offer them either.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReplyShape {
     /// Simple replies only: errors carry just an errno, READs go out whole.
@@ -39,40 +37,71 @@ pub enum ReplyShape {
     /// STRUCTURED_REPLY was negotiated: READ replies are chunks, errors
     /// carry a message.
     Structured,
+    /// EXTENDED_HEADERS was negotiated: as structured, but every chunk has
+    /// the 32-byte header (the request's offset, a 64-bit length), a reply
+    /// without data is a NONE chunk (no simple replies at all), and block
+    /// status goes out as BLOCK_STATUS_EXT with 64-bit extent lengths.
+    Extended,
 }
 
 impl ReplyShape {
     /// The shape the handshake settled on.
     pub fn of(negotiated: &Negotiated) -> Self {
-        match negotiated.structured_replies {
-            true => Self::Structured,
-            false => Self::Simple,
+        match (negotiated.extended_headers, negotiated.structured_replies) {
+            (true, _) => Self::Extended,
+            (false, true) => Self::Structured,
+            (false, false) => Self::Simple,
+        }
+    }
+
+    /// The chunk framing of a reply to `req` (structured or extended).
+    fn frame(self, req: &RequestHeader) -> Frame {
+        match self {
+            Self::Extended => Frame::extended(req.cookie, req.offset),
+            _ => Frame::structured(req.cookie),
+        }
+    }
+
+    fn chunk_header_len(self) -> usize {
+        match self {
+            Self::Extended => EXTENDED_CHUNK_HEADER_LEN,
+            _ => CHUNK_HEADER_LEN,
         }
     }
 
     /// Success for a command that returns no data (WRITE, FLUSH, TRIM,
-    /// WRITE_ZEROES, CACHE): a simple reply in either shape. The spec allows
-    /// it once structured replies are on, and QEMU sends exactly this.
-    pub fn ack(self, cookie: u64) -> ReplyPlan {
+    /// WRITE_ZEROES, CACHE): a simple reply, also once structured replies
+    /// are on (the spec allows it, and QEMU sends exactly this); in extended
+    /// mode, where simple replies are gone, a NONE chunk with DONE.
+    pub fn ack(self, req: &RequestHeader) -> ReplyPlan {
+        if self == Self::Extended {
+            let mut plan = ReplyPlan::with_capacity(EXTENDED_CHUNK_HEADER_LEN, 1);
+            plan.push(|out| wire::none_chunk(out, self.frame(req)), None);
+            return plan;
+        }
         let mut plan = ReplyPlan::with_capacity(SIMPLE_REPLY_LEN, 1);
-        plan.push(|out| wire::simple_reply(out, cookie, NbdErrno::OK), None);
+        plan.push(
+            |out| wire::simple_reply(out, req.cookie, NbdErrno::OK),
+            None,
+        );
         plan
     }
 
-    /// A failed request: a structured ERROR chunk (it carries `message`,
-    /// cut to 4096 bytes) once structured replies are on, else a simple
-    /// reply with just the errno, as QEMU answers.
-    pub fn error(self, cookie: u64, errno: NbdErrno, message: &str) -> ReplyPlan {
+    /// A failed request: an ERROR chunk (it carries `message`, cut to 4096
+    /// bytes) once structured replies are on, else a simple reply with just
+    /// the errno, as QEMU answers.
+    pub fn error(self, req: &RequestHeader, errno: NbdErrno, message: &str) -> ReplyPlan {
         match self {
-            Self::Structured => {
-                let len = CHUNK_HEADER_LEN + 6 + message.len().min(MAX_STRING);
+            Self::Structured | Self::Extended => {
+                let len = self.chunk_header_len() + 6 + message.len().min(MAX_STRING);
                 let mut plan = ReplyPlan::with_capacity(len, 1);
-                plan.push(|out| wire::error_chunk(out, cookie, errno, message), None);
+                let frame = self.frame(req);
+                plan.push(|out| wire::error_chunk(out, frame, errno, message), None);
                 plan
             }
             Self::Simple => {
                 let mut plan = ReplyPlan::with_capacity(SIMPLE_REPLY_LEN, 1);
-                plan.push(|out| wire::simple_reply(out, cookie, errno), None);
+                plan.push(|out| wire::simple_reply(out, req.cookie, errno), None);
                 plan
             }
         }
@@ -81,7 +110,9 @@ impl ReplyShape {
     /// Whether a successful READ of `req` would go out sparse, so that the
     /// caller should gather its base:allocation extents for [`Self::read`].
     pub fn read_wants_allocation(self, req: &RequestHeader) -> bool {
-        self == Self::Structured && req.flags & CMD_FLAG_DF == 0 && req.length >= SPARSE_READ_MIN
+        self != Self::Simple
+            && req.flags & CMD_FLAG_DF == 0
+            && req.length >= u64::from(SPARSE_READ_MIN)
     }
 
     /// A successful READ of `req`; its data is the plan's data, byte 0 at
@@ -94,8 +125,12 @@ impl ReplyShape {
     /// Otherwise the data goes out whole: after a simple reply, or in one
     /// OFFSET_DATA chunk. A zero-length READ gets a NONE chunk (structured)
     /// or a bare simple reply.
+    ///
+    /// Only accepted READs get here, so `req.length` is at most 32 MiB.
     pub fn read(self, req: &RequestHeader, allocation: &[(u32, u32)]) -> ReplyPlan {
-        let len = req.length;
+        let len = req.length.min(u64::from(MAX_PAYLOAD)) as u32;
+        let frame = self.frame(req);
+        let header = self.chunk_header_len();
         match self {
             Self::Simple => {
                 let mut plan = ReplyPlan::with_capacity(SIMPLE_REPLY_LEN, 1);
@@ -106,17 +141,17 @@ impl ReplyShape {
                 );
                 plan
             }
-            Self::Structured if len == 0 => {
-                let mut plan = ReplyPlan::with_capacity(CHUNK_HEADER_LEN, 1);
-                plan.push(|out| wire::none_chunk(out, req.cookie), None);
+            _ if len == 0 => {
+                let mut plan = ReplyPlan::with_capacity(header, 1);
+                plan.push(|out| wire::none_chunk(out, frame), None);
                 plan
             }
-            Self::Structured if req.flags & CMD_FLAG_DF != 0 || allocation.is_empty() => {
-                let mut plan = ReplyPlan::with_capacity(DATA_CHUNK_LEN, 1);
-                push_data(&mut plan, req, 0, len, true);
+            _ if req.flags & CMD_FLAG_DF != 0 || allocation.is_empty() => {
+                let mut plan = ReplyPlan::with_capacity(header + DATA_CHUNK_BODY, 1);
+                push_data(&mut plan, frame, req.offset, 0, len, true);
                 plan
             }
-            Self::Structured => sparse_read(req, allocation),
+            _ => sparse_read(frame, header, req.offset, len, allocation),
         }
     }
 
@@ -126,48 +161,71 @@ impl ReplyShape {
     pub fn block_status(self, req: &RequestHeader, contexts: usize) -> BlockStatusPlan {
         BlockStatusPlan {
             plan: ReplyPlan::with_capacity(0, contexts),
-            cookie: req.cookie,
+            frame: self.frame(req),
             req_one: req.flags & CMD_FLAG_REQ_ONE != 0,
             last_chunk: None,
+        }
+    }
+
+    /// Wire bytes of one BLOCK_STATUS chunk with `descriptors` descriptors
+    /// in this shape (structured: 8 bytes a descriptor; extended: 16).
+    pub fn status_chunk_len(self, descriptors: usize) -> usize {
+        match self {
+            Self::Extended => EXTENDED_CHUNK_HEADER_LEN + 8 + 16 * descriptors,
+            _ => status_chunk_len(descriptors),
+        }
+    }
+
+    /// The longest descriptor a BLOCK_STATUS reply in this shape can carry:
+    /// 32 bits, or 64 in extended mode.
+    pub fn max_extent_len(self) -> u64 {
+        match self {
+            Self::Extended => u64::MAX,
+            _ => u64::from(u32::MAX),
         }
     }
 }
 
 /// One chunk per allocation run: holes as OFFSET_HOLE, data as OFFSET_DATA.
-/// The chunks always cover the whole request, and only the last carries DONE.
-fn sparse_read(req: &RequestHeader, allocation: &[(u32, u32)]) -> ReplyPlan {
-    let runs = allocation.len().min(req.length as usize) + 1;
-    let mut plan = ReplyPlan::with_capacity(runs * HOLE_CHUNK_LEN, runs);
+/// The chunks always cover the whole request (`total` bytes from `start`),
+/// and only the last carries DONE.
+fn sparse_read(
+    frame: Frame,
+    header: usize,
+    start: u64,
+    total: u32,
+    allocation: &[(u32, u32)],
+) -> ReplyPlan {
+    let runs = allocation.len().min(total as usize) + 1;
+    let mut plan = ReplyPlan::with_capacity(runs * (header + HOLE_CHUNK_BODY), runs);
     let mut pos = 0u32;
     for &(len, flags) in allocation {
-        let len = len.min(req.length - pos);
+        let len = len.min(total - pos);
         if len == 0 {
             break;
         }
-        let done = pos + len == req.length;
+        let done = pos + len == total;
         if flags & STATE_ZERO != 0 {
-            let offset = req.offset.saturating_add(u64::from(pos));
-            plan.push(
-                |out| wire::offset_hole(out, req.cookie, done, offset, len),
-                None,
-            );
+            let offset = start.saturating_add(u64::from(pos));
+            plan.push(|out| wire::offset_hole(out, frame, done, offset, len), None);
         } else {
-            push_data(&mut plan, req, pos, len, done);
+            push_data(&mut plan, frame, start, pos, len, done);
         }
         pos += len;
     }
-    if pos < req.length {
-        push_data(&mut plan, req, pos, req.length - pos, true);
+    if pos < total {
+        push_data(&mut plan, frame, start, pos, total - pos, true);
     }
     plan
 }
 
-/// An OFFSET_DATA chunk for `len` bytes of the request's data from `pos`.
-fn push_data(plan: &mut ReplyPlan, req: &RequestHeader, pos: u32, len: u32, done: bool) {
-    let offset = req.offset.saturating_add(u64::from(pos));
+/// An OFFSET_DATA chunk for `len` bytes of the request's data from `pos`
+/// (the request starts at `start`).
+fn push_data(plan: &mut ReplyPlan, frame: Frame, start: u64, pos: u32, len: u32, done: bool) {
+    let offset = start.saturating_add(u64::from(pos));
     let data = pos as usize..(pos as usize + len as usize);
     plan.push(
-        |out| wire::offset_data_header(out, req.cookie, done, offset, len),
+        |out| wire::offset_data_header(out, frame, done, offset, len),
         Some(data),
     );
 }
@@ -176,7 +234,7 @@ fn push_data(plan: &mut ReplyPlan, req: &RequestHeader, pos: u32, len: u32, done
 #[derive(Debug)]
 pub struct BlockStatusPlan {
     plan: ReplyPlan,
-    cookie: u64,
+    frame: Frame,
     /// REQ_ONE: one descriptor per context.
     req_one: bool,
     /// Where the last chunk's header starts in the plan's bytes.
@@ -193,15 +251,22 @@ impl BlockStatusPlan {
     }
 
     /// The chunk for context `context_id`: its (length, flags) descriptors,
-    /// cut to [`Self::max_extents`].
-    pub fn push(&mut self, context_id: u32, extents: &[(u32, u32)]) {
+    /// cut to [`Self::max_extents`]. Outside extended mode the caller keeps
+    /// lengths to 32 bits ([`ReplyShape::max_extent_len`]).
+    pub fn push(&mut self, context_id: u32, extents: &[(u64, u32)]) {
         let extents = &extents[..extents.len().min(self.max_extents())];
         let start = self.plan.protocol_bytes().len();
-        let cookie = self.cookie;
+        let frame = self.frame;
         self.plan.push(
-            |out| {
-                out.reserve(status_chunk_len(extents.len()));
-                wire::block_status_chunk(out, cookie, false, context_id, extents);
+            |out| match frame.extended {
+                Some(_) => {
+                    out.reserve(EXTENDED_CHUNK_HEADER_LEN + 8 + 16 * extents.len());
+                    wire::block_status_ext_chunk(out, frame, false, context_id, extents);
+                }
+                None => {
+                    out.reserve(status_chunk_len(extents.len()));
+                    wire::block_status_chunk(out, frame, false, context_id, extents);
+                }
             },
             None,
         );
@@ -219,8 +284,8 @@ impl BlockStatusPlan {
                 }
             }
             None => {
-                let cookie = self.cookie;
-                self.plan.push(|out| wire::none_chunk(out, cookie), None);
+                let frame = self.frame;
+                self.plan.push(|out| wire::none_chunk(out, frame), None);
             }
         }
         self.plan

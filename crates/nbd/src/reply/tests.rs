@@ -34,7 +34,7 @@ fn request(command: CommandType, flags: u16, offset: u64, length: u32) -> Reques
         command,
         cookie: COOKIE,
         offset,
-        length,
+        length: u64::from(length),
     }
 }
 
@@ -55,21 +55,21 @@ fn pieces(plan: &ReplyPlan) -> Vec<PlanPiece<'_>> {
 fn test_ack_in_either_shape_is_a_simple_reply_with_errno_zero() {
     let want = cat(&[&SIMPLE, &[0, 0, 0, 0], &COOKIE_BYTES]);
     for shape in [ReplyShape::Simple, ReplyShape::Structured] {
-        let plan = shape.ack(COOKIE);
+        let plan = shape.ack(&read(0, 0, 0));
         assert_eq!(pieces(&plan), [PlanPiece::Bytes(&want)], "{shape:?}");
     }
 }
 
 #[test]
 fn test_error_when_simple_sends_errno_and_drops_the_message() {
-    let plan = ReplyShape::Simple.error(COOKIE, NbdErrno::ENOSPC, "No space left");
+    let plan = ReplyShape::Simple.error(&read(0, 0, 0), NbdErrno::ENOSPC, "No space left");
     let want = cat(&[&SIMPLE, &[0, 0, 0, 28], &COOKIE_BYTES]);
     assert_eq!(pieces(&plan), [PlanPiece::Bytes(&want)]);
 }
 
 #[test]
 fn test_error_when_structured_sends_error_chunk_with_message() {
-    let plan = ReplyShape::Structured.error(COOKIE, NbdErrno::EIO, "bad");
+    let plan = ReplyShape::Structured.error(&read(0, 0, 0), NbdErrno::EIO, "bad");
     // Payload: errno (32), message length (16), message.
     let want = cat(&[&chunk(DONE, ERROR, 6 + 3), &[0, 0, 0, 5], &[0, 3], b"bad"]);
     assert_eq!(pieces(&plan), [PlanPiece::Bytes(&want)]);
@@ -78,7 +78,7 @@ fn test_error_when_structured_sends_error_chunk_with_message() {
 #[test]
 fn test_error_when_message_too_long_cuts_it_to_4096_bytes() {
     let message = "x".repeat(MAX_STRING + 10);
-    let plan = ReplyShape::Structured.error(COOKIE, NbdErrno::EINVAL, &message);
+    let plan = ReplyShape::Structured.error(&read(0, 0, 0), NbdErrno::EINVAL, &message);
     let bytes = plan.protocol_bytes();
     assert_eq!(bytes.len(), 20 + 6 + MAX_STRING);
     assert_eq!(&bytes[16..20], &(6 + MAX_STRING as u32).to_be_bytes());
@@ -383,10 +383,95 @@ fn test_shape_of_follows_the_negotiated_structured_replies() {
             meta_contexts: Vec::new(),
         },
         structured_replies: true,
+        extended_headers: false,
         meta_contexts: Vec::new(),
         transmission_flags: 0,
     };
     assert_eq!(ReplyShape::of(&negotiated), ReplyShape::Structured);
     negotiated.structured_replies = false;
     assert_eq!(ReplyShape::of(&negotiated), ReplyShape::Simple);
+    negotiated.extended_headers = true;
+    assert_eq!(ReplyShape::of(&negotiated), ReplyShape::Extended);
+}
+
+/// Extended reply magic, 0x6e8a278c.
+const EXT: [u8; 4] = [0x6e, 0x8a, 0x27, 0x8c];
+const BLOCK_STATUS_EXT: [u8; 2] = [0, 6];
+
+/// An extended chunk header: magic, flags, type, cookie, the request's
+/// offset, 64-bit payload length.
+fn ext_chunk(flags: [u8; 2], kind: [u8; 2], offset: u64, len: u64) -> Vec<u8> {
+    cat(&[
+        &EXT,
+        &flags,
+        &kind,
+        &COOKIE_BYTES,
+        &offset.to_be_bytes(),
+        &len.to_be_bytes(),
+    ])
+}
+
+#[test]
+fn test_ack_when_extended_is_a_none_chunk_with_the_request_offset() {
+    let req = request(CommandType::WRITE_ZEROES, 0, 8192, 512);
+    let plan = ReplyShape::Extended.ack(&req);
+    let want = ext_chunk(DONE, NONE, 8192, 0);
+    assert_eq!(pieces(&plan), [PlanPiece::Bytes(&want)]);
+}
+
+#[test]
+fn test_error_when_extended_is_an_extended_error_chunk() {
+    let plan = ReplyShape::Extended.error(&read(0, 4096, 0), NbdErrno::EIO, "bad");
+    let want = cat(&[
+        &ext_chunk(DONE, ERROR, 4096, 6 + 3),
+        &[0, 0, 0, 5],
+        &[0, 3],
+        b"bad",
+    ]);
+    assert_eq!(pieces(&plan), [PlanPiece::Bytes(&want)]);
+}
+
+#[test]
+fn test_read_when_extended_and_sparse_frames_every_chunk_with_the_request_offset() {
+    let plan = ReplyShape::Extended.read(
+        &read(0, 4096, 128 * 1024),
+        &[(64 * 1024, 0), (64 * 1024, 3)],
+    );
+    let mut hole = ext_chunk(DONE, OFFSET_HOLE, 4096, 12);
+    hole.extend_from_slice(&(4096u64 + 65536).to_be_bytes());
+    hole.extend_from_slice(&65536u32.to_be_bytes());
+    let mut data = ext_chunk(MORE, OFFSET_DATA, 4096, 8 + 65536);
+    data.extend_from_slice(&4096u64.to_be_bytes());
+    assert_eq!(
+        pieces(&plan),
+        [
+            PlanPiece::Bytes(&data),
+            PlanPiece::Data(0..65536),
+            PlanPiece::Bytes(&hole)
+        ]
+    );
+}
+
+#[test]
+fn test_block_status_when_extended_sends_block_status_ext_with_64_bit_lengths() {
+    let req = RequestHeader {
+        length: 1 << 40,
+        ..status_req(0)
+    };
+    let mut plan = ReplyShape::Extended.block_status(&req, 1);
+    plan.push(0, &[(1 << 40, allocation_status(false, true))]);
+    let want = cat(&[
+        &ext_chunk(DONE, BLOCK_STATUS_EXT, req.offset, 8 + 16),
+        &[0, 0, 0, 0, 0, 0, 0, 1],
+        &(1u64 << 40).to_be_bytes(),
+        &3u64.to_be_bytes(),
+    ]);
+    assert_eq!(plan.finish().protocol_bytes(), want.as_slice());
+    assert_eq!(ReplyShape::Extended.status_chunk_len(1), want.len());
+}
+
+#[test]
+fn test_max_extent_len_is_64_bits_only_when_extended() {
+    assert_eq!(ReplyShape::Structured.max_extent_len(), u64::from(u32::MAX));
+    assert_eq!(ReplyShape::Extended.max_extent_len(), u64::MAX);
 }

@@ -6,6 +6,48 @@ use crate::consts::*;
 use crate::text::truncate_utf8;
 use crate::types::{NbdErrno, ReplyType};
 
+/// How a chunk header is framed: the request's cookie, and in extended mode
+/// the request's offset too (the 32-byte header repeats it, as QEMU's does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub cookie: u64,
+    /// `Some(request offset)`: an extended header with a 64-bit length.
+    pub extended: Option<u64>,
+}
+
+impl Frame {
+    /// A 20-byte structured chunk header.
+    pub fn structured(cookie: u64) -> Self {
+        Self {
+            cookie,
+            extended: None,
+        }
+    }
+
+    /// A 32-byte extended chunk header for a request at `offset`.
+    pub fn extended(cookie: u64, offset: u64) -> Self {
+        Self {
+            cookie,
+            extended: Some(offset),
+        }
+    }
+
+    /// Bytes of the chunk header.
+    pub fn header_len(self) -> usize {
+        match self.extended {
+            Some(_) => EXTENDED_CHUNK_HEADER_LEN,
+            None => CHUNK_HEADER_LEN,
+        }
+    }
+}
+
+/// A bare cookie frames a structured (20-byte) chunk.
+impl From<u64> for Frame {
+    fn from(cookie: u64) -> Self {
+        Self::structured(cookie)
+    }
+}
+
 /// A simple reply (16 bytes); a successful READ's data follows it.
 pub fn simple_reply(out: &mut Vec<u8>, cookie: u64, error: NbdErrno) {
     out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
@@ -13,44 +55,63 @@ pub fn simple_reply(out: &mut Vec<u8>, cookie: u64, error: NbdErrno) {
     out.extend_from_slice(&cookie.to_be_bytes());
 }
 
-/// The 20-byte structured chunk header; `len` bytes of payload follow.
-fn chunk_header(out: &mut Vec<u8>, cookie: u64, done: bool, chunk: ReplyType, len: u32) {
+/// The chunk header (20 bytes, or 32 extended); `len` bytes of payload
+/// follow. A structured header's length is 32 bits: callers keep their
+/// chunks below 4 GiB (QEMU's bounds are far lower).
+fn chunk_header(out: &mut Vec<u8>, frame: Frame, done: bool, chunk: ReplyType, len: u64) {
     let flags: u16 = if done { REPLY_FLAG_DONE } else { 0 };
-    out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    let magic = match frame.extended {
+        Some(_) => EXTENDED_REPLY_MAGIC,
+        None => STRUCTURED_REPLY_MAGIC,
+    };
+    out.extend_from_slice(&magic.to_be_bytes());
     out.extend_from_slice(&flags.to_be_bytes());
     out.extend_from_slice(&chunk.0.to_be_bytes());
-    out.extend_from_slice(&cookie.to_be_bytes());
-    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&frame.cookie.to_be_bytes());
+    match frame.extended {
+        Some(offset) => {
+            out.extend_from_slice(&offset.to_be_bytes());
+            out.extend_from_slice(&len.to_be_bytes());
+        }
+        None => {
+            let len = u32::try_from(len).unwrap_or(u32::MAX);
+            out.extend_from_slice(&len.to_be_bytes());
+        }
+    }
 }
 
 /// OFFSET_DATA chunk header plus its offset; `data_len` bytes of data follow.
-pub fn offset_data_header(out: &mut Vec<u8>, cookie: u64, done: bool, offset: u64, data_len: u32) {
-    chunk_header(
-        out,
-        cookie,
-        done,
-        ReplyType::OFFSET_DATA,
-        data_len.saturating_add(8),
-    );
+pub fn offset_data_header(
+    out: &mut Vec<u8>,
+    frame: impl Into<Frame>,
+    done: bool,
+    offset: u64,
+    data_len: u32,
+) {
+    let len = u64::from(data_len) + 8;
+    chunk_header(out, frame.into(), done, ReplyType::OFFSET_DATA, len);
     out.extend_from_slice(&offset.to_be_bytes());
 }
 
-/// OFFSET_HOLE chunk: `len` bytes at `offset` read as zeroes.
-pub fn offset_hole(out: &mut Vec<u8>, cookie: u64, done: bool, offset: u64, len: u32) {
-    chunk_header(out, cookie, done, ReplyType::OFFSET_HOLE, 12);
+/// OFFSET_HOLE chunk: `len` bytes at `offset` read as zeroes (a 32-bit
+/// length in either framing: reads are at most 32 MiB).
+pub fn offset_hole(out: &mut Vec<u8>, frame: impl Into<Frame>, done: bool, offset: u64, len: u32) {
+    chunk_header(out, frame.into(), done, ReplyType::OFFSET_HOLE, 12);
     out.extend_from_slice(&offset.to_be_bytes());
     out.extend_from_slice(&len.to_be_bytes());
 }
 
-/// The NONE chunk: ends a structured reply with no content.
-pub fn none_chunk(out: &mut Vec<u8>, cookie: u64) {
-    chunk_header(out, cookie, true, ReplyType::NONE, 0);
+/// The NONE chunk: ends a structured reply with no content (and, in
+/// extended mode, is every successful reply without data).
+pub fn none_chunk(out: &mut Vec<u8>, frame: impl Into<Frame>) {
+    chunk_header(out, frame.into(), true, ReplyType::NONE, 0);
 }
 
 /// An ERROR chunk (with DONE) carrying a message of at most 4096 bytes.
-pub fn error_chunk(out: &mut Vec<u8>, cookie: u64, error: NbdErrno, message: &str) {
+pub fn error_chunk(out: &mut Vec<u8>, frame: impl Into<Frame>, error: NbdErrno, message: &str) {
     let msg = truncate_utf8(message, MAX_STRING);
-    chunk_header(out, cookie, true, ReplyType::ERROR, 6 + msg.len() as u32);
+    let len = 6 + msg.len() as u64;
+    chunk_header(out, frame.into(), true, ReplyType::ERROR, len);
     out.extend_from_slice(&error.0.to_be_bytes());
     out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     out.extend_from_slice(msg.as_bytes());
@@ -58,24 +119,42 @@ pub fn error_chunk(out: &mut Vec<u8>, cookie: u64, error: NbdErrno, message: &st
 
 /// A BLOCK_STATUS chunk: the context id and (length, flags) descriptors.
 /// The caller keeps `extents` to a sane count (QEMU sends at most 2^17 per
-/// chunk; the spec asks for at most 2^20); far beyond that the length field
-/// would saturate.
+/// chunk; the spec asks for at most 2^20) and lengths to 32 bits (a longer
+/// one is sent as `u32::MAX`).
 pub fn block_status_chunk(
     out: &mut Vec<u8>,
-    cookie: u64,
+    frame: impl Into<Frame>,
     done: bool,
     context_id: u32,
-    extents: &[(u32, u32)],
+    extents: &[(u64, u32)],
 ) {
-    let len = u32::try_from(extents.len())
-        .unwrap_or(u32::MAX)
-        .saturating_mul(8)
-        .saturating_add(4);
-    chunk_header(out, cookie, done, ReplyType::BLOCK_STATUS, len);
+    let len = 4 + 8 * extents.len() as u64;
+    chunk_header(out, frame.into(), done, ReplyType::BLOCK_STATUS, len);
     out.extend_from_slice(&context_id.to_be_bytes());
-    for (length, flags) in extents {
+    for &(length, flags) in extents {
+        let length = u32::try_from(length).unwrap_or(u32::MAX);
         out.extend_from_slice(&length.to_be_bytes());
         out.extend_from_slice(&flags.to_be_bytes());
+    }
+}
+
+/// A BLOCK_STATUS_EXT chunk (extended mode): the context id, the descriptor
+/// count, and (64-bit length, 64-bit flags) descriptors.
+pub fn block_status_ext_chunk(
+    out: &mut Vec<u8>,
+    frame: Frame,
+    done: bool,
+    context_id: u32,
+    extents: &[(u64, u32)],
+) {
+    let len = 8 + 16 * extents.len() as u64;
+    chunk_header(out, frame, done, ReplyType::BLOCK_STATUS_EXT, len);
+    out.extend_from_slice(&context_id.to_be_bytes());
+    let count = u32::try_from(extents.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&count.to_be_bytes());
+    for &(length, flags) in extents {
+        out.extend_from_slice(&length.to_be_bytes());
+        out.extend_from_slice(&u64::from(flags).to_be_bytes());
     }
 }
 
@@ -139,5 +218,27 @@ mod tests {
         error_chunk(&mut out, 1, NbdErrno::EIO, "bad");
         assert_eq!(&out[6..8], &ReplyType::ERROR.0.to_be_bytes());
         assert_eq!(&out[26..], b"bad");
+    }
+
+    #[test]
+    fn test_none_chunk_when_extended_is_32_bytes_with_the_request_offset() {
+        let mut out = Vec::new();
+        none_chunk(&mut out, Frame::extended(3, 4096));
+        assert_eq!(out.len(), EXTENDED_CHUNK_HEADER_LEN);
+        assert_eq!(&out[..4], &EXTENDED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&out[16..24], &4096u64.to_be_bytes());
+        assert_eq!(&out[24..32], &0u64.to_be_bytes());
+    }
+
+    #[test]
+    fn test_block_status_ext_chunk_when_extent_over_4_gib_keeps_64_bits() {
+        let mut out = Vec::new();
+        let extents = [(5u64 << 32, 3u32), (512, 0)];
+        block_status_ext_chunk(&mut out, Frame::extended(1, 0), true, 2, &extents);
+        assert_eq!(&out[6..8], &ReplyType::BLOCK_STATUS_EXT.0.to_be_bytes());
+        assert_eq!(u64::from_be_bytes(out[24..32].try_into().unwrap()), 8 + 32);
+        assert_eq!(&out[32..40], &[0, 0, 0, 2, 0, 0, 0, 2]);
+        assert_eq!(&out[40..48], &(5u64 << 32).to_be_bytes());
+        assert_eq!(&out[48..56], &3u64.to_be_bytes());
     }
 }
