@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TOOLS = ["qemu-img", "qemu-io", "qemu-storage-daemon", "nbdinfo", "nbdcopy", "nbdsh", "fio",
+TOOLS = ["qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon", "nbdinfo", "nbdcopy", "nbdsh", "fio",
          "openssl", "strace"]
 MODULES = ["nbd", "qemu.qmp"]
 

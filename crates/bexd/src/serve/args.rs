@@ -30,7 +30,7 @@ pub struct ServeArgs {
     /// options, e.g. driver=qcow2,file.driver=file,file.filename=d.qcow2).
     pub image: Vec<String>,
     /// Port to listen on.
-    #[arg(short, long, value_name = "PORT")]
+    #[arg(short, long, value_name = "PORT", allow_hyphen_values = true)]
     pub port: Option<String>,
     /// Interface to bind to (default 0.0.0.0, as qemu-nbd).
     #[arg(short, long, value_name = "IFACE")]
@@ -40,7 +40,7 @@ pub struct ServeArgs {
     pub socket: Option<PathBuf>,
     /// Clients that may share the export at once (default 1; 0 = unlimited).
     /// More than one turns on multi-conn.
-    #[arg(short = 'e', long, value_name = "NUM")]
+    #[arg(short = 'e', long, value_name = "NUM", allow_hyphen_values = true)]
     pub shared: Option<String>,
     /// Keep serving after the last client leaves (without it, bexd serve
     /// exits when the last client that reached transmission disconnects).
@@ -57,10 +57,10 @@ pub struct ServeArgs {
     pub description: Option<String>,
     /// Drop clients that have not finished the handshake after N seconds
     /// (default 10, 0 = no limit).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
     pub handshake_limit: Option<String>,
     /// Serve the image from this byte offset on.
-    #[arg(short, long, value_name = "OFFSET")]
+    #[arg(short, long, value_name = "OFFSET", allow_hyphen_values = true)]
     pub offset: Option<String>,
     /// Offer qemu:allocation-depth.
     #[arg(short = 'A', long)]
