@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TOOLS = ["qemu-img", "qemu-io", "qemu-storage-daemon", "nbdinfo", "nbdcopy", "nbdsh", "fio",
-         "openssl", "strace", "systemd-socket-activate"]
+TOOLS = ["qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon", "nbdinfo", "nbdcopy", "nbdsh",
+         "fio", "openssl", "strace", "systemd-socket-activate"]
 MODULES = ["nbd", "qemu.qmp"]
 
 

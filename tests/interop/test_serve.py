@@ -43,7 +43,7 @@ def test_serve_prints_a_uri_that_clients_can_use(serve, image):
 
 def test_serve_read_only_on_a_unix_socket_with_a_name(serve, image, tmp_path):
     sock = tmp_path / "s.sock"
-    _, uri = serve("--socket", str(sock), "--read-only", "--name", "d0", str(image(4 * MIB)))
+    _, uri = serve("--socket", str(sock), "--read-only", "--export-name", "d0", "-t", str(image(4 * MIB)))
     assert uri == f"nbd+unix:///d0?socket={sock}"
     out = subprocess.run(["qemu-img", "info", "--output=json", uri], check=True, capture_output=True, text=True)
     assert '"virtual-size": 4194304' in out.stdout
@@ -66,7 +66,7 @@ def test_serve_finds_qcow2_by_itself_and_takes_aio(serve, tmp_path):
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "16M"], check=True)
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 64k", str(img)], check=True,
                    capture_output=True)
-    _, uri = serve("--port", str(free_port()), "--aio", "io_uring", "--direct", str(img))
+    _, uri = serve("--port", str(free_port()), "--aio", "io_uring", "--cache=none", str(img))
     h = nbd.NBD()
     h.connect_uri(uri)
     assert h.get_size() == 16 * MIB

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import daemon_binary, need, make_image, wait_until
 
-SERVE = {"qemu-nbd": ["qemu-nbd", "-t"], "bexd": daemon_binary("bexd") + ["serve"]}
+SERVE = {"qemu-nbd": ["qemu-nbd", "-t"], "bexd": daemon_binary("bexd") + ["serve", "-t"]}
 
 
 def activate(tmp, argv):

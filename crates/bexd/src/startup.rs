@@ -187,7 +187,7 @@ async fn apply_one(daemon: &Arc<Daemon>, option: &CliOption) -> Result<(), QmpEr
 
 /// An option's argument as a JSON tree: QEMU's JSON form when it starts with
 /// `{`, its keyval form otherwise (leaves are strings, typed later).
-fn option_value(s: &str, implied_key: Option<&str>) -> Result<(Value, InputMode), QmpError> {
+pub fn option_value(s: &str, implied_key: Option<&str>) -> Result<(Value, InputMode), QmpError> {
     if s.trim_start().starts_with('{') {
         let v = serde_json::from_str(s)
             .map_err(|e| QmpError::generic(format!("JSON parse error, {e}")))?;

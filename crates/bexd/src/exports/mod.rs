@@ -39,6 +39,8 @@ pub struct Export {
     /// Fired by a hard removal: every connection on this export drops at once.
     kick: CancellationToken,
     connections: AtomicUsize,
+    /// Signalled each time the last connection leaves (see [`Export::wait_until_idle`]).
+    idle: tokio::sync::Notify,
 }
 
 impl Export {
@@ -51,6 +53,7 @@ impl Export {
             shutting_down: AtomicBool::new(false),
             kick: CancellationToken::new(),
             connections: AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
         }
     }
 
@@ -78,6 +81,18 @@ impl Export {
     /// The token a connection watches to learn it must drop (hard removal).
     pub fn kicked(&self) -> CancellationToken {
         self.kick.clone()
+    }
+
+    /// Returns once a client has been attached and then every client has
+    /// left (`bexd serve` without `-t` exits then, as qemu-nbd does). A
+    /// departure before the call counts: the signal is kept until awaited.
+    pub async fn wait_until_idle(&self) {
+        loop {
+            self.idle.notified().await;
+            if self.connection_count() == 0 {
+                return;
+            }
+        }
     }
 
     /// Starts removal. With `hard`, connected clients are dropped.
@@ -249,6 +264,9 @@ impl ExportClient {
 impl Drop for ExportClient {
     fn drop(&mut self) {
         let left = self.export.connections.fetch_sub(1, Ordering::AcqRel) - 1;
+        if left == 0 {
+            self.export.idle.notify_one();
+        }
         if left == 0 && self.export.is_shutting_down() {
             self.table.finish_removal(self.export.id());
         }

@@ -1,0 +1,288 @@
+"""`bexd serve` as a drop-in qemu-nbd: the same command lines run through
+qemu-nbd 10 and through bexd serve, compared (issue 17 item 3).
+
+Each test runs both programs with the same arguments and checks that what a
+script can observe is the same: the exit code and the one-line message of a
+refusal, the export's size, flags and data, `-L`'s output, when the server
+exits, what `--fork` and `--pid-file` leave behind, how the image file is
+opened (O_DIRECT for --cache=none)."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import nbd
+import pytest
+
+from conftest import daemon_binary, need, wait_until, can_connect_unix
+
+MIB = 1 << 20
+
+pytestmark = pytest.mark.bexd_only("compares bexd serve with qemu-nbd, not with the daemon under test")
+
+PROGRAMS = ["qemu-nbd", "bexd"]
+
+
+def argv(program, *args):
+    if program == "qemu-nbd":
+        need("qemu-nbd")
+        return ["qemu-nbd", *args]
+    return daemon_binary("bexd") + ["serve", *args]
+
+
+def refusal(program, *args):
+    """(exit code, first stderr line without the program's prefix)."""
+    p = subprocess.run(argv(program, *args), capture_output=True, text=True, timeout=30,
+                       stdin=subprocess.DEVNULL)
+    lines = [line for line in p.stderr.splitlines() if not line.startswith(("WARNING", " "))]
+    first = lines[0] if lines else ""
+    for prefix in ("qemu-nbd: ", "bexd serve: "):
+        first = first.removeprefix(prefix)
+    return p.returncode, first
+
+
+@pytest.fixture
+def raw(tmp_path):
+    path = tmp_path / "d.img"
+    with open(path, "wb") as f:
+        f.truncate(16 * MIB)
+        f.seek(0x1000)
+        f.write(b"offset!" * 64)
+    return path
+
+
+class Server:
+    """One server process on a unix socket, stopped at teardown."""
+
+    def __init__(self, program, sock, *args):
+        self.sock = sock
+        self.proc = subprocess.Popen(argv(program, "-k", str(sock), *args), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        wait_until(lambda: can_connect_unix(sock) or self.proc.poll() is not None, 20,
+                   f"{program} to listen")
+        assert self.proc.poll() is None, self.proc.stderr.read()
+
+    def uri(self, name=""):
+        return f"nbd+unix:///{name}?socket={self.sock}"
+
+    def info(self, name=""):
+        out = subprocess.run(["nbdinfo", "--json", self.uri(name)], check=True, capture_output=True,
+                             text=True).stdout
+        return json.loads(out)["exports"][0]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=20)
+
+
+@pytest.fixture
+def servers(tmp_path):
+    started = []
+
+    def _start(program, *args):
+        s = Server(program, tmp_path / f"{program}-{len(started)}.sock", *args)
+        started.append(s)
+        return s
+    yield _start
+    for s in started:
+        s.stop()
+
+
+REFUSALS = [
+    ["-e", "-1", "d.img"],
+    ["-e", "x", "d.img"],
+    ["--cache=bogus", "d.img"],
+    ["-n", "--cache=none", "d.img"],
+    ["--aio=threads", "--aio=threads", "d.img"],
+    ["--aio=bogus", "d.img"],
+    ["--discard=bogus", "d.img"],
+    ["--detect-zeroes=bogus", "d.img"],
+    ["--detect-zeroes=unmap", "d.img"],
+    ["-o", "x", "d.img"],
+    ["-o", "-5", "-f", "raw", "d.img"],
+    ["-o", "99999999999", "-f", "raw", "d.img"],
+    ["-k", "relative.sock", "d.img"],
+    ["--handshake-limit=-1", "d.img"],
+    ["--handshake-limit=x", "d.img"],
+    ["--tls-authz=a", "d.img"],
+    ["--tls-hostname=a", "d.img"],
+    ["--tls-creds=nope", "d.img"],
+    ["--selinux-label=x", "d.img"],
+    [],
+    ["d.img", "e.img"],
+    ["-L", "d.img"],
+    ["-L", "-x", "foo"],
+    ["-L", "-n"],
+    ["-L", "--fork"],
+    ["-x", "x" * 4097, "d.img"],
+    ["-c", "/dev/nbd-bexd-test-missing", "-f", "raw", "d.img"],
+    ["-d", "/dev/nbd-bexd-test-missing"],
+    ["-l", "snap", "-f", "raw", "d.img"],
+    ["nope.img"],
+]
+
+
+@pytest.mark.parametrize("args", REFUSALS, ids=lambda a: " ".join(a)[:40] or "no-args")
+def test_refusals_exit_1_with_qemu_nbds_message(args, raw, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    theirs = refusal("qemu-nbd", *args)
+    ours = refusal("bexd", *args)
+    assert theirs[0] == 1, theirs
+    assert ours[0] == 1, ours
+    if args == ["nope.img"]:
+        # qemu-nbd names its internal call (blk_new_open); both name the file and the errno.
+        assert "nope.img" in ours[1] and "No such file or directory" in ours[1]
+    else:
+        assert ours[1] == theirs[1]
+
+
+def test_list_prints_what_qemu_nbd_prints_for_either_server(servers, raw):
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(raw) + ".q", "16M"], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", str(raw) + ".q", "b0"], check=True)
+    for program in PROGRAMS:
+        s = servers(program, "-t", "-x", "foo", "-D", "a description", "-A", "-B", "b0", "-f", "qcow2",
+                    str(raw) + ".q")
+        listings = [subprocess.run(argv(lister, "-L", "-k", str(s.sock)), capture_output=True, text=True,
+                                   check=True).stdout for lister in PROGRAMS]
+        assert listings[0] == listings[1], f"listing {program}"
+        assert " export: 'foo'" in listings[0] and "qemu:dirty-bitmap:b0" in listings[0]
+        s.stop()
+
+
+def test_without_persistent_both_exit_after_the_last_client_but_not_after_a_listing(servers, raw):
+    for program in PROGRAMS:
+        s = servers(program, "-f", "raw", str(raw))
+        subprocess.run(argv("bexd", "-L", "-k", str(s.sock)), check=True, capture_output=True)
+        time.sleep(0.3)
+        assert s.proc.poll() is None, f"{program} exited after a listing"
+        h = nbd.NBD()
+        h.connect_uri(s.uri())
+        assert h.pread(7, 0x1000) == b"offset!"
+        h.shutdown()
+        assert s.proc.wait(timeout=20) == 0, program
+
+
+def test_persistent_keeps_serving_after_the_last_client(servers, raw):
+    for program in PROGRAMS:
+        s = servers(program, "-t", "-f", "raw", str(raw))
+        for _ in range(2):
+            assert s.info()["export-size"] == 16 * MIB
+        time.sleep(0.3)
+        assert s.proc.poll() is None, program
+        assert s.stop() == 0
+
+
+@pytest.mark.parametrize("shared", ["1", "2", "0"])
+def test_shared_sets_multi_conn_as_qemu_nbd(servers, raw, shared):
+    infos = []
+    for program in PROGRAMS:
+        s = servers(program, "-t", "-e", shared, "-f", "raw", str(raw))
+        infos.append(s.info())
+        s.stop()
+    assert infos[0]["can_multi_conn"] == infos[1]["can_multi_conn"]
+
+
+def test_offset_read_only_and_name_as_qemu_nbd(servers, raw):
+    seen = []
+    for program in PROGRAMS:
+        s = servers(program, "-t", "-r", "-o", "0x1000", "-x", "win", "-f", "raw", str(raw))
+        h = nbd.NBD()
+        h.connect_uri(s.uri("win"))
+        seen.append((h.get_size(), h.is_read_only(), h.pread(7, 0)))
+        h.shutdown()
+        s.stop()
+    assert seen[0] == seen[1] == (16 * MIB - 0x1000, True, b"offset!")
+
+
+def open_flags(pid, path):
+    """The open flags (octal) of the process's descriptor for `path`."""
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            if os.readlink(f"{fd_dir}/{fd}") == str(path):
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    for line in f:
+                        if line.startswith("flags:"):
+                            return int(line.split()[1], 8)
+        except FileNotFoundError:
+            continue
+    raise AssertionError(f"{pid} has no descriptor for {path}")
+
+
+@pytest.mark.parametrize("cache", ["none", "writeback", "directsync", "unsafe"])
+def test_cache_modes_open_the_image_as_qemu_nbd(servers, raw, cache):
+    direct = []
+    for program in PROGRAMS:
+        s = servers(program, "-t", f"--cache={cache}", "-f", "raw", str(raw))
+        direct.append(bool(open_flags(s.proc.pid, raw) & os.O_DIRECT))
+        s.stop()
+    assert direct[0] == direct[1] == (cache in ("none", "directsync"))
+
+
+def test_discard_unmap_punches_holes_as_qemu_nbd(servers, tmp_path):
+    blocks = {}
+    for program in PROGRAMS:
+        img = tmp_path / f"{program}.img"
+        with open(img, "wb") as f:
+            f.write(os.urandom(4 * MIB))
+        for mode in ("ignore", "unmap"):
+            s = servers(program, "-t", f"--discard={mode}", "-f", "raw", str(img))
+            h = nbd.NBD()
+            h.connect_uri(s.uri())
+            h.trim(2 * MIB, 0)
+            h.flush()
+            h.shutdown()
+            s.stop()
+            blocks[(program, mode)] = os.stat(img).st_blocks
+    assert blocks[("qemu-nbd", "ignore")] > 0 and blocks[("bexd", "ignore")] == blocks[("qemu-nbd", "ignore")]
+    assert blocks[("bexd", "unmap")] == blocks[("qemu-nbd", "unmap")] < blocks[("bexd", "ignore")]
+
+
+def test_fork_and_pid_file_as_qemu_nbd(tmp_path, raw):
+    for program in PROGRAMS:
+        sock, pidfile = tmp_path / f"{program}.sock", tmp_path / f"{program}.pid"
+        started = subprocess.run(argv(program, "--fork", "-t", "--pid-file", str(pidfile), "-k", str(sock),
+                                      "-f", "raw", str(raw)), capture_output=True, timeout=30)
+        assert started.returncode == 0, started.stderr
+        # The parent returns once the server is ready: the socket answers at once.
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///?socket={sock}")
+        assert h.get_size() == 16 * MIB
+        h.shutdown()
+        pid = int(pidfile.read_text())
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}") or
+                   open(f"/proc/{pid}/stat").read().split()[2] == "Z", 20, f"{program} to exit")
+
+
+def test_image_opts_as_qemu_nbd(servers, tmp_path):
+    img = tmp_path / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "32M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 64k", str(img)], check=True,
+                   capture_output=True)
+    for program in PROGRAMS:
+        s = servers(program, "-t", "--image-opts", f"driver=qcow2,file.filename={img}")
+        h = nbd.NBD()
+        h.connect_uri(s.uri())
+        assert h.get_size() == 32 * MIB, program
+        assert h.pread(4096, MIB) == b"\x5a" * 4096, program
+        h.shutdown()
+        s.stop()
+
+
+def test_handshake_limit_drops_a_silent_client_as_qemu_nbd(servers, raw):
+    import socket
+    for program in PROGRAMS:
+        s = servers(program, "-t", "--handshake-limit=1", "-f", "raw", str(raw))
+        with socket.socket(socket.AF_UNIX) as c:
+            c.connect(str(s.sock))
+            c.settimeout(10)
+            greeting = c.recv(18)
+            assert len(greeting) == 18
+            start = time.monotonic()
+            assert c.recv(1) == b"", program
+            assert 0.5 < time.monotonic() - start < 5, program
+        s.stop()
