@@ -286,3 +286,69 @@ def test_handshake_limit_drops_a_silent_client_as_qemu_nbd(servers, raw):
             assert c.recv(1) == b"", program
             assert 0.5 < time.monotonic() - start < 5, program
         s.stop()
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_trace_nbd_patterns_show_the_negotiation(tmp_path, raw, program):
+    """-T 'nbd_*' logs the NBD server's work: qemu-nbd's nbd_* trace events,
+    bexd's NBD server log targets (the same subsystem)."""
+    need("nbdinfo")
+    s = Server(program, tmp_path / "s.sock", "-t", "-f", "raw", "-T", "nbd_*", str(raw))
+    subprocess.run(["nbdinfo", "--size", s.uri()], check=True, capture_output=True, timeout=20)
+    s.stop()
+    log = s.proc.stderr.read().decode()
+    marker = "nbd_negotiate" if program == "qemu-nbd" else "bexd::nbd_server"
+    assert marker in log, log[-2000:]
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_trace_file_takes_the_log(tmp_path, raw, program):
+    need("nbdinfo")
+    trace = tmp_path / "trace.log"
+    s = Server(program, tmp_path / "s.sock", "-t", "-f", "raw", "-T", f"nbd_*,file={trace}",
+               str(raw))
+    subprocess.run(["nbdinfo", "--size", s.uri()], check=True, capture_output=True, timeout=20)
+    s.stop()
+    assert "nbd" in trace.read_text()
+
+
+def test_trace_pattern_that_matches_nothing_is_refused_by_bexd(raw):
+    """qemu-nbd only warns about an unknown event; bexd refuses a pattern that
+    would show nothing, naming what it maps."""
+    code, message = refusal("bexd", "-T", "bogus_event", "-f", "raw", str(raw))
+    assert code == 1
+    assert "'bogus_event' matches no bexd trace target" in message
+
+
+def test_verbose_logs_what_the_server_does(tmp_path, raw):
+    """-v ("extra debugging information"): bexd's info-level log on stderr."""
+    need("nbdinfo")
+    quiet = Server("bexd", tmp_path / "q.sock", "-t", "-f", "raw", "-r", str(raw))
+    quiet.stop()
+    assert "NBD server listening" not in quiet.proc.stderr.read().decode()
+    s = Server("bexd", tmp_path / "s.sock", "-t", "-v", "-f", "raw", "-r", str(raw))
+    s.stop()
+    assert "NBD server listening" in s.proc.stderr.read().decode()
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+@pytest.mark.parametrize("mode", ["off", "unmap"])
+def test_detect_zeroes_turns_zero_writes_into_holes(tmp_path, program, mode):
+    """--detect-zeroes=unmap with --discard=unmap: a client's write of zeroes
+    over allocated data deallocates it in the image file, as qemu-nbd does;
+    with off the zeroes are written as data."""
+    need("qemu-io")
+    img = tmp_path / "d.img"
+    with open(img, "wb") as f:
+        f.write(b"\xab" * (4 * MIB))
+    s = Server(program, tmp_path / "s.sock", "-t", "-f", "raw", "--discard=unmap",
+               f"--detect-zeroes={mode}", str(img))
+    subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P 0 0 {4 * MIB}", s.uri()],
+                   check=True, capture_output=True, timeout=30)
+    assert s.stop() == 0
+    allocated = os.stat(img).st_blocks * 512
+    assert open(img, "rb").read() == bytes(4 * MIB)
+    if mode == "unmap":
+        assert allocated == 0
+    else:
+        assert allocated >= 4 * MIB

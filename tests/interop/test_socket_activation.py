@@ -76,3 +76,22 @@ def test_nbd_server_fd_3_takes_the_activated_socket(tmp_path, which):
         assert size_through(sock) == "1048576"
     finally:
         finish(p)
+
+
+def test_serve_refuses_two_activated_sockets_as_qemu_nbd(tmp_path):
+    """LISTEN_FDS=2: qemu-nbd serves one socket and refuses; so does bexd serve."""
+    need("systemd-socket-activate")
+    img = make_image(tmp_path / "d.img", 1 << 20)
+    results = []
+    for which in ["qemu-nbd", "bexd"]:
+        socks = [tmp_path / f"{which}-{i}.sock" for i in range(2)]
+        p = subprocess.Popen(["systemd-socket-activate", "-l", str(socks[0]), "-l", str(socks[1])]
+                             + SERVE[which] + ["-f", "raw", str(img)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until(lambda: all(s.exists() for s in socks), what="the activation sockets")
+        size_through(socks[0])
+        p.wait(timeout=20)
+        lines = [l for l in p.stderr.read().decode().splitlines()
+                 if l.startswith(("qemu-nbd:", "bexd serve:"))]
+        results.append((p.returncode, lines[0].split(": ", 1)[1] if lines else ""))
+    assert results[0][1] and results[1] == results[0]

@@ -10,15 +10,17 @@ pub fn main(args: &[String]) -> i32 {
     let parsed = cli::parse_args(args);
     let trace = match &parsed {
         Ok(Invocation::Daemon(options)) => match trace_config(options) {
-            Ok(t) => t,
+            Ok(t) => Some(t),
             Err(message) => {
                 eprintln!("bexd: {message}");
                 return 1;
             }
         },
-        _ => TraceConfig::default(),
+        // `bexd serve` reads its own -T/-v once its arguments are parsed.
+        Ok(Invocation::Serve(_)) => None,
+        _ => Some(TraceConfig::default()),
     };
-    if let Err(message) = init_tracing(&trace) {
+    if let Err(message) = trace.as_ref().map_or(Ok(()), |t| crate::trace::init(t, "warn")) {
         eprintln!("bexd: {message}");
         return 1;
     }
@@ -56,30 +58,4 @@ fn trace_config(options: &[CliOption]) -> Result<TraceConfig, String> {
         }
     }
     Ok(config)
-}
-
-/// `BEXD_LOG` (default `warn`) plus what `--trace` turned on, to stderr or
-/// the trace's `file=`.
-fn init_tracing(trace: &TraceConfig) -> Result<(), String> {
-    let mut filter = tracing_subscriber::EnvFilter::try_from_env("BEXD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    for d in &trace.directives {
-        let directive = d
-            .parse()
-            .map_err(|e| format!("--trace: bad filter '{d}': {e}"))?;
-        filter = filter.add_directive(directive);
-    }
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = match &trace.file {
-        None => builder.with_writer(std::io::stderr).try_init(),
-        Some(path) => {
-            let file = std::fs::File::create(path)
-                .map_err(|e| format!("--trace file={}: {e}", path.display()))?;
-            builder
-                .with_ansi(false)
-                .with_writer(std::sync::Mutex::new(file))
-                .try_init()
-        }
-    };
-    Ok(())
 }

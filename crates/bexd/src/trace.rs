@@ -110,6 +110,36 @@ fn targets_for(glob: &str) -> Vec<&'static str> {
     out
 }
 
+/// Installs the log: `BEXD_LOG` (else `default_level`) plus what `--trace`
+/// turned on, to stderr or the trace's `file=`.
+pub fn init(trace: &TraceConfig, default_level: &str) -> Result<(), String> {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("BEXD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    for d in &trace.directives {
+        let directive = d
+            .parse()
+            .map_err(|e| format!("--trace: bad filter '{d}': {e}"))?;
+        filter = filter.add_directive(directive);
+    }
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match &trace.file {
+        // Colour only for a person at a terminal, not in a captured log.
+        None => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .try_init(),
+        Some(path) => {
+            let file = std::fs::File::create(path)
+                .map_err(|e| format!("--trace file={}: {e}", path.display()))?;
+            builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .try_init()
+        }
+    };
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

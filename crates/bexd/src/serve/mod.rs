@@ -40,12 +40,31 @@ pub fn main(args: &[String]) -> i32 {
             return code;
         }
     };
+    if let Ok(ServePlan::Serve(plan)) = &plan {
+        if let Err(message) = tracing_for(plan) {
+            return fail(&message);
+        }
+    } else if let Err(message) = crate::trace::init(&Default::default(), "warn") {
+        return fail(&message);
+    }
     match plan {
         Err(message) => fail(&message),
         Ok(ServePlan::Disconnect(device)) => kernel::disconnect(&device),
         Ok(ServePlan::List(plan)) => list::main(&plan),
         Ok(ServePlan::Serve(plan)) => serve(*plan),
     }
+}
+
+/// qemu-nbd's `-T` (QEMU trace patterns, as `--trace` in the daemon form)
+/// and `-v` ("extra debugging information": bexd's info-level log, unless
+/// `BEXD_LOG` says otherwise).
+fn tracing_for(plan: &ImagePlan) -> Result<(), String> {
+    let mut config = crate::trace::TraceConfig::default();
+    for arg in &plan.trace {
+        crate::trace::apply(&mut config, arg).map_err(|e| format!("-T {arg}: {e}"))?;
+    }
+    let level = if plan.verbose { "info" } else { "warn" };
+    crate::trace::init(&config, level)
 }
 
 /// Prints qemu-nbd's one-line refusal and returns its exit code.
