@@ -20,7 +20,10 @@ pub fn main(args: &[String]) -> i32 {
         Ok(Invocation::Serve(_)) => None,
         _ => Some(TraceConfig::default()),
     };
-    if let Err(message) = trace.as_ref().map_or(Ok(()), |t| crate::trace::init(t, "warn")) {
+    if let Err(message) = trace
+        .as_ref()
+        .map_or(Ok(()), |t| crate::trace::init(t, "warn"))
+    {
         eprintln!("bexd: {message}");
         return 1;
     }

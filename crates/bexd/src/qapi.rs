@@ -12,9 +12,8 @@ use block::{DebugEvent, DetectZeroes};
 use qmp::schema::block_core::BlockdevDelArgs;
 use qmp::schema::block_core::{
     BlkdebugEvent, BlkdebugIOType, BlkdebugInjectError, BlkdebugSetState, BlockdevAioOptions,
-    BlockdevDetectZeroesOptions, BlockdevDiscardOptions, BlockdevOptions,
-    BlockdevOptionsBlkdebug, BlockdevOptionsQcow2, BlockdevRef, BlockdevRefOrNull,
-    BlockdevSpecific, OnOffAuto,
+    BlockdevDetectZeroesOptions, BlockdevDiscardOptions, BlockdevOptions, BlockdevOptionsBlkdebug,
+    BlockdevOptionsQcow2, BlockdevRef, BlockdevRefOrNull, BlockdevSpecific, OnOffAuto,
 };
 use qmp::schema::block_export::{
     read_removal, BlockDirtyBitmapOrStr, BlockExportIothreads, BlockExportOptions,

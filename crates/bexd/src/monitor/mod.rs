@@ -53,7 +53,9 @@ pub fn start_monitor(
     };
     match chardev.take_opened() {
         Some(Opened::Listening(l, file)) => listen::serve(exec, chardev, l, file, fds, pretty),
-        Some(Opened::Connecting(first)) => client::serve(exec, chardev, &socket, first, fds, pretty),
+        Some(Opened::Connecting(first)) => {
+            client::serve(exec, chardev, &socket, first, fds, pretty)
+        }
         None => {
             return Err(ChardevError::Socket(format!(
                 "chardev '{}' was not opened",

@@ -175,7 +175,10 @@ impl CacheMode {
 /// Where to listen.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Listen {
-    Tcp { host: String, port: u16 },
+    Tcp {
+        host: String,
+        port: u16,
+    },
     Unix(PathBuf),
     /// Socket activation: descriptor 3 is a listening socket systemd (or
     /// `systemd-socket-activate`) made for us.
@@ -488,7 +491,10 @@ fn socket_activation() -> u32 {
     if !for_us {
         return 0;
     }
-    let Some(fds) = std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse().ok()) else {
+    let Some(fds) = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    else {
         return 0;
     };
     for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
