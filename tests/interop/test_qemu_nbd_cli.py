@@ -352,3 +352,39 @@ def test_detect_zeroes_turns_zero_writes_into_holes(tmp_path, program, mode):
         assert allocated == 0
     else:
         assert allocated >= 4 * MIB
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_snapshot_writes_go_to_a_throwaway_overlay(tmp_path, program, fmt):
+    """-s: the client reads the image and its own writes; the image file is
+    unchanged afterwards and no temporary file is left in TMPDIR."""
+    need("qemu-io")
+    need("qemu-img")
+    img = tmp_path / f"d.{fmt}"
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(img), str(16 * MIB)], check=True)
+    subprocess.run(["qemu-io", "-f", fmt, "-c", f"write -P 0xab 0 {2 * MIB}", str(img)],
+                   check=True, capture_output=True)
+    before = open(img, "rb").read()
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmpdir))
+    sock = tmp_path / "s.sock"
+    p = subprocess.Popen(argv(program, "-s", "-t", "-k", str(sock), "-f", fmt, str(img)),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    wait_until(lambda: can_connect_unix(sock) or p.poll() is not None, 20, f"{program} to listen")
+    uri = f"nbd+unix:///?socket={sock}"
+    out = subprocess.run(["qemu-io", "-f", "raw",
+                          "-c", f"read -P 0xab 0 {2 * MIB}",
+                          "-c", f"write -P 0xcd {MIB} {4 * MIB}",
+                          "-c", f"read -P 0xab 0 {MIB}",
+                          "-c", f"read -P 0xcd {MIB} {4 * MIB}",
+                          "-c", f"read -P 0 {5 * MIB} {MIB}", uri],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "Pattern verification failed" not in out.stdout, out.stdout
+    # The image is only read while served: another reader may open it.
+    subprocess.run(["qemu-img", "info", "-U", str(img)], check=True, capture_output=True)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=20) == 0
+    assert open(img, "rb").read() == before
+    assert list(tmpdir.iterdir()) == []

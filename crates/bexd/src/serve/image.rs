@@ -15,15 +15,13 @@ use super::args::ImagePlan;
 use crate::config::{BackingSpec, ChildRef, NodeOptions, NodeSpec, Qcow2Cache};
 use crate::daemon::Daemon;
 
-/// Opens the image as node `name` (the node the export serves).
+/// Opens the image as node `name` (the node the export serves): the format
+/// node, with `-s` a throwaway qcow2 overlay on it, with `-o` a raw window on
+/// top, as qemu-nbd layers them.
 pub fn open(daemon: &Arc<Daemon>, plan: &ImagePlan, name: &str) -> Result<(), String> {
-    if plan.snapshot {
-        return Err(
-            "-s/--snapshot is not supported by bexd serve: it cannot create the temporary overlay"
-                .into(),
-        );
-    }
-    let format = format_node(plan)?;
+    // With -s the image itself is only read (QEMU opens a snapshot's backing
+    // read-only); the overlay takes the writes.
+    let format = format_node(plan, plan.read_only || plan.snapshot)?;
     if let Some(spec) = &plan.load_snapshot {
         let driver = match &format.spec {
             NodeSpec::Qcow2 { .. } => "qcow2",
@@ -42,23 +40,37 @@ pub fn open(daemon: &Arc<Daemon>, plan: &ImagePlan, name: &str) -> Result<(), St
         "unmap" => DetectZeroes::Unmap,
         _ => DetectZeroes::Off,
     };
-    if plan.offset == 0 {
-        let node = NodeOptions {
-            node_name: Some(name.into()),
-            detect_zeroes,
-            ..format
-        };
-        crate::nodes::open(&daemon.nodes, node, false).map_err(opened)?;
-        return Ok(());
-    }
-    // -o: a raw window over the format node, as qemu-nbd layers it.
-    let below = format!("{name}-image");
+    let layered = plan.snapshot || plan.offset != 0;
+    let image = if layered {
+        format!("{name}-image")
+    } else {
+        name.to_string()
+    };
     let node = NodeOptions {
-        node_name: Some(below.clone()),
+        node_name: Some(image.clone()),
+        detect_zeroes: if layered {
+            DetectZeroes::Off
+        } else {
+            detect_zeroes
+        },
         ..format
     };
     crate::nodes::open(&daemon.nodes, node, false).map_err(opened)?;
-    let size = daemon.nodes.find(&below).map_or(0, |n| n.size());
+    let mut top = image;
+    if plan.snapshot {
+        let overlay = if plan.offset != 0 {
+            format!("{name}-snapshot")
+        } else {
+            name.to_string()
+        };
+        open_snapshot(daemon, plan, &top, &overlay, detect_zeroes)?;
+        top = overlay;
+    }
+    if plan.offset == 0 {
+        return Ok(());
+    }
+    // -o: a raw window over what is below, as qemu-nbd layers it.
+    let size = daemon.nodes.find(&top).map_or(0, |n| n.size());
     if plan.offset > size {
         return Err(format!(
             "Offset ({}) cannot be greater than size of the containing file ({size})",
@@ -71,7 +83,7 @@ pub fn open(daemon: &Arc<Daemon>, plan: &ImagePlan, name: &str) -> Result<(), St
         discard: plan.discard_unmap,
         detect_zeroes,
         spec: NodeSpec::Raw {
-            file: ChildRef::Name(below),
+            file: ChildRef::Name(top),
             offset: plan.offset,
             size: None,
         },
@@ -81,23 +93,85 @@ pub fn open(daemon: &Arc<Daemon>, plan: &ImagePlan, name: &str) -> Result<(), St
     Ok(())
 }
 
-/// The format node's options (unnamed: the caller names it).
-fn format_node(plan: &ImagePlan) -> Result<NodeOptions, String> {
-    if plan.image_opts {
-        return image_opts(plan);
-    }
-    let file = NodeOptions {
+/// `-s`: a new empty qcow2 image in `$TMPDIR` (else /var/tmp, as QEMU puts
+/// it) whose backing is the `below` node; the export's writes land there and
+/// vanish with the process. The file is unlinked as soon as it is open, so
+/// not even a crash leaves it behind (QEMU deletes it at close).
+fn open_snapshot(
+    daemon: &Arc<Daemon>,
+    plan: &ImagePlan,
+    below: &str,
+    name: &str,
+    detect_zeroes: DetectZeroes,
+) -> Result<(), String> {
+    let failed = |e: String| format!("Failed to create the temporary snapshot: {e}");
+    let size = daemon.nodes.find(below).map_or(0, |n| n.size());
+    // As QEMU makes it: no backing file name in the header, the backing is
+    // attached as a node.
+    let bytes =
+        block::drivers::qcow2::empty_image(size, None).map_err(|e| failed(e.to_string()))?;
+    let dir = std::env::var_os("TMPDIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/var/tmp".into());
+    let mut file = tempfile::Builder::new()
+        .prefix("bexd-snapshot.")
+        .tempfile_in(&dir)
+        .map_err(|e| failed(format!("{}: {e}", dir.display())))?;
+    std::io::Write::write_all(&mut file, &bytes).map_err(|e| failed(e.to_string()))?;
+    let overlay_file = NodeOptions {
         read_only: plan.read_only,
         discard: plan.discard_unmap,
         cache_direct: plan.cache.direct,
         cache_no_flush: plan.cache.no_flush,
         spec: NodeSpec::File {
+            filename: file.path().to_path_buf(),
+            aio: aio_mode(&plan.aio),
+            locking: LockingMode::Auto,
+        },
+        ..NodeOptions::default()
+    };
+    let overlay = NodeOptions {
+        node_name: Some(name.into()),
+        read_only: plan.read_only,
+        discard: plan.discard_unmap,
+        cache_direct: plan.cache.direct,
+        cache_no_flush: plan.cache.no_flush,
+        detect_zeroes,
+        spec: NodeSpec::Qcow2 {
+            file: ChildRef::Inline(Box::new(overlay_file)),
+            backing: BackingSpec::Node(ChildRef::Name(below.into())),
+            cache: Qcow2Cache::default(),
+            lazy_refcounts: None,
+        },
+        ..NodeOptions::default()
+    };
+    crate::nodes::open(&daemon.nodes, overlay, false).map_err(|e| failed(e.to_string()))?;
+    // Open: the name can go (dropping the temporary file unlinks it).
+    drop(file);
+    Ok(())
+}
+
+fn aio_mode(aio: &str) -> AioMode {
+    match aio {
+        "io_uring" => AioMode::IoUring,
+        "native" => AioMode::Native,
+        _ => AioMode::Threads,
+    }
+}
+
+/// The format node's options (unnamed: the caller names it).
+fn format_node(plan: &ImagePlan, read_only: bool) -> Result<NodeOptions, String> {
+    if plan.image_opts {
+        return image_opts(plan, read_only);
+    }
+    let file = NodeOptions {
+        read_only,
+        discard: plan.discard_unmap,
+        cache_direct: plan.cache.direct,
+        cache_no_flush: plan.cache.no_flush,
+        spec: NodeSpec::File {
             filename: plan.image.clone().into(),
-            aio: match plan.aio.as_str() {
-                "io_uring" => AioMode::IoUring,
-                "native" => AioMode::Native,
-                _ => AioMode::Threads,
-            },
+            aio: aio_mode(&plan.aio),
             locking: LockingMode::Auto,
         },
         ..NodeOptions::default()
@@ -126,7 +200,7 @@ fn format_node(plan: &ImagePlan) -> Result<NodeOptions, String> {
         }
     };
     Ok(NodeOptions {
-        read_only: plan.read_only,
+        read_only,
         discard: plan.discard_unmap,
         cache_direct: plan.cache.direct,
         cache_no_flush: plan.cache.no_flush,
@@ -139,7 +213,7 @@ fn format_node(plan: &ImagePlan) -> Result<NodeOptions, String> {
 /// (`driver=qcow2,file.driver=file,file.filename=d.qcow2`). As in qemu-nbd,
 /// a `file` child given only by `filename` is a `file` node, and the command
 /// line's read-only, cache, aio and discard options apply unless it sets them.
-fn image_opts(plan: &ImagePlan) -> Result<NodeOptions, String> {
+fn image_opts(plan: &ImagePlan, read_only: bool) -> Result<NodeOptions, String> {
     let mut value =
         qmp::keyval::parse_keyval(&plan.image, Some("driver")).map_err(|e| e.to_string())?;
     if let Some(Value::Object(file)) = value.get_mut("file") {
@@ -153,7 +227,7 @@ fn image_opts(plan: &ImagePlan) -> Result<NodeOptions, String> {
                 map.insert(key.into(), Value::String("on".into()));
             }
         };
-        default("read-only", plan.read_only);
+        default("read-only", read_only);
         if plan.discard_unmap && !map.contains_key("discard") {
             map.insert("discard".into(), Value::String("unmap".into()));
         }

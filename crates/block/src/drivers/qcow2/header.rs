@@ -24,7 +24,7 @@ pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 
 /// Header extension types.
 const EXT_END: u32 = 0;
-const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_NAMES: u32 = 0x6803_f857;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
 const EXT_BITMAPS: u32 = 0x2385_2875;

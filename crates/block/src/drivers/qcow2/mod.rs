@@ -22,6 +22,7 @@ mod bitmap_dir;
 mod bitmaps;
 mod cache;
 mod compressed;
+mod create;
 mod header;
 mod io;
 mod l2;
@@ -42,8 +43,10 @@ use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
 use crate::drivers::child::MarkingChild;
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 use crate::mapping::{Access, FileMapping};
+
 use crate::node::BlockNode;
 use crate::write_gen::{report_flush, WriteGen};
+pub use create::empty_image;
 
 use bitmaps::BitmapDirectory;
 use cache::TableCache;
