@@ -88,3 +88,29 @@ def test_serve_unknown_format_exits_1_with_one_line(tmp_path):
                        text=True)
     assert p.returncode == 1
     assert p.stderr.strip() == "bexd serve: unsupported format 'vmdk' (supported: raw, qcow2)"
+
+
+def test_serve_qmp_manages_the_running_export(serve, image, tmp_path):
+    """--qmp PATH (bexd's own): qemu.qmp sees the one export and its node,
+    and can add a second export of the same node while the first is served."""
+    import asyncio
+
+    from qemu.qmp import QMPClient
+
+    sock, qmp = tmp_path / "s.sock", tmp_path / "qmp.sock"
+    _, uri = serve("-t", "-k", str(sock), "-x", "d0", "--qmp", str(qmp), str(image(4 * MIB)))
+
+    async def talk():
+        q = QMPClient("serve")
+        await q.connect(str(qmp))
+        exports = await q.execute("query-block-exports")
+        await q.execute("block-export-add", {"type": "nbd", "id": "e2", "node-name": exports[0]["node-name"],
+                                             "name": "second"})
+        await q.disconnect()
+        return exports
+
+    exports = asyncio.run(talk())
+    assert [e["type"] for e in exports] == ["nbd"]
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///second?socket={sock}")
+    assert h.get_size() == 4 * MIB
