@@ -95,3 +95,20 @@ def test_serve_refuses_two_activated_sockets_as_qemu_nbd(tmp_path):
                  if l.startswith(("qemu-nbd:", "bexd serve:"))]
         results.append((p.returncode, lines[0].split(": ", 1)[1] if lines else ""))
     assert results[0][1] and results[1] == results[0]
+
+
+def test_serve_prints_the_activated_sockets_address(tmp_path):
+    """bexd serve prints a URI a client can use (qemu-nbd prints nothing):
+    under activation, the address of the socket it was given."""
+    need("systemd-socket-activate")
+    img = make_image(tmp_path / "d.img", 1 << 20)
+    sock = tmp_path / "act.sock"
+    p = subprocess.Popen(["systemd-socket-activate", "-l", str(sock)] + SERVE["bexd"]
+                         + ["-f", "raw", str(img)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         text=True)
+    try:
+        wait_until(sock.exists, what="the activation socket")
+        size_through(sock)  # the first connection starts the program
+        assert p.stdout.readline().strip() == f"nbd+unix:///?socket={sock}"
+    finally:
+        finish(p)

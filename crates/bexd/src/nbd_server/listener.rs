@@ -17,14 +17,37 @@ use crate::error::ServerError;
 use crate::net::inet::InetListener;
 use crate::net::Listener;
 
-/// The address really bound: resolves a requested TCP port 0.
+/// The address really bound: resolves a requested TCP port 0, and a
+/// descriptor (`addr.type=fd`, socket activation) to the address it listens
+/// on, so what is printed is something a client can connect to.
 pub fn local_addr(listener: &Listener, requested: &ListenAddr) -> ListenAddr {
-    match (listener.tcp_port(), requested) {
-        (Some(port), ListenAddr::Tcp { host, inet, .. }) => ListenAddr::Tcp {
-            host: host.clone(),
-            port: port.to_string(),
-            inet: *inet,
+    match (listener, requested) {
+        (_, ListenAddr::Tcp { host, inet, .. }) => match listener.tcp_port() {
+            Some(port) => ListenAddr::Tcp {
+                host: host.clone(),
+                port: port.to_string(),
+                inet: *inet,
+            },
+            None => requested.clone(),
         },
+        (Listener::Tcp(l), ListenAddr::Fd { .. }) => match l.local_addr() {
+            Ok(a) => ListenAddr::Tcp {
+                host: a.ip().to_string(),
+                port: a.port().to_string(),
+                inet: Default::default(),
+            },
+            Err(_) => requested.clone(),
+        },
+        (Listener::Unix(l), ListenAddr::Fd { .. }) => {
+            match l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(Into::into))
+            {
+                Some(path) => ListenAddr::Unix { path },
+                None => requested.clone(),
+            }
+        }
         _ => requested.clone(),
     }
 }
