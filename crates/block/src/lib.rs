@@ -43,6 +43,6 @@ pub use debug_event::DebugEvent;
 pub use driver::{Capabilities, Driver, Extent, ZeroFlags};
 pub use error::{BlockError, BlockErrorKind, BlockResult};
 pub use mapping::{Access, FileMapping, MappingLease};
-pub use node::{BlockNode, FileSlice};
+pub use node::{BlockNode, ExtentSink, FileSlice};
 pub use run::FileRun;
 pub use zeroes::DetectZeroes;

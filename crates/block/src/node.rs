@@ -442,10 +442,89 @@ impl BlockNode {
         self.run(len, move |d| d.block_status(offset, len)).await
     }
 
+    /// Block status over `[offset, offset+len)`, queried at most `step`
+    /// bytes at a time and handed to `sink` extent by extent until it has
+    /// enough or the range is covered; the sink comes back with what it
+    /// gathered. Queries run inline while the driver can answer at once (it
+    /// never blocks, or it knows the answer); the rest of the walk then goes
+    /// to the pool in one trip, not one per extent: on a disk file a map of
+    /// a sparse terabyte paid two thread wake-ups per extent and took 3-6x
+    /// qemu-nbd's time.
+    pub async fn walk_block_status<S: ExtentSink>(
+        &self,
+        offset: u64,
+        len: u64,
+        step: u64,
+        mut sink: S,
+    ) -> BlockResult<S> {
+        self.check_range(offset, len)?;
+        let end = offset + len;
+        let step = step.max(1);
+        let nonblocking = self.caps.nonblocking;
+        let now = |d: &dyn Driver, pos, want| match nonblocking {
+            true => Some(d.block_status(pos, want)),
+            false => d.try_block_status_now(pos, want),
+        };
+        let pos = match walk_extents(self.driver.as_ref(), offset, end, step, &mut sink, now)? {
+            Walked::Done => return Ok(sink),
+            Walked::Stopped(pos) => pos,
+        };
+        let driver = self.driver.clone();
+        let rest = move || {
+            let all = |d: &dyn Driver, pos, want| Some(d.block_status(pos, want));
+            walk_extents(driver.as_ref(), pos, end, step, &mut sink, all).map(|_| sink)
+        };
+        match tokio::task::spawn_blocking(rest).await {
+            Ok(r) => r,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
     pub async fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
         self.check_range(offset, len)?;
         self.run(len, move |d| d.cache(offset, len)).await
     }
+}
+
+/// Where a block-status walk ([`BlockNode::walk_block_status`]) puts the
+/// extents it finds.
+pub trait ExtentSink: Send + 'static {
+    /// Takes the extent that starts at `offset` (its length at least 1 and
+    /// within the query); `false` ends the walk.
+    fn push(&mut self, offset: u64, extent: &Extent) -> bool;
+}
+
+/// How far [`walk_extents`] got.
+enum Walked {
+    /// The range is covered or the sink has enough.
+    Done,
+    /// `query` could not answer at this offset without blocking.
+    Stopped(u64),
+}
+
+/// Queries `driver` from `pos` to `end` through `query` (`None`: not
+/// without blocking) and feeds `sink`.
+fn walk_extents(
+    driver: &dyn Driver,
+    mut pos: u64,
+    end: u64,
+    step: u64,
+    sink: &mut impl ExtentSink,
+    query: impl Fn(&dyn Driver, u64, u64) -> Option<BlockResult<Extent>>,
+) -> BlockResult<Walked> {
+    while pos < end {
+        let want = (end - pos).min(step);
+        let Some(extent) = query(driver, pos, want) else {
+            return Ok(Walked::Stopped(pos));
+        };
+        let extent = extent?;
+        let len = extent.len.clamp(1, want);
+        if !sink.push(pos, &Extent { len, ..extent }) {
+            break;
+        }
+        pos += len;
+    }
+    Ok(Walked::Done)
 }
 
 impl Drop for BlockNode {

@@ -418,3 +418,101 @@ fn test_block_status_of_any_length_runs_inline_on_a_nonblocking_driver() {
         "not answered inline"
     );
 }
+
+/// Extents a walk hands over, with where each starts; stops after `limit`.
+struct Collect {
+    got: Vec<(u64, block::Extent)>,
+    limit: usize,
+}
+
+impl block::ExtentSink for Collect {
+    fn push(&mut self, offset: u64, extent: &block::Extent) -> bool {
+        self.got.push((offset, *extent));
+        self.got.len() < self.limit
+    }
+}
+
+/// A walk over a file on the disk (a driver that may block, so the walk
+/// goes to the pool) reports the same extents as one query per extent,
+/// covers the range without gaps, and stops where the sink says.
+#[tokio::test]
+async fn test_walk_block_status_on_a_disk_file_matches_extent_by_extent_queries() {
+    let (_dir, opts) = image(64 * MIB);
+    let data = [3 * MIB, 10 * MIB + 4096, 40 * MIB, 63 * MIB];
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&opts.filename)
+            .unwrap();
+        for at in data {
+            f.write_all_at(&[0xa5; 8192], at).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let driver = FileDriver::open(&opts).unwrap();
+    let node = BlockNode::new("disk".into(), Arc::new(driver), false);
+    assert!(!node.capabilities().nonblocking, "a disk file, not tmpfs");
+    let (start, len, step) = (MIB, 62 * MIB + 512, 16 * MIB);
+    let walked = node
+        .walk_block_status(
+            start,
+            len,
+            step,
+            Collect {
+                got: Vec::new(),
+                limit: usize::MAX,
+            },
+        )
+        .await
+        .unwrap()
+        .got;
+    let mut one_by_one = Vec::new();
+    let mut pos = start;
+    while pos < start + len {
+        let e = node
+            .block_status(pos, (start + len - pos).min(step))
+            .await
+            .unwrap();
+        one_by_one.push((pos, e));
+        pos += e.len;
+    }
+    assert_eq!(walked, one_by_one);
+    let mut next = start;
+    for (at, e) in &walked {
+        assert_eq!(*at, next, "no gap, no overlap");
+        assert!(e.len >= 1 && e.len <= step);
+        next += e.len;
+    }
+    assert_eq!(next, start + len);
+    let data_extents = walked.iter().filter(|(_, e)| e.allocated).count();
+    assert!(data_extents >= 3, "the data written is found: {walked:?}");
+    let first_two = node
+        .walk_block_status(
+            start,
+            len,
+            step,
+            Collect {
+                got: Vec::new(),
+                limit: 2,
+            },
+        )
+        .await
+        .unwrap()
+        .got;
+    assert_eq!(first_two, walked[..2]);
+    assert!(
+        node.walk_block_status(
+            60 * MIB,
+            8 * MIB,
+            step,
+            Collect {
+                got: Vec::new(),
+                limit: 1
+            }
+        )
+        .await
+        .is_err(),
+        "past the end is refused"
+    );
+}

@@ -723,34 +723,48 @@ async fn status_extents(
     offset: u64,
     len: u64,
     (max, max_len): (usize, u64),
-    status: impl Fn(&block::Extent) -> u32,
+    status: fn(&block::Extent) -> u32,
 ) -> Result<Vec<(u64, u32)>, BlockError> {
-    let mut extents: Vec<(u64, u32)> = Vec::new();
-    let end = offset.saturating_add(len);
-    let mut pos = offset;
     // Each driver call asks for at most what one descriptor can carry
     // (sector-aligned), so a descriptor never needs to be split.
     let step = max_len.clamp(512, !511) & !511;
-    // One descriptor past `max` is gathered (then dropped) so that the last
-    // kept one has absorbed every equal neighbour: with REQ_ONE the answer is
-    // the whole run, as QEMU gives it, not the first driver extent of it.
-    while pos < end && extents.len() <= max {
-        let want = (end - pos).min(step);
-        let e = node.block_status(pos, want).await?;
-        let e_len = e.len.clamp(1, want);
-        let flags = status(&e);
-        match extents.last_mut() {
+    let merge = Descriptors {
+        extents: Vec::new(),
+        max,
+        max_len,
+        status,
+    };
+    let mut merged = node.walk_block_status(offset, len, step, merge).await?;
+    merged.extents.truncate(max);
+    Ok(merged.extents)
+}
+
+/// Gathers block status into NBD extent descriptors.
+struct Descriptors {
+    extents: Vec<(u64, u32)>,
+    max: usize,
+    max_len: u64,
+    status: fn(&block::Extent) -> u32,
+}
+
+impl block::ExtentSink for Descriptors {
+    fn push(&mut self, _offset: u64, e: &block::Extent) -> bool {
+        let flags = (self.status)(e);
+        match self.extents.last_mut() {
             Some(last)
-                if last.1 == flags && last.0.checked_add(e_len).is_some_and(|s| s <= max_len) =>
+                if last.1 == flags
+                    && last.0.checked_add(e.len).is_some_and(|s| s <= self.max_len) =>
             {
-                last.0 += e_len
+                last.0 += e.len
             }
-            _ => extents.push((e_len, flags)),
+            _ => self.extents.push((e.len, flags)),
         }
-        pos += e_len;
+        // One descriptor past `max` is gathered (then dropped) so that the
+        // last kept one has absorbed every equal neighbour: with REQ_ONE the
+        // answer is the whole run, as QEMU gives it, not the first driver
+        // extent of it.
+        self.extents.len() <= self.max
     }
-    extents.truncate(max);
-    Ok(extents)
 }
 
 /// BLOCK_STATUS over the negotiated contexts, in their order (QEMU's), or
