@@ -89,8 +89,9 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
         None
     }
     /// `block_status` if it can be answered at once, without a syscall that
-    /// may wait for a device (the file driver's cached data extent, a block
-    /// device); `None` sends the query to the pool. A sparse NBD READ asks
+    /// may wait for a device or a peer (the file driver's cached data extent,
+    /// a block device, a seek on a local filesystem); `None` sends the query
+    /// to the pool. A sparse NBD READ asks
     /// this before every read of 64 KiB and more, and on a disk image the
     /// hop to the pool cost a fifth of 64 KiB read throughput.
     fn try_block_status_now(&self, _offset: u64, _len: u64) -> Option<BlockResult<Extent>> {

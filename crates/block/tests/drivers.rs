@@ -432,12 +432,32 @@ impl block::ExtentSink for Collect {
     }
 }
 
-/// A walk over a file on the disk (a driver that may block, so the walk
-/// goes to the pool) reports the same extents as one query per extent,
-/// covers the range without gaps, and stops where the sink says.
+/// A walk over a file on the disk reports the same extents as one query per
+/// extent, covers the range without gaps, and stops where the sink says;
+/// and so does a walk that goes to the pool (through blkdebug, a driver
+/// that never answers at once).
 #[tokio::test]
 async fn test_walk_block_status_on_a_disk_file_matches_extent_by_extent_queries() {
     let (_dir, opts) = image(64 * MIB);
+    let file = walk_matches_queries(opts.clone(), |file| file).await;
+    let through_pool = |file: BlockNode| {
+        let debug = block::drivers::blkdebug::BlkdebugDriver::new(Arc::new(file), Vec::new());
+        BlockNode::new("debug".into(), Arc::new(debug), false)
+    };
+    let (_dir2, opts2) = image(64 * MIB);
+    let pooled = walk_matches_queries(opts2, through_pool).await;
+    assert_eq!(
+        file, pooled,
+        "the same image gives the same extents either way"
+    );
+}
+
+/// Writes data at four places, opens the image through `wrap`, and checks a
+/// walk against one query at a time; returns the walk's extents.
+async fn walk_matches_queries(
+    opts: FileOptions,
+    wrap: impl FnOnce(BlockNode) -> BlockNode,
+) -> Vec<(u64, block::Extent)> {
     let data = [3 * MIB, 10 * MIB + 4096, 40 * MIB, 63 * MIB];
     {
         use std::os::unix::fs::FileExt;
@@ -451,7 +471,7 @@ async fn test_walk_block_status_on_a_disk_file_matches_extent_by_extent_queries(
         f.sync_all().unwrap();
     }
     let driver = FileDriver::open(&opts).unwrap();
-    let node = BlockNode::new("disk".into(), Arc::new(driver), false);
+    let node = wrap(BlockNode::new("disk".into(), Arc::new(driver), false));
     assert!(!node.capabilities().nonblocking, "a disk file, not tmpfs");
     let (start, len, step) = (MIB, 62 * MIB + 512, 16 * MIB);
     let walked = node
@@ -515,4 +535,5 @@ async fn test_walk_block_status_on_a_disk_file_matches_extent_by_extent_queries(
         .is_err(),
         "past the end is refused"
     );
+    walked
 }
