@@ -9,6 +9,7 @@
 //! - [`nodes`]: the node table (opening nodes from config, the graph, bitmap rules).
 //! - [`exports`]: the export table and the export kinds behind [`exports::ExportKind`] (NBD).
 //! - [`objects`]: the object table (authz, TLS credentials, iothreads); [`tls`] loads credentials.
+//! - [`metrics`]: the `metrics-http` Prometheus endpoint over the exports' and nodes' counters.
 //! - [`nbd_server`]: listener, handshake and transmission over a [`nbd_server::ServerContext`]
 //!   (crate `nbd` owns the protocol); [`net`] is the accept side shared with the monitors.
 //! - [`monitor`] and [`commands`]: QMP over chardevs ([`chardevs`]: stdio, sockets listening or
@@ -29,6 +30,7 @@ pub mod error;
 pub mod events;
 pub mod exports;
 pub mod fds;
+pub mod metrics;
 pub mod monitor;
 pub mod nbd_server;
 pub mod net;

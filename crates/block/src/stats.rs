@@ -151,7 +151,7 @@ fn latency_bucket(ns: u64) -> usize {
 
 /// The upper bound of histogram bucket `i` in seconds (`None`: +Inf).
 pub fn latency_bucket_bound(i: usize) -> Option<f64> {
-    (i < LATENCY_BUCKETS - 1).then(|| (1u64 << i) as f64 * 1e-6)
+    (i < LATENCY_BUCKETS - 1).then(|| (1u64 << i) as f64 / 1e6)
 }
 
 fn errno_slot(errno: i32) -> usize {

@@ -19,6 +19,7 @@ mod stats;
 pub use blockdev::add as blockdev_add;
 pub use executor::Executor;
 pub use export::{block_export_add, nbd_server_start};
+pub use object::create_and_add as create_and_add_object;
 pub use registry::{dispatch, exists, not_found};
 
 use std::sync::Arc;
