@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from conftest import free_port, need, qmp_outcome, wait_until
+from conftest import file_export, free_port, need, qmp_outcome, wait_until
 
 pytestmark = pytest.mark.bexd_only("metrics-http is bexd's own object")
 
@@ -182,3 +182,34 @@ def test_real_prometheus_scrapes_the_exact_counts_of_a_workload(start, image, tm
         prom.terminate()
         prom.wait(timeout=30)
         log.close()
+
+
+def test_tls_handshakes_and_failures_are_counted(start, image, tmp_path):
+    import nbd
+    from tls_certs import make_pki
+    (tmp_path / "pki").mkdir()
+    pki = make_pki(tmp_path / "pki")
+    port = free_port()
+    img = image(1 << 20, [(0, b"a" * 4096)])
+    d = start(*file_export(img, writable=False), server_extra=",tls-creds=tls0",
+              objects=[f"tls-creds-x509,id=tls0,dir={pki['server']},endpoint=server",
+                       f"metrics-http,id=m0,addr.host=127.0.0.1,addr.port={port}"])
+
+    def connect(cert_dir):
+        h = nbd.NBD()
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_certificates(str(cert_dir))
+        h.set_export_name("disk")
+        try:
+            h.connect_unix(str(d.sock))
+            return h.pread(4096, 0) == b"a" * 4096
+        except nbd.Error:
+            return False
+
+    assert connect(pki["one"])
+    assert not connect(pki["stranger"])
+
+    def counted():
+        s = samples(scrape(port)[2])
+        return (s["bexd_nbd_tls_handshakes_total"], s["bexd_nbd_tls_handshake_failures_total"])
+    wait_until(lambda: counted() == (2, 1), what="2 TLS handshakes, 1 failed, to be counted")
