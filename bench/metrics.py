@@ -11,8 +11,8 @@ Each round starts, in turn, on the same 1 GiB image of random data in /dev/shm:
   on    BEXD with --object metrics-http, scraped once a second during the run (Prometheus
         scrapes every 15 s by default: this is harsher);
   base  OLD_BEXD, when given: a build from before counting existed.
-and runs fio's nbd engine on it. Rounds interleave the servers, so drift in a shared machine
-hits all of them alike. The table gives each one's median and its ratio to `off`.
+and runs fio's nbd engine on it. Rounds interleave the servers, each round starting with the
+next one, so drift in a shared machine hits all of them alike. The table gives each one's median and its ratio to `off`.
 """
 
 import argparse
@@ -83,12 +83,38 @@ class Bexd:
             self._scraper = threading.Thread(target=loop, daemon=True)
             self._scraper.start()
 
+    def cpu_seconds(self):
+        """The server's user + system CPU time so far."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self):
         self._stop.set()
         if self._scraper:
             self._scraper.join()
         self.proc.terminate()
         self.proc.wait(timeout=30)
+
+
+def scrape_cost(binary, scrapes=500):
+    """The server CPU one scrape costs (us), over `scrapes` back-to-back scrapes of an idle
+    bexd with one export: what a scrape every second takes from the data path at most."""
+    server = Bexd(binary, True)
+    try:
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        before = server.cpu_seconds()
+        for _ in range(scrapes):
+            with urllib.request.urlopen(url, timeout=10) as r:
+                size = len(r.read())
+        return (server.cpu_seconds() - before) * 1e6 / scrapes, size
+    finally:
+        server.stop()
+
+
+def parse_size(bs):
+    units = {"k": 1 << 10, "M": 1 << 20}
+    return int(bs[:-1]) * units[bs[-1]] if bs[-1] in units else int(bs)
 
 
 def main():
@@ -99,25 +125,40 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--runtime", type=int, default=10)
     ap.add_argument("--workloads", default="4k randread QD32")
+    ap.add_argument("--scrape-cost-only", action="store_true",
+                    help="only measure what one scrape costs the server")
     args = ap.parse_args()
+    cost, size = scrape_cost(args.bexd)
+    print(f"one scrape: {cost:.0f} us of server CPU ({size} bytes of exposition)", flush=True)
+    if args.scrape_cost_only:
+        return
     chosen = [w for w in FIO_WORKLOADS if w.name in args.workloads.split(",")]
     variants = [("off", args.bexd, False), ("on", args.bexd, True)]
     if args.baseline:
         variants.append(("base", args.baseline, False))
     results = {(w.name, v[0]): [] for w in chosen for v in variants}
+    # Server CPU per request (us): what the server spends, whatever else loads the machine.
+    cpu = {(w.name, v[0]): [] for w in chosen for v in variants}
     for r in range(args.rounds):
-        for name, binary, metrics in variants:
+        # Each round starts with another variant, so none always runs first.
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for name, binary, metrics in order:
             for w in chosen:
                 server = Bexd(binary, metrics)
                 server.scrape_every_second()
                 try:
+                    before = server.cpu_seconds()
                     fig = run_fio(w, server.uri(), "1G", args.runtime)
+                    used = server.cpu_seconds() - before
                 finally:
                     server.stop()
+                requests = fig["bytes"] / parse_size(w.bs)
+                per_request = used * 1e6 / requests
                 results[(w.name, name)].append(fig[w.primary])
+                cpu[(w.name, name)].append(per_request)
                 scraped = f", {server.scrapes} scrapes" if metrics else ""
-                print(f"round {r + 1} {name:4} {w.name}: {fig[w.primary]:.0f} {w.primary}{scraped}",
-                      flush=True)
+                print(f"round {r + 1} {name:4} {w.name}: {fig[w.primary]:.0f} {w.primary}, "
+                      f"{per_request:.2f} us server CPU/request{scraped}", flush=True)
     print()
     names = [v[0] for v in variants]
     ratio_names = [f"{n}/off" for n in names if n != "off"]
@@ -128,11 +169,22 @@ def main():
         cells = [f"{medians[v[0]]:.0f} {w.primary}" for v in variants]
         ratios = [f"{medians[v[0]] / medians['off']:.3f}" for v in variants if v[0] != "off"]
         print(f"| {w.name} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+        cpus = {v[0]: statistics.median(cpu[(w.name, v[0])]) for v in variants}
+        cells = [f"{cpus[v[0]]:.2f} us" for v in variants]
+        ratios = [f"{cpus[v[0]] / cpus['off']:.3f}" for v in variants if v[0] != "off"]
+        print(f"| {w.name}, server CPU/request | " + " | ".join(cells) + " | "
+              + " | ".join(ratios) + " |")
+        # Each round's ratio to the `off` run next to it: steadier on a loaded machine.
+        paired = [f"{statistics.median(a / b for a, b in zip(results[(w.name, v[0])], results[(w.name, 'off')])):.3f}"
+                  for v in variants if v[0] != "off"]
+        print(f"| {w.name}, median of paired round ratios | " + " | ".join([""] * len(variants))
+              + " | " + " | ".join(paired) + " |")
     print()
     for w in chosen:
         for v in variants:
             rounds = ", ".join(f"{x:.0f}" for x in results[(w.name, v[0])])
-            print(f"{w.name} {v[0]}: {rounds}")
+            per_request = ", ".join(f"{x:.2f}" for x in cpu[(w.name, v[0])])
+            print(f"{w.name} {v[0]}: {rounds} {w.primary}; CPU us/request {per_request}")
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ fn io_families(e: &mut Exposition, prefix: &str, subjects: &[Subject]) {
     e.family(
         &name,
         Kind::Histogram,
-        "Time from a request's arrival to its reply, by kind.",
+        "Time from a request's arrival until its reply is ready to send, by kind.",
     );
     for s in subjects {
         for kind in IoKind::ALL {
