@@ -17,7 +17,8 @@
 //! - [`error`]: one error type per part, printing QEMU's texts; [`events`]: the QMP event bus.
 //! - [`serve`]: `bexd serve IMAGE`, the one-image shortcut.
 //! - [`backup`]: `bexd backup`, an NBD client pulling full and incremental backups.
-//! - [`shell`]: `bexd qmp SOCKET`, an interactive QMP shell.
+//! - [`shell`]: `bexd qmp SOCKET`, an interactive QMP shell; [`top`]: `bexd top SOCKET`, a live
+//!   view of the exports' counters.
 //! - [`trace`]: `--trace`/`-T`, QEMU trace patterns mapped onto the log targets.
 
 pub mod backup;
@@ -43,6 +44,7 @@ pub mod serve;
 pub mod shell;
 pub mod startup;
 pub mod tls;
+pub mod top;
 pub mod trace;
 pub mod util;
 
