@@ -125,3 +125,25 @@ def test_blockstats_counts_a_known_workload_exactly(start, image):
     assert (e["id"], e["node-name"], e["connections"], e["connections-total"],
             e["in-flight"]) == ("e0", "disk0", 0, 1, 0)
     assert {k: e["stats"][k] for k in expected} == expected
+
+
+@pytest.mark.bexd_only("qemu-storage-daemon counts nothing for NBD traffic")
+def test_blockstats_counts_a_failed_read_apart_from_the_good_ones(start, image):
+    img = image(1 << 20)
+    spec = ("driver=raw,node-name=top,file.driver=blkdebug,file.image.driver=file,"
+            f"file.image.filename={img},file.inject-error.0.event=read_aio,"
+            "file.inject-error.0.once=on")
+    d = start([spec], ["type=nbd,id=e0,node-name=top,name=disk,writable=on"])
+    h = nbd.NBD()
+    h.connect_uri(d.uri("disk"))
+    with pytest.raises(nbd.Error):
+        h.pread(4096, 0)
+    h.pread(4096, 0)
+    h.pread(512, 8192)
+    h.shutdown()
+    _, nodes = query(d, "query-blockstats", {"query-nodes": True})
+    stats = next(n for n in nodes if n["node-name"] == "top")["stats"]
+    assert (stats["rd_operations"], stats["rd_bytes"], stats["failed_rd_operations"],
+            stats["invalid_rd_operations"]) == (2, 4608, 1, 0)
+    _, exports = query(d, "x-query-export-stats")
+    assert exports[0]["stats"]["failed_rd_operations"] == 1

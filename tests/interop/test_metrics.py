@@ -213,3 +213,33 @@ def test_tls_handshakes_and_failures_are_counted(start, image, tmp_path):
         s = samples(scrape(port)[2])
         return (s["bexd_nbd_tls_handshakes_total"], s["bexd_nbd_tls_handshake_failures_total"])
     wait_until(lambda: counted() == (2, 1), what="2 TLS handshakes, 1 failed, to be counted")
+
+
+def test_errors_are_counted_by_errno(start, image):
+    import nbd
+    port = free_port()
+    img = image(1 << 20)
+    spec = ("driver=raw,node-name=top,file.driver=blkdebug,file.image.driver=file,"
+            f"file.image.filename={img},file.inject-error.0.event=read_aio,"
+            "file.inject-error.0.once=on")
+    d = start([spec], ["type=nbd,id=e0,node-name=top,name=disk,writable=off"],
+              objects=[f"metrics-http,id=m0,addr.host=127.0.0.1,addr.port={port}"])
+    h = nbd.NBD()
+    h.set_strict_mode(0)
+    h.connect_uri(d.uri("disk"))
+    for request in (lambda: h.pread(4096, 0), lambda: h.pwrite(b"x" * 512, 0),
+                    lambda: h.pread(4096, 1 << 20)):
+        with pytest.raises(nbd.Error):
+            request()
+    h.shutdown()
+    s = samples(scrape(port)[2])
+    errnos = {k: v for k, v in s.items()
+              if k.startswith('bexd_export_request_errors_total{export="e0"') and v}
+    # The injected EIO failed; the write to a read-only export (EPERM) and the read past the
+    # end (EINVAL) were refused before reaching the image.
+    assert errnos == {'bexd_export_request_errors_total{export="e0",errno="EIO"}': 1,
+                      'bexd_export_request_errors_total{export="e0",errno="EPERM"}': 1,
+                      'bexd_export_request_errors_total{export="e0",errno="EINVAL"}': 1}
+    assert s['bexd_export_failed_requests_total{export="e0",op="read"}'] == 1
+    assert s['bexd_export_invalid_requests_total{export="e0",op="read"}'] == 1
+    assert s['bexd_export_invalid_requests_total{export="e0",op="write"}'] == 1
