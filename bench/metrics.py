@@ -3,7 +3,9 @@
 4 KiB random read QD32 loses under 2% against metrics off, same run).
 
     bench/metrics.py [BEXD] [--baseline OLD_BEXD] [--rounds 5] [--runtime 10]
-                     [--workloads "4k randread QD32,4k randread QD1"]
+                     [--workloads "4k randread QD32,4k randread QD1"] [--scrape-interval 1]
+    bench/metrics.py --same-server [--rounds 6]    one server, runs alternately scraped or not
+    bench/metrics.py --scrape-cost-only            the server CPU one scrape costs
 
 Each round starts, in turn, on the same 1 GiB image of random data in /dev/shm:
   off   BEXD without a metrics-http object (its requests are still counted: query-blockstats
@@ -72,14 +74,14 @@ class Bexd:
     def uri(self):
         return f"nbd://127.0.0.1:{self.port}/f"
 
-    def scrape_every_second(self):
+    def scrape_every(self, seconds):
         def loop():
             url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-            while not self._stop.wait(1.0):
+            while not self._stop.wait(seconds):
                 with urllib.request.urlopen(url, timeout=10) as r:
                     r.read()
                 self.scrapes += 1
-        if self.metrics_port:
+        if self.metrics_port and seconds > 0:
             self._scraper = threading.Thread(target=loop, daemon=True)
             self._scraper.start()
 
@@ -112,6 +114,42 @@ def scrape_cost(binary, scrapes=500):
         server.stop()
 
 
+def same_server(binary, workload, rounds, runtime):
+    """One bexd with metrics-http; runs alternate between scraping it every second and not
+    (each round starting with the other), so process-to-process variation drops out."""
+    server = Bexd(binary, True)
+    results = {"scraped": [], "not scraped": []}
+    try:
+        for r in range(rounds):
+            modes = ["not scraped", "scraped"] if r % 2 == 0 else ["scraped", "not scraped"]
+            for mode in modes:
+                stop = threading.Event()
+
+                def scrape():
+                    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+                    while not stop.wait(1.0):
+                        with urllib.request.urlopen(url, timeout=10) as resp:
+                            resp.read()
+                scraper = threading.Thread(target=scrape, daemon=True)
+                if mode == "scraped":
+                    scraper.start()
+                fig = run_fio(workload, server.uri(), "1G", runtime)
+                stop.set()
+                if mode == "scraped":
+                    scraper.join()
+                results[mode].append(fig[workload.primary])
+                print(f"round {r + 1} {mode}: {fig[workload.primary]:.0f} {workload.primary}",
+                      flush=True)
+    finally:
+        server.stop()
+    on, off = results["scraped"], results["not scraped"]
+    print(f"\n| {workload.name}, one server | not scraped | scraped | scraped/not | paired |")
+    print("|---|---|---|---|---|")
+    print(f"| median {workload.primary} | {statistics.median(off):.0f} | {statistics.median(on):.0f} "
+          f"| {statistics.median(on) / statistics.median(off):.3f} "
+          f"| {statistics.median(a / b for a, b in zip(on, off)):.3f} |")
+
+
 def parse_size(bs):
     units = {"k": 1 << 10, "M": 1 << 20}
     return int(bs[:-1]) * units[bs[-1]] if bs[-1] in units else int(bs)
@@ -125,6 +163,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--runtime", type=int, default=10)
     ap.add_argument("--workloads", default="4k randread QD32")
+    ap.add_argument("--scrape-interval", type=float, default=1.0,
+                    help="seconds between scrapes of the 'on' server (0: never)")
+    ap.add_argument("--same-server", action="store_true",
+                    help="one metrics-http server, runs alternately scraped and not")
     ap.add_argument("--scrape-cost-only", action="store_true",
                     help="only measure what one scrape costs the server")
     args = ap.parse_args()
@@ -133,6 +175,10 @@ def main():
     if args.scrape_cost_only:
         return
     chosen = [w for w in FIO_WORKLOADS if w.name in args.workloads.split(",")]
+    if args.same_server:
+        for w in chosen:
+            same_server(args.bexd, w, args.rounds, args.runtime)
+        return
     variants = [("off", args.bexd, False), ("on", args.bexd, True)]
     if args.baseline:
         variants.append(("base", args.baseline, False))
@@ -145,7 +191,7 @@ def main():
         for name, binary, metrics in order:
             for w in chosen:
                 server = Bexd(binary, metrics)
-                server.scrape_every_second()
+                server.scrape_every(args.scrape_interval)
                 try:
                     before = server.cpu_seconds()
                     fig = run_fio(w, server.uri(), "1G", args.runtime)
