@@ -147,3 +147,34 @@ def test_blockstats_counts_a_failed_read_apart_from_the_good_ones(start, image):
             stats["invalid_rd_operations"]) == (2, 4608, 1, 0)
     _, exports = query(d, "x-query-export-stats")
     assert exports[0]["stats"]["failed_rd_operations"] == 1
+
+
+def test_blockstats_nests_the_file_child_but_not_the_backing_node_as_qemu(start, tmp_path):
+    """QEMU nests `backing` only in device entries: a node entry has its file as `parent` and
+    its backing node is an entry of its own."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
+                    str(top)], check=True)
+    d = start([f"driver=file,node-name=f0,filename={top}",
+               "driver=qcow2,node-name=disk0,file=f0"],
+              ["type=nbd,id=e0,node-name=disk0,name=disk0,writable=on"])
+    status, nodes = query(d, "query-blockstats", {"query-nodes": True})
+    assert status == "ok"
+    file_entry = {"stats": DEVICE_STATS, "driver-specific": FILE_SPECIFIC}
+    qcow2_entry = {"stats": DEVICE_STATS, "parent": file_entry}
+
+    def anonymous(entry):
+        """The shape with node names left out (the implicit nodes' names are generated)."""
+        out = {k: v for k, v in shape(entry).items() if k != "node-name"}
+        for key in ("parent", "backing"):
+            if key in out:
+                out[key] = {k: v for k, v in out[key].items() if k != "node-name"}
+                if "parent" in out[key]:
+                    out[key]["parent"] = {k: v for k, v in out[key]["parent"].items()
+                                          if k != "node-name"}
+        return out
+    disk0 = next(n for n in nodes if n["node-name"] == "disk0")
+    assert anonymous(disk0) == qcow2_entry
+    shapes = sorted((anonymous(n) for n in nodes), key=lambda s: "parent" in s)
+    assert shapes == [file_entry, file_entry, qcow2_entry, qcow2_entry]

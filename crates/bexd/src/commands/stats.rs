@@ -3,8 +3,9 @@
 //! qemu-storage-daemon lists no devices (exports are not devices), so
 //! `query-blockstats` without `query-nodes` answers `[]` here too. With
 //! `query-nodes=true` every node gets QEMU's entry: its counters, its file
-//! child as `parent` and its backing node as `backing`, each nested whole,
-//! and `driver-specific` for file nodes. Unlike qemu-storage-daemon, whose
+//! child as `parent` (nested whole) and `driver-specific` for file nodes.
+//! QEMU nests a backing node as `backing` only in device entries, never in
+//! node entries, so neither does bexd. Unlike qemu-storage-daemon, whose
 //! node counters stay at zero under NBD traffic, bexd counts each export's
 //! requests on the node it exports (see `block::stats`).
 
@@ -36,7 +37,7 @@ pub fn query_blockstats(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpEr
     Ok(Value::Array(list))
 }
 
-/// One node's BlockStats, its children nested as QEMU nests them.
+/// One node's BlockStats, its file child nested as QEMU nests it.
 fn node_stats(nodes: &Nodes, name: &str, entry: &NodeEntry, depth: usize) -> Value {
     let snap = entry.node.stats().snapshot();
     let mut out = Map::new();
@@ -57,10 +58,11 @@ fn node_stats(nodes: &Nodes, name: &str, entry: &NodeEntry, depth: usize) -> Val
     if depth < MAX_DEPTH {
         let backing = entry.format.as_ref().and_then(|f| f.backing_node.as_ref());
         let file = entry.children.iter().find(|c| Some(*c) != backing);
-        for (key, child) in [("parent", file), ("backing", backing)] {
-            if let Some((child_name, child)) = child.and_then(|c| nodes.get_key_value(c)) {
-                out.insert(key.into(), node_stats(nodes, child_name, child, depth + 1));
-            }
+        if let Some((file_name, file)) = file.and_then(|c| nodes.get_key_value(c)) {
+            out.insert(
+                "parent".into(),
+                node_stats(nodes, file_name, file, depth + 1),
+            );
         }
     }
     Value::Object(out)
