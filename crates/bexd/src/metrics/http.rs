@@ -31,7 +31,7 @@ pub fn parse_head(head: &[u8]) -> Request {
     let Ok(text) = std::str::from_utf8(head) else {
         return Request::Malformed;
     };
-    let line = text.split("\r\n").next().unwrap_or("");
+    let line = text.split('\n').next().unwrap_or("").trim_end_matches('\r');
     let mut parts = line.split(' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -51,6 +51,14 @@ pub fn parse_head(head: &[u8]) -> Request {
     Request::Get(path.to_string())
 }
 
+/// Where the head ends: the first blank line (CRLF CRLF, or bare LF LF,
+/// which RFC 9112 lets a server accept).
+fn head_end(bytes: &[u8]) -> Option<usize> {
+    let crlf = bytes.windows(4).position(|w| w == b"\r\n\r\n");
+    let lf = bytes.windows(2).position(|w| w == b"\n\n");
+    crlf.into_iter().chain(lf).min()
+}
+
 /// Reads the request head: `None` when the client closed, sent too much,
 /// or took too long.
 async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Option<Vec<u8>> {
@@ -63,7 +71,7 @@ async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Option<Vec<u8>> {
                 return None;
             }
             head.extend_from_slice(&chunk[..n]);
-            if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            if let Some(end) = head_end(&head) {
                 head.truncate(end);
                 return Some(());
             }
@@ -161,6 +169,8 @@ mod tests {
         let ok = exchange(b"GET /metrics HTTP/1.1\r\nHost: h\r\n\r\n").await;
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
         assert!(ok.ends_with("\r\n\r\nm 1\n"), "{ok}");
+        let bare_lf = exchange(b"GET /metrics HTTP/1.0\n\n").await;
+        assert!(bare_lf.starts_with("HTTP/1.1 200 OK\r\n"), "{bare_lf}");
         let missing = exchange(b"GET / HTTP/1.1\r\n\r\n").await;
         assert!(missing.starts_with("HTTP/1.1 404 "), "{missing}");
         let post = exchange(b"PUT /metrics HTTP/1.1\r\n\r\n").await;
