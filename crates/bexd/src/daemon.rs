@@ -77,6 +77,11 @@ impl Daemon {
         self.nbd().is_some()
     }
 
+    /// The running NBD server's TLS counters and payload budget.
+    pub fn nbd_server_gauges(&self) -> Option<crate::nbd_server::ServerGauges> {
+        self.nbd().as_ref().map(|s| s.gauges())
+    }
+
     /// The address the NBD server really bound (a TCP port 0 resolved).
     pub fn nbd_server_addr(&self) -> Option<crate::config::ListenAddr> {
         self.nbd().as_ref().map(|s| s.bound_addr().clone())

@@ -9,6 +9,7 @@
 //! - [`nodes`]: the node table (opening nodes from config, the graph, bitmap rules).
 //! - [`exports`]: the export table and the export kinds behind [`exports::ExportKind`] (NBD).
 //! - [`objects`]: the object table (authz, TLS credentials, iothreads); [`tls`] loads credentials.
+//! - [`metrics`]: the `metrics-http` Prometheus endpoint over the exports' and nodes' counters.
 //! - [`nbd_server`]: listener, handshake and transmission over a [`nbd_server::ServerContext`]
 //!   (crate `nbd` owns the protocol); [`net`] is the accept side shared with the monitors.
 //! - [`monitor`] and [`commands`]: QMP over chardevs ([`chardevs`]: stdio, sockets listening or
@@ -16,7 +17,8 @@
 //! - [`error`]: one error type per part, printing QEMU's texts; [`events`]: the QMP event bus.
 //! - [`serve`]: `bexd serve IMAGE`, the one-image shortcut.
 //! - [`backup`]: `bexd backup`, an NBD client pulling full and incremental backups.
-//! - [`shell`]: `bexd qmp SOCKET`, an interactive QMP shell.
+//! - [`shell`]: `bexd qmp SOCKET`, an interactive QMP shell; [`top`]: `bexd top SOCKET`, a live
+//!   view of the exports' counters.
 //! - [`trace`]: `--trace`/`-T`, QEMU trace patterns mapped onto the log targets.
 
 pub mod backup;
@@ -29,6 +31,7 @@ pub mod error;
 pub mod events;
 pub mod exports;
 pub mod fds;
+pub mod metrics;
 pub mod monitor;
 pub mod nbd_server;
 pub mod net;
@@ -41,6 +44,7 @@ pub mod serve;
 pub mod shell;
 pub mod startup;
 pub mod tls;
+pub mod top;
 pub mod trace;
 pub mod util;
 

@@ -1,6 +1,7 @@
 //! User-created objects (`--object`, `object-add`/`object-del`): the TLS
 //! credentials the NBD server's `tls-creds` names, the authorization objects
-//! its `tls-authz` names, and iothreads.
+//! its `tls-authz` names, iothreads, the main loop, and `metrics-http`
+//! endpoints (whose servers `crate::metrics` runs).
 //!
 //! The NBD server keeps only the *id* of its authz object and looks it up at
 //! each connection, so an authz object may be deleted and re-created while the
@@ -16,6 +17,7 @@ use qmp::schema::object::{
 use qmp::visitor::{from_value, InputMode};
 use qmp::QmpError;
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::is_well_formed_id;
 use crate::error::ObjectError;
@@ -38,6 +40,24 @@ pub enum Object {
     MainLoop {
         thread_pool_max: usize,
     },
+    /// `metrics-http`: bexd's Prometheus endpoint. The object only says where
+    /// it listens and holds the token that stops it; `crate::metrics` runs
+    /// the server once the object is in the table.
+    MetricsHttp(MetricsHttp),
+}
+
+/// A `metrics-http` object. Deleting it (dropping it) stops its server.
+#[derive(Debug)]
+pub struct MetricsHttp {
+    pub host: String,
+    pub port: String,
+    pub stop: CancellationToken,
+}
+
+impl Drop for MetricsHttp {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 /// QEMU's QAuthZ family: decides whether an identity (an x509 DN) may connect.
@@ -194,6 +214,11 @@ pub fn create(value: Value, mode: InputMode) -> Result<(String, Object), QmpErro
             common,
             username: _,
         } => tls_object(TlsCreds::psk(&common))?,
+        ObjectProps::MetricsHttp { addr } => Object::MetricsHttp(MetricsHttp {
+            host: addr.host,
+            port: addr.port,
+            stop: CancellationToken::new(),
+        }),
     };
     Ok((options.id, object))
 }

@@ -47,6 +47,7 @@ pub fn main(args: &[String]) -> i32 {
         Ok(Invocation::Serve(rest)) => crate::serve::main(&rest),
         Ok(Invocation::Qmp(rest)) => crate::shell::main(&rest),
         Ok(Invocation::Backup(rest)) => crate::backup::main(&rest),
+        Ok(Invocation::Top(rest)) => crate::top::main(&rest),
         Ok(Invocation::Daemon(options)) => crate::startup::run(options),
     }
 }

@@ -178,8 +178,7 @@ async fn apply_one(daemon: &Arc<Daemon>, option: &CliOption) -> Result<(), QmpEr
         }
         CliOption::Object(s) => {
             let (value, mode) = option_value(s, Some("qom-type"))?;
-            let (id, object) = crate::objects::create(value, mode)?;
-            Ok(daemon.objects.add(id, object)?)
+            commands::create_and_add_object(daemon, value, mode)
         }
         CliOption::Pidfile(_) | CliOption::Daemonize | CliOption::Trace(_) => Ok(()),
     }

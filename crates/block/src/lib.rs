@@ -17,7 +17,8 @@
 //! (`FileRun`); `bitmap_store` holds the persistent-bitmap trait a format
 //! may offer beside `Driver`; `buf` owns `IoBuf` and its buffer pool;
 //! `debug_event` names the events a driver reports to a blkdebug node below,
-//! and `write_gen` the write generations that decide the flush events.
+//! `write_gen` the write generations that decide the flush events, and
+//! `stats` the lock-free I/O counters a node (and the daemon's exports) keep.
 
 pub mod bitmap;
 pub mod bitmap_store;
@@ -29,6 +30,7 @@ pub mod error;
 pub mod mapping;
 pub mod node;
 pub mod run;
+pub mod stats;
 pub mod uring;
 pub mod write_gen;
 pub mod zeroes;
@@ -45,4 +47,5 @@ pub use error::{BlockError, BlockErrorKind, BlockResult};
 pub use mapping::{Access, FileMapping, MappingLease};
 pub use node::{BlockNode, ExtentSink, FileSlice};
 pub use run::FileRun;
+pub use stats::{IoKind, IoStats, Outcome, Started, StatsSnapshot};
 pub use zeroes::DetectZeroes;

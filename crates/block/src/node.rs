@@ -11,6 +11,7 @@ use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 use crate::mapping::{Access, FileMapping, MappingLease};
 use crate::run::{runs_within, FileRun};
+use crate::stats::IoStats;
 use crate::uring::{Batch, Ring};
 use crate::zeroes::{is_zero, DetectZeroes};
 
@@ -76,6 +77,10 @@ pub struct BlockNode {
     closed: AtomicBool,
     /// What a WRITE of zeroes becomes (see `zeroes.rs`).
     detect_zeroes: DetectZeroes,
+    /// Requests served through this node by the daemon's exports (see
+    /// `stats.rs`; the exports count, since some of their reads and writes
+    /// bypass the node's async edge with sendfile and splice).
+    stats: IoStats,
 }
 
 impl BlockNode {
@@ -95,7 +100,13 @@ impl BlockNode {
             bitmaps,
             closed: AtomicBool::new(false),
             detect_zeroes: DetectZeroes::Off,
+            stats: IoStats::default(),
         }
+    }
+
+    /// The node's request counters.
+    pub fn stats(&self) -> &IoStats {
+        &self.stats
     }
 
     /// The node with QEMU's `detect-zeroes` set; the caller has checked

@@ -14,10 +14,12 @@ mod query;
 mod registry;
 #[cfg(test)]
 mod registry_tests;
+mod stats;
 
 pub use blockdev::add as blockdev_add;
 pub use executor::Executor;
 pub use export::{block_export_add, nbd_server_start};
+pub use object::create_and_add as create_and_add_object;
 pub use registry::{dispatch, exists, not_found};
 
 use std::sync::Arc;
@@ -33,6 +35,7 @@ use qmp::schema::block_export::{
     BlockExportDelArgs, BlockExportDeletedEvent, BlockExportInfo, BlockExportOptions,
     NbdServerAddOptions, NbdServerOptionsLegacy, NbdServerRemoveArgs,
 };
+use qmp::schema::block_stats::{BlockStats, ExportStats, QueryBlockstatsArgs};
 use qmp::schema::char::{ChardevBackendInfo, ChardevInfo, ClosefdArgs, GetfdArgs};
 use qmp::schema::control::{CommandInfo, QmpCapabilitiesArgs, SchemaInfo, VersionInfo};
 use qmp::schema::object::{ObjectDelArgs, ObjectOptions};
@@ -62,6 +65,8 @@ commands! {
     "block-export-add" (BlockExportOptions) -> Empty => export::block_export_add_qmp,
     "block-export-del" (BlockExportDelArgs) -> Empty => export::block_export_del,
     "query-block-exports" (Empty) -> Vec<BlockExportInfo> => query::block_exports,
+    "query-blockstats" (QueryBlockstatsArgs) -> Vec<BlockStats> => stats::query_blockstats,
+    "x-query-export-stats" (Empty) -> Vec<ExportStats> => stats::export_stats,
     "block-dirty-bitmap-add" (BlockDirtyBitmapAdd) -> Empty => bitmap::single::add,
     "block-dirty-bitmap-remove" (BlockDirtyBitmap) -> Empty => bitmap::single::remove,
     "block-dirty-bitmap-clear" (BlockDirtyBitmap) -> Empty => bitmap::single::clear,

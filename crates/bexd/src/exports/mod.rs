@@ -13,10 +13,10 @@ pub mod nbd;
 
 pub use kind::ExportKind;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use block::BlockNode;
+use block::{BlockNode, IoStats};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +39,10 @@ pub struct Export {
     /// Fired by a hard removal: every connection on this export drops at once.
     kick: CancellationToken,
     connections: AtomicUsize,
+    /// Connections ever attached (the metrics' counter next to the gauge above).
+    connections_total: AtomicU64,
+    /// Requests served by this export (`x-query-export-stats`, metrics-http).
+    pub stats: IoStats,
     /// Signalled each time the last connection leaves (see [`Export::wait_until_idle`]).
     idle: tokio::sync::Notify,
 }
@@ -53,6 +57,8 @@ impl Export {
             shutting_down: AtomicBool::new(false),
             kick: CancellationToken::new(),
             connections: AtomicUsize::new(0),
+            connections_total: AtomicU64::new(0),
+            stats: IoStats::default(),
             idle: tokio::sync::Notify::new(),
         }
     }
@@ -76,6 +82,11 @@ impl Export {
 
     pub fn connection_count(&self) -> usize {
         self.connections.load(Ordering::Acquire)
+    }
+
+    /// Connections attached since the export was added.
+    pub fn connections_total(&self) -> u64 {
+        self.connections_total.load(Ordering::Relaxed)
     }
 
     /// The token a connection watches to learn it must drop (hard removal).
@@ -226,6 +237,7 @@ impl ExportTable {
             .find(|e| !e.is_shutting_down() && pick(e))?
             .clone();
         export.connections.fetch_add(1, Ordering::AcqRel);
+        export.connections_total.fetch_add(1, Ordering::Relaxed);
         Some(ExportClient {
             export,
             table: self.clone(),

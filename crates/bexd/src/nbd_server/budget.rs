@@ -74,6 +74,17 @@ impl SharedBudget {
             .min(self.units)
     }
 
+    /// Bytes requests hold now (in whole units).
+    pub fn in_use_bytes(&self) -> u64 {
+        let free = self.sem.available_permits() as u64;
+        u64::from(self.units).saturating_sub(free) * UNIT
+    }
+
+    /// The whole budget, in bytes.
+    pub fn total_bytes(&self) -> u64 {
+        u64::from(self.units) * UNIT
+    }
+
     #[cfg(test)]
     fn available(&self) -> usize {
         self.sem.available_permits()
@@ -124,7 +135,9 @@ mod tests {
         let p = b.acquire(32 << 20, false).await.expect("a permit");
         assert_eq!(p.num_permits(), (8 << 20) / UNIT as usize);
         assert_eq!(b.available(), 0);
+        assert_eq!(b.in_use_bytes(), b.total_bytes());
         drop(p);
+        assert_eq!(b.in_use_bytes(), 0);
         assert_eq!(b.available(), (8 << 20) / UNIT as usize);
     }
 

@@ -102,10 +102,12 @@ async fn handshake(mut stream: ClientStream, settings: &Settings) -> HandshakeRe
         return Err("client sent data before the STARTTLS reply".into());
     }
     let authz = settings.config.tls_authz.as_deref();
-    let mut io = match stream {
-        ClientStream::Tcp(s) => tls::upgrade(s, creds, authz, &ctx.objects).await?,
-        ClientStream::Unix(s) => tls::upgrade(s, creds, authz, &ctx.objects).await?,
+    let upgraded = match stream {
+        ClientStream::Tcp(s) => tls::upgrade(s, creds, authz, &ctx.objects).await,
+        ClientStream::Unix(s) => tls::upgrade(s, creds, authz, &ctx.objects).await,
     };
+    settings.counters.tls_upgrade_ended(upgraded.is_ok());
+    let mut io = upgraded?;
     hs.tls_established();
     match negotiate(&mut io, &mut hs, ctx, multi_conn).await? {
         Step::Done(n, leftover, client) => Ok(Some((n, leftover, Transport::Tls(io), client))),

@@ -9,11 +9,13 @@
 //! With tls-creds, the handshake stops at STARTTLS, `tls.rs` upgrades the
 //! socket and checks tls-authz, and the handshake continues over TLS.
 //! Request payloads in flight are bounded per connection and, across all
-//! connections of the server, by `budget.rs`.
+//! connections of the server, by `budget.rs`; `counters.rs` counts TLS
+//! upgrades for the metrics endpoint.
 //! ```
 
 mod budget;
 mod conn;
+mod counters;
 mod input;
 mod listener;
 mod reply;
@@ -26,6 +28,8 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+pub use counters::{ServerGauges, ServerSnapshot};
 
 use crate::config::{ListenAddr, NbdServerConfig};
 use crate::error::ServerError;
@@ -60,6 +64,8 @@ struct Settings {
     ctx: ServerContext,
     /// The server-wide budget of pinned request bytes.
     budget: Arc<budget::SharedBudget>,
+    /// TLS upgrades and their failures.
+    counters: Arc<counters::ServerCounters>,
 }
 
 /// A running server. Dropping it does not stop it: call [`NbdServer::stop`].
@@ -69,6 +75,8 @@ pub struct NbdServer {
     cancel: CancellationToken,
     /// The address actually bound (a TCP port 0 resolved to the real port).
     bound: ListenAddr,
+    /// Its counters and budget, for the metrics endpoint.
+    gauges: ServerGauges,
 }
 
 impl NbdServer {
@@ -85,8 +93,13 @@ impl NbdServer {
         let listener = listener::bind(&config.addr)?;
         let bound = listener::local_addr(&listener, &config.addr);
         let cancel = CancellationToken::new();
-        let settings = Arc::new(Settings {
+        let gauges = ServerGauges {
+            counters: Arc::default(),
             budget: budget::SharedBudget::for_server(config.payload_budget),
+        };
+        let settings = Arc::new(Settings {
+            budget: gauges.budget.clone(),
+            counters: gauges.counters.clone(),
             config: config.clone(),
             tls,
             ctx: ctx.clone(),
@@ -98,7 +111,13 @@ impl NbdServer {
             config,
             cancel,
             bound,
+            gauges,
         })
+    }
+
+    /// The server's TLS counters and payload budget, to read at any time.
+    pub fn gauges(&self) -> ServerGauges {
+        self.gauges.clone()
     }
 
     pub fn max_connections(&self) -> u32 {

@@ -7,6 +7,7 @@ use std::io::IoSlice;
 
 use block::{FileSlice, IoBuf};
 use nbd::reply::{PlanPiece, ReplyPlan};
+use nbd::types::NbdErrno;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -38,6 +39,8 @@ pub enum Piece<'a> {
 pub struct Reply {
     plan: ReplyPlan,
     data: Option<Data>,
+    /// The errno an error reply carries (counted in the statistics).
+    errno: Option<NbdErrno>,
     /// The in-flight budget this request holds until its reply is on the wire.
     _permits: Option<Permits>,
 }
@@ -74,8 +77,22 @@ impl Reply {
         Self {
             plan,
             data: None,
+            errno: None,
             _permits: None,
         }
+    }
+
+    /// An error reply carrying `errno` (its plan built by the shape's `error`).
+    pub fn failed(plan: ReplyPlan, errno: NbdErrno) -> Self {
+        Self {
+            errno: Some(errno),
+            ..Self::new(plan)
+        }
+    }
+
+    /// The errno of an error reply.
+    pub fn errno(&self) -> Option<NbdErrno> {
+        self.errno
     }
 
     /// A reply whose plan's data ranges are ranges of `data`.
@@ -83,6 +100,7 @@ impl Reply {
         Self {
             plan,
             data: Some(data),
+            errno: None,
             _permits: None,
         }
     }

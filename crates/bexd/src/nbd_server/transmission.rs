@@ -25,7 +25,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use block::uring::Batch;
-use block::{BlockError, BlockNode, IoBuf, ZeroFlags};
+use block::{BlockError, BlockNode, IoBuf, IoKind, Outcome, Started, ZeroFlags};
 use nbd::consts::{
     CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE,
     EXTENDED_REQUEST_HEADER_LEN,
@@ -266,22 +266,78 @@ async fn read_requests<R: RequestReader>(
         if request.command == CommandType::DISC {
             return;
         }
-        let ctx = ctx.clone();
+        let mut counting = Counting::begin(ctx.clone());
         let tx = tx.clone();
         run_or_spawn(
             Box::pin(async move {
+                let ctx = &counting.ctx;
+                let invalid = matches!(verdict, Verdict::Reject { .. });
                 let mut reply = match verdict {
                     Verdict::Reject { errno, message } => {
-                        error_reply(&ctx, &request, errno, &message)
+                        error_reply(ctx, &request, errno, &message)
                     }
-                    _ => handle(&ctx, &request, payload, selection.as_deref()).await,
+                    _ => handle(ctx, &request, payload, selection.as_deref()).await,
                 };
+                counting.end(&request, &reply, invalid);
                 reply.hold_permits(permits);
                 let _ = tx.send(reply);
             }),
             batch,
         )
         .await;
+    }
+}
+
+/// A request being counted in its export's and its node's statistics,
+/// from when its payload is in until its reply is ready. Dropped before
+/// [`Counting::end`] (the connection went), it leaves the in-flight count.
+struct Counting {
+    ctx: Arc<Context>,
+    started: Started,
+    ended: bool,
+}
+
+impl Counting {
+    fn begin(ctx: Arc<Context>) -> Self {
+        ctx.client.export().stats.begin();
+        ctx.node.stats().begin();
+        Self {
+            ctx,
+            started: Started::now(),
+            ended: false,
+        }
+    }
+
+    /// QEMU's accounting kinds: WRITE_ZEROES counts as a write, TRIM as an
+    /// unmap; BLOCK_STATUS and CACHE move no data and are not counted.
+    fn end(&mut self, req: &RequestHeader, reply: &Reply, invalid: bool) {
+        let kind = match req.command {
+            CommandType::READ => IoKind::Read,
+            CommandType::WRITE | CommandType::WRITE_ZEROES => IoKind::Write,
+            CommandType::FLUSH => IoKind::Flush,
+            CommandType::TRIM => IoKind::Unmap,
+            _ => return,
+        };
+        self.ended = true;
+        let (export, node) = (&self.ctx.client.export().stats, self.ctx.node.stats());
+        let outcome = match (reply.errno(), invalid) {
+            (None, _) => Outcome::Done,
+            (Some(errno), true) => Outcome::Invalid(errno.0 as i32),
+            (Some(errno), false) => Outcome::Failed(errno.0 as i32),
+        };
+        let now = std::time::Instant::now();
+        let range = (req.offset, req.length);
+        export.end(self.started, now, kind, range, outcome);
+        node.end(self.started, now, kind, range, outcome);
+    }
+}
+
+impl Drop for Counting {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.ctx.client.export().stats.end_uncounted();
+            self.ctx.node.stats().end_uncounted();
+        }
     }
 }
 
@@ -642,7 +698,7 @@ async fn handle(
 }
 
 fn error_reply(ctx: &Context, req: &RequestHeader, errno: NbdErrno, message: &str) -> Reply {
-    Reply::new(ctx.shape.error(req, errno, message))
+    Reply::failed(ctx.shape.error(req, errno, message), errno)
 }
 
 fn block_error_reply(ctx: &Context, req: &RequestHeader, e: &BlockError) -> Reply {

@@ -107,8 +107,7 @@ async fn set_up(daemon: &Arc<Daemon>, plan: &ImagePlan) -> Result<Option<PidFile
     for object in &plan.objects {
         let (value, mode) =
             crate::startup::option_value(object, Some("qom-type")).map_err(|e| e.desc)?;
-        let (id, object) = crate::objects::create(value, mode).map_err(|e| e.desc)?;
-        daemon.objects.add(id, object).map_err(|e| e.to_string())?;
+        crate::commands::create_and_add_object(daemon, value, mode).map_err(|e| e.desc)?;
     }
     image::open(daemon, plan, EXPORT_ID)?;
     daemon

@@ -41,6 +41,16 @@ qapi_struct! {
     }
 }
 
+qapi_struct! {
+    /// QEMU's InetSocketAddressBase: where `metrics-http` listens (the other
+    /// InetSocketAddress members are not taken, so they are refused).
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct InetSocketAddressBase {
+        req "host" host: String,
+        req "port" port: String,
+    }
+}
+
 /// The object-specific properties, by `qom-type`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ObjectProps {
@@ -73,6 +83,10 @@ pub enum ObjectProps {
         common: TlsCredsCommon,
         username: Option<String>,
     },
+    /// bexd's own `metrics-http`: a Prometheus endpoint on `addr`.
+    MetricsHttp {
+        addr: InetSocketAddressBase,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,6 +104,7 @@ pub const OBJECT_TYPES: &[&str] = &[
     "authz-simple",
     "iothread",
     "main-loop",
+    "metrics-http",
     "tls-creds-psk",
     "tls-creds-x509",
 ];
@@ -140,6 +155,9 @@ impl FromQapi for ObjectOptions {
                 aio_max_batch: f.optional("aio-max-batch")?,
                 thread_pool_min: f.optional("thread-pool-min")?,
                 thread_pool_max: f.optional("thread-pool-max")?,
+            },
+            "metrics-http" => ObjectProps::MetricsHttp {
+                addr: f.required("addr")?,
             },
             "tls-creds-x509" => ObjectProps::TlsCredsX509 {
                 common: TlsCredsCommon::read(&mut f)?,
@@ -203,6 +221,10 @@ fn object_branch(s: &mut Schema, qom_type: &str) -> Ty {
         "main-loop" => (
             "MainLoopProperties",
             MAIN_LOOP_MEMBERS.iter().map(|m| opt(m, int())).collect(),
+        ),
+        "metrics-http" => (
+            "MetricsHttpProperties",
+            vec![req("addr", describe::<InetSocketAddressBase>(s))],
         ),
         "tls-creds-x509" => {
             let mut m = tls_common(s);
@@ -286,6 +308,32 @@ mod tests {
         let v = json!({"qom-type": "tls-creds-psk", "id": "p", "bogus": 1});
         let e = from_value::<ObjectOptions>(v, InputMode::Json).unwrap_err();
         assert_eq!(e.desc, "Parameter 'bogus' is unexpected");
+    }
+
+    #[test]
+    fn test_metrics_http_takes_host_and_port_and_refuses_other_members() {
+        let v = crate::keyval::parse_keyval(
+            "metrics-http,id=m,addr.host=127.0.0.1,addr.port=9100",
+            Some("qom-type"),
+        )
+        .unwrap();
+        let o = from_value::<ObjectOptions>(v, InputMode::Keyval).unwrap();
+        assert_eq!(
+            o.props,
+            ObjectProps::MetricsHttp {
+                addr: InetSocketAddressBase {
+                    host: "127.0.0.1".into(),
+                    port: "9100".into()
+                }
+            }
+        );
+        let bad = json!({"qom-type": "metrics-http", "id": "m",
+                         "addr": {"host": "h", "port": "1", "ipv4": true}});
+        let e = from_value::<ObjectOptions>(bad, InputMode::Json).unwrap_err();
+        assert_eq!(e.desc, "Parameter 'addr.ipv4' is unexpected");
+        let missing = json!({"qom-type": "metrics-http", "id": "m"});
+        let e = from_value::<ObjectOptions>(missing, InputMode::Json).unwrap_err();
+        assert_eq!(e.desc, "Parameter 'addr' is missing");
     }
 
     #[test]
