@@ -12,9 +12,10 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 # the benchmark peers and ceilings (nbdkit, nbd-server, iperf3); strace, with which the
 # zero-copy tests see that replies really went out with sendfile; systemd for
 # systemd-socket-activate (the socket-activation tests); prometheus for promtool and the
-# server that scrapes bexd's metrics-http endpoint in the metrics tests.
+# server that scrapes bexd's metrics-http endpoint in the metrics tests; tmux, the real
+# terminal bexd top is drawn in by its test.
 packages=(qemu-utils libnbd-bin python3-libnbd fio python3-pytest python3-pip
-          libssl-dev pkg-config openssl nbdkit nbd-server iperf3 strace systemd prometheus)
+          libssl-dev pkg-config openssl nbdkit nbd-server iperf3 strace systemd prometheus tmux)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

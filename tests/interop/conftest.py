@@ -25,7 +25,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = ["qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon", "nbdinfo", "nbdcopy", "nbdsh",
-         "fio", "openssl", "strace", "systemd-socket-activate"]
+         "fio", "openssl", "strace", "systemd-socket-activate", "tmux"]
 MODULES = ["nbd", "qemu.qmp"]
 
 

@@ -68,6 +68,8 @@ pub enum Invocation {
     Qmp(Vec<String>),
     /// `bexd backup ...`: pull a full or incremental backup from an NBD export.
     Backup(Vec<String>),
+    /// `bexd top ...`: a live view of a daemon's exports; the arguments after `top`.
+    Top(Vec<String>),
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -88,6 +90,7 @@ pub fn parse_args(args: &[String]) -> Result<Invocation, CliError> {
         Some("serve") => return Ok(Invocation::Serve(args[1..].to_vec())),
         Some("qmp") => return Ok(Invocation::Qmp(args[1..].to_vec())),
         Some("backup") => return Ok(Invocation::Backup(args[1..].to_vec())),
+        Some("top") => return Ok(Invocation::Top(args[1..].to_vec())),
         _ => {}
     }
     let mut options = Vec::new();
@@ -150,6 +153,8 @@ Usage: bexd [options]
        bexd qmp SOCKET|HOST:PORT       interactive QMP shell
        bexd backup [--help] --uri URI --output FILE [--bitmap NAME]
                                        pull a full or incremental backup over NBD
+       bexd top [--help] SOCKET|HOST:PORT
+                                       live view of the exports (IOPS, MiB/s, latency)
 bexd: the block export daemon (a drop-in for qemu-storage-daemon's NBD exports)
 
   -h, --help             display this help and exit

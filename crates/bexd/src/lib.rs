@@ -37,10 +37,12 @@ pub mod objects;
 pub mod process;
 pub mod program;
 pub mod qapi;
+pub mod qmp_client;
 pub mod serve;
 pub mod shell;
 pub mod startup;
 pub mod tls;
+pub mod top;
 pub mod trace;
 pub mod util;
 

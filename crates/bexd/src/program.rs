@@ -1,5 +1,5 @@
 //! The program: which mode argv asks for (the qemu-storage-daemon mode,
-//! `serve`, `qmp`, `backup`), and the logging every mode shares. Kept apart
+//! `serve`, `qmp`, `backup`, `top`), and the logging every mode shares. Kept apart
 //! from the modes so that none of them imports another through it.
 
 use crate::cli::{self, CliOption, Invocation};
@@ -47,6 +47,7 @@ pub fn main(args: &[String]) -> i32 {
         Ok(Invocation::Serve(rest)) => crate::serve::main(&rest),
         Ok(Invocation::Qmp(rest)) => crate::shell::main(&rest),
         Ok(Invocation::Backup(rest)) => crate::backup::main(&rest),
+        Ok(Invocation::Top(rest)) => crate::top::main(&rest),
         Ok(Invocation::Daemon(options)) => crate::startup::run(options),
     }
 }
