@@ -68,7 +68,7 @@ pub enum Invocation {
     Qmp(Vec<String>),
     /// `bexd backup ...`: pull a full or incremental backup from an NBD export.
     Backup(Vec<String>),
-    /// `bexd top ...`: a live view of a daemon's exports over QMP.
+    /// `bexd top ...`: a live view of a daemon's exports; the arguments after `top`.
     Top(Vec<String>),
 }
 
@@ -151,10 +151,10 @@ pub const HELP: &str = "\
 Usage: bexd [options]
        bexd serve [--help] IMAGE       serve one image (like qemu-nbd)
        bexd qmp SOCKET|HOST:PORT       interactive QMP shell
-       bexd top SOCKET|HOST:PORT [--interval SECONDS]
-                                       live view of the exports (IOPS, MiB/s, latency, clients)
        bexd backup [--help] --uri URI --output FILE [--bitmap NAME]
                                        pull a full or incremental backup over NBD
+       bexd top [--help] SOCKET|HOST:PORT
+                                       live view of the exports (IOPS, MiB/s, latency)
 bexd: the block export daemon (a drop-in for qemu-storage-daemon's NBD exports)
 
   -h, --help             display this help and exit

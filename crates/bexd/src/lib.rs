@@ -40,6 +40,7 @@ pub mod objects;
 pub mod process;
 pub mod program;
 pub mod qapi;
+pub mod qmp_client;
 pub mod serve;
 pub mod shell;
 pub mod startup;

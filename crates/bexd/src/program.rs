@@ -1,5 +1,5 @@
 //! The program: which mode argv asks for (the qemu-storage-daemon mode,
-//! `serve`, `qmp`, `backup`), and the logging every mode shares. Kept apart
+//! `serve`, `qmp`, `backup`, `top`), and the logging every mode shares. Kept apart
 //! from the modes so that none of them imports another through it.
 
 use crate::cli::{self, CliOption, Invocation};

@@ -6,9 +6,6 @@
 //! `~/.bexd_qmp_history`, replies are pretty-printed and events show up as
 //! they arrive. Plain stdin works too, so it scripts like qemu.qmp's qmp-shell.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
-use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use rustyline::completion::{Completer, Pair};
@@ -18,6 +15,8 @@ use rustyline::hint::Hinter;
 use rustyline::validate::Validator;
 use rustyline::{Context, Editor, Helper};
 use serde_json::{json, Map, Value};
+
+use crate::qmp_client::{ClientError, QmpClient};
 
 /// How long a prompt waits for events that arrived meanwhile.
 const EVENT_POLL: Duration = Duration::from_millis(20);
@@ -41,82 +40,6 @@ pub fn main(args: &[String]) -> i32 {
             eprintln!("bexd qmp: {e}");
             1
         }
-    }
-}
-
-/// A QMP connection: one JSON document per line each way.
-struct Connection {
-    reader: BufReader<Box<dyn std::io::Read>>,
-    writer: Box<dyn Write>,
-    set_timeout: Box<dyn Fn(Option<Duration>) -> std::io::Result<()>>,
-}
-
-impl Connection {
-    fn open(target: &str) -> std::io::Result<Self> {
-        if target.contains('/') || !target.contains(':') {
-            let s = UnixStream::connect(target)?;
-            let (r, w, t) = (s.try_clone()?, s.try_clone()?, s);
-            return Ok(Self {
-                reader: BufReader::new(Box::new(r)),
-                writer: Box::new(w),
-                set_timeout: Box::new(move |d| t.set_read_timeout(d)),
-            });
-        }
-        let s = TcpStream::connect(target)?;
-        let (r, w, t) = (s.try_clone()?, s.try_clone()?, s);
-        Ok(Self {
-            reader: BufReader::new(Box::new(r)),
-            writer: Box::new(w),
-            set_timeout: Box::new(move |d| t.set_read_timeout(d)),
-        })
-    }
-
-    fn read(&mut self) -> std::io::Result<Option<Value>> {
-        let mut line = String::new();
-        if self.reader.read_line(&mut line)? == 0 {
-            return Ok(None);
-        }
-        serde_json::from_str(&line)
-            .map(Some)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-    }
-
-    fn send(&mut self, v: &Value) -> std::io::Result<()> {
-        writeln!(self.writer, "{v}")?;
-        self.writer.flush()
-    }
-
-    /// Sends a command and returns its reply, printing events seen on the way.
-    fn execute(&mut self, v: &Value) -> std::io::Result<Option<Value>> {
-        self.send(v)?;
-        loop {
-            match self.read()? {
-                Some(m) if m.get("event").is_some() => print_event(&m),
-                other => return Ok(other),
-            }
-        }
-    }
-
-    /// Prints events that arrived while the user was typing.
-    fn drain_events(&mut self) -> std::io::Result<()> {
-        (self.set_timeout)(Some(EVENT_POLL))?;
-        let result = loop {
-            match self.read() {
-                Ok(Some(m)) => print_event(&m),
-                Ok(None) => break Ok(()),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    break Ok(())
-                }
-                Err(e) => break Err(e),
-            }
-        };
-        (self.set_timeout)(None)?;
-        result
     }
 }
 
@@ -164,13 +87,8 @@ impl Completer for CommandNames {
 }
 
 fn run(target: &str) -> Result<(), String> {
-    let mut conn =
-        Connection::open(target).map_err(|e| format!("cannot connect to {target}: {e}"))?;
-    let greeting = conn
-        .read()
-        .map_err(|e| e.to_string())?
-        .ok_or("closed before the greeting")?;
-    let v = &greeting["QMP"]["version"];
+    let mut conn = QmpClient::connect(target).map_err(|e| e.to_string())?;
+    let v = &conn.greeting["version"];
     println!(
         "Connected to {} ({}.{}.{})",
         v["package"].as_str().unwrap_or("?"),
@@ -178,7 +96,7 @@ fn run(target: &str) -> Result<(), String> {
         v["qemu"]["minor"],
         v["qemu"]["micro"]
     );
-    conn.execute(&json!({"execute": "qmp_capabilities"}))
+    conn.execute(&json!({"execute": "qmp_capabilities"}), print_event)
         .map_err(|e| e.to_string())?;
     let names = command_names(&mut conn);
     let mut editor = Editor::new().map_err(|e| e.to_string())?;
@@ -195,12 +113,9 @@ fn run(target: &str) -> Result<(), String> {
     outcome
 }
 
-fn command_names(conn: &mut Connection) -> Vec<String> {
-    let reply = conn
-        .execute(&json!({"execute": "query-commands"}))
-        .ok()
-        .flatten();
-    let list = reply.as_ref().and_then(|r| r["return"].as_array());
+fn command_names(conn: &mut QmpClient) -> Vec<String> {
+    let reply = conn.command("query-commands", json!({})).ok();
+    let list = reply.as_ref().and_then(|r| r.as_array());
     list.into_iter()
         .flatten()
         .filter_map(|c| c["name"].as_str().map(String::from))
@@ -208,11 +123,12 @@ fn command_names(conn: &mut Connection) -> Vec<String> {
 }
 
 fn repl(
-    conn: &mut Connection,
+    conn: &mut QmpClient,
     editor: &mut Editor<CommandNames, rustyline::history::DefaultHistory>,
 ) -> Result<(), String> {
     loop {
-        conn.drain_events().map_err(|e| e.to_string())?;
+        conn.drain_events(EVENT_POLL, print_event)
+            .map_err(|e| e.to_string())?;
         let line = match editor.readline("(bexd) ") {
             Ok(l) => l,
             Err(ReadlineError::Eof | ReadlineError::Interrupted) => return Ok(()),
@@ -230,12 +146,13 @@ fn repl(
                 continue;
             }
         };
-        match conn.execute(&request).map_err(|e| e.to_string())? {
-            Some(reply) => print_reply(&reply),
-            None => {
+        match conn.execute(&request, print_event) {
+            Ok(reply) => print_reply(&reply),
+            Err(ClientError::Closed) => {
                 println!("connection closed");
                 return Ok(());
             }
+            Err(e) => return Err(e.to_string()),
         }
     }
 }

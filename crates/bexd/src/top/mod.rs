@@ -1,78 +1,81 @@
-//! `bexd top SOCKET|HOST:PORT [--interval SECONDS]`: a live view of a
-//! running daemon's exports over QMP (`x-query-export-stats`): per export its
-//! clients, requests in flight, IOPS, read and write MiB/s and mean latency
-//! over the last interval, and totals since it was added. `q`, Esc or
-//! Ctrl-C quits.
-//!
-//! `client.rs` talks QMP, `rates.rs` turns two answers into rows, `view.rs`
-//! draws them (ratatui on crossterm).
+//! `bexd top`: a live view of a running daemon's exports over QMP (per
+//! export IOPS, MiB/s, mean latency, clients, totals), for the person on the
+//! machine. It reads bexd's `x-query-export-stats` once per interval and
+//! shows the differences; `--batch` prints the same table as text, as
+//! `top -b` does, for scripts and logs.
 
-mod client;
-mod rates;
+mod sample;
 mod view;
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
+use serde_json::json;
 
-use client::{Client, ClientError};
+use crate::qmp_client::{ClientError, QmpClient};
+use sample::Sample;
 
-const USAGE: &str = "usage: bexd top SOCKET|HOST:PORT [--interval SECONDS]";
-
-/// Why `bexd top` stopped short.
-#[derive(Debug, thiserror::Error)]
-enum TopError {
-    #[error("{USAGE}")]
-    Usage,
-    #[error("--interval takes a number of seconds from 0.1 to 3600, not '{0}'")]
-    Interval(String),
-    #[error("bexd top needs a terminal")]
-    NoTerminal,
-    #[error(transparent)]
-    Client(#[from] ClientError),
-    #[error("terminal: {0}")]
-    Terminal(#[from] std::io::Error),
+#[derive(Debug, Parser)]
+#[command(
+    name = "bexd top",
+    about = "A live view of a running bexd's exports (IOPS, MiB/s, latency, clients)",
+    version
+)]
+struct TopArgs {
+    /// The daemon's QMP monitor: a unix socket path or HOST:PORT.
+    monitor: String,
+    /// Seconds between updates.
+    #[arg(short = 'd', long = "delay", default_value_t = 1.0, value_parser = parse_delay)]
+    delay: f64,
+    /// Stop after this many updates.
+    #[arg(short = 'n', long = "iterations", value_parser = clap::value_parser!(u64).range(1..))]
+    iterations: Option<u64>,
+    /// Print plain text to standard output instead of drawing the screen
+    /// (also what happens when standard output is not a terminal).
+    #[arg(short = 'b', long = "batch")]
+    batch: bool,
 }
 
-struct Options {
-    target: String,
-    interval: Duration,
-}
-
-fn parse(args: &[String]) -> Result<Options, TopError> {
-    let mut target = None;
-    let mut interval = Duration::from_secs(1);
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--interval" | "-d" => {
-                let v = it.next().ok_or(TopError::Usage)?;
-                interval = v
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|s| (0.1..=3600.0).contains(s))
-                    .map(Duration::from_secs_f64)
-                    .ok_or_else(|| TopError::Interval(v.clone()))?;
-            }
-            a if a.starts_with('-') => return Err(TopError::Usage),
-            a if target.is_none() => target = Some(a.to_string()),
-            _ => return Err(TopError::Usage),
-        }
+fn parse_delay(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(d) if d.is_finite() && (0.01..=86_400.0).contains(&d) => Ok(d),
+        _ => Err(format!(
+            "'{s}' is not a delay in seconds between 0.01 and 86400"
+        )),
     }
-    Ok(Options {
-        target: target.ok_or(TopError::Usage)?,
-        interval,
-    })
 }
 
-/// Runs the view; returns the exit code.
+/// Runs `bexd top`; returns the exit code.
 pub fn main(args: &[String]) -> i32 {
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("{USAGE}");
-        return 0;
-    }
-    match parse(args).and_then(|o| run(&o)) {
+    let argv = std::iter::once("bexd top".to_string()).chain(args.iter().cloned());
+    let args = match TopArgs::try_parse_from(argv) {
+        Ok(a) => a,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return 0;
+        }
+        Err(e) => {
+            // One line, as every bexd command-line error.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!("bexd top: {}", first.trim_start_matches("error: "));
+            return 1;
+        }
+    };
+    let outcome = QmpClient::connect_ready(&args.monitor).and_then(|client| {
+        let watch = Watch {
+            client,
+            args: &args,
+            last: None,
+        };
+        match args.batch || !std::io::stdout().is_terminal() {
+            true => watch.batch(),
+            false => watch.screen(),
+        }
+    });
+    match outcome {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("bexd top: {e}");
@@ -81,84 +84,76 @@ pub fn main(args: &[String]) -> i32 {
     }
 }
 
-fn run(options: &Options) -> Result<(), TopError> {
-    if !std::io::stdout().is_terminal() {
-        return Err(TopError::NoTerminal);
-    }
-    let mut client = Client::connect(&options.target)?;
-    let mut terminal = ratatui::init();
-    let result = watch(&mut terminal, &mut client, options);
-    ratatui::restore();
-    result
+/// The monitor being watched and the previous reading.
+struct Watch<'a> {
+    client: QmpClient,
+    args: &'a TopArgs,
+    last: Option<Sample>,
 }
 
-/// Polls and redraws until a quit key or a failed query.
-fn watch(
-    terminal: &mut ratatui::DefaultTerminal,
-    client: &mut Client,
-    options: &Options,
-) -> Result<(), TopError> {
-    let mut before: Option<(serde_json::Value, Instant)> = None;
-    loop {
-        let now = client.execute("x-query-export-stats")?;
-        let taken = Instant::now();
-        let (old, seconds) = match &before {
-            Some((v, t)) => (Some(v), taken.duration_since(*t).as_secs_f64()),
-            None => (None, 0.0),
-        };
-        let rows = rates::rows(old, &now, seconds);
-        let status = format!(
-            "{} exports, every {:.1} s",
-            rows.len(),
-            options.interval.as_secs_f64()
-        );
-        terminal.draw(|f| view::draw(f, &options.target, &rows, &status))?;
-        before = Some((now, taken));
-        let deadline = taken + options.interval;
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            if !event::poll(left)? {
-                break;
+impl Watch<'_> {
+    /// Reads the counters and returns the title and rows to show.
+    fn update(&mut self) -> Result<(String, Vec<sample::ExportRow>), ClientError> {
+        let reply = self.client.command("x-query-export-stats", json!({}))?;
+        let now = sample::parse(&reply, Instant::now())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        let rows = sample::rows(self.last.as_ref(), &now);
+        self.last = Some(now);
+        let title = view::title(&self.args.monitor, self.args.delay, &rows);
+        Ok((title, rows))
+    }
+
+    fn batch(mut self) -> Result<(), ClientError> {
+        let mut done = 0;
+        loop {
+            let (title, rows) = self.update()?;
+            println!("{}", view::text(&title, &rows));
+            done += 1;
+            if self.args.iterations.is_some_and(|n| done >= n) {
+                return Ok(());
             }
-            if let Event::Key(key) = event::read()? {
-                let ctrl_c =
-                    key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('c');
-                let quit = matches!(key.code, KeyCode::Char('q') | KeyCode::Esc) || ctrl_c;
-                if key.kind == KeyEventKind::Press && quit {
+            std::thread::sleep(Duration::from_secs_f64(self.args.delay));
+        }
+    }
+
+    /// The full-screen view until `q`, Esc or Ctrl-C (or `--iterations`);
+    /// the terminal is given back as it was, also on an error.
+    fn screen(mut self) -> Result<(), ClientError> {
+        let mut terminal = ratatui::init();
+        let result = (|| {
+            let mut done = 0;
+            loop {
+                let (title, rows) = self.update()?;
+                terminal.draw(|frame| view::draw(frame, &title, &rows))?;
+                done += 1;
+                if self.args.iterations.is_some_and(|n| done >= n) {
+                    return Ok(());
+                }
+                if quit_pressed_within(Duration::from_secs_f64(self.args.delay))? {
                     return Ok(());
                 }
             }
-        }
+        })();
+        ratatui::restore();
+        result
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn args(v: &[&str]) -> Vec<String> {
-        v.iter().map(|s| s.to_string()).collect()
-    }
-
-    #[test]
-    fn test_parse_takes_a_target_and_an_interval_and_refuses_the_rest() {
-        let o = parse(&args(&["/run/q.sock", "--interval", "0.5"])).unwrap();
-        assert_eq!(
-            (o.target.as_str(), o.interval),
-            ("/run/q.sock", Duration::from_millis(500))
-        );
-        assert!(matches!(parse(&args(&[])), Err(TopError::Usage)));
-        assert!(matches!(parse(&args(&["a", "b"])), Err(TopError::Usage)));
-        assert!(matches!(
-            parse(&args(&["a", "--bogus"])),
-            Err(TopError::Usage)
-        ));
-        assert!(matches!(
-            parse(&args(&["a", "--interval", "0"])),
-            Err(TopError::Interval(_))
-        ));
-        assert!(matches!(
-            parse(&args(&["a", "--interval", "x"])),
-            Err(TopError::Interval(_))
-        ));
+/// Waits up to `wait` for a key; true if it asks to quit.
+fn quit_pressed_within(wait: Duration) -> std::io::Result<bool> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if !event::poll(left)? {
+            return Ok(false);
+        }
+        if let Event::Key(key) = event::read()? {
+            let ctrl_c =
+                key.code == KeyCode::Char('c') && key.modifiers.contains(KeyModifiers::CONTROL);
+            let quit = matches!(key.code, KeyCode::Char('q') | KeyCode::Esc) || ctrl_c;
+            if key.kind == KeyEventKind::Press && quit {
+                return Ok(true);
+            }
+        }
     }
 }
