@@ -1,14 +1,20 @@
 //! User-created objects (`--object`, `object-add`/`object-del`): the TLS
 //! credentials the NBD server's `tls-creds` names, the authorization objects
-//! its `tls-authz` names, and iothreads.
+//! its `tls-authz` names, iothreads, and throttle groups (`throttle.rs`;
+//! also listed in the block crate's group registry, where throttle nodes
+//! find them; `qom-get`/`qom-set` read and change their limits).
 //!
 //! The NBD server keeps only the *id* of its authz object and looks it up at
 //! each connection, so an authz object may be deleted and re-created while the
 //! server runs; a missing object denies ([`ObjectTable::authorize`]).
 
+mod throttle;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use block::throttle::{ThrottleGroup, ThrottleGroups};
 
 use qmp::schema::object::{
     ObjectOptions, ObjectProps, QAuthZListFormat, QAuthZListPolicy, QAuthZListRule,
@@ -18,7 +24,7 @@ use qmp::QmpError;
 use serde_json::Value;
 
 use crate::config::is_well_formed_id;
-use crate::error::ObjectError;
+use crate::error::{ObjectError, QomError};
 use crate::tls::TlsCreds;
 
 /// An object in the registry.
@@ -38,6 +44,23 @@ pub enum Object {
     MainLoop {
         thread_pool_max: usize,
     },
+    /// I/O limits shared by the throttle nodes that name it.
+    ThrottleGroup(Arc<ThrottleGroup>),
+}
+
+impl Object {
+    /// The object's `qom-type`, as `qom-get ... type` and errors name it.
+    fn qom_type(&self) -> &'static str {
+        match self {
+            Self::Authz(Authz::Simple { .. }) => "authz-simple",
+            Self::Authz(Authz::List(_)) => "authz-list",
+            Self::Authz(Authz::ListFile { .. }) => "authz-list-file",
+            Self::TlsCreds(_) => "tls-creds",
+            Self::Iothread => "iothread",
+            Self::MainLoop { .. } => "main-loop",
+            Self::ThrottleGroup(_) => "throttle-group",
+        }
+    }
 }
 
 /// QEMU's QAuthZ family: decides whether an identity (an x509 DN) may connect.
@@ -194,6 +217,9 @@ pub fn create(value: Value, mode: InputMode) -> Result<(String, Object), QmpErro
             common,
             username: _,
         } => tls_object(TlsCreds::psk(&common))?,
+        ObjectProps::ThrottleGroup { limits, properties } => Object::ThrottleGroup(
+            throttle::create(&options.id, limits.as_ref(), &properties).map_err(ObjectError::from)?,
+        ),
     };
     Ok((options.id, object))
 }
@@ -257,11 +283,21 @@ pub struct ObjectTable {
     /// Set once the command line is applied: a main-loop can no longer be
     /// made (the thread pool it would size is already running).
     started: std::sync::atomic::AtomicBool,
+    /// The throttle groups by name, shared with the node table.
+    throttle_groups: Arc<ThrottleGroups>,
 }
 
 impl ObjectTable {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A table that lists its throttle groups in `groups` too.
+    pub fn with_throttle_groups(groups: Arc<ThrottleGroups>) -> Self {
+        Self {
+            throttle_groups: groups,
+            ..Self::default()
+        }
     }
 
     /// Every update is one insert or remove, so a lock poisoned by a panic
@@ -286,6 +322,9 @@ impl ObjectTable {
                 return Err(ObjectError::MainLoopAfterStart);
             }
         }
+        if let Object::ThrottleGroup(group) = &object {
+            self.throttle_groups.insert(group.clone());
+        }
         objects.insert(id, object);
         Ok(())
     }
@@ -295,10 +334,53 @@ impl ObjectTable {
         match objects.get(id) {
             None => Err(ObjectError::NotFound(id.to_string())),
             Some(Object::MainLoop { .. }) => Err(ObjectError::InUse(id.to_string())),
+            Some(Object::ThrottleGroup(g)) if g.member_count() > 0 => {
+                Err(ObjectError::InUse(id.to_string()))
+            }
             Some(_) => {
+                self.throttle_groups.remove(id);
                 objects.remove(id);
                 Ok(())
             }
+        }
+    }
+
+    /// The object `path` names: `/objects/ID`, or a partial path that ends
+    /// in its id (QEMU resolves unique partial paths; ids are unique here).
+    fn resolve<'a>(objects: &'a BTreeMap<String, Object>, path: &str) -> Option<&'a Object> {
+        let id = path.strip_prefix("/objects/").unwrap_or(path);
+        let id = id.strip_prefix("objects/").unwrap_or(id);
+        objects.get(id)
+    }
+
+    /// `qom-get`: a property of the object at `path`.
+    pub fn qom_get(&self, path: &str, property: &str) -> Result<Value, QomError> {
+        let objects = self.lock();
+        match Self::resolve(&objects, path) {
+            None => Err(QomError::NoSuchPath(path.to_string())),
+            Some(Object::ThrottleGroup(g)) => throttle::get(g, property),
+            Some(o) if property == "type" => Ok(o.qom_type().into()),
+            Some(o) => Err(QomError::Unsupported {
+                qom_type: o.qom_type().into(),
+                property: property.into(),
+            }),
+        }
+    }
+
+    /// `qom-set`: changes a property of the object at `path`.
+    pub fn qom_set(&self, path: &str, property: &str, value: Value) -> Result<(), QomError> {
+        let objects = self.lock();
+        match Self::resolve(&objects, path) {
+            None => Err(QomError::NoSuchPath(path.to_string())),
+            Some(Object::ThrottleGroup(g)) => throttle::set(g, property, value),
+            Some(o) if property == "type" => Err(QomError::NotWritable {
+                qom_type: o.qom_type().into(),
+                property: property.into(),
+            }),
+            Some(o) => Err(QomError::Unsupported {
+                qom_type: o.qom_type().into(),
+                property: property.into(),
+            }),
         }
     }
 

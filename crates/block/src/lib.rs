@@ -17,7 +17,9 @@
 //! (`FileRun`); `bitmap_store` holds the persistent-bitmap trait a format
 //! may offer beside `Driver`; `buf` owns `IoBuf` and its buffer pool;
 //! `debug_event` names the events a driver reports to a blkdebug node below,
-//! and `write_gen` the write generations that decide the flush events.
+//! `write_gen` the write generations that decide the flush events, and
+//! `throttle` QEMU's I/O limits (groups, leaky buckets), which the node
+//! applies before a request of a throttle node runs.
 
 pub mod bitmap;
 pub mod bitmap_store;
@@ -29,6 +31,7 @@ pub mod error;
 pub mod mapping;
 pub mod node;
 pub mod run;
+pub mod throttle;
 pub mod uring;
 pub mod write_gen;
 pub mod zeroes;
