@@ -164,9 +164,13 @@ def reads(uri, count, size=4096):
         h.shutdown()
 
 
-def throttled(start, limits, nodes=("t",)):
+def throttled(start, tmp_path, limits, nodes=("t",)):
+    """Throttle nodes in group g over one image full of data (QEMU's NBD server answers
+    reads of holes from block status, which no throttle counts)."""
+    img = tmp_path / "data.img"
+    img.write_bytes((bytes(range(1, 256)) + b"\x01") * 4096)
     objects = [f"throttle-group,id=g,{limits}"]
-    blockdevs = ["driver=null-co,node-name=n,size=1048576,read-zeroes=on"]
+    blockdevs = [f"driver=file,node-name=n,filename={img}"]
     exports = []
     for t in nodes:
         blockdevs.append(f"driver=throttle,node-name={t},file=n,throttle-group=g")
@@ -174,34 +178,34 @@ def throttled(start, limits, nodes=("t",)):
     return start(blockdevs, exports, objects=objects)
 
 
-def test_iops_limit_holds(start):
-    d = throttled(start, "x-iops-total=50")
+def test_iops_limit_holds(start, tmp_path):
+    d = throttled(start, tmp_path, "x-iops-total=50")
     assert reads(d.uri("t"), 100) >= 1.5
 
 
-def test_bps_limit_holds(start):
+def test_bps_limit_holds(start, tmp_path):
     # 1 MiB/s: 3 MiB in 64 KiB reads takes at least 2.9 s (a tenth of a second goes at once).
-    d = throttled(start, "limits.bps-read=1048576")
+    d = throttled(start, tmp_path, "limits.bps-read=1048576")
     assert reads(d.uri("t"), 48, size=65536) >= 2.5
 
 
-def test_iops_size_counts_large_requests_as_several(start):
+def test_iops_size_counts_large_requests_as_several(start, tmp_path):
     # 16 KiB at iops-size 4 KiB: 4 operations each, so 30 reads are 120 operations at 50/s.
-    d = throttled(start, "x-iops-total=50,x-iops-size=4096")
+    d = throttled(start, tmp_path, "x-iops-total=50,x-iops-size=4096")
     assert reads(d.uri("t"), 30, size=16384) >= 1.5
 
 
-def test_burst_is_capped_at_its_max_rate(start):
+def test_burst_is_capped_at_its_max_rate(start, tmp_path):
     # A burst of up to 50/s for 2 s over an average of 10/s: 60 requests inside the burst
     # still go at no more than 50/s after the first 6, so at least 1.08 s.
-    d = throttled(start, "x-iops-total=10,x-iops-total-max=50,x-iops-total-max-length=2")
+    d = throttled(start, tmp_path, "x-iops-total=10,x-iops-total-max=50,x-iops-total-max-length=2")
     assert reads(d.uri("t"), 60) >= 0.9
 
 
-def test_two_nodes_in_one_group_share_the_limit(start):
+def test_two_nodes_in_one_group_share_the_limit(start, tmp_path):
     """Two exports over two throttle nodes in one group of 50/s: 50 reads on each at the same
     time are 100 reads against the one limit (each node alone would allow 50/s)."""
-    d = throttled(start, "x-iops-total=50", nodes=("t1", "t2"))
+    d = throttled(start, tmp_path, "x-iops-total=50", nodes=("t1", "t2"))
     took = {}
 
     def client(name):
@@ -219,8 +223,8 @@ def test_two_nodes_in_one_group_share_the_limit(start):
     assert min(took.values()) >= 1.0, took
 
 
-def test_qom_set_limits_takes_effect_on_a_running_export(start):
-    d = throttled(start, "x-iops-total=100000")
+def test_qom_set_limits_takes_effect_on_a_running_export(start, tmp_path):
+    d = throttled(start, tmp_path, "x-iops-total=100000")
     assert asyncio.run(qmp_outcome(d.qmp_sock, "qom-set", {
         "path": "g", "property": "limits", "value": {"iops-total": 50}})) == ("ok", {})
     assert reads(d.uri("t"), 100) >= 1.5

@@ -218,7 +218,8 @@ pub fn create(value: Value, mode: InputMode) -> Result<(String, Object), QmpErro
             username: _,
         } => tls_object(TlsCreds::psk(&common))?,
         ObjectProps::ThrottleGroup { limits, properties } => Object::ThrottleGroup(
-            throttle::create(&options.id, limits.as_ref(), &properties).map_err(ObjectError::from)?,
+            throttle::create(&options.id, limits.as_deref(), &properties)
+                .map_err(ObjectError::from)?,
         ),
     };
     Ok((options.id, object))

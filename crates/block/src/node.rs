@@ -144,7 +144,11 @@ impl BlockNode {
         }
         // A slice is sent or filled by the caller, past the throttle: while
         // limits are set, requests take the paths that wait for them.
-        if self.throttle.as_ref().is_some_and(|t| t.group().is_limited()) {
+        if self
+            .throttle
+            .as_ref()
+            .is_some_and(|t| t.group().is_limited())
+        {
             return None;
         }
         self.check_range(offset, len).ok()?;

@@ -20,7 +20,10 @@ fn member(name: &str) -> Option<(&'static str, LimitMember)> {
 
 /// Applies the `ThrottleLimits` members given onto `config` and checks the
 /// whole, as QEMU's `limits` setter does.
-fn apply_limits(config: &mut ThrottleConfig, limits: &ThrottleLimits) -> Result<(), ThrottleConfigError> {
+fn apply_limits(
+    config: &mut ThrottleConfig,
+    limits: &ThrottleLimits,
+) -> Result<(), ThrottleConfigError> {
     for (name, value) in limits.given() {
         if let Some((name, m)) = member(name) {
             config.set_limit(name, m, value)?;

@@ -215,8 +215,7 @@ impl ThrottleConfig {
         if value < 0 {
             return Err(ThrottleConfigError::NegativeProperty);
         }
-        if matches!(member, LimitMember::Bucket(_, Setting::BurstLength))
-            && value > u32::MAX as i64
+        if matches!(member, LimitMember::Bucket(_, Setting::BurstLength)) && value > u32::MAX as i64
         {
             return Err(ThrottleConfigError::PropertyBurstLengthRange(name));
         }
@@ -228,8 +227,7 @@ impl ThrottleConfig {
     pub fn validate(&self) -> Result<(), ThrottleConfigError> {
         use BucketKind::*;
         let total_and_rw = |total: BucketKind, read, write, f: fn(&BucketLimit) -> u64| {
-            f(self.bucket(total)) != 0
-                && (f(self.bucket(read)) != 0 || f(self.bucket(write)) != 0)
+            f(self.bucket(total)) != 0 && (f(self.bucket(read)) != 0 || f(self.bucket(write)) != 0)
         };
         if total_and_rw(BpsTotal, BpsRead, BpsWrite, |b| b.avg)
             || total_and_rw(OpsTotal, OpsRead, OpsWrite, |b| b.avg)
@@ -238,7 +236,10 @@ impl ThrottleConfig {
         {
             return Err(ThrottleConfigError::TotalWithReadWrite);
         }
-        if self.op_size != 0 && [OpsTotal, OpsRead, OpsWrite].iter().all(|k| self.bucket(*k).avg == 0)
+        if self.op_size != 0
+            && [OpsTotal, OpsRead, OpsWrite]
+                .iter()
+                .all(|k| self.bucket(*k).avg == 0)
         {
             return Err(ThrottleConfigError::IopsSizeWithoutIops);
         }
@@ -282,16 +283,32 @@ mod tests {
     #[test]
     fn test_qemus_refusals_in_qemus_order() {
         use ThrottleConfigError::*;
-        assert_eq!(with(&[("iops-total", 10), ("iops-read", 5)]), Err(TotalWithReadWrite));
-        assert_eq!(with(&[("bps-total-max", 10), ("bps-write-max", 5)]), Err(TotalWithReadWrite));
+        assert_eq!(
+            with(&[("iops-total", 10), ("iops-read", 5)]),
+            Err(TotalWithReadWrite)
+        );
+        assert_eq!(
+            with(&[("bps-total-max", 10), ("bps-write-max", 5)]),
+            Err(TotalWithReadWrite)
+        );
         assert_eq!(with(&[("iops-size", 4096)]), Err(IopsSizeWithoutIops));
         assert_eq!(with(&[("iops-total", -1)]), Err(OutOfRange));
         assert_eq!(with(&[("iops-total-max-length", 0)]), Err(ZeroBurstLength));
-        assert_eq!(with(&[("iops-total-max-length", 2)]), Err(BurstLengthWithoutRate));
-        assert_eq!(with(&[("iops-total-max", 10)]), Err(MaxWithoutAvg));
-        assert_eq!(with(&[("iops-total", 10), ("iops-total-max", 5)]), Err(MaxBelowAvg));
         assert_eq!(
-            with(&[("bps-total", 100), ("bps-total-max", 1_000_000_000_000), ("bps-total-max-length", 1_000_000)]),
+            with(&[("iops-total-max-length", 2)]),
+            Err(BurstLengthWithoutRate)
+        );
+        assert_eq!(with(&[("iops-total-max", 10)]), Err(MaxWithoutAvg));
+        assert_eq!(
+            with(&[("iops-total", 10), ("iops-total-max", 5)]),
+            Err(MaxBelowAvg)
+        );
+        assert_eq!(
+            with(&[
+                ("bps-total", 100),
+                ("bps-total-max", 1_000_000_000_000),
+                ("bps-total-max-length", 1_000_000)
+            ]),
             Err(BurstLengthTooHigh)
         );
         assert_eq!(
@@ -303,19 +320,33 @@ mod tests {
             "iops-total-max-length value must be in the range [0, 4294967295]"
         );
         assert_eq!(
-            with(&[("iops-total", 5), ("iops-total-max", 7), ("iops-total-max-length", -5)]),
+            with(&[
+                ("iops-total", 5),
+                ("iops-total-max", 7),
+                ("iops-total-max-length", -5)
+            ]),
             Err(BurstLengthTooHigh)
         );
-        assert!(with(&[("iops-total", 10), ("iops-total-max", 20), ("iops-total-max-length", 3)]).is_ok());
+        assert!(with(&[
+            ("iops-total", 10),
+            ("iops-total-max", 20),
+            ("iops-total-max-length", 3)
+        ])
+        .is_ok());
     }
 
     #[test]
     fn test_properties_refuse_negatives_and_wide_burst_lengths() {
         let mut c = ThrottleConfig::default();
         let (name, m) = LimitMember::ALL[2];
-        assert_eq!(c.set_property(name, m, -1), Err(ThrottleConfigError::NegativeProperty));
         assert_eq!(
-            c.set_property(name, m, 5_000_000_000).unwrap_err().to_string(),
+            c.set_property(name, m, -1),
+            Err(ThrottleConfigError::NegativeProperty)
+        );
+        assert_eq!(
+            c.set_property(name, m, 5_000_000_000)
+                .unwrap_err()
+                .to_string(),
             "x-iops-total-max-length value must be in therange [0, 4294967295]"
         );
     }

@@ -70,7 +70,9 @@ struct Shared {
 
 impl Shared {
     fn has_waiters(&self, dir: Direction) -> bool {
-        self.members.iter().any(|m| !m.queues[dir.index()].is_empty())
+        self.members
+            .iter()
+            .any(|m| !m.queues[dir.index()].is_empty())
     }
 
     /// The member whose turn it is: the first after the one served last

@@ -171,7 +171,11 @@ mod tests {
     #[test]
     fn test_burst_runs_at_max_for_its_length_then_falls_to_avg() {
         let mut s = ThrottleState::new(
-            config(&[("iops-total", 10), ("iops-total-max", 100), ("iops-total-max-length", 5)]),
+            config(&[
+                ("iops-total", 10),
+                ("iops-total-max", 100),
+                ("iops-total-max-length", 5),
+            ]),
             0,
         );
         let starts = run(&mut s, Direction::Write, 512, 2000);

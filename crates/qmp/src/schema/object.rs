@@ -80,7 +80,7 @@ pub enum ObjectProps {
     /// `limits` struct and as the `x-*` properties (their names without
     /// the `x-`, with the values given).
     ThrottleGroup {
-        limits: Option<ThrottleLimits>,
+        limits: Option<Box<ThrottleLimits>>,
         properties: Vec<(&'static str, i64)>,
     },
 }
@@ -177,7 +177,7 @@ impl FromQapi for ObjectOptions {
                 thread_pool_max: f.optional("thread-pool-max")?,
             },
             "throttle-group" => {
-                let limits = f.optional("limits")?;
+                let limits = f.optional::<ThrottleLimits>("limits")?.map(Box::new);
                 let mut properties = Vec::new();
                 for key in THROTTLE_GROUP_MEMBERS {
                     if let Some(v) = f.optional::<i64>(key)? {
@@ -325,7 +325,11 @@ impl Describe for QomSetArgs {
     fn define(s: &mut Schema) {
         s.object(
             "QomSetArgs",
-            vec![req("path", str()), req("property", str()), req("value", any())],
+            vec![
+                req("path", str()),
+                req("property", str()),
+                req("value", any()),
+            ],
         );
     }
 }
