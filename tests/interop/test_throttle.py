@@ -40,6 +40,9 @@ REFUSED = [
     ["--object", "throttle-group,id=g,bogus=1"],
     ["--object", "throttle-group,id=g,limits.bogus=1"],
     ["--object", "throttle-group,id=g,x-iops-total=abc"],
+    # The x-* properties are set before limits.
+    ["--object", "throttle-group,id=g,limits.iops-total=-1,x-iops-total=-1"],
+    ["--object", "throttle-group,id=g,x-iops-read=10,limits.iops-total=20"],
     ["--object", "throttle-group,id=g", "--object", "throttle-group,id=g"],
     ["--blockdev", "driver=null-co,node-name=n", "--blockdev", "driver=throttle,node-name=t,file=n"],
     ["--blockdev", "driver=null-co,node-name=n",
@@ -64,6 +67,7 @@ ACCEPTED = [
                  "limits.iops-read=10,limits.iops-read-max=100,limits.iops-read-max-length=60"],
     ["--object", "throttle-group,id=g", "--blockdev", "driver=null-co,node-name=n",
      "--blockdev", "driver=throttle,node-name=t,file=n,throttle-group=g"],
+    ["--object", "throttle-group,id=g,limits.iops-total-max=20,x-iops-total=10"],
     ["--object", "throttle-group,id=g", "--blockdev",
      "driver=throttle,node-name=t,throttle-group=g,file.driver=null-co"],
 ]

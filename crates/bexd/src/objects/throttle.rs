@@ -32,21 +32,23 @@ fn apply_limits(
     config.validate()
 }
 
-/// A new group `id`: `limits` first, then the `x-*` properties, then the
-/// whole checked once more (QEMU's `complete`).
+/// A new group `id`: the `x-*` properties first, then `limits` (checked as
+/// its setter checks it), then the whole once more (QEMU's `complete`).
+/// qemu-storage-daemon sets them in that order (`x-iops-total=10` with
+/// `limits.iops-total-max=20` is accepted, whichever comes first).
 pub fn create(
     id: &str,
     limits: Option<&ThrottleLimits>,
     properties: &[(&'static str, i64)],
 ) -> Result<Arc<ThrottleGroup>, ThrottleConfigError> {
     let mut config = ThrottleConfig::default();
-    if let Some(limits) = limits {
-        apply_limits(&mut config, limits)?;
-    }
     for (name, value) in properties {
         if let Some((name, m)) = member(name) {
             config.set_property(name, m, *value)?;
         }
+    }
+    if let Some(limits) = limits {
+        apply_limits(&mut config, limits)?;
     }
     config.validate()?;
     Ok(ThrottleGroup::new(id.to_string(), config))
