@@ -254,3 +254,25 @@ def test_unlimited_group_node_serves_data_unchanged(start, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
     assert img.read_bytes()[4096:4096 + 131072] == b"\x5a" * 131072
+
+
+@pytest.mark.parametrize("discard,kept", [("", True), (",discard=unmap", False)])
+def test_discard_passes_the_filter_only_with_discard_unmap(start, tmp_path, discard, kept):
+    """As in QEMU, a node without discard=unmap drops discards: the file below keeps its
+    data even though it would punch holes itself."""
+    img = tmp_path / "d.img"
+    img.write_bytes(b"\x5a" * (1 << 20))
+    d = start([f"driver=file,node-name=f,filename={img},discard=unmap",
+               f"driver=throttle,node-name=t,file=f,throttle-group=g{discard}"],
+              ["type=nbd,id=e,node-name=t,name=t,writable=on"],
+              objects=["throttle-group,id=g"])
+    h = nbd.NBD()
+    h.connect_uri(d.uri("t"))
+    try:
+        h.trim(65536, 0)
+        h.flush()
+        data = h.pread(65536, 0)
+    finally:
+        h.shutdown()
+    assert (data == b"\x5a" * 65536) == kept
+    assert (img.read_bytes()[:65536] == b"\x5a" * 65536) == kept

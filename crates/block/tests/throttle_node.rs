@@ -25,8 +25,12 @@ fn throttle_node(group: &Arc<ThrottleGroup>) -> BlockNode {
         Arc::new(MemDriver::new(1 << 20)),
         false,
     ));
-    BlockNode::new("t".into(), Arc::new(ThrottleDriver::new(child)), false)
-        .with_throttle(group.join())
+    BlockNode::new(
+        "t".into(),
+        Arc::new(ThrottleDriver::new(child, true)),
+        false,
+    )
+    .with_throttle(group.join())
 }
 
 #[test]
@@ -46,25 +50,27 @@ async fn test_every_kind_of_request_waits_for_the_limit() {
     // The bucket holds a tenth of a second (1 operation): 2 go at once,
     // the other 20 at 10 per second.
     for i in 0..22u64 {
-        match i % 4 {
+        match i % 3 {
             0 => node.read(IoBuf::zeroed(512), i * 512).await.1.unwrap(),
             1 => node
                 .write(IoBuf::zeroed(512), i * 512, false)
                 .await
                 .1
                 .unwrap(),
-            2 => node
+            _ => node
                 .write_zeroes(i * 512, 512, ZeroFlags::default())
                 .await
                 .unwrap(),
-            _ => node.discard(i * 512, 512).await.unwrap(),
         }
     }
-    assert!(
-        start.elapsed() >= Duration::from_millis(1900),
-        "{:?}",
-        start.elapsed()
-    );
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(1900), "{took:?}");
+    // The memory driver drops discards, so they never reach the throttle (as
+    // in QEMU, where a node without discard=unmap drops them first).
+    for i in 0..100u64 {
+        node.discard(i * 512, 512).await.unwrap();
+    }
+    assert_eq!(start.elapsed(), took);
 }
 
 #[tokio::test(start_paused = true)]

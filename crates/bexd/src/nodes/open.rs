@@ -171,7 +171,7 @@ fn open_throttle(
         .ok_or_else(|| NodeError::NoThrottleGroup(group.to_string()))?;
     let (child, child_name, filename) = open_child(nodes, options, file)?;
     let mut opened = Opened::plain(
-        Arc::new(ThrottleDriver::new(child)),
+        Arc::new(ThrottleDriver::new(child, options.discard)),
         vec![child_name],
         filename,
     );

@@ -14,11 +14,14 @@ use crate::node::BlockNode;
 #[derive(Debug)]
 pub struct ThrottleDriver {
     child: Arc<BlockNode>,
+    /// `discard=unmap` on this node: QEMU drops a discard at the first node
+    /// without it, so the child sees discards only then.
+    discard: bool,
 }
 
 impl ThrottleDriver {
-    pub fn new(child: Arc<BlockNode>) -> Self {
-        Self { child }
+    pub fn new(child: Arc<BlockNode>, discard: bool) -> Self {
+        Self { child, discard }
     }
 
     fn inner(&self) -> &dyn Driver {
@@ -38,6 +41,7 @@ impl Driver for ThrottleDriver {
     fn capabilities(&self) -> Capabilities {
         let mut caps = self.child.capabilities();
         caps.can_write = caps.can_write && !self.child.read_only();
+        caps.can_discard = caps.can_discard && self.discard;
         caps
     }
 
@@ -74,6 +78,9 @@ impl Driver for ThrottleDriver {
     }
 
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
+        if !self.discard {
+            return Ok(());
+        }
         let r = self.inner().discard(offset, len);
         if self.child.capabilities().can_discard {
             self.child.mark_dirty(offset, len);
@@ -82,6 +89,10 @@ impl Driver for ThrottleDriver {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
+        let flags = ZeroFlags {
+            may_unmap: flags.may_unmap && self.discard,
+            ..flags
+        };
         let r = self.inner().write_zeroes(offset, len, flags);
         self.child.mark_dirty(offset, len);
         r
