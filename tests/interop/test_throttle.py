@@ -14,7 +14,7 @@ import time
 import nbd
 import pytest
 
-from conftest import need, qmp_outcome
+from conftest import can_connect_unix, daemon_binary, need, qmp_outcome, wait_until
 from test_options import run_both
 
 # The same bad --object / --blockdev command lines: the same exit code and message.
@@ -276,3 +276,24 @@ def test_discard_passes_the_filter_only_with_discard_unmap(start, tmp_path, disc
         h.shutdown()
     assert (data == b"\x5a" * 65536) == kept
     assert (img.read_bytes()[:65536] == b"\x5a" * 65536) == kept
+
+
+@pytest.mark.parametrize("program", ["qemu-nbd", "bexd serve"])
+def test_serve_takes_a_throttle_node_as_qemu_nbd(tmp_path, program):
+    """qemu-nbd's --object throttle-group with --image-opts driver=throttle: the same limit
+    from bexd serve."""
+    need("qemu-nbd")
+    img = tmp_path / "d.img"
+    img.write_bytes((bytes(range(1, 256)) + b"\x01") * 4096)
+    sock = tmp_path / "s.sock"
+    argv = (["qemu-nbd"] if program == "qemu-nbd" else daemon_binary("bexd") + ["serve"])
+    argv += ["-k", str(sock), "-t", "--object", "throttle-group,id=g,x-iops-total=50",
+             "--image-opts", "driver=throttle,throttle-group=g,file.driver=raw,"
+             f"file.file.driver=file,file.file.filename={img}"]
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: can_connect_unix(sock), what=f"{program} to listen")
+        assert reads(f"nbd+unix:///?socket={sock}", 100) >= 1.5
+    finally:
+        p.terminate()
+        p.wait()
