@@ -63,6 +63,33 @@ impl Object {
     }
 }
 
+/// What a QOM path names in bexd's tree: a container (the root,
+/// `/objects`) or a user-created object.
+enum QomNode<'a> {
+    Container,
+    Object(&'a Object),
+}
+
+impl QomNode<'_> {
+    fn qom_type(&self) -> &'static str {
+        match self {
+            Self::Container => "container",
+            Self::Object(o) => o.qom_type(),
+        }
+    }
+
+    /// A property other than `type`: a container has none; bexd models
+    /// only throttle groups' (refused, not answered wrongly, elsewhere).
+    fn cannot(&self, property: &str) -> QomError {
+        let qom_type = self.qom_type().to_string();
+        let property = property.to_string();
+        match self {
+            Self::Container => QomError::NoSuchProperty { qom_type, property },
+            Self::Object(_) => QomError::Unsupported { qom_type, property },
+        }
+    }
+}
+
 /// QEMU's QAuthZ family: decides whether an identity (an x509 DN) may connect.
 #[derive(Debug)]
 pub enum Authz {
@@ -346,42 +373,46 @@ impl ObjectTable {
         }
     }
 
-    /// The object `path` names: `/objects/ID`, or a partial path that ends
-    /// in its id (QEMU resolves unique partial paths; ids are unique here).
-    fn resolve<'a>(objects: &'a BTreeMap<String, Object>, path: &str) -> Option<&'a Object> {
+    /// What `path` names: the root or `/objects` container, or an object
+    /// as `/objects/ID` or a partial path ending in its id (QEMU resolves
+    /// unique partial paths; ids are unique here). A trailing `/` is allowed.
+    fn resolve<'a>(objects: &'a BTreeMap<String, Object>, path: &str) -> Option<QomNode<'a>> {
+        let path = match path.len() > 1 {
+            true => path.strip_suffix('/').unwrap_or(path),
+            false => path,
+        };
+        if matches!(path, "/" | "/objects" | "objects") {
+            return Some(QomNode::Container);
+        }
         let id = path.strip_prefix("/objects/").unwrap_or(path);
         let id = id.strip_prefix("objects/").unwrap_or(id);
-        objects.get(id)
+        objects.get(id).map(QomNode::Object)
     }
 
     /// `qom-get`: a property of the object at `path`.
     pub fn qom_get(&self, path: &str, property: &str) -> Result<Value, QomError> {
         let objects = self.lock();
-        match Self::resolve(&objects, path) {
-            None => Err(QomError::NoSuchPath(path.to_string())),
-            Some(Object::ThrottleGroup(g)) => throttle::get(g, property),
-            Some(o) if property == "type" => Ok(o.qom_type().into()),
-            Some(o) => Err(QomError::Unsupported {
-                qom_type: o.qom_type().into(),
-                property: property.into(),
-            }),
+        let node =
+            Self::resolve(&objects, path).ok_or_else(|| QomError::NoSuchPath(path.to_string()))?;
+        match node {
+            QomNode::Object(Object::ThrottleGroup(g)) => throttle::get(g, property),
+            _ if property == "type" => Ok(node.qom_type().into()),
+            _ => Err(node.cannot(property)),
         }
     }
 
     /// `qom-set`: changes a property of the object at `path`.
     pub fn qom_set(&self, path: &str, property: &str, value: Value) -> Result<(), QomError> {
         let objects = self.lock();
-        match Self::resolve(&objects, path) {
-            None => Err(QomError::NoSuchPath(path.to_string())),
-            Some(Object::ThrottleGroup(g)) => throttle::set(g, property, value),
-            Some(o) if property == "type" => Err(QomError::NotWritable {
-                qom_type: o.qom_type().into(),
+        let node =
+            Self::resolve(&objects, path).ok_or_else(|| QomError::NoSuchPath(path.to_string()))?;
+        match node {
+            QomNode::Object(Object::ThrottleGroup(g)) => throttle::set(g, property, value),
+            _ if property == "type" => Err(QomError::NotWritable {
+                qom_type: node.qom_type().into(),
                 property: property.into(),
             }),
-            Some(o) => Err(QomError::Unsupported {
-                qom_type: o.qom_type().into(),
-                property: property.into(),
-            }),
+            _ => Err(node.cannot(property)),
         }
     }
 
