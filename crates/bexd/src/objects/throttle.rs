@@ -102,3 +102,73 @@ pub fn set(group: &ThrottleGroup, property: &str, value: Value) -> Result<(), Qo
         _ => Err(no_such(property)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn limits(v: Value) -> ThrottleLimits {
+        qmp::visitor::from_value(v, InputMode::Json).unwrap()
+    }
+
+    #[test]
+    fn test_x_properties_are_set_before_limits() {
+        let g = create(
+            "g",
+            Some(&limits(json!({"iops-total-max": 20}))),
+            &[("iops-total", 10)],
+        )
+        .unwrap();
+        assert_eq!(get(&g, "x-iops-total-max").unwrap(), json!(20));
+        assert_eq!(
+            create("g", None, &[("iops-total", -1)]).unwrap_err(),
+            ThrottleConfigError::NegativeProperty
+        );
+    }
+
+    #[test]
+    fn test_qom_set_changes_only_the_members_given() {
+        let g = create("g", None, &[("iops-total", 10), ("iops-size", 4096)]).unwrap();
+        set(&g, "limits", json!({"bps-total": 1000})).unwrap();
+        let all = get(&g, "limits").unwrap();
+        assert_eq!(
+            (&all["iops-total"], &all["iops-size"], &all["bps-total"]),
+            (&json!(10), &json!(4096), &json!(1000))
+        );
+        assert_eq!(all.as_object().unwrap().len(), 19);
+        let e = set(&g, "limits", json!({"iops-read": 1})).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "bps/iops/max total values and read/write values cannot be used at the same time"
+        );
+        assert_eq!(get(&g, "x-iops-read").unwrap(), json!(0));
+    }
+
+    #[test]
+    fn test_qom_set_refusals_name_the_property() {
+        let g = create("g", None, &[]).unwrap();
+        assert_eq!(
+            set(&g, "x-iops-total", json!(5)).unwrap_err(),
+            QomError::SetAfterInit
+        );
+        assert_eq!(
+            set(&g, "type", json!("x")).unwrap_err().to_string(),
+            "Property 'throttle-group.type' is not writable"
+        );
+        assert_eq!(
+            get(&g, "bogus").unwrap_err().to_string(),
+            "Property 'throttle-group.bogus' not found"
+        );
+        assert_eq!(
+            set(&g, "limits", json!(5)).unwrap_err().to_string(),
+            "Invalid parameter type for 'limits', expected: object"
+        );
+        assert_eq!(
+            set(&g, "limits", json!({"bogus": 1}))
+                .unwrap_err()
+                .to_string(),
+            "Parameter 'limits.bogus' is unexpected"
+        );
+    }
+}
