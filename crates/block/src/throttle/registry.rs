@@ -30,4 +30,13 @@ impl ThrottleGroups {
     pub fn get(&self, name: &str) -> Option<Arc<ThrottleGroup>> {
         self.lock().get(name).cloned()
     }
+
+    /// Shutdown: every group lets its requests go ([`ThrottleGroup::drain`]).
+    /// A group deleted as an object while its nodes lived on is not listed
+    /// here; object-del refuses a group with members, so there is none.
+    pub fn drain_all(&self) {
+        for group in self.lock().values() {
+            group.drain();
+        }
+    }
 }
