@@ -43,10 +43,12 @@ pub struct Daemon {
 impl Daemon {
     pub fn new() -> Arc<Self> {
         let events = EventBus::new();
+        // Throttle groups are objects that throttle nodes join by name.
+        let throttle_groups = Arc::new(block::throttle::ThrottleGroups::default());
         Arc::new(Self {
-            nodes: Arc::new(NodeTable::new()),
+            nodes: Arc::new(NodeTable::with_throttle_groups(throttle_groups.clone())),
             exports: Arc::new(ExportTable::new(events.clone())),
-            objects: Arc::new(ObjectTable::new()),
+            objects: Arc::new(ObjectTable::with_throttle_groups(throttle_groups)),
             nbd: Mutex::new(None),
             chardevs: Arc::new(ChardevTable::new()),
             events,

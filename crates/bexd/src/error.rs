@@ -4,7 +4,8 @@
 //! `QmpError` (every one is a `GenericError` in QEMU, so the class is fixed
 //! here and the message is the variant's `Display`).
 
-use qmp::QmpError;
+use block::throttle::ThrottleConfigError;
+use qmp::{ErrorClass, QmpError};
 use thiserror::Error;
 
 /// The node table (`blockdev-add`, `blockdev-del`, lookups).
@@ -32,6 +33,9 @@ pub enum NodeError {
     /// The driver refused to open or the options do not fit; QEMU's text as the driver gave it.
     #[error("{0}")]
     Open(String),
+    /// A throttle node's `throttle-group` names no group.
+    #[error("Throttle group '{0}' does not exist")]
+    NoThrottleGroup(String),
 }
 
 /// The export table and the export kinds.
@@ -80,6 +84,43 @@ pub enum ObjectError {
     NotServerEndpoint,
     #[error("Object with id '{0}' is not TLS credentials")]
     NotTlsCreds(String),
+    /// A throttle group's limits or properties, refused as QEMU refuses them.
+    #[error(transparent)]
+    ThrottleLimits(#[from] ThrottleConfigError),
+}
+
+/// `qom-get` and `qom-set` on an object's property.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum QomError {
+    /// No object at that path (QEMU's class is DeviceNotFound).
+    #[error("Device '{0}' not found")]
+    NoSuchPath(String),
+    #[error("Property '{qom_type}.{property}' not found")]
+    NoSuchProperty { qom_type: String, property: String },
+    #[error("Property '{qom_type}.{property}' is not writable")]
+    NotWritable { qom_type: String, property: String },
+    /// An `x-*` throttle property: QEMU takes limits only as a whole then.
+    #[error("Property cannot be set after initialization")]
+    SetAfterInit,
+    /// bexd models the properties of throttle groups only; other objects'
+    /// properties are refused rather than answered wrongly.
+    #[error("Property '{qom_type}.{property}' cannot be read or set in bexd (only throttle-group properties can)")]
+    Unsupported { qom_type: String, property: String },
+    #[error(transparent)]
+    Limits(#[from] ThrottleConfigError),
+    /// The value does not fit the property's type; the visitor's text.
+    #[error("{}", .0.desc)]
+    Value(QmpError),
+}
+
+impl From<QomError> for QmpError {
+    fn from(e: QomError) -> Self {
+        match e {
+            QomError::NoSuchPath(_) => QmpError::new(ErrorClass::DeviceNotFound, e.to_string()),
+            QomError::Value(q) => q,
+            other => QmpError::generic(other.to_string()),
+        }
+    }
 }
 
 /// The chardev table and the monitors on it (`--chardev`, `--monitor`),

@@ -1,15 +1,21 @@
 //! User-created objects (`--object`, `object-add`/`object-del`): the TLS
 //! credentials the NBD server's `tls-creds` names, the authorization objects
-//! its `tls-authz` names, iothreads, the main loop, and `metrics-http`
-//! endpoints (whose servers `crate::metrics` runs).
+//! its `tls-authz` names, iothreads, the main loop, `metrics-http`
+//! endpoints (whose servers `crate::metrics` runs), and throttle groups
+//! (`throttle.rs`; also listed in the block crate's group registry, where
+//! throttle nodes find them; `qom-get`/`qom-set` read and change their limits).
 //!
 //! The NBD server keeps only the *id* of its authz object and looks it up at
 //! each connection, so an authz object may be deleted and re-created while the
 //! server runs; a missing object denies ([`ObjectTable::authorize`]).
 
+mod throttle;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use block::throttle::{ThrottleGroup, ThrottleGroups};
 
 use qmp::schema::object::{
     ObjectOptions, ObjectProps, QAuthZListFormat, QAuthZListPolicy, QAuthZListRule,
@@ -20,7 +26,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::is_well_formed_id;
-use crate::error::ObjectError;
+use crate::error::{ObjectError, QomError};
 use crate::tls::TlsCreds;
 
 /// An object in the registry.
@@ -44,6 +50,8 @@ pub enum Object {
     /// it listens and holds the token that stops it; `crate::metrics` runs
     /// the server once the object is in the table.
     MetricsHttp(MetricsHttp),
+    /// I/O limits shared by the throttle nodes that name it.
+    ThrottleGroup(Arc<ThrottleGroup>),
 }
 
 /// A `metrics-http` object. Deleting it (dropping it) stops its server.
@@ -57,6 +65,49 @@ pub struct MetricsHttp {
 impl Drop for MetricsHttp {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+impl Object {
+    /// The object's `qom-type`, as `qom-get ... type` and errors name it.
+    fn qom_type(&self) -> &'static str {
+        match self {
+            Self::Authz(Authz::Simple { .. }) => "authz-simple",
+            Self::Authz(Authz::List(_)) => "authz-list",
+            Self::Authz(Authz::ListFile { .. }) => "authz-list-file",
+            Self::TlsCreds(_) => "tls-creds",
+            Self::Iothread => "iothread",
+            Self::MainLoop { .. } => "main-loop",
+            Self::MetricsHttp(_) => "metrics-http",
+            Self::ThrottleGroup(_) => "throttle-group",
+        }
+    }
+}
+
+/// What a QOM path names in bexd's tree: a container (the root,
+/// `/objects`) or a user-created object.
+enum QomNode<'a> {
+    Container,
+    Object(&'a Object),
+}
+
+impl QomNode<'_> {
+    fn qom_type(&self) -> &'static str {
+        match self {
+            Self::Container => "container",
+            Self::Object(o) => o.qom_type(),
+        }
+    }
+
+    /// A property other than `type`: a container has none; bexd models
+    /// only throttle groups' (refused, not answered wrongly, elsewhere).
+    fn cannot(&self, property: &str) -> QomError {
+        let qom_type = self.qom_type().to_string();
+        let property = property.to_string();
+        match self {
+            Self::Container => QomError::NoSuchProperty { qom_type, property },
+            Self::Object(_) => QomError::Unsupported { qom_type, property },
+        }
     }
 }
 
@@ -219,6 +270,10 @@ pub fn create(value: Value, mode: InputMode) -> Result<(String, Object), QmpErro
             port: addr.port,
             stop: CancellationToken::new(),
         }),
+        ObjectProps::ThrottleGroup { limits, properties } => Object::ThrottleGroup(
+            throttle::create(&options.id, limits.as_deref(), &properties)
+                .map_err(ObjectError::from)?,
+        ),
     };
     Ok((options.id, object))
 }
@@ -282,11 +337,21 @@ pub struct ObjectTable {
     /// Set once the command line is applied: a main-loop can no longer be
     /// made (the thread pool it would size is already running).
     started: std::sync::atomic::AtomicBool,
+    /// The throttle groups by name, shared with the node table.
+    throttle_groups: Arc<ThrottleGroups>,
 }
 
 impl ObjectTable {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A table that lists its throttle groups in `groups` too.
+    pub fn with_throttle_groups(groups: Arc<ThrottleGroups>) -> Self {
+        Self {
+            throttle_groups: groups,
+            ..Self::default()
+        }
     }
 
     /// Every update is one insert or remove, so a lock poisoned by a panic
@@ -311,6 +376,9 @@ impl ObjectTable {
                 return Err(ObjectError::MainLoopAfterStart);
             }
         }
+        if let Object::ThrottleGroup(group) = &object {
+            self.throttle_groups.insert(group.clone());
+        }
         objects.insert(id, object);
         Ok(())
     }
@@ -320,10 +388,57 @@ impl ObjectTable {
         match objects.get(id) {
             None => Err(ObjectError::NotFound(id.to_string())),
             Some(Object::MainLoop { .. }) => Err(ObjectError::InUse(id.to_string())),
+            Some(Object::ThrottleGroup(g)) if g.member_count() > 0 => {
+                Err(ObjectError::InUse(id.to_string()))
+            }
             Some(_) => {
+                self.throttle_groups.remove(id);
                 objects.remove(id);
                 Ok(())
             }
+        }
+    }
+
+    /// What `path` names: the root or `/objects` container, or an object
+    /// as `/objects/ID` or a partial path ending in its id (QEMU resolves
+    /// unique partial paths; ids are unique here). A trailing `/` is allowed.
+    fn resolve<'a>(objects: &'a BTreeMap<String, Object>, path: &str) -> Option<QomNode<'a>> {
+        let path = match path.len() > 1 {
+            true => path.strip_suffix('/').unwrap_or(path),
+            false => path,
+        };
+        if matches!(path, "/" | "/objects" | "objects") {
+            return Some(QomNode::Container);
+        }
+        let id = path.strip_prefix("/objects/").unwrap_or(path);
+        let id = id.strip_prefix("objects/").unwrap_or(id);
+        objects.get(id).map(QomNode::Object)
+    }
+
+    /// `qom-get`: a property of the object at `path`.
+    pub fn qom_get(&self, path: &str, property: &str) -> Result<Value, QomError> {
+        let objects = self.lock();
+        let node =
+            Self::resolve(&objects, path).ok_or_else(|| QomError::NoSuchPath(path.to_string()))?;
+        match node {
+            QomNode::Object(Object::ThrottleGroup(g)) => throttle::get(g, property),
+            _ if property == "type" => Ok(node.qom_type().into()),
+            _ => Err(node.cannot(property)),
+        }
+    }
+
+    /// `qom-set`: changes a property of the object at `path`.
+    pub fn qom_set(&self, path: &str, property: &str, value: Value) -> Result<(), QomError> {
+        let objects = self.lock();
+        let node =
+            Self::resolve(&objects, path).ok_or_else(|| QomError::NoSuchPath(path.to_string()))?;
+        match node {
+            QomNode::Object(Object::ThrottleGroup(g)) => throttle::set(g, property, value),
+            _ if property == "type" => Err(QomError::NotWritable {
+                qom_type: node.qom_type().into(),
+                property: property.into(),
+            }),
+            _ => Err(node.cannot(property)),
         }
     }
 

@@ -82,6 +82,13 @@ fn convert_node(o: BlockdevOptions) -> Result<NodeOptions, QmpError> {
         BlockdevSpecific::Qcow2(q) => {
             qcow2_spec(q, base.discard == Some(BlockdevDiscardOptions::Unmap))?
         }
+        BlockdevSpecific::Throttle {
+            throttle_group,
+            file,
+        } => NodeSpec::Throttle {
+            file: child_ref(file)?,
+            group: throttle_group,
+        },
     };
     let read_only = base.read_only.unwrap_or(false);
     let discard = base.discard == Some(BlockdevDiscardOptions::Unmap);

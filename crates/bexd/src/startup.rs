@@ -258,6 +258,9 @@ impl StopSignals {
 /// Stops accepting, lets in-flight requests finish, flushes every node.
 pub async fn shut_down(daemon: &Arc<Daemon>) {
     daemon.shutdown.cancel();
+    // Requests waiting for a throttle group's limit go now, so a low limit
+    // cannot hold the exit (qemu-storage-daemon keeps throttling them).
+    daemon.nodes.throttle_groups().drain_all();
     daemon.tasks.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, daemon.tasks.wait())
         .await

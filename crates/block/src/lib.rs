@@ -18,7 +18,9 @@
 //! may offer beside `Driver`; `buf` owns `IoBuf` and its buffer pool;
 //! `debug_event` names the events a driver reports to a blkdebug node below,
 //! `write_gen` the write generations that decide the flush events, and
-//! `stats` the lock-free I/O counters a node (and the daemon's exports) keep.
+//! `stats` the lock-free I/O counters a node (and the daemon's exports) keep,
+//! `throttle` QEMU's I/O limits (groups, leaky buckets), which the node
+//! applies before a request of a throttle node runs.
 
 pub mod bitmap;
 pub mod bitmap_store;
@@ -31,6 +33,7 @@ pub mod mapping;
 pub mod node;
 pub mod run;
 pub mod stats;
+pub mod throttle;
 pub mod uring;
 pub mod write_gen;
 pub mod zeroes;

@@ -12,6 +12,7 @@ use crate::error::{BlockError, BlockErrorKind, BlockResult};
 use crate::mapping::{Access, FileMapping, MappingLease};
 use crate::run::{runs_within, FileRun};
 use crate::stats::IoStats;
+use crate::throttle::{Direction, ThrottleMember};
 use crate::uring::{Batch, Ring};
 use crate::zeroes::{is_zero, DetectZeroes};
 
@@ -81,6 +82,9 @@ pub struct BlockNode {
     /// `stats.rs`; the exports count, since some of their reads and writes
     /// bypass the node's async edge with sendfile and splice).
     stats: IoStats,
+    /// A throttle node's place in its group: reads, writes, write-zeroes,
+    /// discards and cache requests wait here for the group's limits.
+    throttle: Option<ThrottleMember>,
 }
 
 impl BlockNode {
@@ -101,6 +105,25 @@ impl BlockNode {
             closed: AtomicBool::new(false),
             detect_zeroes: DetectZeroes::Off,
             stats: IoStats::default(),
+            throttle: None,
+        }
+    }
+
+    /// The node as a member of a throttle group (a `throttle` node).
+    pub fn with_throttle(mut self, member: ThrottleMember) -> Self {
+        self.throttle = Some(member);
+        self
+    }
+
+    pub fn throttle(&self) -> Option<&ThrottleMember> {
+        self.throttle.as_ref()
+    }
+
+    /// Waits until the throttle group lets a request of `bytes` go; a node
+    /// outside any group, or in a group without limits, goes at once.
+    async fn throttled(&self, dir: Direction, bytes: u64) {
+        if let Some(member) = &self.throttle {
+            member.admit(dir, bytes).await;
         }
     }
 
@@ -128,6 +151,15 @@ impl BlockNode {
 
     fn slice(self: &Arc<Self>, offset: u64, len: u64, access: Access) -> Option<FileSlice> {
         if !self.caps.maps_page_cache {
+            return None;
+        }
+        // A slice is sent or filled by the caller, past the throttle: while
+        // limits are set, requests take the paths that wait for them.
+        if self
+            .throttle
+            .as_ref()
+            .is_some_and(|t| t.group().is_limited())
+        {
             return None;
         }
         self.check_range(offset, len).ok()?;
@@ -315,6 +347,7 @@ impl BlockNode {
         if let Err(e) = self.check_range(offset, len) {
             return (buf, Err(e));
         }
+        self.throttled(Direction::Read, len).await;
         if !self.caps.nonblocking && len <= INLINE_MAX {
             if let Some(r) = self.driver.try_read_now(&mut buf, offset) {
                 return (buf, r);
@@ -364,6 +397,7 @@ impl BlockNode {
             return (buf, Err(e));
         }
         let len = buf.len() as u64;
+        self.throttled(Direction::Write, len).await;
         if self.detect_zeroes != DetectZeroes::Off && is_zero(&buf) {
             return (buf, self.write_detected_zeroes(offset, len, fua).await);
         }
@@ -418,6 +452,10 @@ impl BlockNode {
     pub async fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
+        // A discard the node drops never reaches the throttle, as in QEMU.
+        if self.caps.can_discard {
+            self.throttled(Direction::Write, len).await;
+        }
         let r = self.run(len, move |d| d.discard(offset, len)).await;
         // QEMU leaves bitmaps alone when the node ignores discards.
         if self.caps.can_discard {
@@ -429,6 +467,7 @@ impl BlockNode {
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
+        self.throttled(Direction::Write, len).await;
         let r = self
             .run(len, move |d| d.write_zeroes(offset, len, flags))
             .await;
@@ -493,6 +532,8 @@ impl BlockNode {
 
     pub async fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
         self.check_range(offset, len)?;
+        // QEMU's NBD CACHE is a prefetching read, which its throttle counts.
+        self.throttled(Direction::Read, len).await;
         self.run(len, move |d| d.cache(offset, len)).await
     }
 }

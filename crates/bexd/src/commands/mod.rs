@@ -10,6 +10,7 @@ mod chardev;
 mod executor;
 mod export;
 mod object;
+mod qom;
 mod query;
 mod registry;
 #[cfg(test)]
@@ -38,7 +39,7 @@ use qmp::schema::block_export::{
 use qmp::schema::block_stats::{BlockStats, ExportStats, QueryBlockstatsArgs};
 use qmp::schema::char::{ChardevBackendInfo, ChardevInfo, ClosefdArgs, GetfdArgs};
 use qmp::schema::control::{CommandInfo, QmpCapabilitiesArgs, SchemaInfo, VersionInfo};
-use qmp::schema::object::{ObjectDelArgs, ObjectOptions};
+use qmp::schema::object::{ObjectDelArgs, ObjectOptions, QomGetArgs, QomSetArgs};
 use qmp::{ErrorClass, QmpError};
 use serde_json::{Map, Value};
 
@@ -57,6 +58,8 @@ commands! {
         => query::named_block_nodes,
     "object-add" (ObjectOptions) -> Empty => object::add,
     "object-del" (ObjectDelArgs) -> Empty => object::del,
+    "qom-get" (QomGetArgs) -> Value => qom::get,
+    "qom-set" (QomSetArgs) -> Empty => qom::set,
     "nbd-server-start" (NbdServerOptionsLegacy) -> Empty => export::nbd_server_start_qmp,
     "nbd-server-stop" (Empty) -> Empty => export::nbd_server_stop,
     "nbd-server-add" (NbdServerAddOptions) -> Empty ["deprecated"] => export::nbd_server_add,

@@ -57,6 +57,9 @@ pub enum NodeSpec {
         cache: Qcow2Cache,
         lazy_refcounts: Option<bool>,
     },
+    /// The I/O limits filter over `file`, a member of the throttle group
+    /// with that id (looked up when the node opens).
+    Throttle { file: ChildRef, group: String },
 }
 
 /// qcow2's `backing`: absent (open what the header names), `null`, or a node.

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use block::drivers::qcow2::Qcow2Info;
+use block::throttle::ThrottleGroups;
 use block::BlockNode;
 
 use crate::error::NodeError;
@@ -95,11 +96,25 @@ pub type Nodes = BTreeMap<String, NodeEntry>;
 pub struct NodeTable {
     nodes: Mutex<Nodes>,
     counter: AtomicU64,
+    /// Where throttle nodes find their group (the object table adds them).
+    throttle_groups: Arc<ThrottleGroups>,
 }
 
 impl NodeTable {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A table whose throttle nodes join the groups in `groups`.
+    pub fn with_throttle_groups(groups: Arc<ThrottleGroups>) -> Self {
+        Self {
+            throttle_groups: groups,
+            ..Self::default()
+        }
+    }
+
+    pub fn throttle_groups(&self) -> &ThrottleGroups {
+        &self.throttle_groups
     }
 
     /// The table for reading (queries). A poisoned lock only means a panic

@@ -12,6 +12,8 @@ use block::drivers::file::{AioMode, FileDriver, FileOptions, LockingMode};
 use block::drivers::null::NullDriver;
 use block::drivers::qcow2::{Qcow2Driver, Qcow2Options};
 use block::drivers::raw::RawDriver;
+use block::drivers::throttle::ThrottleDriver;
+use block::throttle::ThrottleMember;
 use block::{BlockError, BlockNode, Driver};
 
 use super::{FormatInfo, NodeEntry, NodeTable};
@@ -49,11 +51,15 @@ fn open_node(nodes: &NodeTable, options: NodeOptions, implicit: bool) -> Result<
         children,
         filename,
         format,
+        throttle,
     } = open_driver(nodes, &options)?;
     let read_only = options.read_only || !driver.capabilities().can_write;
-    let node = Arc::new(
-        BlockNode::new(name.clone(), driver, read_only).with_detect_zeroes(options.detect_zeroes),
-    );
+    let mut node =
+        BlockNode::new(name.clone(), driver, read_only).with_detect_zeroes(options.detect_zeroes);
+    if let Some(member) = throttle {
+        node = node.with_throttle(member);
+    }
+    let node = Arc::new(node);
     nodes.insert(NodeEntry::new(node, children, implicit, filename, format))?;
     tracing::info!(node = %name, "block node added");
     Ok(name)
@@ -65,6 +71,8 @@ struct Opened {
     children: Vec<String>,
     filename: String,
     format: Option<FormatInfo>,
+    /// A throttle node's membership of its group.
+    throttle: Option<ThrottleMember>,
 }
 
 impl Opened {
@@ -74,6 +82,7 @@ impl Opened {
             children,
             filename,
             format: None,
+            throttle: None,
         }
     }
 }
@@ -86,6 +95,7 @@ fn open_driver(nodes: &NodeTable, options: &NodeOptions) -> Result<Opened, NodeE
             cache,
             lazy_refcounts,
         } => return open_qcow2(nodes, options, file, backing, cache, *lazy_refcounts),
+        NodeSpec::Throttle { file, group } => return open_throttle(nodes, options, file, group),
         spec => open_plain(nodes, options, spec)?,
     };
     Ok(Opened::plain(driver, children, filename))
@@ -141,8 +151,32 @@ fn open_plain(
             let driver = NullDriver::with_latency(*size, *read_zeroes, latency);
             Ok((Arc::new(driver), Vec::new(), "null-co://".to_string()))
         }
-        NodeSpec::Qcow2 { .. } => Err(NodeError::Open("qcow2 is opened by open_qcow2".into())),
+        NodeSpec::Qcow2 { .. } | NodeSpec::Throttle { .. } => Err(NodeError::Open(
+            "qcow2 and throttle nodes are opened by their own functions".into(),
+        )),
     }
+}
+
+/// A throttle filter over `file`, joining the group `group` (which must
+/// exist: QEMU's throttle node no longer creates groups by itself).
+fn open_throttle(
+    nodes: &NodeTable,
+    options: &NodeOptions,
+    file: &ChildRef,
+    group: &str,
+) -> Result<Opened, NodeError> {
+    let group = nodes
+        .throttle_groups()
+        .get(group)
+        .ok_or_else(|| NodeError::NoThrottleGroup(group.to_string()))?;
+    let (child, child_name, filename) = open_child(nodes, options, file)?;
+    let mut opened = Opened::plain(
+        Arc::new(ThrottleDriver::new(child, options.discard)),
+        vec![child_name],
+        filename,
+    );
+    opened.throttle = Some(group.join());
+    Ok(opened)
 }
 
 fn open_qcow2(
@@ -193,6 +227,7 @@ fn open_qcow2(
         driver: Arc::new(driver),
         children,
         filename,
+        throttle: None,
         format: Some(FormatInfo {
             qcow2: info,
             backing_node: backing_name,

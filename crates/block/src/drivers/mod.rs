@@ -1,5 +1,6 @@
 //! The drivers: `file` (protocol), `raw` and `qcow2` (formats over a child
-//! node), `blkdebug` (fault injection over a child), `null-co`.
+//! node), `blkdebug` (fault injection over a child), `throttle` (the I/O
+//! limits filter: the node does the waiting), `null-co`.
 
 pub mod blkdebug;
 pub mod child;
@@ -8,3 +9,4 @@ mod lock;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
+pub mod throttle;

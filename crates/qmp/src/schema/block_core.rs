@@ -14,6 +14,7 @@ qapi_enum!(BlockdevDriver {
     NullCo = "null-co",
     Qcow2 = "qcow2",
     Raw = "raw",
+    Throttle = "throttle",
 });
 qapi_enum!(BlockdevDiscardOptions { Ignore = "ignore", Unmap = "unmap" });
 qapi_enum!(BlockdevDetectZeroesOptions { Off = "off", On = "on", Unmap = "unmap" });
@@ -252,6 +253,11 @@ pub enum BlockdevSpecific {
         read_zeroes: Option<bool>,
     },
     Qcow2(BlockdevOptionsQcow2),
+    /// The I/O limits filter: the group (an object's id) before the child, QEMU's order.
+    Throttle {
+        throttle_group: String,
+        file: BlockdevRef,
+    },
 }
 
 /// BlockdevOptionsQcow2. Every member is read; bexd's converter acts on each
@@ -340,6 +346,10 @@ fn read_specific(driver: BlockdevDriver, f: &mut Fields) -> Result<BlockdevSpeci
             encrypt: f.optional("encrypt")?,
             data_file: f.optional("data-file")?,
         }),
+        BlockdevDriver::Throttle => BlockdevSpecific::Throttle {
+            throttle_group: f.required("throttle-group")?,
+            file: f.required("file")?,
+        },
     })
 }
 
@@ -409,6 +419,10 @@ fn branch(s: &mut Schema, driver: &str) -> Ty {
             vec![req("file", node), opt("offset", int()), opt("size", int())],
         ),
         "qcow2" => ("BlockdevOptionsQcow2", qcow2_members(s, node)),
+        "throttle" => (
+            "BlockdevOptionsThrottle",
+            vec![req("throttle-group", str()), req("file", node)],
+        ),
         _ => (
             "BlockdevOptionsNull",
             vec![
@@ -441,6 +455,63 @@ fn qcow2_members(s: &mut Schema, node: Ty) -> Vec<crate::introspect::Member> {
         opt("encrypt", any()),
         opt("data-file", node),
     ]
+}
+
+qapi_struct! {
+    /// ThrottleLimits: a throttle group's limits, every member optional
+    /// (`qom-set` changes only those given; `qom-get` shows them all).
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct ThrottleLimits {
+        opt "iops-total" iops_total: i64,
+        opt "iops-total-max" iops_total_max: i64,
+        opt "iops-total-max-length" iops_total_max_length: i64,
+        opt "iops-read" iops_read: i64,
+        opt "iops-read-max" iops_read_max: i64,
+        opt "iops-read-max-length" iops_read_max_length: i64,
+        opt "iops-write" iops_write: i64,
+        opt "iops-write-max" iops_write_max: i64,
+        opt "iops-write-max-length" iops_write_max_length: i64,
+        opt "bps-total" bps_total: i64,
+        opt "bps-total-max" bps_total_max: i64,
+        opt "bps-total-max-length" bps_total_max_length: i64,
+        opt "bps-read" bps_read: i64,
+        opt "bps-read-max" bps_read_max: i64,
+        opt "bps-read-max-length" bps_read_max_length: i64,
+        opt "bps-write" bps_write: i64,
+        opt "bps-write-max" bps_write_max: i64,
+        opt "bps-write-max-length" bps_write_max_length: i64,
+        opt "iops-size" iops_size: i64,
+    }
+}
+
+impl ThrottleLimits {
+    /// The members given, by QAPI name, in the schema's order.
+    pub fn given(&self) -> Vec<(&'static str, i64)> {
+        [
+            ("iops-total", self.iops_total),
+            ("iops-total-max", self.iops_total_max),
+            ("iops-total-max-length", self.iops_total_max_length),
+            ("iops-read", self.iops_read),
+            ("iops-read-max", self.iops_read_max),
+            ("iops-read-max-length", self.iops_read_max_length),
+            ("iops-write", self.iops_write),
+            ("iops-write-max", self.iops_write_max),
+            ("iops-write-max-length", self.iops_write_max_length),
+            ("bps-total", self.bps_total),
+            ("bps-total-max", self.bps_total_max),
+            ("bps-total-max-length", self.bps_total_max_length),
+            ("bps-read", self.bps_read),
+            ("bps-read-max", self.bps_read_max),
+            ("bps-read-max-length", self.bps_read_max_length),
+            ("bps-write", self.bps_write),
+            ("bps-write-max", self.bps_write_max),
+            ("bps-write-max-length", self.bps_write_max_length),
+            ("iops-size", self.iops_size),
+        ]
+        .into_iter()
+        .filter_map(|(name, v)| v.map(|v| (name, v)))
+        .collect()
+    }
 }
 
 qapi_struct! {

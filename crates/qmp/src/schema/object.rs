@@ -2,7 +2,10 @@
 
 use serde_json::Value;
 
-use crate::introspect::{bool, describe, int, named, opt, req, str, Describe, Member, Schema, Ty};
+use crate::introspect::{
+    any, bool, describe, int, named, opt, req, str, Describe, Member, Schema, Ty,
+};
+use crate::schema::block_core::ThrottleLimits;
 use crate::visitor::{Ctx, Fields, FromQapi};
 use crate::{qapi_enum, qapi_struct, QmpError};
 
@@ -87,6 +90,13 @@ pub enum ObjectProps {
     MetricsHttp {
         addr: InetSocketAddressBase,
     },
+    /// `throttle-group`: I/O limits shared by throttle nodes, as the
+    /// `limits` struct and as the `x-*` properties (their names without
+    /// the `x-`, with the values given).
+    ThrottleGroup {
+        limits: Option<Box<ThrottleLimits>>,
+        properties: Vec<(&'static str, i64)>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,6 +115,7 @@ pub const OBJECT_TYPES: &[&str] = &[
     "iothread",
     "main-loop",
     "metrics-http",
+    "throttle-group",
     "tls-creds-psk",
     "tls-creds-x509",
 ];
@@ -118,6 +129,30 @@ const IOTHREAD_MEMBERS: &[&str] = &[
     "aio-max-batch",
     "thread-pool-min",
     "thread-pool-max",
+];
+
+/// The throttle-group properties after `limits`: ThrottleLimits' members with
+/// `x-` in front, in QEMU's order (ThrottleGroupProperties).
+const THROTTLE_GROUP_MEMBERS: [&str; 19] = [
+    "x-iops-total",
+    "x-iops-total-max",
+    "x-iops-total-max-length",
+    "x-iops-read",
+    "x-iops-read-max",
+    "x-iops-read-max-length",
+    "x-iops-write",
+    "x-iops-write-max",
+    "x-iops-write-max-length",
+    "x-bps-total",
+    "x-bps-total-max",
+    "x-bps-total-max-length",
+    "x-bps-read",
+    "x-bps-read-max",
+    "x-bps-read-max-length",
+    "x-bps-write",
+    "x-bps-write-max",
+    "x-bps-write-max-length",
+    "x-iops-size",
 ];
 
 /// The main-loop properties, in QEMU's order (EventLoopBaseProperties).
@@ -159,6 +194,16 @@ impl FromQapi for ObjectOptions {
             "metrics-http" => ObjectProps::MetricsHttp {
                 addr: f.required("addr")?,
             },
+            "throttle-group" => {
+                let limits = f.optional::<ThrottleLimits>("limits")?.map(Box::new);
+                let mut properties = Vec::new();
+                for key in THROTTLE_GROUP_MEMBERS {
+                    if let Some(v) = f.optional::<i64>(key)? {
+                        properties.push((&key[2..], v));
+                    }
+                }
+                ObjectProps::ThrottleGroup { limits, properties }
+            }
             "tls-creds-x509" => ObjectProps::TlsCredsX509 {
                 common: TlsCredsCommon::read(&mut f)?,
                 sanity_check: f.optional("sanity-check")?,
@@ -226,6 +271,11 @@ fn object_branch(s: &mut Schema, qom_type: &str) -> Ty {
             "MetricsHttpProperties",
             vec![req("addr", describe::<InetSocketAddressBase>(s))],
         ),
+        "throttle-group" => {
+            let mut m = vec![opt("limits", describe::<ThrottleLimits>(s))];
+            m.extend(THROTTLE_GROUP_MEMBERS.iter().map(|k| opt(k, int())));
+            ("ThrottleGroupProperties", m)
+        }
         "tls-creds-x509" => {
             let mut m = tls_common(s);
             m.extend([opt("sanity-check", bool()), opt("passwordid", str())]);
@@ -256,6 +306,53 @@ qapi_struct! {
     #[derive(Clone, Debug, PartialEq, Eq)]
     pub struct ObjectDelArgs {
         req "id" id: String,
+    }
+}
+
+qapi_struct! {
+    /// qom-get's arguments: an object's path (`/objects/ID`, or a unique
+    /// partial path such as `ID`) and a property.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct QomGetArgs {
+        req "path" path: String,
+        req "property" property: String,
+    }
+}
+
+/// qom-set's arguments: qom-get's, and the value (of any type).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QomSetArgs {
+    pub path: String,
+    pub property: String,
+    pub value: Value,
+}
+
+impl FromQapi for QomSetArgs {
+    fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
+        let mut f = Fields::new(value, ctx)?;
+        let args = Self {
+            path: f.required("path")?,
+            property: f.required("property")?,
+            value: f.required("value")?,
+        };
+        f.finish()?;
+        Ok(args)
+    }
+}
+
+impl Describe for QomSetArgs {
+    fn ty() -> Ty {
+        named("QomSetArgs")
+    }
+    fn define(s: &mut Schema) {
+        s.object(
+            "QomSetArgs",
+            vec![
+                req("path", str()),
+                req("property", str()),
+                req("value", any()),
+            ],
+        );
     }
 }
 
