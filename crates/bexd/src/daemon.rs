@@ -44,7 +44,7 @@ impl Daemon {
     pub fn new() -> Arc<Self> {
         let events = EventBus::new();
         Arc::new(Self {
-            nodes: Arc::new(NodeTable::new()),
+            nodes: Arc::new(NodeTable::watched_by(Arc::new(events.clone()))),
             exports: Arc::new(ExportTable::new(events.clone())),
             objects: Arc::new(ObjectTable::new()),
             nbd: Mutex::new(None),

@@ -17,7 +17,9 @@
 //! (`FileRun`); `bitmap_store` holds the persistent-bitmap trait a format
 //! may offer beside `Driver`; `buf` owns `IoBuf` and its buffer pool;
 //! `debug_event` names the events a driver reports to a blkdebug node below,
-//! and `write_gen` the write generations that decide the flush events.
+//! `write_gen` the write generations that decide the flush events, and
+//! `observer` what a node reports up to the daemon (write threshold,
+//! corruption).
 
 pub mod bitmap;
 pub mod bitmap_store;
@@ -28,9 +30,11 @@ pub mod drivers;
 pub mod error;
 pub mod mapping;
 pub mod node;
+pub mod observer;
 pub mod run;
 pub mod uring;
 pub mod write_gen;
+pub mod write_threshold;
 pub mod zeroes;
 
 #[cfg(any(test, feature = "test-utils"))]
@@ -44,5 +48,6 @@ pub use driver::{Capabilities, Driver, Extent, ZeroFlags};
 pub use error::{BlockError, BlockErrorKind, BlockResult};
 pub use mapping::{Access, FileMapping, MappingLease};
 pub use node::{BlockNode, ExtentSink, FileSlice};
+pub use observer::{Corruption, NodeObserver};
 pub use run::FileRun;
 pub use zeroes::DetectZeroes;

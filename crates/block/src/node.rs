@@ -10,8 +10,10 @@ use crate::buf::IoBuf;
 use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 use crate::mapping::{Access, FileMapping, MappingLease};
+use crate::observer::NodeObserver;
 use crate::run::{runs_within, FileRun};
 use crate::uring::{Batch, Ring};
+use crate::write_threshold::WriteThreshold;
 use crate::zeroes::{is_zero, DetectZeroes};
 
 /// The largest request a non-blocking driver runs inline on the caller's thread.
@@ -76,6 +78,11 @@ pub struct BlockNode {
     closed: AtomicBool,
     /// What a WRITE of zeroes becomes (see `zeroes.rs`).
     detect_zeroes: DetectZeroes,
+    /// `block-set-write-threshold` (see `write_threshold.rs`).
+    write_threshold: WriteThreshold,
+    /// Hears a crossed write threshold; `None` for nodes nobody watches
+    /// (tests, `bexd serve`'s throwaway nodes).
+    observer: Option<Arc<dyn NodeObserver>>,
 }
 
 impl BlockNode {
@@ -95,6 +102,37 @@ impl BlockNode {
             bitmaps,
             closed: AtomicBool::new(false),
             detect_zeroes: DetectZeroes::Off,
+            write_threshold: WriteThreshold::default(),
+            observer: None,
+        }
+    }
+
+    /// The node with `observer` hearing its write threshold and its
+    /// driver's corruption reports.
+    pub fn with_observer(mut self, observer: Arc<dyn NodeObserver>) -> Self {
+        self.driver
+            .attach_observer(&self.node_name, observer.clone());
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Sets the write threshold in bytes; 0 turns it off.
+    pub fn set_write_threshold(&self, offset: u64) {
+        self.write_threshold.set(offset);
+    }
+
+    pub fn write_threshold(&self) -> u64 {
+        self.write_threshold.get()
+    }
+
+    /// Reports a write ending past the threshold, once (QEMU checks every
+    /// write, zeroing and discard that reaches a node, its children's too).
+    fn check_write_threshold(&self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len);
+        if let Some(threshold) = self.write_threshold.crossed_by(end) {
+            if let Some(o) = &self.observer {
+                o.write_threshold_exceeded(&self.node_name, end - threshold, threshold);
+            }
         }
     }
 
@@ -155,7 +193,7 @@ impl BlockNode {
     /// which may have changed part of the range).
     pub fn page_cache_written(&self, offset: u64, len: u64) {
         self.driver.mapping_written(offset, len);
-        self.mark_dirty(offset, len);
+        self.record_write(offset, len);
     }
 
     /// Stores the persistent bitmaps in the image, as QEMU does when it
@@ -207,12 +245,15 @@ impl BlockNode {
         &self.bitmaps
     }
 
-    /// Marks this node's recording bitmaps for a write that has been done.
-    /// The node calls it for its own writes; a format driver that writes its
-    /// child through the child's driver (raw, blkdebug) calls it on the child,
-    /// so a bitmap on a `file` node sees writes made through the raw node on
-    /// top, as in QEMU, where every layer tracks its own writes.
-    pub fn mark_dirty(&self, offset: u64, len: u64) {
+    /// Records a write that has been done: marks this node's recording
+    /// bitmaps and checks its write threshold. The node calls it for its
+    /// own writes; a format driver that writes its child through the
+    /// child's driver (raw, blkdebug, qcow2's `MarkingChild`) calls it on
+    /// the child, so a bitmap or threshold on a `file` node sees writes
+    /// made through the format on top, as in QEMU, where every layer
+    /// tracks its own writes.
+    pub fn record_write(&self, offset: u64, len: u64) {
+        self.check_write_threshold(offset, len);
         self.bitmaps.mark(offset, len);
     }
 
@@ -362,7 +403,7 @@ impl BlockNode {
             let (buf, r) = ring.write(m.fd, buf, m.runs[0].offset, fua, batch).await;
             // Even a failed write may have changed part of the range.
             self.driver.mapping_written(offset, len);
-            self.mark_dirty(offset, len);
+            self.record_write(offset, len);
             let what = || format!("Could not write to '{}'", m.path.display());
             return (buf, r.map_err(|e| BlockError::io(what(), e)));
         }
@@ -372,7 +413,7 @@ impl BlockNode {
                 (buf, r)
             })
             .await;
-        self.mark_dirty(offset, len);
+        self.record_write(offset, len);
         done
     }
 
@@ -393,7 +434,7 @@ impl BlockNode {
                 }
             })
             .await;
-        self.mark_dirty(offset, len);
+        self.record_write(offset, len);
         r
     }
 
@@ -408,9 +449,10 @@ impl BlockNode {
         self.check_writable()?;
         self.check_range(offset, len)?;
         let r = self.run(len, move |d| d.discard(offset, len)).await;
-        // QEMU leaves bitmaps alone when the node ignores discards.
+        // A node that ignores discards writes nothing: QEMU leaves its
+        // bitmaps and write threshold alone.
         if self.caps.can_discard {
-            self.mark_dirty(offset, len);
+            self.record_write(offset, len);
         }
         r
     }
@@ -421,7 +463,7 @@ impl BlockNode {
         let r = self
             .run(len, move |d| d.write_zeroes(offset, len, flags))
             .await;
-        self.mark_dirty(offset, len);
+        self.record_write(offset, len);
         r
     }
 

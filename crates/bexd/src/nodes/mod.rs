@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use block::drivers::qcow2::Qcow2Info;
-use block::BlockNode;
+use block::{BlockNode, NodeObserver};
 
 use crate::error::NodeError;
 
@@ -95,11 +95,27 @@ pub type Nodes = BTreeMap<String, NodeEntry>;
 pub struct NodeTable {
     nodes: Mutex<Nodes>,
     counter: AtomicU64,
+    /// Hears every node's write threshold and corruption reports (the
+    /// daemon's event bus); `None` in tests that need no events.
+    observer: Option<Arc<dyn NodeObserver>>,
 }
 
 impl NodeTable {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A table whose nodes report to `observer`.
+    pub fn watched_by(observer: Arc<dyn NodeObserver>) -> Self {
+        Self {
+            observer: Some(observer),
+            ..Self::default()
+        }
+    }
+
+    /// Who the nodes opened into this table report to.
+    pub fn observer(&self) -> Option<Arc<dyn NodeObserver>> {
+        self.observer.clone()
     }
 
     /// The table for reading (queries). A poisoned lock only means a panic

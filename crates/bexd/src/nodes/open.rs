@@ -51,9 +51,12 @@ fn open_node(nodes: &NodeTable, options: NodeOptions, implicit: bool) -> Result<
         format,
     } = open_driver(nodes, &options)?;
     let read_only = options.read_only || !driver.capabilities().can_write;
-    let node = Arc::new(
-        BlockNode::new(name.clone(), driver, read_only).with_detect_zeroes(options.detect_zeroes),
-    );
+    let mut node =
+        BlockNode::new(name.clone(), driver, read_only).with_detect_zeroes(options.detect_zeroes);
+    if let Some(observer) = nodes.observer() {
+        node = node.with_observer(observer);
+    }
+    let node = Arc::new(node);
     nodes.insert(NodeEntry::new(node, children, implicit, filename, format))?;
     tracing::info!(node = %name, "block node added");
     Ok(name)
