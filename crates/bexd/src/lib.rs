@@ -18,6 +18,7 @@
 //! - [`backup`]: `bexd backup`, an NBD client pulling full and incremental backups.
 //! - [`shell`]: `bexd qmp SOCKET`, an interactive QMP shell.
 //! - [`trace`]: `--trace`/`-T`, QEMU trace patterns mapped onto the log targets.
+//! - [`version`]: the `--version` text, with the commit build.rs embedded.
 
 pub mod backup;
 pub mod chardevs;
@@ -43,6 +44,7 @@ pub mod startup;
 pub mod tls;
 pub mod trace;
 pub mod util;
+pub mod version;
 
 /// The QEMU version bexd's QMP interface corresponds to (tools gate features on it).
 pub const QEMU_VERSION: (u32, u32, u32) = (10, 0, 2);

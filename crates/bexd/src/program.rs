@@ -37,11 +37,7 @@ pub fn main(args: &[String]) -> i32 {
             0
         }
         Ok(Invocation::Version) => {
-            let (major, minor, micro) = crate::QEMU_VERSION;
-            println!(
-                "bexd version {} (qemu-storage-daemon {major}.{minor}.{micro} compatible)",
-                env!("CARGO_PKG_VERSION")
-            );
+            print!("{}", crate::version::text());
             0
         }
         Ok(Invocation::Serve(rest)) => crate::serve::main(&rest),

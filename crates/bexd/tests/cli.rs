@@ -74,6 +74,42 @@ fn test_help_and_version_exit_0() {
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("bexd version "));
 }
 
+/// The commit of this checkout, as build.rs embeds it; `None` outside git.
+fn checkout_commit() -> Option<String> {
+    let out = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[test]
+fn test_version_names_the_commit_and_the_qemu_release() {
+    let out = bexd(&["--version"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    let expected = match checkout_commit() {
+        Some(c) => format!("bexd version {} (commit {c})", env!("CARGO_PKG_VERSION")),
+        None => format!("bexd version {}", env!("CARGO_PKG_VERSION")),
+    };
+    assert_eq!(lines[0], expected);
+    assert_eq!(
+        lines[1],
+        "compatible with qemu-storage-daemon and qemu-nbd version 10.0.2"
+    );
+    let serve = bexd(&["serve", "--version"]);
+    assert_eq!(serve.status.code(), Some(0));
+    let serve_text = String::from_utf8_lossy(&serve.stdout).to_string();
+    assert_eq!(
+        serve_text.trim_end(),
+        lines[0].replace("bexd version", "bexd serve")
+    );
+}
+
 fn wait_for(path: &Path) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {

@@ -23,7 +23,7 @@ const DEFAULT_HANDSHAKE_LIMIT: u64 = 10;
     about = "Serve one disk image over NBD: a drop-in qemu-nbd (same options, same defaults)",
     after_help = "bexd's own: --qmp PATH also serves a QMP monitor on a unix socket. The URI to \
                   connect to is printed on standard output once the server is ready.",
-    version
+    version = crate::version::VERSION
 )]
 pub struct ServeArgs {
     /// The image file or block device to export (with --image-opts: its
