@@ -207,3 +207,37 @@ fn test_tls_creds_must_name_tls_credentials() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr_line(&out).ends_with("Object with id 'a0' is not TLS credentials"));
 }
+
+/// docs/bexd.8 is `bexd --man`'s output, committed: regenerate it with
+/// `target/release/bexd --man > docs/bexd.8` when an option changes.
+#[test]
+fn test_committed_man_page_is_what_bexd_generates() {
+    let out = bexd(&["--man"]);
+    assert_eq!(out.status.code(), Some(0));
+    let committed =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/bexd.8"))
+            .expect("docs/bexd.8");
+    assert!(
+        String::from_utf8_lossy(&out.stdout) == committed,
+        "docs/bexd.8 is stale: run target/release/bexd --man > docs/bexd.8"
+    );
+}
+
+/// Every option either --help shows is on the man page.
+#[test]
+fn test_every_option_of_help_is_on_the_man_page() {
+    let page = String::from_utf8_lossy(&bexd(&["--man"]).stdout).replace("\\-", "-");
+    for help in [bexd(&["--help"]), bexd(&["serve", "--help"])] {
+        let text = String::from_utf8_lossy(&help.stdout).to_string();
+        let options: Vec<&str> = text
+            .split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == '=')
+            .filter(|w| w.starts_with("--") && w.len() > 2)
+            .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()))
+            .collect();
+        assert!(options.len() > 5, "no options found in {text}");
+        for o in options {
+            // clap's own --help and --version are the daemon's too.
+            assert!(page.contains(o), "{o} from --help is not on the man page");
+        }
+    }
+}
