@@ -59,8 +59,8 @@ impl CliOption {
             | Self::Monitor(s)
             | Self::Trace(s) => Some(s.clone()),
             Self::Pidfile(p) => Some(p.display().to_string()),
-            Self::LogFormat(f) => Some(format!("{f:?}").to_lowercase()),
-            Self::LogTarget(t) => Some(format!("{t:?}").to_lowercase()),
+            Self::LogFormat(f) => Some(f.as_str().to_string()),
+            Self::LogTarget(t) => Some(t.as_str().to_string()),
             Self::Daemonize => None,
         }
     }
@@ -125,6 +125,7 @@ pub fn parse_args(args: &[String]) -> Result<Invocation, CliError> {
             if inline.is_some() {
                 return Err(CliError::UnexpectedArgument(name.to_string()));
             }
+            // --daemonize is the one flag left once -h and -V are handled.
             options.push(CliOption::Daemonize);
             continue;
         }

@@ -209,6 +209,17 @@ mod tests {
         }
     }
 
+    /// The walker (`cli.rs`) takes every other flag without a value as --daemonize.
+    #[test]
+    fn test_daemonize_is_the_only_other_flag() {
+        let flags: Vec<&str> = OPTIONS
+            .iter()
+            .filter(|o| !o.takes_value)
+            .flat_map(|o| o.names.iter().copied())
+            .collect();
+        assert_eq!(flags, ["-h", "--help", "-V", "--version", "--daemonize"]);
+    }
+
     #[test]
     fn test_short_usage_shares_the_line_with_its_help() {
         let text = help_text();

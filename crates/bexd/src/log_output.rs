@@ -69,7 +69,26 @@ impl std::str::FromStr for LogTarget {
     }
 }
 
+impl LogFormat {
+    /// The option's value as written.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Json => "json",
+        }
+    }
+}
+
 impl LogTarget {
+    /// The option's value as written.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stderr => "stderr",
+            Self::Syslog => "syslog",
+            Self::Journal => "journal",
+        }
+    }
+
     /// The socket this target sends to; `None` for stderr.
     pub fn socket_path(self) -> Option<PathBuf> {
         let (var, default) = match self {
