@@ -70,6 +70,18 @@ def test_ignored_discard_is_no_write(start, image, monitor):
     assert threshold_of(mon, "disk0") == 4096
 
 
+@pytest.mark.parametrize("given, shown", [(-1, -1), (2 ** 64 - 1, -1), (-2 ** 63, -2 ** 63),
+                                          (2 ** 63, -2 ** 63)])
+def test_thresholds_as_qemu_reads_and_shows_them(start, image, monitor, given, shown):
+    """QEMU takes a negative uint64 as its two's complement and shows the
+    threshold as an int64 in query-named-block-nodes."""
+    d = start(*file_export(image()))
+    mon = monitor(d)
+    assert mon.execute("block-set-write-threshold",
+                       {"node-name": "disk0", "write-threshold": given}) == ("ok", {})
+    assert threshold_of(mon, "disk0") == shown
+
+
 def test_zero_turns_the_threshold_off(start, image, monitor):
     d = start(*file_export(image()))
     mon = monitor(d)
@@ -105,6 +117,12 @@ def test_qcow2_growth_is_reported_on_its_file_node(start, tmp_path, monitor):
     ({"node-name": "disk0"}, ("GenericError", "Parameter 'write-threshold' is missing")),
     ({"write-threshold": 1}, ("GenericError", "Parameter 'node-name' is missing")),
     ({"node-name": "disk0", "write-threshold": "1"},
+     ("GenericError", "Parameter 'write-threshold' expects uint64")),
+    ({"node-name": "disk0", "write-threshold": 1.5},
+     ("GenericError", "Parameter 'write-threshold' expects uint64")),
+    ({"node-name": "disk0", "write-threshold": 2 ** 64},
+     ("GenericError", "Parameter 'write-threshold' expects uint64")),
+    ({"node-name": "disk0", "write-threshold": -2 ** 63 - 1},
      ("GenericError", "Parameter 'write-threshold' expects uint64")),
     ({"node-name": "disk0", "write-threshold": 1, "x": 1},
      ("GenericError", "Parameter 'x' is unexpected")),

@@ -77,7 +77,8 @@ fn node_info(nodes: &Nodes, name: &str, entry: &NodeEntry, flat: bool) -> Value 
         "encrypted": false,
         "detect_zeroes": node.detect_zeroes().as_str(),
         "backing_file_depth": backing_depth(nodes, entry),
-        "write_threshold": node.write_threshold(),
+        // An int in QAPI: QEMU shows thresholds past 2^63 as negative.
+        "write_threshold": node.write_threshold() as i64,
         "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "cache": {
             "writeback": true,
