@@ -11,11 +11,13 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 # pkg-config to build the openssl crate (TLS-PSK), openssl for the TLS tests' certificates;
 # the benchmark peers and ceilings (nbdkit, nbd-server, iperf3); strace, with which the
 # zero-copy tests see that replies really went out with sendfile; systemd for
-# systemd-socket-activate (the socket-activation tests); prometheus for promtool and the
-# server that scrapes bexd's metrics-http endpoint in the metrics tests; tmux, the terminal
-# bexd top's test runs it in.
+# systemd-socket-activate (the socket-activation tests) and systemd-analyze (the unit
+# files' check); man-db, with which systemd-analyze checks the units' man:bexd(8);
+# prometheus for promtool and the server that scrapes bexd's metrics-http endpoint in the
+# metrics tests; tmux, the terminal bexd top's test runs it in.
 packages=(qemu-utils libnbd-bin python3-libnbd fio python3-pytest python3-pip
-          libssl-dev pkg-config openssl nbdkit nbd-server iperf3 strace systemd prometheus tmux)
+          libssl-dev pkg-config openssl nbdkit nbd-server iperf3 strace systemd man-db
+          prometheus tmux)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -3,11 +3,16 @@
 //! qemu-storage-daemon processes its options strictly in the order given (an
 //! export must come after the node and the NBD server it needs), so this is a
 //! plain argv walker that keeps that order rather than a declarative parser.
-//! The one-image shortcut `bexd serve` has its own clap parser in `serve.rs`.
+//! Which options exist and take a value is read from `cli_options.rs`, the
+//! same table `--help` and the man page are made from. The one-image
+//! shortcut `bexd serve` has its own clap parser in `serve/args.rs`.
 
 use std::path::PathBuf;
 
 use thiserror::Error;
+
+use crate::cli_options;
+use crate::log_output::{LogFormat, LogOptionError, LogTarget};
 
 /// One option of the daemon's command line, in the order it was given.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,6 +26,8 @@ pub enum CliOption {
     Pidfile(PathBuf),
     Daemonize,
     Trace(String),
+    LogFormat(LogFormat),
+    LogTarget(LogTarget),
 }
 
 impl CliOption {
@@ -36,6 +43,8 @@ impl CliOption {
             Self::Pidfile(_) => "--pidfile",
             Self::Daemonize => "--daemonize",
             Self::Trace(_) => "--trace",
+            Self::LogFormat(_) => "--log-format",
+            Self::LogTarget(_) => "--log-target",
         }
     }
 
@@ -50,6 +59,8 @@ impl CliOption {
             | Self::Monitor(s)
             | Self::Trace(s) => Some(s.clone()),
             Self::Pidfile(p) => Some(p.display().to_string()),
+            Self::LogFormat(f) => Some(f.as_str().to_string()),
+            Self::LogTarget(t) => Some(t.as_str().to_string()),
             Self::Daemonize => None,
         }
     }
@@ -60,6 +71,8 @@ impl CliOption {
 pub enum Invocation {
     Help,
     Version,
+    /// `--man`: the man page bexd(8), in roff (hidden; for packagers).
+    Man,
     /// qemu-storage-daemon compatible mode.
     Daemon(Vec<CliOption>),
     /// `bexd serve ...`: the one-image shortcut; the arguments after `serve`.
@@ -82,6 +95,8 @@ pub enum CliError {
     UnexpectedArgument(String),
     #[error("unexpected argument '{0}'")]
     Positional(String),
+    #[error(transparent)]
+    Log(#[from] LogOptionError),
 }
 
 /// Parses argv (without the program name).
@@ -97,19 +112,23 @@ pub fn parse_args(args: &[String]) -> Result<Invocation, CliError> {
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
         let (name, inline) = split_inline(arg);
-        let takes_value = match name {
+        match name {
             "-h" | "--help" => return Ok(Invocation::Help),
             "-V" | "--version" => return Ok(Invocation::Version),
-            "--daemonize" => false,
-            "--blockdev" | "--object" | "--nbd-server" | "--export" | "--chardev" | "--monitor"
-            | "--pidfile" | "-T" | "--trace" => true,
-            _ if name.starts_with('-') => return Err(CliError::Unrecognized(arg.clone())),
-            _ => return Err(CliError::Positional(arg.clone())),
+            "--man" => return Ok(Invocation::Man),
+            _ => {}
+        }
+        let Some(option) = cli_options::find(name) else {
+            return Err(match name.starts_with('-') {
+                true => CliError::Unrecognized(arg.clone()),
+                false => CliError::Positional(arg.clone()),
+            });
         };
-        if !takes_value {
+        if !option.takes_value {
             if inline.is_some() {
                 return Err(CliError::UnexpectedArgument(name.to_string()));
             }
+            // --daemonize is the one flag left once -h and -V are handled.
             options.push(CliOption::Daemonize);
             continue;
         }
@@ -120,7 +139,7 @@ pub fn parse_args(args: &[String]) -> Result<Invocation, CliError> {
                 .cloned()
                 .ok_or_else(|| CliError::MissingArgument(name.to_string()))?,
         };
-        options.push(make_option(name, value));
+        options.push(make_option(name, value)?);
     }
     Ok(Invocation::Daemon(options))
 }
@@ -133,8 +152,8 @@ fn split_inline(arg: &str) -> (&str, Option<&str>) {
     }
 }
 
-fn make_option(name: &str, value: String) -> CliOption {
-    match name {
+fn make_option(name: &str, value: String) -> Result<CliOption, CliError> {
+    Ok(match name {
         "--blockdev" => CliOption::Blockdev(value),
         "--object" => CliOption::Object(value),
         "--nbd-server" => CliOption::NbdServer(value),
@@ -142,61 +161,11 @@ fn make_option(name: &str, value: String) -> CliOption {
         "--chardev" => CliOption::Chardev(value),
         "--monitor" => CliOption::Monitor(value),
         "--pidfile" => CliOption::Pidfile(PathBuf::from(value)),
+        "--log-format" => CliOption::LogFormat(value.parse()?),
+        "--log-target" => CliOption::LogTarget(value.parse()?),
         _ => CliOption::Trace(value),
-    }
+    })
 }
-
-/// The `--help` text: qemu-storage-daemon's, for the options bexd implements.
-pub const HELP: &str = "\
-Usage: bexd [options]
-       bexd serve [--help] IMAGE       serve one image (like qemu-nbd)
-       bexd qmp SOCKET|HOST:PORT       interactive QMP shell
-       bexd backup [--help] --uri URI --output FILE [--bitmap NAME]
-                                       pull a full or incremental backup over NBD
-       bexd top [--help] SOCKET|HOST:PORT
-                                       live view of the exports (IOPS, MiB/s, latency)
-bexd: the block export daemon (a drop-in for qemu-storage-daemon's NBD exports)
-
-  -h, --help             display this help and exit
-  -V, --version          output version information and exit
-
-  --blockdev [driver=]<driver>[,node-name=<N>][,discard=ignore|unmap]
-             [,cache.direct=on|off][,cache.no-flush=on|off]
-             [,read-only=on|off][,auto-read-only=on|off]
-             [,driver specific parameters...]
-                         configure a block node (drivers: file, host_device,
-                         raw, null-co)
-
-  --chardev socket,id=<id>,path=<path>|host=<host>,port=<port>
-            ,server=on,wait=off
-                         configure a socket for a QMP monitor
-
-  --daemonize            daemonize the process, and have the parent exit
-                         once startup is complete
-
-  --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]
-           [,description=<text>][,writable=on|off][,writethrough=on|off]
-                         export the specified block node over NBD
-                         (requires --nbd-server)
-
-  --monitor [chardev=]name[,mode=control][,pretty[=on|off]]
-                         configure a QMP monitor
-
-  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
-               [,max-connections=<n>][,handshake-max-seconds=<n>]
-  --nbd-server addr.type=unix,addr.path=<path>
-               [,max-connections=<n>][,handshake-max-seconds=<n>]
-                         start an NBD server for exporting block nodes
-
-  --pidfile <path>       write process ID to a file after startup
-
-  -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]
-                         trace QEMU event patterns (nbd_*, qmp_*, bdrv_*, ...),
-                         mapped onto bexd's log targets
-
-Every option also takes QEMU's JSON form, e.g. --blockdev '{\"driver\":\"file\",...}'.
-Options are processed in the order given.
-";
 
 #[cfg(test)]
 mod tests {
@@ -268,5 +237,51 @@ mod tests {
             parse_args(&args(&["--daemonize=yes"])),
             Err(CliError::UnexpectedArgument("--daemonize".into()))
         );
+    }
+}
+
+#[cfg(test)]
+mod log_option_tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn test_log_options_parse_and_refuse_unknown_values() {
+        assert_eq!(
+            parse_args(&args(&["--log-format=json", "--log-target", "syslog"])),
+            Ok(Invocation::Daemon(vec![
+                CliOption::LogFormat(LogFormat::Json),
+                CliOption::LogTarget(LogTarget::Syslog),
+            ]))
+        );
+        assert_eq!(
+            parse_args(&args(&["--log-target", "file"]))
+                .unwrap_err()
+                .to_string(),
+            "--log-target: 'file' is not one of stderr, syslog, journal"
+        );
+    }
+
+    #[test]
+    fn test_every_documented_option_is_accepted() {
+        for o in cli_options::OPTIONS {
+            for name in o.names {
+                let mut argv = vec![name.to_string()];
+                if o.takes_value {
+                    argv.push(
+                        match *name {
+                            "--log-format" => "text",
+                            "--log-target" => "stderr",
+                            _ => "x",
+                        }
+                        .into(),
+                    );
+                }
+                assert!(parse_args(&argv).is_ok(), "{name} refused");
+            }
+        }
     }
 }

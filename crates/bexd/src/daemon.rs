@@ -46,7 +46,10 @@ impl Daemon {
         // Throttle groups are objects that throttle nodes join by name.
         let throttle_groups = Arc::new(block::throttle::ThrottleGroups::default());
         Arc::new(Self {
-            nodes: Arc::new(NodeTable::with_throttle_groups(throttle_groups.clone())),
+            nodes: Arc::new(NodeTable::new_in(
+                throttle_groups.clone(),
+                Arc::new(events.clone()),
+            )),
             exports: Arc::new(ExportTable::new(events.clone())),
             objects: Arc::new(ObjectTable::with_throttle_groups(throttle_groups)),
             nbd: Mutex::new(None),

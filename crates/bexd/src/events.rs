@@ -2,7 +2,8 @@
 
 use std::time::SystemTime;
 
-use serde_json::Value;
+use block::{Corruption, NodeObserver};
+use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 /// One event as QMP sends it: a name, optional data and the time it happened.
@@ -45,5 +46,35 @@ impl EventBus {
 
     pub fn subscribe(&self) -> broadcast::Receiver<QmpEvent> {
         self.sender.subscribe()
+    }
+}
+
+/// Nodes report through the bus: the events QEMU sends for them.
+impl NodeObserver for EventBus {
+    fn write_threshold_exceeded(&self, node: &str, amount_exceeded: u64, threshold: u64) {
+        self.emit(
+            "BLOCK_WRITE_THRESHOLD",
+            Some(json!({
+                "node-name": node,
+                "amount-exceeded": amount_exceeded,
+                "write-threshold": threshold,
+            })),
+        );
+    }
+
+    fn image_corrupted(&self, node: &str, corruption: &Corruption) {
+        let mut data = json!({
+            "device": "",
+            "node-name": node,
+            "msg": corruption.msg,
+            "fatal": corruption.fatal,
+        });
+        if let Some(offset) = corruption.offset {
+            data["offset"] = json!(offset);
+        }
+        if let Some(size) = corruption.size {
+            data["size"] = json!(size);
+        }
+        self.emit("BLOCK_IMAGE_CORRUPTED", Some(data));
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! Layout (see docs/architecture.md for the walkthrough and the module graph):
 //! - [`program`] picks the mode; [`cli`] reads argv in order, as qemu-storage-daemon does, and
-//!   [`startup`] applies it through the same commands QMP uses.
+//!   [`startup`] applies it through the same commands QMP uses; [`cli_options`] describes the
+//!   options once, for the walker, `--help` and the man page ([`man`]).
 //! - [`config`]: plain data, what the CLI and QMP asked for; [`qapi`] reads QAPI types into it.
 //! - [`daemon`]: owns the tables and the NBD server and wires what spans them.
 //! - [`nodes`]: the node table (opening nodes from config, the graph, bitmap rules).
@@ -19,11 +20,14 @@
 //! - [`backup`]: `bexd backup`, an NBD client pulling full and incremental backups.
 //! - [`shell`]: `bexd qmp SOCKET`, an interactive QMP shell; [`top`]: `bexd top SOCKET`, a live
 //!   view of the exports' counters.
-//! - [`trace`]: `--trace`/`-T`, QEMU trace patterns mapped onto the log targets.
+//! - [`trace`]: `--trace`/`-T`, QEMU trace patterns mapped onto the log targets, and the log's
+//!   set-up; [`log_output`]: `--log-target` (stderr, syslog, journal) and `--log-format`.
+//! - [`version`]: the `--version` text, with the commit build.rs embedded.
 
 pub mod backup;
 pub mod chardevs;
 pub mod cli;
+pub mod cli_options;
 pub mod commands;
 pub mod config;
 pub mod daemon;
@@ -31,6 +35,8 @@ pub mod error;
 pub mod events;
 pub mod exports;
 pub mod fds;
+pub mod log_output;
+pub mod man;
 pub mod metrics;
 pub mod monitor;
 pub mod nbd_server;
@@ -48,6 +54,7 @@ pub mod tls;
 pub mod top;
 pub mod trace;
 pub mod util;
+pub mod version;
 
 /// The QEMU version bexd's QMP interface corresponds to (tools gate features on it).
 pub const QEMU_VERSION: (u32, u32, u32) = (10, 0, 2);

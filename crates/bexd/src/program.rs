@@ -33,15 +33,15 @@ pub fn main(args: &[String]) -> i32 {
             1
         }
         Ok(Invocation::Help) => {
-            print!("{}", cli::HELP);
+            print!("{}", crate::cli_options::help_text());
+            0
+        }
+        Ok(Invocation::Man) => {
+            print!("{}", crate::man::page());
             0
         }
         Ok(Invocation::Version) => {
-            let (major, minor, micro) = crate::QEMU_VERSION;
-            println!(
-                "bexd version {} (qemu-storage-daemon {major}.{minor}.{micro} compatible)",
-                env!("CARGO_PKG_VERSION")
-            );
+            print!("{}", crate::version::text());
             0
         }
         Ok(Invocation::Serve(rest)) => crate::serve::main(&rest),
@@ -52,13 +52,17 @@ pub fn main(args: &[String]) -> i32 {
     }
 }
 
-/// Every `--trace`/`-T` option, in order (see `trace.rs`).
+/// Every `--trace`/`-T` option, in order (see `trace.rs`), and where the
+/// log goes (`--log-target`, `--log-format`: the last one given counts).
 fn trace_config(options: &[CliOption]) -> Result<TraceConfig, String> {
     let mut config = TraceConfig::default();
     for option in options {
-        if let CliOption::Trace(arg) = option {
-            crate::trace::apply(&mut config, arg)
-                .map_err(|e| format!("{} {arg}: {e}", option.flag()))?;
+        match option {
+            CliOption::Trace(arg) => crate::trace::apply(&mut config, arg)
+                .map_err(|e| format!("{} {arg}: {e}", option.flag()))?,
+            CliOption::LogFormat(f) => config.format = *f,
+            CliOption::LogTarget(t) => config.target = *t,
+            _ => {}
         }
     }
     Ok(config)

@@ -130,7 +130,7 @@ async fn apply_options(
             CliOption::Pidfile(p) => pidfile_path = Some(p.clone()),
             CliOption::Daemonize => {}
             // Applied before anything else, when logging starts (program.rs).
-            CliOption::Trace(_) => {}
+            CliOption::Trace(_) | CliOption::LogFormat(_) | CliOption::LogTarget(_) => {}
             _ => apply_one(daemon, option)
                 .await
                 .map_err(|e| described(e.desc))?,
@@ -180,7 +180,11 @@ async fn apply_one(daemon: &Arc<Daemon>, option: &CliOption) -> Result<(), QmpEr
             let (value, mode) = option_value(s, Some("qom-type"))?;
             commands::create_and_add_object(daemon, value, mode)
         }
-        CliOption::Pidfile(_) | CliOption::Daemonize | CliOption::Trace(_) => Ok(()),
+        CliOption::Pidfile(_)
+        | CliOption::Daemonize
+        | CliOption::Trace(_)
+        | CliOption::LogFormat(_)
+        | CliOption::LogTarget(_) => Ok(()),
     }
 }
 

@@ -12,6 +12,12 @@
 
 use std::path::PathBuf;
 
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::log_output::{DatagramLog, LogFormat, LogTarget};
+
 /// QEMU event-name prefixes and the bexd log targets of that subsystem.
 const AREAS: &[(&str, &[&str])] = &[
     ("nbd_", &["bexd::nbd_server", "nbd"]),
@@ -30,11 +36,15 @@ const AREAS: &[(&str, &[&str])] = &[
     ("qcrypto_tls_", &["bexd::tls"]),
 ];
 
-/// What the `--trace` options ask for, as `tracing` filter directives.
+/// What the `--trace` options ask for, as `tracing` filter directives,
+/// and where the log goes (`--log-target`, `--log-format`, see
+/// `log_output.rs`).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct TraceConfig {
     pub directives: Vec<String>,
     pub file: Option<PathBuf>,
+    pub format: LogFormat,
+    pub target: LogTarget,
 }
 
 /// Adds one `--trace` argument to `config`; the error is one line.
@@ -111,7 +121,8 @@ fn targets_for(glob: &str) -> Vec<&'static str> {
 }
 
 /// Installs the log: `BEXD_LOG` (else `default_level`) plus what `--trace`
-/// turned on, to stderr or the trace's `file=`.
+/// turned on, to stderr, the trace's `file=`, syslog or the journal, as
+/// text or JSON.
 pub fn init(trace: &TraceConfig, default_level: &str) -> Result<(), String> {
     let mut filter = tracing_subscriber::EnvFilter::try_from_env("BEXD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
@@ -121,21 +132,38 @@ pub fn init(trace: &TraceConfig, default_level: &str) -> Result<(), String> {
             .map_err(|e| format!("--trace: bad filter '{d}': {e}"))?;
         filter = filter.add_directive(directive);
     }
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = match &trace.file {
+    let (writer, ansi, timestamped) = match (&trace.file, trace.target) {
+        (Some(_), LogTarget::Syslog | LogTarget::Journal) => {
+            return Err("--trace file= and --log-target both say where the log goes".into())
+        }
         // Colour only for a person at a terminal, not in a captured log.
-        None => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .with_writer(std::io::stderr)
-            .try_init(),
-        Some(path) => {
+        (None, LogTarget::Stderr) => (
+            BoxMakeWriter::new(std::io::stderr),
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            true,
+        ),
+        (Some(path), LogTarget::Stderr) => {
             let file = std::fs::File::create(path)
                 .map_err(|e| format!("--trace file={}: {e}", path.display()))?;
-            builder
-                .with_ansi(false)
-                .with_writer(std::sync::Mutex::new(file))
-                .try_init()
+            (BoxMakeWriter::new(std::sync::Mutex::new(file)), false, true)
         }
+        // The receiver stamps the time and keeps the level as the priority.
+        (None, target) => (
+            BoxMakeWriter::new(DatagramLog::connect(target)?),
+            false,
+            false,
+        ),
+    };
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(ansi);
+    let registry = tracing_subscriber::registry().with(filter);
+    let _ = match (trace.format, timestamped) {
+        (LogFormat::Json, _) => registry.with(layer.json()).try_init(),
+        (LogFormat::Text, true) => registry.with(layer).try_init(),
+        (LogFormat::Text, false) => registry
+            .with(layer.without_time().with_level(false))
+            .try_init(),
     };
     Ok(())
 }

@@ -74,6 +74,42 @@ fn test_help_and_version_exit_0() {
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("bexd version "));
 }
 
+/// The commit of this checkout, as build.rs embeds it; `None` outside git.
+fn checkout_commit() -> Option<String> {
+    let out = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[test]
+fn test_version_names_the_commit_and_the_qemu_release() {
+    let out = bexd(&["--version"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    let expected = match checkout_commit() {
+        Some(c) => format!("bexd version {} (commit {c})", env!("CARGO_PKG_VERSION")),
+        None => format!("bexd version {}", env!("CARGO_PKG_VERSION")),
+    };
+    assert_eq!(lines[0], expected);
+    assert_eq!(
+        lines[1],
+        "compatible with qemu-storage-daemon and qemu-nbd version 10.0.2"
+    );
+    let serve = bexd(&["serve", "--version"]);
+    assert_eq!(serve.status.code(), Some(0));
+    let serve_text = String::from_utf8_lossy(&serve.stdout).to_string();
+    assert_eq!(
+        serve_text.trim_end(),
+        lines[0].replace("bexd version", "bexd serve")
+    );
+}
+
 fn wait_for(path: &Path) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
@@ -170,4 +206,38 @@ fn test_tls_creds_must_name_tls_credentials() {
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr_line(&out).ends_with("Object with id 'a0' is not TLS credentials"));
+}
+
+/// docs/bexd.8 is `bexd --man`'s output, committed: regenerate it with
+/// `target/release/bexd --man > docs/bexd.8` when an option changes.
+#[test]
+fn test_committed_man_page_is_what_bexd_generates() {
+    let out = bexd(&["--man"]);
+    assert_eq!(out.status.code(), Some(0));
+    let committed =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/bexd.8"))
+            .expect("docs/bexd.8");
+    assert!(
+        String::from_utf8_lossy(&out.stdout) == committed,
+        "docs/bexd.8 is stale: run target/release/bexd --man > docs/bexd.8"
+    );
+}
+
+/// Every option either --help shows is on the man page.
+#[test]
+fn test_every_option_of_help_is_on_the_man_page() {
+    let page = String::from_utf8_lossy(&bexd(&["--man"]).stdout).replace("\\-", "-");
+    for help in [bexd(&["--help"]), bexd(&["serve", "--help"])] {
+        let text = String::from_utf8_lossy(&help.stdout).to_string();
+        let options: Vec<&str> = text
+            .split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == '=')
+            .filter(|w| w.starts_with("--") && w.len() > 2)
+            .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()))
+            .collect();
+        assert!(options.len() > 5, "no options found in {text}");
+        for o in options {
+            // clap's own --help and --version are the daemon's too.
+            assert!(page.contains(o), "{o} from --help is not on the man page");
+        }
+    }
 }

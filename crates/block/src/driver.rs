@@ -4,6 +4,7 @@ use crate::bitmap_store::BitmapStore;
 use crate::debug_event::DebugEvent;
 use crate::error::BlockResult;
 use crate::mapping::{Access, FileMapping};
+use crate::observer::NodeObserver;
 
 /// What a driver can do, cached by the node at open.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -113,6 +114,16 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
     /// handles events, and drivers without a child ignore them. Without a
     /// blkdebug node in the chain this costs a call that does nothing.
     fn debug_event(&self, _event: DebugEvent) {}
+    /// The node this driver serves, and who hears what it finds: a format
+    /// that detects corruption at run time reports it there under the
+    /// node's name. Others have nothing to report.
+    fn attach_observer(&self, _node_name: &str, _observer: std::sync::Arc<dyn NodeObserver>) {}
+    /// True once the driver has given up on its image (qcow2 found it
+    /// corrupt): every request fails, and `query-named-block-nodes` reports
+    /// the node as QEMU reports a node without a driver.
+    fn unusable(&self) -> bool {
+        false
+    }
     /// Readahead hint.
     fn cache(&self, _offset: u64, _len: u64) -> BlockResult<()> {
         Ok(())

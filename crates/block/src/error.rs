@@ -2,6 +2,8 @@
 
 use std::fmt::Display;
 
+use crate::observer::Corruption;
+
 /// What went wrong, for control flow; callers map it to protocol errors in one place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -19,6 +21,9 @@ pub enum BlockErrorKind {
     /// An image's metadata is inconsistent at run time (an L2 entry points
     /// outside the image, a refcount would overflow): the request fails with EIO.
     Corrupt,
+    /// The node has no usable driver any more (a qcow2 image found corrupt
+    /// and marked so): ENOMEDIUM, as QEMU's node without a driver answers.
+    NoMedium,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +33,9 @@ pub struct BlockError {
     message: String,
     #[source]
     source: Option<std::io::Error>,
+    /// Set when this error is a corruption the format driver must signal
+    /// (see `observer.rs`); boxed, as nearly every error has none.
+    corruption: Option<Box<Corruption>>,
 }
 
 pub type BlockResult<T> = Result<T, BlockError>;
@@ -38,7 +46,32 @@ impl BlockError {
             kind,
             message: message.into(),
             source: None,
+            corruption: None,
         }
+    }
+
+    /// Corruption found at run time that the format driver signals as
+    /// QEMU's `qcow2_signal_corruption` does (event, corrupt bit); the
+    /// request itself fails with EIO. `offset`/`size` name a host range
+    /// when there is one.
+    pub fn corruption(msg: impl Into<String>, offset: Option<u64>, size: Option<u64>) -> Self {
+        let msg = msg.into();
+        Self {
+            kind: BlockErrorKind::Corrupt,
+            message: msg.clone(),
+            source: None,
+            corruption: Some(Box::new(Corruption {
+                msg,
+                offset,
+                size,
+                fatal: false,
+            })),
+        }
+    }
+
+    /// The corruption to signal, if this error is one (see [`Self::corruption`]).
+    pub fn found_corruption(&self) -> Option<&Corruption> {
+        self.corruption.as_deref()
     }
 
     /// An OS error, with QEMU-style text: "CONTEXT: No such file or directory".
@@ -56,6 +89,7 @@ impl BlockError {
             kind,
             message: format!("{context}: {}", strerror(&e)),
             source: Some(e),
+            corruption: None,
         }
     }
 
@@ -79,6 +113,7 @@ impl BlockError {
             BlockErrorKind::NotSupported => libc::ENOTSUP,
             BlockErrorKind::NotFound => libc::ENOENT,
             BlockErrorKind::Busy => libc::EBUSY,
+            BlockErrorKind::NoMedium => libc::ENOMEDIUM,
         }
     }
 }

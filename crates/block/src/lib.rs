@@ -20,7 +20,9 @@
 //! `write_gen` the write generations that decide the flush events, and
 //! `stats` the lock-free I/O counters a node (and the daemon's exports) keep,
 //! `throttle` QEMU's I/O limits (groups, leaky buckets), which the node
-//! applies before a request of a throttle node runs.
+//! applies before a request of a throttle node runs, and
+//! `observer` what a node reports up to the daemon (write threshold,
+//! corruption).
 
 pub mod bitmap;
 pub mod bitmap_store;
@@ -31,11 +33,13 @@ pub mod drivers;
 pub mod error;
 pub mod mapping;
 pub mod node;
+pub mod observer;
 pub mod run;
 pub mod stats;
 pub mod throttle;
 pub mod uring;
 pub mod write_gen;
+pub mod write_threshold;
 pub mod zeroes;
 
 #[cfg(any(test, feature = "test-utils"))]
@@ -49,6 +53,7 @@ pub use driver::{Capabilities, Driver, Extent, ZeroFlags};
 pub use error::{BlockError, BlockErrorKind, BlockResult};
 pub use mapping::{Access, FileMapping, MappingLease};
 pub use node::{BlockNode, ExtentSink, FileSlice};
+pub use observer::{Corruption, NodeObserver};
 pub use run::FileRun;
 pub use stats::{IoKind, IoStats, Outcome, Started, StatsSnapshot};
 pub use zeroes::DetectZeroes;

@@ -10,10 +10,12 @@ use crate::buf::IoBuf;
 use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 use crate::mapping::{Access, FileMapping, MappingLease};
+use crate::observer::NodeObserver;
 use crate::run::{runs_within, FileRun};
 use crate::stats::IoStats;
 use crate::throttle::{Direction, ThrottleMember};
 use crate::uring::{Batch, Ring};
+use crate::write_threshold::WriteThreshold;
 use crate::zeroes::{is_zero, DetectZeroes};
 
 /// The largest request a non-blocking driver runs inline on the caller's thread.
@@ -85,6 +87,11 @@ pub struct BlockNode {
     /// A throttle node's place in its group: reads, writes, write-zeroes,
     /// discards and cache requests wait here for the group's limits.
     throttle: Option<ThrottleMember>,
+    /// `block-set-write-threshold` (see `write_threshold.rs`).
+    write_threshold: WriteThreshold,
+    /// Hears a crossed write threshold; `None` for nodes nobody watches
+    /// (tests, `bexd serve`'s throwaway nodes).
+    observer: Option<Arc<dyn NodeObserver>>,
 }
 
 impl BlockNode {
@@ -106,6 +113,37 @@ impl BlockNode {
             detect_zeroes: DetectZeroes::Off,
             stats: IoStats::default(),
             throttle: None,
+            write_threshold: WriteThreshold::default(),
+            observer: None,
+        }
+    }
+
+    /// The node with `observer` hearing its write threshold and its
+    /// driver's corruption reports.
+    pub fn with_observer(mut self, observer: Arc<dyn NodeObserver>) -> Self {
+        self.driver
+            .attach_observer(&self.node_name, observer.clone());
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Sets the write threshold in bytes; 0 turns it off.
+    pub fn set_write_threshold(&self, offset: u64) {
+        self.write_threshold.set(offset);
+    }
+
+    pub fn write_threshold(&self) -> u64 {
+        self.write_threshold.get()
+    }
+
+    /// Reports a write ending past the threshold, once (QEMU checks every
+    /// write, zeroing and discard that reaches a node, its children's too).
+    fn check_write_threshold(&self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len);
+        if let Some(threshold) = self.write_threshold.crossed_by(end) {
+            if let Some(o) = &self.observer {
+                o.write_threshold_exceeded(&self.node_name, end - threshold, threshold);
+            }
         }
     }
 
@@ -198,7 +236,7 @@ impl BlockNode {
     /// which may have changed part of the range).
     pub fn page_cache_written(&self, offset: u64, len: u64) {
         self.driver.mapping_written(offset, len);
-        self.mark_dirty(offset, len);
+        self.record_write(offset, len);
     }
 
     /// Stores the persistent bitmaps in the image, as QEMU does when it
@@ -250,12 +288,15 @@ impl BlockNode {
         &self.bitmaps
     }
 
-    /// Marks this node's recording bitmaps for a write that has been done.
-    /// The node calls it for its own writes; a format driver that writes its
-    /// child through the child's driver (raw, blkdebug) calls it on the child,
-    /// so a bitmap on a `file` node sees writes made through the raw node on
-    /// top, as in QEMU, where every layer tracks its own writes.
-    pub fn mark_dirty(&self, offset: u64, len: u64) {
+    /// Records a write that has been done: marks this node's recording
+    /// bitmaps and checks its write threshold. The node calls it for its
+    /// own writes; a format driver that writes its child through the
+    /// child's driver (raw, blkdebug, qcow2's `MarkingChild`) calls it on
+    /// the child, so a bitmap or threshold on a `file` node sees writes
+    /// made through the format on top, as in QEMU, where every layer
+    /// tracks its own writes.
+    pub fn record_write(&self, offset: u64, len: u64) {
+        self.check_write_threshold(offset, len);
         self.bitmaps.mark(offset, len);
     }
 
@@ -407,7 +448,7 @@ impl BlockNode {
             let (buf, r) = ring.write(m.fd, buf, m.runs[0].offset, fua, batch).await;
             // Even a failed write may have changed part of the range.
             self.driver.mapping_written(offset, len);
-            self.mark_dirty(offset, len);
+            self.record_write(offset, len);
             let what = || format!("Could not write to '{}'", m.path.display());
             return (buf, r.map_err(|e| BlockError::io(what(), e)));
         }
@@ -417,7 +458,7 @@ impl BlockNode {
                 (buf, r)
             })
             .await;
-        self.mark_dirty(offset, len);
+        self.record_write(offset, len);
         done
     }
 
@@ -438,7 +479,7 @@ impl BlockNode {
                 }
             })
             .await;
-        self.mark_dirty(offset, len);
+        self.record_write(offset, len);
         r
     }
 
@@ -457,9 +498,10 @@ impl BlockNode {
             self.throttled(Direction::Write, len).await;
         }
         let r = self.run(len, move |d| d.discard(offset, len)).await;
-        // QEMU leaves bitmaps alone when the node ignores discards.
+        // A node that ignores discards writes nothing: QEMU leaves its
+        // bitmaps and write threshold alone.
         if self.caps.can_discard {
-            self.mark_dirty(offset, len);
+            self.record_write(offset, len);
         }
         r
     }
@@ -471,7 +513,7 @@ impl BlockNode {
         let r = self
             .run(len, move |d| d.write_zeroes(offset, len, flags))
             .await;
-        self.mark_dirty(offset, len);
+        self.record_write(offset, len);
         r
     }
 

@@ -217,16 +217,28 @@ fn parse_int(s: &str) -> Option<i128> {
     Some(if negative { -magnitude } else { magnitude })
 }
 
+/// A JSON value as QEMU's input visitor reads every unsigned type first,
+/// as uint64: a number that fits, or one that fits int64 taken as its
+/// two's complement (QEMU keeps accepting negative values "for backward
+/// compatibility": -1 is 2^64-1); anything else (not a number, a fraction,
+/// out of both ranges) "expects uint64".
+fn json_uint64(value: &Value, ctx: &Ctx) -> Result<u64, QmpError> {
+    value
+        .as_u64()
+        .or_else(|| value.as_i64().map(|n| n as u64))
+        .ok_or_else(|| ctx.expects("uint64"))
+}
+
 macro_rules! int_type {
     ($t:ty, $name:expr, $unsigned:expr) => {
         impl FromQapi for $t {
             fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
-                // QEMU reads every unsigned type as uint64 first, and a JSON
-                // value that is no number fails there: "expects uint64".
-                if $unsigned && ctx.mode == InputMode::Json && !value.is_number() {
-                    return Err(ctx.expects("uint64"));
-                }
-                let n = integer(value, ctx)?;
+                // QEMU reads every unsigned type as uint64 first, then checks
+                // the narrower type's range ("expects uint32_t").
+                let n = match $unsigned && ctx.mode == InputMode::Json {
+                    true => i128::from(json_uint64(&value, ctx)?),
+                    false => integer(value, ctx)?,
+                };
                 <$t>::try_from(n).map_err(|_| ctx.expects($name))
             }
         }
@@ -337,6 +349,21 @@ mod tests {
     #[test]
     fn test_u32_out_of_range() {
         let e = u32::from_qapi(json!("99999999999"), &keyval()).unwrap_err();
+        assert_eq!(e.desc, "Parameter 'x' expects uint32_t");
+    }
+
+    /// As qemu-storage-daemon 10.0 answers block-set-write-threshold.
+    #[test]
+    fn test_json_unsigned_reads_as_qemus_uint64() {
+        let ctx = json_ctx();
+        assert_eq!(u64::from_qapi(json!(-1), &ctx).unwrap(), u64::MAX);
+        assert_eq!(u64::from_qapi(json!(i64::MIN), &ctx).unwrap(), 1 << 63);
+        assert_eq!(u64::from_qapi(json!(u64::MAX), &ctx).unwrap(), u64::MAX);
+        for bad in [json!(1.5), json!(18446744073709551616.0), json!("1")] {
+            let e = u64::from_qapi(bad, &ctx).unwrap_err();
+            assert_eq!(e.desc, "Parameter 'x' expects uint64");
+        }
+        let e = u32::from_qapi(json!(-1), &ctx).unwrap_err();
         assert_eq!(e.desc, "Parameter 'x' expects uint32_t");
     }
 

@@ -1,8 +1,9 @@
-//! blockdev-add and blockdev-del.
+//! blockdev-add, blockdev-del and block-set-write-threshold.
 
 use std::sync::Arc;
 
-use qmp::visitor::InputMode;
+use qmp::schema::block_core::BlockSetWriteThresholdArgs;
+use qmp::visitor::{from_value, InputMode};
 use qmp::QmpError;
 use serde_json::Value;
 
@@ -29,5 +30,17 @@ pub fn add_qmp(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
 pub fn del(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
     let node_name = crate::qapi::node_name_arg(Value::Object(args))?;
     daemon.nodes.delete(&node_name)?;
+    Ok(ok())
+}
+
+/// `block-set-write-threshold`: the node reports the first write past it
+/// (`BLOCK_WRITE_THRESHOLD`) and turns it off; 0 turns it off at once.
+pub fn set_write_threshold(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
+    let args: BlockSetWriteThresholdArgs = from_value(Value::Object(args), InputMode::Json)?;
+    let node = daemon
+        .nodes
+        .find(&args.node_name)
+        .ok_or_else(|| QmpError::generic(format!("Device '{}' not found", args.node_name)))?;
+    node.set_write_threshold(args.write_threshold);
     Ok(ok())
 }

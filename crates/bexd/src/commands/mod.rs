@@ -30,7 +30,8 @@ use qmp::schema::bitmap::{
     BlockDirtyBitmap, BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, Transaction,
 };
 use qmp::schema::block_core::{
-    BlockDeviceInfo, BlockdevDelArgs, BlockdevOptions, QueryNamedBlockNodesArgs,
+    BlockDeviceInfo, BlockImageCorruptedEvent, BlockSetWriteThresholdArgs,
+    BlockWriteThresholdEvent, BlockdevDelArgs, BlockdevOptions, QueryNamedBlockNodesArgs,
 };
 use qmp::schema::block_export::{
     BlockExportDelArgs, BlockExportDeletedEvent, BlockExportInfo, BlockExportOptions,
@@ -54,6 +55,8 @@ commands! {
     "quit" (Empty) -> Empty => quit,
     "blockdev-add" (BlockdevOptions) -> Empty => blockdev::add_qmp,
     "blockdev-del" (BlockdevDelArgs) -> Empty => blockdev::del,
+    "block-set-write-threshold" (BlockSetWriteThresholdArgs) -> Empty
+        => blockdev::set_write_threshold,
     "query-named-block-nodes" (QueryNamedBlockNodesArgs) -> Vec<BlockDeviceInfo>
         => query::named_block_nodes,
     "object-add" (ObjectOptions) -> Empty => object::add,
@@ -84,10 +87,20 @@ commands! {
 }
 
 /// The events bexd emits, for `query-qmp-schema`.
-pub static EVENTS: &[Event] = &[Event {
-    name: "BLOCK_EXPORT_DELETED",
-    data: describe::<BlockExportDeletedEvent>,
-}];
+pub static EVENTS: &[Event] = &[
+    Event {
+        name: "BLOCK_EXPORT_DELETED",
+        data: describe::<BlockExportDeletedEvent>,
+    },
+    Event {
+        name: "BLOCK_WRITE_THRESHOLD",
+        data: describe::<BlockWriteThresholdEvent>,
+    },
+    Event {
+        name: "BLOCK_IMAGE_CORRUPTED",
+        data: describe::<BlockImageCorruptedEvent>,
+    },
+];
 
 /// `qmp_capabilities` once negotiated (the monitor runs the negotiation itself).
 fn negotiated_already(_daemon: &Arc<Daemon>, _args: Args) -> Result<Value, QmpError> {

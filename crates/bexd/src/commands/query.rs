@@ -49,6 +49,14 @@ pub fn named_block_nodes(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpE
     let args: QueryNamedBlockNodesArgs = from_value(Value::Object(args), InputMode::Json)?;
     let flat = args.flat.unwrap_or(false);
     let nodes = daemon.nodes.lock();
+    // As QEMU: a node whose driver gave up (a qcow2 image found corrupt)
+    // fails the whole query.
+    if let Some(name) = nodes
+        .iter()
+        .find_map(|(n, e)| e.node.driver().unusable().then_some(n))
+    {
+        return Err(QmpError::generic(format!("Block device {name} is ejected")));
+    }
     let list = nodes
         .iter()
         .map(|(name, entry)| node_info(&nodes, name, entry, flat))
@@ -69,7 +77,8 @@ fn node_info(nodes: &Nodes, name: &str, entry: &NodeEntry, flat: bool) -> Value 
         "encrypted": false,
         "detect_zeroes": node.detect_zeroes().as_str(),
         "backing_file_depth": backing_depth(nodes, entry),
-        "write_threshold": 0,
+        // An int in QAPI: QEMU shows thresholds past 2^63 as negative.
+        "write_threshold": node.write_threshold() as i64,
         "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "cache": {
             "writeback": true,

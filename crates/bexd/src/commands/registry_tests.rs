@@ -78,8 +78,15 @@ fn test_schema_commands_are_the_listed_commands() {
 }
 
 #[test]
-fn test_schema_describes_the_event() {
-    assert_eq!(schema_entries("event"), ["BLOCK_EXPORT_DELETED"]);
+fn test_schema_describes_the_events() {
+    assert_eq!(
+        schema_entries("event"),
+        [
+            "BLOCK_EXPORT_DELETED",
+            "BLOCK_WRITE_THRESHOLD",
+            "BLOCK_IMAGE_CORRUPTED"
+        ]
+    );
 }
 
 /// Every type name the schema uses (arg-type, ret-type, element-type,

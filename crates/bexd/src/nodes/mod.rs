@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use block::drivers::qcow2::Qcow2Info;
 use block::throttle::ThrottleGroups;
-use block::BlockNode;
+use block::{BlockNode, NodeObserver};
 
 use crate::error::NodeError;
 
@@ -98,6 +98,9 @@ pub struct NodeTable {
     counter: AtomicU64,
     /// Where throttle nodes find their group (the object table adds them).
     throttle_groups: Arc<ThrottleGroups>,
+    /// Hears every node's write threshold and corruption reports (the
+    /// daemon's event bus); `None` in tests that need no events.
+    observer: Option<Arc<dyn NodeObserver>>,
 }
 
 impl NodeTable {
@@ -105,16 +108,23 @@ impl NodeTable {
         Self::default()
     }
 
-    /// A table whose throttle nodes join the groups in `groups`.
-    pub fn with_throttle_groups(groups: Arc<ThrottleGroups>) -> Self {
+    /// A table whose throttle nodes join the groups in `groups` and whose
+    /// nodes report to `observer`.
+    pub fn new_in(groups: Arc<ThrottleGroups>, observer: Arc<dyn NodeObserver>) -> Self {
         Self {
             throttle_groups: groups,
+            observer: Some(observer),
             ..Self::default()
         }
     }
 
     pub fn throttle_groups(&self) -> &ThrottleGroups {
         &self.throttle_groups
+    }
+
+    /// Who the nodes opened into this table report to.
+    pub fn observer(&self) -> Option<Arc<dyn NodeObserver>> {
+        self.observer.clone()
     }
 
     /// The table for reading (queries). A poisoned lock only means a panic

@@ -59,6 +59,9 @@ fn open_node(nodes: &NodeTable, options: NodeOptions, implicit: bool) -> Result<
     if let Some(member) = throttle {
         node = node.with_throttle(member);
     }
+    if let Some(observer) = nodes.observer() {
+        node = node.with_observer(observer);
+    }
     let node = Arc::new(node);
     nodes.insert(NodeEntry::new(node, children, implicit, filename, format))?;
     tracing::info!(node = %name, "block node added");

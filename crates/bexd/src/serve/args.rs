@@ -12,6 +12,8 @@ use std::time::Duration;
 use clap::Parser;
 use nbd::consts::MAX_STRING;
 
+use crate::log_output::{LogFormat, LogTarget};
+
 /// qemu-nbd's default port (the IANA NBD port).
 pub const DEFAULT_PORT: u16 = 10809;
 /// qemu-nbd's default handshake limit, in seconds.
@@ -23,7 +25,7 @@ const DEFAULT_HANDSHAKE_LIMIT: u64 = 10;
     about = "Serve one disk image over NBD: a drop-in qemu-nbd (same options, same defaults)",
     after_help = "bexd's own: --qmp PATH also serves a QMP monitor on a unix socket. The URI to \
                   connect to is printed on standard output once the server is ready.",
-    version
+    version = crate::version::VERSION
 )]
 pub struct ServeArgs {
     /// The image file or block device to export (with --image-opts: its
@@ -90,6 +92,13 @@ pub struct ServeArgs {
         value_name = "[[enable=]PATTERN][,events=FILE][,file=FILE]"
     )]
     pub trace: Vec<String>,
+    /// Log as text (default) or as one JSON object a line (bexd's own).
+    #[arg(long, value_name = "text|json")]
+    pub log_format: Option<LogFormat>,
+    /// Send the log to stderr (default), syslog (/dev/log) or the systemd
+    /// journal, each line's level as its priority (bexd's own).
+    #[arg(long, value_name = "stderr|syslog|journal")]
+    pub log_target: Option<LogTarget>,
     /// Fork off the server and exit once it is ready.
     #[arg(long)]
     pub fork: bool,
@@ -237,6 +246,8 @@ pub struct ImagePlan {
     pub pid_file: Option<PathBuf>,
     pub verbose: bool,
     pub trace: Vec<String>,
+    pub log_format: LogFormat,
+    pub log_target: LogTarget,
     pub qmp: Option<PathBuf>,
 }
 
@@ -290,6 +301,8 @@ impl ServeArgs {
             pid_file: self.pid_file,
             verbose: self.verbose,
             trace: self.trace,
+            log_format: self.log_format.unwrap_or_default(),
+            log_target: self.log_target.unwrap_or_default(),
             qmp: self.qmp,
         })))
     }

@@ -63,6 +63,8 @@ fn tracing_for(plan: &ImagePlan) -> Result<(), String> {
     for arg in &plan.trace {
         crate::trace::apply(&mut config, arg).map_err(|e| format!("-T {arg}: {e}"))?;
     }
+    config.format = plan.log_format;
+    config.target = plan.log_target;
     let level = if plan.verbose { "info" } else { "warn" };
     crate::trace::init(&config, level)
 }
@@ -214,4 +216,9 @@ fn exit_after_last_client(daemon: &Arc<Daemon>) {
         tracing::info!("the last client disconnected: exiting (no -t/--persistent)");
         daemon.begin_quit();
     });
+}
+
+/// `bexd serve`'s clap definition, for the man page (`man.rs`).
+pub fn command() -> clap::Command {
+    <ServeArgs as clap::CommandFactory>::command()
 }

@@ -64,7 +64,7 @@ impl Driver for MarkingChild {
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
         let r = self.d().write_at(buf, offset, fua);
-        self.node.mark_dirty(offset, buf.len() as u64);
+        self.node.record_write(offset, buf.len() as u64);
         r
     }
 
@@ -75,14 +75,14 @@ impl Driver for MarkingChild {
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
         let r = self.d().discard(offset, len);
         if self.node.capabilities().can_discard {
-            self.node.mark_dirty(offset, len);
+            self.node.record_write(offset, len);
         }
         r
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
         let r = self.d().write_zeroes(offset, len, flags);
-        self.node.mark_dirty(offset, len);
+        self.node.record_write(offset, len);
         r
     }
 

@@ -84,7 +84,7 @@ impl Driver for RawDriver {
 
     fn mapping_written(&self, offset: u64, len: u64) {
         self.generation.wrote();
-        self.child.mark_dirty(self.offset + offset, len);
+        self.child.record_write(self.offset + offset, len);
         self.inner().mapping_written(self.offset + offset, len);
     }
 
@@ -98,7 +98,7 @@ impl Driver for RawDriver {
         let r = self.inner().write_at(buf, self.offset + offset, fua);
         self.generation.wrote();
         self.child
-            .mark_dirty(self.offset + offset, buf.len() as u64);
+            .record_write(self.offset + offset, buf.len() as u64);
         r
     }
 
@@ -115,7 +115,7 @@ impl Driver for RawDriver {
                 self.generation.wrote();
                 let r = self.inner().discard(self.offset + offset, len);
                 if self.child.capabilities().can_discard {
-                    self.child.mark_dirty(self.offset + offset, len);
+                    self.child.record_write(self.offset + offset, len);
                 }
                 r
             }
@@ -130,7 +130,7 @@ impl Driver for RawDriver {
         };
         self.generation.wrote();
         let r = self.inner().write_zeroes(self.offset + offset, len, flags);
-        self.child.mark_dirty(self.offset + offset, len);
+        self.child.record_write(self.offset + offset, len);
         r
     }
 

@@ -63,13 +63,13 @@ impl Driver for ThrottleDriver {
 
     /// Bitmaps on the child see writes made through the filter, as in QEMU.
     fn mapping_written(&self, offset: u64, len: u64) {
-        self.child.mark_dirty(offset, len);
+        self.child.record_write(offset, len);
         self.inner().mapping_written(offset, len);
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
         let r = self.inner().write_at(buf, offset, fua);
-        self.child.mark_dirty(offset, buf.len() as u64);
+        self.child.record_write(offset, buf.len() as u64);
         r
     }
 
@@ -83,7 +83,7 @@ impl Driver for ThrottleDriver {
         }
         let r = self.inner().discard(offset, len);
         if self.child.capabilities().can_discard {
-            self.child.mark_dirty(offset, len);
+            self.child.record_write(offset, len);
         }
         r
     }
@@ -94,7 +94,7 @@ impl Driver for ThrottleDriver {
             ..flags
         };
         let r = self.inner().write_zeroes(offset, len, flags);
-        self.child.mark_dirty(offset, len);
+        self.child.record_write(offset, len);
         r
     }
 

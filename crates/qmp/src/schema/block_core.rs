@@ -530,6 +530,38 @@ qapi_struct! {
     }
 }
 
+qapi_struct! {
+    /// block-set-write-threshold's arguments (QEMU's names: the threshold
+    /// is in bytes, 0 turns it off).
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct BlockSetWriteThresholdArgs {
+        req "node-name" node_name: String,
+        req "write-threshold" write_threshold: u64,
+    }
+}
+
+qapi_object! {
+    /// BLOCK_WRITE_THRESHOLD's data.
+    pub BlockWriteThresholdEvent {
+        req "node-name": String,
+        req "amount-exceeded": u64,
+        req "write-threshold": u64,
+    }
+}
+
+qapi_object! {
+    /// BLOCK_IMAGE_CORRUPTED's data (`device` is empty: bexd, like
+    /// qemu-storage-daemon, has no guest devices).
+    pub BlockImageCorruptedEvent {
+        req "device": String,
+        opt "node-name": String,
+        req "msg": String,
+        opt "offset": i64,
+        opt "size": i64,
+        req "fatal": bool,
+    }
+}
+
 qapi_object! {
     /// One entry of query-named-block-nodes (the members bexd fills in).
     pub BlockDeviceInfo {

@@ -169,7 +169,7 @@ impl BlkdebugDriver {
         for piece in buf.chunks(chunk) {
             self.check(IoType::Write, at, piece.len() as u64)?;
             let r = self.inner().write_at(piece, at, fua);
-            self.child.mark_dirty(at, piece.len() as u64);
+            self.child.record_write(at, piece.len() as u64);
             r?;
             at += piece.len() as u64;
         }
@@ -239,7 +239,7 @@ impl BlkdebugDriver {
                 let _shared = self.rmw.read().unwrap_or_else(PoisonError::into_inner);
                 self.check(IoType::WriteZeroes, at, n)?;
                 let r = self.inner().write_zeroes(at, n, flags);
-                self.child.mark_dirty(at, n);
+                self.child.record_write(at, n);
                 r?;
             } else {
                 if flags.fast {
@@ -329,7 +329,7 @@ impl Driver for BlkdebugDriver {
             self.check(IoType::Discard, start, end - start)?;
             let r = self.inner().discard(start, end - start);
             if self.child.capabilities().can_discard {
-                self.child.mark_dirty(start, end - start);
+                self.child.record_write(start, end - start);
             }
             r?;
         }

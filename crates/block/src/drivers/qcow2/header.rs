@@ -55,6 +55,9 @@ pub enum Compression {
     Zstd,
 }
 
+/// Where a version 3 header keeps its incompatible feature bits.
+pub const OFF_INCOMPATIBLE: u64 = 72;
+
 #[derive(Clone, Debug)]
 pub struct Header {
     pub version: u32,
@@ -227,7 +230,7 @@ impl Header {
             other_extensions: Vec::new(),
         };
         if version == 3 {
-            h.incompatible = be64(buf, 72);
+            h.incompatible = be64(buf, OFF_INCOMPATIBLE as usize);
             h.compatible = be64(buf, 80);
             h.autoclear = be64(buf, 88);
             h.refcount_order = be32(buf, 96);

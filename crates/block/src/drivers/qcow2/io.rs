@@ -294,6 +294,7 @@ impl Qcow2Driver {
             }
             n += cs.min(buf.len() as u64 - n);
         }
+        m.check_data_write(host + in_cluster, n)?;
         m.in_flight.fetch_add(1, Ordering::AcqRel);
         let in_flight = m.in_flight.clone();
         drop(m);

@@ -23,6 +23,7 @@ use crate::error::{BlockError, BlockErrorKind, BlockResult};
 
 use super::cache::TableCache;
 use super::l2::{l2_offset, Geometry, L2Entry, COPIED, OFFSET_MASK};
+use super::overlap::{unaligned_data_cluster, unaligned_l2_table};
 
 #[derive(Debug)]
 pub struct Meta {
@@ -102,16 +103,26 @@ impl Meta {
         let Some(&l1e) = self.l1.get(l1i as usize) else {
             return Ok(L2Entry::default());
         };
-        let table = l2_offset(l1e, self.geom.cluster_size())?;
+        let cs = self.geom.cluster_size();
+        let table = l1e & OFFSET_MASK;
+        if !table.is_multiple_of(cs) {
+            return Err(unaligned_l2_table(table, l1i));
+        }
         if table == 0 {
             return Ok(L2Entry::default());
         }
         self.load_l2(f, table)?;
         let geom = self.geom;
-        Ok(self
+        let e = self
             .l2_cache
             .get(table)
-            .map_or(L2Entry::default(), |t| geom.read_entry(t, l2i)))
+            .map_or(L2Entry::default(), |t| geom.read_entry(t, l2i));
+        // QEMU checks every entry with a data cluster, allocated or not.
+        let host = e.host_offset();
+        if !e.is_compressed() && !host.is_multiple_of(cs) {
+            return Err(unaligned_data_cluster(host, table, l2i as u64));
+        }
+        Ok(e)
     }
 
     /// True if `lookup` of `guest` reads nothing from the file: its L2 table

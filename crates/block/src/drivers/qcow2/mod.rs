@@ -9,6 +9,8 @@
 //!   bitmap_dir.rs  persistent bitmaps' directory, tables and bits, no I/O
 //!   bitmaps.rs     persistent bitmaps loaded at open, stored at close
 //!   compressed.rs  deflate / zstd clusters
+//!   corruption.rs  corruption found while serving: event, corrupt bit, give up
+//!   overlap.rs     QEMU's metadata overlap check and corruption messages
 //!   io.rs          read, write (allocation, COW), zeroes, discard, block status
 //! ```
 //!
@@ -22,11 +24,13 @@ mod bitmap_dir;
 mod bitmaps;
 mod cache;
 mod compressed;
+mod corruption;
 mod create;
 mod header;
 mod io;
 mod l2;
 mod meta;
+mod overlap;
 mod refcount;
 
 #[cfg(test)]
@@ -43,6 +47,7 @@ use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
 use crate::drivers::child::MarkingChild;
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 use crate::mapping::{Access, FileMapping};
+use crate::observer::NodeObserver;
 
 use crate::node::BlockNode;
 use crate::write_gen::{report_flush, WriteGen};
@@ -50,6 +55,7 @@ pub use create::empty_image;
 
 use bitmaps::BitmapDirectory;
 use cache::TableCache;
+use corruption::CorruptionSignal;
 use header::{Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use l2::Geometry;
 use meta::{CleanState, Meta};
@@ -92,6 +98,8 @@ pub struct Qcow2Driver {
     /// For the flush events QEMU reports to the file (`flush_to_disk`
     /// only after a write).
     generation: WriteGen,
+    /// Corruption found while serving, and whether the driver gave up.
+    corruption: CorruptionSignal,
 }
 
 /// What `query-named-block-nodes` shows of a qcow2 image (QEMU's ImageInfoSpecificQCow2).
@@ -154,6 +162,7 @@ impl Qcow2Driver {
             released: Condvar::new(),
             bitmaps: Mutex::new(bitmaps),
             generation: WriteGen::default(),
+            corruption: CorruptionSignal::default(),
         })
     }
 
@@ -230,6 +239,35 @@ impl Qcow2Driver {
     /// poisoned meanwhile (see [`Self::lock`]).
     fn wait_released<'a>(&self, m: MutexGuard<'a, Meta>) -> BlockResult<MutexGuard<'a, Meta>> {
         self.released.wait(m).map_err(|_| poisoned("metadata"))
+    }
+}
+
+impl Qcow2Driver {
+    /// Runs one request unless the driver has given up, and signals the
+    /// corruption it finds (see `corruption.rs`).
+    fn guarded<T>(&self, request: impl FnOnce() -> BlockResult<T>) -> BlockResult<T> {
+        self.corruption.check_usable()?;
+        let r = request();
+        if let Err(found) = &r {
+            if let Some(c) = found.found_corruption() {
+                self.corruption
+                    .signal(c, !self.read_only, || self.mark_corrupt());
+            }
+        }
+        r
+    }
+
+    /// Sets the header's corrupt bit (version 3; a version 2 header has no
+    /// feature bits), so no one opens the image for writing until it is
+    /// repaired: `qemu-img check -r all` clears it.
+    fn mark_corrupt(&self) -> BlockResult<()> {
+        if self.header.version < 3 {
+            return Ok(());
+        }
+        let features = self.header.incompatible | INCOMPAT_CORRUPT;
+        self.f()
+            .write_at(&features.to_be_bytes(), header::OFF_INCOMPATIBLE, false)?;
+        self.f().flush()
     }
 }
 
@@ -356,8 +394,8 @@ impl Driver for Qcow2Driver {
     /// write must go through `write_at` (COW, refcounts).
     fn map_file(&self, offset: u64, len: u64, access: Access) -> Option<FileMapping<'_>> {
         match access {
-            Access::Read => self.leased_mapping(offset, len),
-            Access::Write => None,
+            Access::Read if !self.corruption.unusable() => self.leased_mapping(offset, len),
+            _ => None,
         }
     }
 
@@ -366,21 +404,27 @@ impl Driver for Qcow2Driver {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
-        self.read(buf, offset)
+        self.guarded(|| self.read(buf, offset))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
-        self.generation.wrote();
-        self.write(buf, offset)?;
-        match fua {
-            true => self.flush_all(),
-            false => Ok(()),
-        }
+        self.guarded(|| {
+            self.generation.wrote();
+            self.write(buf, offset)?;
+            match fua {
+                true => self.flush_all(),
+                false => Ok(()),
+            }
+        })
     }
 
     /// Reports `flush_to_os` (and `flush_to_disk` after a write) to the
     /// file, as QEMU's block layer does for a flush of the qcow2 node.
     fn flush(&self) -> BlockResult<()> {
+        // As QEMU's flush of a node without a driver: nothing to do.
+        if self.corruption.unusable() {
+            return Ok(());
+        }
         let generation = report_flush(self.f(), &self.generation);
         self.flush_all()?;
         self.generation.flushed(generation);
@@ -389,21 +433,31 @@ impl Driver for Qcow2Driver {
 
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
         match self.discard {
-            true => {
+            true => self.guarded(|| {
                 self.generation.wrote();
                 self.discard_range(offset, len)
-            }
+            }),
             false => Ok(()),
         }
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
-        self.generation.wrote();
-        self.zero_range(offset, len, flags)
+        self.guarded(|| {
+            self.generation.wrote();
+            self.zero_range(offset, len, flags)
+        })
     }
 
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
-        self.status(offset, len)
+        self.guarded(|| self.status(offset, len))
+    }
+
+    fn attach_observer(&self, node_name: &str, observer: Arc<dyn NodeObserver>) {
+        self.corruption.attach(node_name, observer);
+    }
+
+    fn unusable(&self) -> bool {
+        self.corruption.unusable()
     }
 
     fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
@@ -428,7 +482,11 @@ impl BitmapStore for Qcow2Driver {
         self.remove_stored(name)
     }
 
+    /// Nothing is written to an image found corrupt.
     fn store_persistent_bitmaps(&self, bitmaps: &[Arc<DirtyBitmap>]) -> BlockResult<()> {
+        if self.corruption.unusable() {
+            return Ok(());
+        }
         self.store(bitmaps)
     }
 
@@ -442,7 +500,7 @@ impl Drop for Qcow2Driver {
     /// Bitmaps no node took (the open failed after this driver's, say on the
     /// backing file) are stored back, so they do not stay flagged in use.
     fn drop(&mut self) {
-        if self.read_only {
+        if self.read_only || self.corruption.unusable() {
             return;
         }
         let orphans: Vec<Arc<DirtyBitmap>> = self.take_loaded().into_iter().map(Arc::new).collect();

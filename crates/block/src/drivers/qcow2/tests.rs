@@ -500,3 +500,69 @@ fn test_poisoned_metadata_lock_fails_requests_with_eio() {
     assert!(eio(d.flush()));
     assert!(d.map_file(0, 4096, Access::Read).is_none());
 }
+
+/// Points guest cluster 0's L2 entry at host offset `host` (flags kept).
+fn point_cluster_0_at(p: &Path, host: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .unwrap();
+    let be = |at: u64| {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, at).unwrap();
+        u64::from_be_bytes(b)
+    };
+    let l1 = be(40);
+    let l2 = be(l1) & super::l2::OFFSET_MASK;
+    let entry = be(l2) & !super::l2::OFFSET_MASK | host;
+    f.write_all_at(&entry.to_be_bytes(), l2).unwrap();
+}
+
+fn header_u64(p: &Path, at: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 8];
+    std::fs::File::open(p)
+        .unwrap()
+        .read_exact_at(&mut b, at)
+        .unwrap();
+    u64::from_be_bytes(b)
+}
+
+#[test]
+fn test_write_over_metadata_is_prevented_and_marks_the_image_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    for (target, name) in [
+        (48, "refcount table"),
+        (40, "active L1 table"),
+        (0, "active L2 table"),
+    ] {
+        let p = create(dir.path(), "m.qcow2", "compat=1.1", "64M");
+        qemu_io(&p, &["write -P 1 0 64k"]);
+        // 0 means "the L2 table itself": read its offset through L1.
+        let host = match target {
+            0 => header_u64(&p, header_u64(&p, 40)) & super::l2::OFFSET_MASK,
+            at => header_u64(&p, at),
+        };
+        point_cluster_0_at(&p, host);
+        let d = open(&p, false);
+        let e = d.write_at(&[7u8; 512], 0, false).unwrap_err();
+        assert_eq!(e.errno(), libc::EIO);
+        let found = e.found_corruption().expect("a signalled corruption");
+        assert_eq!(
+            found.msg,
+            format!("Preventing invalid write on metadata (overlaps with {name})")
+        );
+        assert_eq!((found.offset, found.size), (Some(host), Some(512)));
+        assert!(d.unusable());
+        let mut buf = [0u8; 512];
+        assert_eq!(
+            d.read_at(&mut buf, 1 << 20).unwrap_err().errno(),
+            libc::ENOMEDIUM
+        );
+        drop(d);
+        assert_ne!(header_u64(&p, 72) & super::header::INCOMPAT_CORRUPT, 0);
+        std::fs::remove_file(&p).unwrap();
+    }
+}
