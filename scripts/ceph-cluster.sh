@@ -82,13 +82,17 @@ wait_for() {
   done
 }
 
-# Starts daemon $1 (type.id), which forks itself into the background and writes its pid file.
-start_daemon() {
-  local name="$1" type="${1%%.*}" id="${1#*.}" log="$dir/log/$1.log"
-  shift
-  "ceph-$type" -c "$conf" -i "$id" "$@" >>"$log.stdout" 2>&1 \
+# Launches daemon $1 (type.id), which forks itself into the background once it has
+# initialised and writes its pid file.
+launch_daemon() {
+  local type="${1%%.*}" id="${1#*.}" log="$dir/log/$1.log"
+  "ceph-$type" -c "$conf" -i "$id" >>"$log.stdout" 2>&1 \
     || die "ceph-$type -i $id failed to start (log: $log, $log.stdout)"
-  wait_for "$name (pid file)" "$log" "running_pid $name >/dev/null"
+}
+
+# Waits for daemon $1's pid file.
+wait_daemon() {
+  wait_for "$1 (pid file)" "$dir/log/$1.log" "running_pid $1 >/dev/null"
 }
 
 do_start() {
@@ -145,6 +149,8 @@ mon_data_avail_crit = 0
 
 [mon]
 mon_data = $dir/\$name
+# Commit map changes after 0.1 s instead of 1 s: each pool create or OSD boot waits for it.
+paxos_propose_interval = 0.1
 mon_cluster_log_file = $dir/log/cluster.log
 
 [mgr]
@@ -181,21 +187,28 @@ EOF
   ceph-mon -c "$conf" -i a --mkfs --monmap "$dir/monmap" --keyring "$kr" \
     >"$dir/log/mon.a.mkfs" 2>&1 || die "ceph-mon --mkfs failed (log: $dir/log/mon.a.mkfs)"
   rm -f "$kr"
-  start_daemon mon.a
+  launch_daemon mon.a
+  wait_daemon mon.a
 
-  # The OSD's id in the osd map, then its store (memstore keeps it in memory; the
-  # directory holds its identity).
-  ceph_admin osd new "$osd_uuid" 0 >/dev/null 2>"$dir/log/osd-new.err" \
-    || die "ceph osd new failed: the monitor did not answer (log: $dir/log/mon.a.log, $dir/log/osd-new.err)"
+  # The OSD's id in the osd map and the pool, before the OSD starts: it creates the pool's
+  # placement groups as soon as it boots.
+  ceph_admin osd new "$osd_uuid" 0 >/dev/null 2>"$dir/log/setup.err" \
+    || die "ceph osd new failed: the monitor did not answer (log: $dir/log/mon.a.log, $dir/log/setup.err)"
+  ceph_admin osd pool create "$pool" 8 8 >/dev/null 2>"$dir/log/setup.err" \
+    || die "creating pool $pool failed (log: $dir/log/setup.err, $dir/log/mon.a.log)"
+  # The OSD's store (memstore keeps the data in memory; the directory holds its identity).
   ceph-osd -c "$conf" -i 0 --mkfs --osd-uuid "$osd_uuid" >"$dir/log/osd.0.mkfs" 2>&1 \
     || die "ceph-osd --mkfs failed (log: $dir/log/osd.0.mkfs)"
-  start_daemon osd.0
-  start_daemon mgr.x
-
-  ceph_admin osd pool create "$pool" 8 8 >/dev/null 2>"$dir/log/pool.err" \
-    || die "creating pool $pool failed (log: $dir/log/pool.err, $dir/log/mon.a.log)"
-  rbd -c "$conf" --name client.admin pool init "$pool" 2>"$dir/log/pool.err" \
-    || die "rbd pool init $pool failed (log: $dir/log/pool.err, $dir/log/osd.0.log)"
+  # Each daemon initialises before it forks (the OSD takes about 2 s): both at once.
+  launch_daemon osd.0 &
+  local osd_launch=$!
+  launch_daemon mgr.x
+  wait "$osd_launch" || exit 1
+  timeout "$START_TIMEOUT" rbd -c "$conf" --name client.admin pool init "$pool" \
+    2>"$dir/log/setup.err" \
+    || die "rbd pool init $pool failed or took over ${START_TIMEOUT}s (log: $dir/log/setup.err, $dir/log/osd.0.log)"
+  wait_daemon osd.0
+  wait_daemon mgr.x
   # Ready when the pool takes a write from the bexd user (its placement groups are active).
   wait_for "a write to pool $pool" "$dir/log/osd.0.log" \
     "rados -c '$conf' --id '$user' -p '$pool' --rados-osd-op-timeout 5 put probe /dev/null 2>/dev/null"
@@ -203,9 +216,11 @@ EOF
   print_env
 }
 
-do_stop() {
+# SIGTERM to the named daemons of this cluster; waits until they are gone, SIGKILL after
+# STOP_TIMEOUT seconds.
+stop_daemons() {
   local pids=() d pid
-  for d in "${daemons[@]}"; do
+  for d in "$@"; do
     if pid="$(running_pid "$d")"; then
       kill -TERM "$pid" 2>/dev/null || true
       pids+=("$pid")
@@ -224,9 +239,16 @@ do_stop() {
     fi
     sleep 0.1
   done
-  for d in "${daemons[@]}"; do
+  for d in "$@"; do
     rm -f "$dir/run/$d.pid"
   done
+}
+
+# The OSD and the manager first, while the monitor can still take the OSD's "mark me down"
+# (with the monitor gone the OSD waits osd_mon_shutdown_timeout for it), then the monitor.
+do_stop() {
+  stop_daemons osd.0 mgr.x
+  stop_daemons mon.a
 }
 
 do_status() {
