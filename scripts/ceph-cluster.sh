@@ -40,7 +40,7 @@ die() {
 # The pid a daemon's pid file names, if that process is alive and is this cluster's daemon
 # (its command line names this cluster's config): a stale file or a reused pid is ignored.
 running_pid() {
-  local name="$1" pidf="$dir/run/$1.pid" pid
+  local pidf="$dir/run/$1.pid" pid
   [ -s "$pidf" ] || return 1
   pid="$(cat "$pidf")"
   [ -r "/proc/$pid/cmdline" ] || return 1
@@ -95,6 +95,11 @@ wait_daemon() {
   wait_for "$1 (pid file)" "$dir/log/$1.log" "running_pid $1 >/dev/null"
 }
 
+stop_if_failed() {
+  local rc=$?
+  if [ "$rc" -ne 0 ]; then do_stop; fi
+}
+
 do_start() {
   for d in "${daemons[@]}"; do
     if running_pid "$d" >/dev/null; then
@@ -108,9 +113,9 @@ do_start() {
   rm -rf "${dir:?}"/{mon.a,mgr.x,osd.0,log,run,*.keyring,monmap,ceph.conf}
   mkdir -p "$dir"/{mon.a,mgr.x,osd.0,log,run}
   # A start that fails half-way stops what it started.
-  trap 'status=$?; if [ "$status" -ne 0 ]; then do_stop; fi' EXIT
+  trap stop_if_failed EXIT
 
-  local fsid ports v2 v1 osd_uuid
+  local fsid v2 v1 osd_uuid
   fsid="$(cat /proc/sys/kernel/random/uuid)"
   osd_uuid="$(cat /proc/sys/kernel/random/uuid)"
   read -r v2 v1 <<<"$(free_ports)"
