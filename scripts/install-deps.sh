@@ -28,6 +28,48 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# The one-node Ceph test cluster (scripts/ceph-cluster.sh, docs/ceph.md) and the coming
+# driver=rbd: Debian's Ceph daemons and tools, librbd's headers. Without recommends (the
+# dashboard and other manager modules the tests do not need).
+ceph_packages=(ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev)
+missing=()
+for p in "${ceph_packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "install-deps: apt-get install --no-install-recommends ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
+fi
+
+# QEMU's rbd driver (block-rbd.so, for qemu-img and qemu-storage-daemon, the rbd tests' peer)
+# is in qemu-block-extra, which must be the very version of the installed qemu-utils (QEMU
+# loads no module built for another version). Debian's own suite may only have an older one
+# whose install would remove qemu-utils 10.0; then the matching .deb comes from Debian's pool
+# (qemu-utils 10.0 is bookworm-backports'). Never anything that removes a package.
+qemu_version="$(dpkg-query -W -f='${Version}' qemu-utils)"
+if [ "$(dpkg-query -W -f='${Status} ${Version}' qemu-block-extra 2>/dev/null || true)" \
+     != "install ok installed $qemu_version" ]; then
+  echo "install-deps: qemu-block-extra $qemu_version"
+  target="qemu-block-extra=$qemu_version"
+  if ! apt-get download --print-uris "$target" >/dev/null 2>&1; then
+    arch="$(dpkg --print-architecture)"
+    file="qemu-block-extra_${qemu_version#*:}_$arch.deb"
+    debdir="$(mktemp -d)"
+    trap 'rm -rf "$debdir"' EXIT
+    curl -fsSL -o "$debdir/$file" "http://deb.debian.org/debian/pool/main/q/qemu/${file//+/%2B}"
+    chmod 755 "$debdir"
+    target="$debdir/$file"
+  fi
+  if apt-get install -s --no-install-recommends "$target" | grep -q '^Remv'; then
+    echo "install-deps: installing $target would remove packages; not installing it" >&2
+    exit 1
+  fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    "$target" >/dev/null
+fi
+
 # qemu.qmp for Debian's python3 (the one python3-libnbd belongs to).
 if ! /usr/bin/python3 -c 'import qemu.qmp' 2>/dev/null; then
   echo "install-deps: pip install qemu.qmp"

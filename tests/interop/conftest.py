@@ -328,3 +328,77 @@ async def qmp_outcome(sock, command, arguments):
         return (e.error.error.class_, e.error.error.desc)
     finally:
         await q.disconnect()
+
+
+class CephCluster:
+    """A one-node Ceph cluster started by scripts/ceph-cluster.sh in `dir`: its config
+    (`conf`), the test user (`user`, without "client.") with its `keyring`, the `pool`, and
+    the admin keyring."""
+
+    SCRIPT = REPO / "scripts" / "ceph-cluster.sh"
+    TOOLS = ["ceph-mon", "ceph-mgr", "ceph-osd", "ceph", "rbd", "rados"]
+
+    def __init__(self, dir):
+        self.dir = Path(dir)
+        out = self.script("start")
+        env = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        self.conf = env["CEPH_CONF"]
+        self.keyring = env["CEPH_KEYRING"]
+        self.user = env["CEPH_USER"]
+        self.pool = env["CEPH_POOL"]
+        self.admin_keyring = env["CEPH_ADMIN_KEYRING"]
+
+    def script(self, cmd, check=True):
+        """scripts/ceph-cluster.sh CMD DIR; its stdout, or the CompletedProcess if not `check`."""
+        r = subprocess.run([str(self.SCRIPT), cmd, str(self.dir)], capture_output=True,
+                           text=True, timeout=180)
+        if not check:
+            return r
+        if r.returncode != 0:
+            raise RuntimeError(f"ceph-cluster.sh {cmd} {self.dir} failed: {r.stderr.strip()}")
+        return r.stdout
+
+    def stop(self):
+        self.script("stop")
+
+    def rbd(self, *args, input=None):
+        """The rbd command as the test user; its stdout (bytes)."""
+        return subprocess.run(["rbd", "-c", self.conf, "--id", self.user, "--keyring",
+                               self.keyring, *args], input=input, capture_output=True,
+                              check=True, timeout=60).stdout
+
+    def qemu_filename(self, image):
+        """The image as qemu-img's legacy `rbd:` filename."""
+        return (f"rbd:{self.pool}/{image}:conf={self.conf}:id={self.user}"
+                f":keyring={self.keyring}")
+
+    def blockdev(self, image, node="rbd0"):
+        """A --blockdev for QEMU's (and later bexd's) driver=rbd; the keyring comes from
+        the config, which names one per user."""
+        return (f"driver=rbd,node-name={node},pool={self.pool},image={image},"
+                f"conf={self.conf},user={self.user}")
+
+    def pids(self):
+        """The processes (of any kind) whose command line names this cluster's config."""
+        found = []
+        for p in Path("/proc").iterdir():
+            if not p.name.isdigit():
+                continue
+            try:
+                cmdline = (p / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if self.conf.encode() in cmdline:
+                found.append(int(p.name))
+        return found
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster(tmp_path_factory):
+    """A one-node Ceph cluster (scripts/ceph-cluster.sh) for the whole session, stopped at
+    its end. Needs Debian's ceph packages (scripts/install-deps.sh)."""
+    for t in CephCluster.TOOLS:
+        need(t)
+    cluster = CephCluster(tmp_path_factory.mktemp("ceph"))
+    yield cluster
+    cluster.stop()
