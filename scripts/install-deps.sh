@@ -14,10 +14,11 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 # systemd-socket-activate (the socket-activation tests) and systemd-analyze (the unit
 # files' check); man-db, with which systemd-analyze checks the units' man:bexd(8);
 # prometheus for promtool and the server that scrapes bexd's metrics-http endpoint in the
-# metrics tests; tmux, the terminal bexd top's test runs it in.
+# metrics tests; tmux, the terminal bexd top's test runs it in; curl, which fetches
+# qemu-block-extra below when apt's suites lack the matching version.
 packages=(qemu-utils libnbd-bin python3-libnbd fio python3-pytest python3-pip
           libssl-dev pkg-config openssl nbdkit nbd-server iperf3 strace systemd man-db
-          prometheus tmux)
+          prometheus tmux curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
