@@ -24,6 +24,11 @@ impl MarkingChild {
         Self { node }
     }
 
+    /// The child node itself.
+    pub fn node(&self) -> &Arc<BlockNode> {
+        &self.node
+    }
+
     fn d(&self) -> &dyn Driver {
         self.node.driver().as_ref()
     }

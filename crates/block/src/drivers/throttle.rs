@@ -1,19 +1,22 @@
 //! The `throttle` filter: passes every request to its child unchanged. The
 //! limits are applied by the node above it, which is async and waits on a
 //! timer (`BlockNode::with_throttle`); a synchronous driver could only
-//! wait by blocking a thread.
+//! wait by blocking a thread. The child is reached through a
+//! [`MarkingChild`], so its bitmaps and write threshold see the writes made
+//! through the filter, as in QEMU.
 
 use std::sync::Arc;
 
 use crate::debug_event::DebugEvent;
 use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
+use crate::drivers::child::MarkingChild;
 use crate::error::BlockResult;
 use crate::mapping::{Access, FileMapping};
 use crate::node::BlockNode;
 
 #[derive(Debug)]
 pub struct ThrottleDriver {
-    child: Arc<BlockNode>,
+    child: MarkingChild,
     /// `discard=unmap` on this node: QEMU drops a discard at the first node
     /// without it, so the child sees discards only then.
     discard: bool,
@@ -21,11 +24,14 @@ pub struct ThrottleDriver {
 
 impl ThrottleDriver {
     pub fn new(child: Arc<BlockNode>, discard: bool) -> Self {
-        Self { child, discard }
+        Self {
+            child: MarkingChild::new(child),
+            discard,
+        }
     }
 
-    fn inner(&self) -> &dyn Driver {
-        self.child.driver().as_ref()
+    fn node(&self) -> &BlockNode {
+        self.child.node()
     }
 }
 
@@ -39,53 +45,48 @@ impl Driver for ThrottleDriver {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let mut caps = self.child.capabilities();
-        caps.can_write = caps.can_write && !self.child.read_only();
+        let mut caps = self.node().capabilities();
+        caps.can_write = caps.can_write && !self.node().read_only();
         caps.can_discard = caps.can_discard && self.discard;
         caps
     }
 
     fn debug_event(&self, event: DebugEvent) {
-        self.inner().debug_event(event);
+        self.child.debug_event(event);
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
-        self.inner().read_at(buf, offset)
+        self.child.read_at(buf, offset)
     }
 
     fn try_read_now(&self, buf: &mut [u8], offset: u64) -> Option<BlockResult<()>> {
-        self.inner().try_read_now(buf, offset)
+        self.child.try_read_now(buf, offset)
     }
 
+    /// Writes too (unlike a format's view of its child): the node above
+    /// reports them back through [`Driver::mapping_written`].
     fn map_file(&self, offset: u64, len: u64, access: Access) -> Option<FileMapping<'_>> {
-        self.inner().map_file(offset, len, access)
+        self.node().driver().map_file(offset, len, access)
     }
 
-    /// Bitmaps on the child see writes made through the filter, as in QEMU.
     fn mapping_written(&self, offset: u64, len: u64) {
-        self.child.record_write(offset, len);
-        self.inner().mapping_written(offset, len);
+        self.node().record_write(offset, len);
+        self.node().driver().mapping_written(offset, len);
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
-        let r = self.inner().write_at(buf, offset, fua);
-        self.child.record_write(offset, buf.len() as u64);
-        r
+        self.child.write_at(buf, offset, fua)
     }
 
     fn flush(&self) -> BlockResult<()> {
-        self.inner().flush()
+        self.child.flush()
     }
 
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
-        if !self.discard {
-            return Ok(());
+        match self.discard {
+            true => self.child.discard(offset, len),
+            false => Ok(()),
         }
-        let r = self.inner().discard(offset, len);
-        if self.child.capabilities().can_discard {
-            self.child.record_write(offset, len);
-        }
-        r
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
@@ -93,20 +94,18 @@ impl Driver for ThrottleDriver {
             may_unmap: flags.may_unmap && self.discard,
             ..flags
         };
-        let r = self.inner().write_zeroes(offset, len, flags);
-        self.child.record_write(offset, len);
-        r
+        self.child.write_zeroes(offset, len, flags)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
-        self.inner().block_status(offset, len)
+        self.child.block_status(offset, len)
     }
 
     fn try_block_status_now(&self, offset: u64, len: u64) -> Option<BlockResult<Extent>> {
-        self.inner().try_block_status_now(offset, len)
+        self.child.try_block_status_now(offset, len)
     }
 
     fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
-        self.inner().cache(offset, len)
+        self.child.cache(offset, len)
     }
 }
