@@ -19,30 +19,28 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 packages=(qemu-utils libnbd-bin python3-libnbd fio python3-pytest python3-pip
           libssl-dev pkg-config openssl nbdkit nbd-server iperf3 strace systemd man-db
           prometheus tmux curl)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  echo "install-deps: apt-get install ${missing[*]}"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+# apt_install [APT-FLAG...] -- PACKAGE...: installs those of the packages that are missing.
+apt_install() {
+  local flags=() missing=()
+  while [ "$1" != "--" ]; do flags+=("$1"); shift; done
+  shift
+  for p in "$@"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "install-deps: apt-get install ${flags[*]:+${flags[*]} }${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${flags[@]}" "${missing[@]}" \
+      >/dev/null
+  fi
+}
+apt_install -- "${packages[@]}"
 
 # The one-node Ceph test cluster (scripts/ceph-cluster.sh, docs/ceph.md) and the coming
 # driver=rbd: Debian's Ceph daemons and tools, librbd's headers. Without recommends (the
 # dashboard and other manager modules the tests do not need).
 ceph_packages=(ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev)
-missing=()
-for p in "${ceph_packages[@]}"; do
-  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  echo "install-deps: apt-get install --no-install-recommends ${missing[*]}"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-    "${missing[@]}" >/dev/null
-fi
+apt_install --no-install-recommends -- "${ceph_packages[@]}"
 
 # QEMU's rbd driver (block-rbd.so, for qemu-img and qemu-storage-daemon, the rbd tests' peer)
 # is in qemu-block-extra, which must be the very version of the installed qemu-utils (QEMU
