@@ -5,7 +5,6 @@ never depends on timing)."""
 import os
 import re
 import subprocess
-import time
 import uuid
 
 import nbd
@@ -146,7 +145,8 @@ def test_top_reports_a_monitor_that_goes_away(start, image):
     d = start_one_export(start, image)
     proc = subprocess.Popen(daemon_binary("bexd") + ["top", "-b", "-d", "0.1", str(d.qmp_sock)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.3)
+    # Connected and reading: its first table's title is out.
+    assert proc.stdout.readline().startswith("bexd top: ")
     assert d.stop() == 0
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 1
