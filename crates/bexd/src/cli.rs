@@ -238,15 +238,6 @@ mod tests {
             Err(CliError::UnexpectedArgument("--daemonize".into()))
         );
     }
-}
-
-#[cfg(test)]
-mod log_option_tests {
-    use super::*;
-
-    fn args(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| s.to_string()).collect()
-    }
 
     #[test]
     fn test_log_options_parse_and_refuse_unknown_values() {
