@@ -170,6 +170,7 @@ fn into_listener(fd: OwnedFd) -> std::io::Result<Listener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
     use std::os::fd::AsRawFd;
 
     fn still_open(fd: RawFd) -> bool {
@@ -232,22 +233,35 @@ mod tests {
 
     #[tokio::test]
     async fn test_getfd_names_the_received_descriptor_and_closefd_closes_it() {
+        // A socket pair, not a descriptor number, tells that closefd closed it: once the
+        // passed end is closed the kept end reads end-of-file. A number can be reused at
+        // once by another test's open on another thread.
         let mon = Arc::new(MonitorFds::default());
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("tcp");
-        let fd = tcp.as_raw_fd();
+        let (passed, mut kept) = std::os::unix::net::UnixStream::pair().expect("pair");
         mon.scope(async {
             assert_eq!(getfd("x"), Err(FdError::NoneSupplied));
             assert_eq!(getfd("1x"), Err(FdError::NameStartsWithDigit));
         })
         .await;
-        mon.received(vec![OwnedFd::from(tcp)]);
+        mon.received(vec![OwnedFd::from(passed)]);
         mon.scope(async {
             assert_eq!(getfd("lst"), Ok(()));
             assert_eq!(closefd("other"), Err(FdError::CloseUnknown("other".into())));
+        })
+        .await;
+        kept.set_nonblocking(true).expect("nonblocking");
+        let mut byte = [0u8; 1];
+        let open = kept.read(&mut byte);
+        assert_eq!(
+            open.map_err(|e| e.kind()).err(),
+            Some(std::io::ErrorKind::WouldBlock),
+            "the named descriptor stays open until closefd"
+        );
+        mon.scope(async {
             assert_eq!(closefd("lst"), Ok(()));
         })
         .await;
-        assert!(!still_open(fd));
+        assert_eq!(kept.read(&mut byte).expect("read after close"), 0);
     }
 
     #[tokio::test]
