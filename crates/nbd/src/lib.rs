@@ -29,7 +29,11 @@
 //! - [`reply`]: the shape of every reply (simple or structured, sparse reads,
 //!   error chunks, block status per context), laid out as a plan whose data
 //!   the daemon fills in place; and the single-chunk encoders.
-//! - `client` (feature `client`): a client codec for tests, fuzzing and benches.
+//! - `client` (feature `client`): the client codec: encoders and total decoders of
+//!   everything a server sends, used by the NBD client block driver, tests, fuzzing
+//!   and benches.
+//! - `client_handshake` (feature `client`): the client's option haggling as a state
+//!   machine (STARTTLS, structured replies, one meta context, GO with block size).
 
 pub mod consts;
 pub mod export;
@@ -41,3 +45,5 @@ pub mod types;
 
 #[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "client")]
+pub mod client_handshake;
