@@ -13,7 +13,8 @@ use qmp::schema::block_core::BlockdevDelArgs;
 use qmp::schema::block_core::{
     BlkdebugEvent, BlkdebugIOType, BlkdebugInjectError, BlkdebugSetState, BlockdevAioOptions,
     BlockdevDetectZeroesOptions, BlockdevDiscardOptions, BlockdevOptions, BlockdevOptionsBlkdebug,
-    BlockdevOptionsQcow2, BlockdevRef, BlockdevRefOrNull, BlockdevSpecific, OnOffAuto,
+    BlockdevOptionsNbd, BlockdevOptionsQcow2, BlockdevRef, BlockdevRefOrNull, BlockdevSpecific,
+    OnOffAuto,
 };
 use qmp::schema::block_export::{
     read_removal, BlockDirtyBitmapOrStr, BlockExportIothreads, BlockExportOptions,
@@ -28,8 +29,8 @@ use serde_json::Value;
 
 use crate::config::{
     is_well_formed_id, BackingSpec, BitmapRef, ChardevAddr, ChardevBackend, ChardevConfig,
-    ChildRef, ExportConfig, ExportKindConfig, InetOptions, ListenAddr, NbdExportConfig,
-    NbdServerConfig, NodeOptions, NodeSpec, Qcow2Cache, RemoveMode, SocketChardev,
+    ChildRef, ExportConfig, ExportKindConfig, InetOptions, ListenAddr, NbdClientSpec,
+    NbdExportConfig, NbdServerConfig, NodeOptions, NodeSpec, Qcow2Cache, RemoveMode, SocketChardev,
     DEFAULT_PAYLOAD_BUDGET,
 };
 
@@ -79,6 +80,7 @@ fn convert_node(o: BlockdevOptions) -> Result<NodeOptions, QmpError> {
             read_zeroes: read_zeroes.unwrap_or(false),
         },
         BlockdevSpecific::Blkdebug(b) => blkdebug_spec(b)?,
+        BlockdevSpecific::Nbd(n) => NodeSpec::Nbd(nbd_client_spec(n)?),
         BlockdevSpecific::Qcow2(q) => {
             qcow2_spec(q, base.discard == Some(BlockdevDiscardOptions::Unmap))?
         }
@@ -172,6 +174,37 @@ fn qcow2_refusals(q: &BlockdevOptionsQcow2, discard: bool) -> Result<(), QmpErro
         return unsupported("data-file", "external data files");
     }
     Ok(())
+}
+
+/// `driver=nbd`: inet and unix servers (QEMU also takes `fd`, and vsock
+/// in its socket layer; bexd refuses those rather than ignore them).
+fn nbd_client_spec(n: BlockdevOptionsNbd) -> Result<NbdClientSpec, QmpError> {
+    let server = match n.server {
+        SocketAddress::Inet(i) => nbd_client::ServerAddr::Inet {
+            host: i.host,
+            port: i.port,
+        },
+        SocketAddress::Unix(u) if u.r#abstract != Some(true) => {
+            nbd_client::ServerAddr::Unix(PathBuf::from(u.path))
+        }
+        SocketAddress::Unix(_) => return Err(QmpError::generic(
+            "Parameter 'server.abstract': abstract sockets are not supported by bexd's nbd driver",
+        )),
+        SocketAddress::Vsock { .. } | SocketAddress::Fd { .. } => {
+            return Err(QmpError::generic(
+                "Parameter 'server.type': bexd's nbd driver connects to inet and unix servers only",
+            ))
+        }
+    };
+    Ok(NbdClientSpec {
+        server,
+        export: n.export,
+        tls_creds: n.tls_creds,
+        tls_hostname: n.tls_hostname,
+        dirty_bitmap: n.x_dirty_bitmap,
+        reconnect_delay: Duration::from_secs(n.reconnect_delay.unwrap_or(0).into()),
+        open_timeout: Duration::from_secs(n.open_timeout.unwrap_or(0).into()),
+    })
 }
 
 fn qcow2_spec(q: BlockdevOptionsQcow2, discard: bool) -> Result<NodeSpec, QmpError> {

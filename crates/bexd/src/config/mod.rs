@@ -14,7 +14,7 @@ mod server;
 pub use chardev::{ChardevAddr, ChardevBackend, ChardevConfig, SocketChardev};
 pub use export::{BitmapRef, ExportConfig, ExportKindConfig, NbdExportConfig, RemoveMode};
 pub use ids::is_well_formed_id;
-pub use node::{BackingSpec, ChildRef, NodeOptions, NodeSpec, Qcow2Cache};
+pub use node::{BackingSpec, ChildRef, NbdClientSpec, NodeOptions, NodeSpec, Qcow2Cache};
 pub use server::{
     inet_family, Family, InetOptions, ListenAddr, NbdServerConfig, DEFAULT_PAYLOAD_BUDGET,
 };

@@ -4,6 +4,7 @@
 //! the block crate's own plain enums, so the node table hands them straight on.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use block::drivers::blkdebug::BlkdebugOptions;
 use block::drivers::file::{AioMode, LockingMode};
@@ -41,6 +42,8 @@ pub enum NodeSpec {
         aio: AioMode,
         locking: LockingMode,
     },
+    /// A client of a remote NBD export (`driver=nbd`).
+    Nbd(NbdClientSpec),
     Raw {
         file: ChildRef,
         offset: u64,
@@ -60,6 +63,18 @@ pub enum NodeSpec {
     /// The I/O limits filter over `file`, a member of the throttle group
     /// with that id (looked up when the node opens).
     Throttle { file: ChildRef, group: String },
+}
+
+/// `driver=nbd`'s members; the TLS credentials are looked up by id when the node opens.
+#[derive(Clone, Debug)]
+pub struct NbdClientSpec {
+    pub server: nbd_client::ServerAddr,
+    pub export: Option<String>,
+    pub tls_creds: Option<String>,
+    pub tls_hostname: Option<String>,
+    pub dirty_bitmap: Option<String>,
+    pub reconnect_delay: Duration,
+    pub open_timeout: Duration,
 }
 
 /// qcow2's `backing`: absent (open what the header names), `null`, or a node.

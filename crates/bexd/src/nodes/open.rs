@@ -15,9 +15,12 @@ use block::drivers::raw::RawDriver;
 use block::drivers::throttle::ThrottleDriver;
 use block::throttle::ThrottleMember;
 use block::{BlockError, BlockNode, Driver};
+use nbd_client::{NbdDriver, NbdOptions, ServerAddr};
 
 use super::{FormatInfo, NodeEntry, NodeTable};
-use crate::config::{is_well_formed_id, BackingSpec, ChildRef, NodeOptions, NodeSpec, Qcow2Cache};
+use crate::config::{
+    is_well_formed_id, BackingSpec, ChildRef, NbdClientSpec, NodeOptions, NodeSpec, Qcow2Cache,
+};
 use crate::error::NodeError;
 
 /// Opens a node (and its inline children) and registers it; returns its name.
@@ -131,6 +134,7 @@ fn open_plain(
             let driver = FileDriver::open(&file_options).map_err(block_error)?;
             Ok((Arc::new(driver), Vec::new(), filename.display().to_string()))
         }
+        NodeSpec::Nbd(spec) => open_nbd(spec),
         NodeSpec::Raw { file, offset, size } => {
             let (child, child_name, filename) = open_child(nodes, options, file)?;
             let driver =
@@ -157,6 +161,35 @@ fn open_plain(
         NodeSpec::Qcow2 { .. } | NodeSpec::Throttle { .. } => Err(NodeError::Open(
             "qcow2 and throttle nodes are opened by their own functions".into(),
         )),
+    }
+}
+
+/// A client of a remote NBD export. Opening connects and negotiates, so
+/// `blockdev-add` fails as QEMU's does when the server or export is not there.
+fn open_nbd(spec: &NbdClientSpec) -> Result<Plain, NodeError> {
+    if spec.tls_creds.is_some() {
+        return Err(NodeError::Open(
+            "tls-creds: TLS to an NBD server is not supported by bexd's nbd driver yet".into(),
+        ));
+    }
+    let options = NbdOptions {
+        server: spec.server.clone(),
+        export: spec.export.clone().unwrap_or_default(),
+        tls: None,
+        dirty_bitmap: spec.dirty_bitmap.clone(),
+        reconnect_delay: spec.reconnect_delay,
+        open_timeout: spec.open_timeout,
+    };
+    let driver = NbdDriver::open(options).map_err(|e| NodeError::Open(e.to_string()))?;
+    Ok((Arc::new(driver), Vec::new(), nbd_filename(spec)))
+}
+
+/// The node's filename as QEMU shows it: an NBD URI.
+fn nbd_filename(spec: &NbdClientSpec) -> String {
+    let export = spec.export.as_deref().unwrap_or_default();
+    match &spec.server {
+        ServerAddr::Inet { host, port } => format!("nbd://{host}:{port}/{export}"),
+        ServerAddr::Unix(path) => format!("nbd+unix:///{export}?socket={}", path.display()),
     }
 }
 

@@ -3,6 +3,7 @@
 use serde_json::Value;
 
 use crate::introspect::{any, bool, describe, int, named, opt, req, str, Describe, Schema, Ty};
+use crate::schema::sockets::SocketAddress;
 use crate::visitor::{Ctx, Fields, FromQapi, InputMode};
 use crate::{qapi_enum, qapi_object, qapi_struct, QmpError};
 
@@ -10,6 +11,7 @@ qapi_enum!(BlockdevDriver {
     Blkdebug = "blkdebug",
     File = "file",
     HostDevice = "host_device",
+    Nbd = "nbd",
     NullAio = "null-aio",
     NullCo = "null-co",
     Qcow2 = "qcow2",
@@ -238,10 +240,25 @@ pub struct BlockdevOptionsBlkdebug {
     pub set_state: Option<Vec<BlkdebugSetState>>,
 }
 
+qapi_struct! {
+    /// BlockdevOptionsNbd: a client of a remote NBD export.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct BlockdevOptionsNbd {
+        req "server" server: SocketAddress,
+        opt "export" export: String,
+        opt "tls-creds" tls_creds: String,
+        opt "tls-hostname" tls_hostname: String,
+        opt "x-dirty-bitmap" x_dirty_bitmap: String,
+        opt "reconnect-delay" reconnect_delay: u32,
+        opt "open-timeout" open_timeout: u32,
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BlockdevSpecific {
     Blkdebug(BlockdevOptionsBlkdebug),
     File(BlockdevOptionsFile),
+    Nbd(BlockdevOptionsNbd),
     Raw {
         file: BlockdevRef,
         offset: Option<i64>,
@@ -319,6 +336,7 @@ fn read_specific(driver: BlockdevDriver, f: &mut Fields) -> Result<BlockdevSpeci
         BlockdevDriver::File | BlockdevDriver::HostDevice => {
             BlockdevSpecific::File(BlockdevOptionsFile::read_members(f)?)
         }
+        BlockdevDriver::Nbd => BlockdevSpecific::Nbd(BlockdevOptionsNbd::read_members(f)?),
         BlockdevDriver::Raw => BlockdevSpecific::Raw {
             file: f.required("file")?,
             offset: f.optional("offset")?,
@@ -399,6 +417,7 @@ fn branch(s: &mut Schema, driver: &str) -> Ty {
     let node = describe::<BlockdevRef>(s);
     let (key, members) = match driver {
         "file" | "host_device" => return describe::<BlockdevOptionsFile>(s),
+        "nbd" => return describe::<BlockdevOptionsNbd>(s),
         "blkdebug" => (
             "BlockdevOptionsBlkdebug",
             vec![

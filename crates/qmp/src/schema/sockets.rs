@@ -64,6 +64,30 @@ impl FromQapi for SocketAddress {
     }
 }
 
+/// The flat union (`blockdev-add`'s nbd `server`): the branch's members beside `type`.
+impl Describe for SocketAddress {
+    fn ty() -> Ty {
+        named("SocketAddress")
+    }
+    fn define(s: &mut Schema) {
+        let kind = describe::<SocketAddressType>(s);
+        let inet = describe::<InetSocketAddress>(s);
+        let unix = describe::<UnixSocketAddress>(s);
+        s.object(
+            "VsockSocketAddress",
+            vec![req("cid", str()), req("port", str())],
+        );
+        s.object("FdSocketAddress", vec![req("str", str())]);
+        let variants = vec![
+            ("inet", inet),
+            ("unix", unix),
+            ("vsock", named("VsockSocketAddress")),
+            ("fd", named("FdSocketAddress")),
+        ];
+        s.union("SocketAddress", vec![req("type", kind)], "type", variants);
+    }
+}
+
 /// `{"type": "unix", "data": {"path": ...}}`, as `nbd-server-start` takes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SocketAddressLegacy(pub SocketAddress);
