@@ -29,8 +29,10 @@ pub struct NbdOptions {
     /// The export name; QEMU's default is the empty name.
     pub export: String,
     pub tls: Option<Arc<dyn TlsConnect>>,
-    /// `x-dirty-bitmap`: block status reports this bitmap's dirty state in
-    /// place of allocation (dirty reads as unallocated), as QEMU does.
+    /// `x-dirty-bitmap`: the metadata context block status asks for in place
+    /// of `base:allocation` (QEMU's misnamed option takes any context name,
+    /// e.g. `qemu:dirty-bitmap:NAME`); its bits are read as allocation bits,
+    /// so a dirty range reads as unallocated, as in QEMU.
     pub dirty_bitmap: Option<String>,
     /// How long requests wait for a reconnect after the connection is lost.
     pub reconnect_delay: Duration,
@@ -62,10 +64,12 @@ impl NbdDriver {
     /// does in QEMU), then serves the connection from a task on the runtime.
     pub fn open(options: NbdOptions) -> Result<Self, OpenError> {
         let handle = Handle::try_current().map_err(|_| OpenError::NoRuntime)?;
-        let meta_context = Some(match &options.dirty_bitmap {
-            Some(b) => format!("qemu:dirty-bitmap:{b}"),
-            None => "base:allocation".to_string(),
-        });
+        let meta_context = Some(
+            options
+                .dirty_bitmap
+                .clone()
+                .unwrap_or_else(|| "base:allocation".to_string()),
+        );
         let params = Params {
             addr: options.server.clone(),
             config: ClientConfig {
