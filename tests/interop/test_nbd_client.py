@@ -36,7 +36,7 @@ class Origin:
     def argv(self):
         if self.which == "qemu-nbd":
             return ["qemu-nbd", "-f", self.fmt, "-x", "disk", "-t", "-e", "8", "-k", str(self.sock),
-                    "--cache=writeback", str(self.img)]
+                    "--cache=writeback"] + self.extra_args + [str(self.img)]
         node = f"driver=file,node-name=f0,filename={self.img}"
         return daemon_binary(self.which) + self.extra_args + [
             "--blockdev", node,
@@ -202,6 +202,18 @@ def test_blockdev_add_errors_are_qemus(origin, start, image, tmp_path, case):
     assert outcome == ("GenericError", want)
     # The daemon goes on: the node does not exist, the monitor answers.
     assert asyncio.run(qmp_outcome(d.qmp_sock, "query-named-block-nodes", {}))[0] == "ok"
+
+
+def test_read_only_export_needs_a_read_only_node(origin, start, image):
+    import asyncio
+    o = origin("qemu-nbd", image(MiB), extra_args=["-r"])
+    d = start([], [])
+    base = {"driver": "nbd", "server": {"type": "unix", "path": str(o.sock)}, "export": "disk"}
+    outcome = asyncio.run(qmp_outcome(d.qmp_sock, "blockdev-add", dict(base, **{"node-name": "n0"})))
+    assert outcome == ("GenericError", "Could not open image: Permission denied")
+    for extra in ({"read-only": True}, {"auto-read-only": True}):
+        args = dict(base, **{"node-name": f"n{len(extra)}{list(extra)[0][0]}"}, **extra)
+        assert asyncio.run(qmp_outcome(d.qmp_sock, "blockdev-add", args)) == ("ok", {})
 
 
 def read_in_background(uri, cmd):

@@ -57,6 +57,41 @@ struct NbdAsync {
     link: Arc<Link>,
     handle: Handle,
     max: u64,
+    known_data: Arc<KnownData>,
+}
+
+/// How far ahead a block status query looks: one answer then covers the
+/// queries of many reads (a re-export asks before every read of 64 KiB and
+/// more, and a round trip each halved sequential read throughput).
+const STATUS_LOOKAHEAD: u64 = 1 << 30;
+
+/// The last range the server reported as allocated data, answered from here.
+/// Only data is remembered: a stale "data" answer (another client trimmed the
+/// range since) costs a read of zeroes, never wrong bytes, whereas a stale
+/// hole would hide data. A discard or zeroing through this node forgets it.
+/// Off for `x-dirty-bitmap`, whose bits change meaning as others write.
+#[derive(Debug, Default)]
+struct KnownData {
+    enabled: bool,
+    range: std::sync::Mutex<Option<std::ops::Range<u64>>>,
+}
+
+impl KnownData {
+    fn lookup(&self, offset: u64, len: u64) -> Option<u64> {
+        let range = self.range.lock().unwrap_or_else(|p| p.into_inner());
+        let r = range.as_ref()?;
+        r.contains(&offset).then(|| (r.end - offset).min(len))
+    }
+
+    fn remember(&self, offset: u64, len: u64) {
+        if self.enabled {
+            *self.range.lock().unwrap_or_else(|p| p.into_inner()) = Some(offset..offset + len);
+        }
+    }
+
+    fn forget(&self) {
+        *self.range.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
 }
 
 impl NbdDriver {
@@ -98,6 +133,10 @@ impl NbdDriver {
                 link,
                 handle: handle.clone(),
                 max: u64::from(max),
+                known_data: Arc::new(KnownData {
+                    enabled: options.dirty_bitmap.is_none(),
+                    range: Default::default(),
+                }),
             }),
             handle,
         })
@@ -315,6 +354,7 @@ impl AsyncDriver for NbdAsync {
 
     /// Without TRIM from the server a discard does nothing (it is advisory).
     fn discard(&self, offset: u64, len: u64) -> IoFuture<BlockResult<()>> {
+        self.known_data.forget();
         let link = self.link.clone();
         let can = self.has(FLAG_SEND_TRIM);
         self.spawn(async move {
@@ -328,6 +368,7 @@ impl AsyncDriver for NbdAsync {
     /// Without WRITE_ZEROES from the server, zeroes are written as data
     /// (unless `fast` was asked: then NotSupported, as the flag means).
     fn write_zeroes(&self, offset: u64, len: u64, zf: ZeroFlags) -> IoFuture<BlockResult<()>> {
+        self.known_data.forget();
         let (link, max) = (self.link.clone(), self.max);
         let native = self.has(FLAG_SEND_WRITE_ZEROES);
         let fast_ok = self.has(FLAG_SEND_FAST_ZERO);
@@ -363,22 +404,33 @@ impl AsyncDriver for NbdAsync {
     /// One extent of the selected context (REQ_ONE), at most `len` long;
     /// without a context (a server without structured replies), all data.
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<BlockResult<Extent>> {
-        let link = self.link.clone();
+        let data = |len| Extent {
+            len,
+            allocated: true,
+            zero: false,
+            depth: 1,
+        };
+        if self.link.negotiated.meta_context_id.is_none() {
+            return Box::pin(async move { Ok(data(len)) });
+        }
+        if let Some(n) = self.known_data.lookup(offset, len) {
+            return Box::pin(async move { Ok(data(n)) });
+        }
+        let (link, known) = (self.link.clone(), self.known_data.clone());
+        let size = link.negotiated.size;
         self.spawn(async move {
-            let data = Extent {
-                len,
-                allocated: true,
-                zero: false,
-                depth: 1,
-            };
-            if link.negotiated.meta_context_id.is_none() {
-                return Ok(data);
-            }
-            let want = len.min(u64::from(u32::MAX) & !0xfff).max(1);
+            let want = len
+                .max(STATUS_LOOKAHEAD)
+                .min(size.saturating_sub(offset))
+                .min(u64::from(u32::MAX) & !0xfff)
+                .max(1);
             let h = header(CommandType::BLOCK_STATUS, CMD_FLAG_REQ_ONE, offset, want);
             let answer = link.call(h, None, None).await;
             answer.result?;
             let (n, flags) = answer.status.unwrap_or((len, 0));
+            if flags & (STATE_HOLE | STATE_ZERO) == 0 {
+                known.remember(offset, n.min(want));
+            }
             Ok(Extent {
                 len: n.clamp(1, len),
                 allocated: flags & STATE_HOLE == 0,

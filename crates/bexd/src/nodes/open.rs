@@ -134,7 +134,7 @@ fn open_plain(
             let driver = FileDriver::open(&file_options).map_err(block_error)?;
             Ok((Arc::new(driver), Vec::new(), filename.display().to_string()))
         }
-        NodeSpec::Nbd(spec) => open_nbd(spec),
+        NodeSpec::Nbd(spec) => open_nbd(options, spec),
         NodeSpec::Raw { file, offset, size } => {
             let (child, child_name, filename) = open_child(nodes, options, file)?;
             let driver =
@@ -166,13 +166,13 @@ fn open_plain(
 
 /// A client of a remote NBD export. Opening connects and negotiates, so
 /// `blockdev-add` fails as QEMU's does when the server or export is not there.
-fn open_nbd(spec: &NbdClientSpec) -> Result<Plain, NodeError> {
+fn open_nbd(options: &NodeOptions, spec: &NbdClientSpec) -> Result<Plain, NodeError> {
     if spec.tls_creds.is_some() {
         return Err(NodeError::Open(
             "tls-creds: TLS to an NBD server is not supported by bexd's nbd driver yet".into(),
         ));
     }
-    let options = NbdOptions {
+    let nbd_options = NbdOptions {
         server: spec.server.clone(),
         export: spec.export.clone().unwrap_or_default(),
         tls: None,
@@ -180,7 +180,13 @@ fn open_nbd(spec: &NbdClientSpec) -> Result<Plain, NodeError> {
         reconnect_delay: spec.reconnect_delay,
         open_timeout: spec.open_timeout,
     };
-    let driver = NbdDriver::open(options).map_err(|e| NodeError::Open(e.to_string()))?;
+    let driver = NbdDriver::open(nbd_options).map_err(|e| NodeError::Open(e.to_string()))?;
+    // A read-only export opens only for a read-only node (or auto-read-only), as in QEMU.
+    if !driver.capabilities().can_write && !options.read_only && !options.auto_read_only {
+        return Err(NodeError::Open(
+            "Could not open image: Permission denied".into(),
+        ));
+    }
     Ok((Arc::new(driver), Vec::new(), nbd_filename(spec)))
 }
 
