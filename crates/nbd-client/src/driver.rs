@@ -1,4 +1,4 @@
-//! The driver's two faces over one [`Link`]: [`AsyncDriver`] for a node that
+//! The driver's two faces over one `Link`: [`AsyncDriver`] for a node that
 //! sends requests straight to it, [`Driver`] for a format above (qcow2) that
 //! calls from the blocking pool and waits there for the same connection.
 
@@ -127,7 +127,7 @@ impl NbdDriver {
             None => DEFAULT_MAX,
         };
         let link = Arc::new(Link::new(params, negotiated));
-        handle.spawn(link.clone().run(stream));
+        handle.spawn(crate::life::run(link.clone(), stream));
         Ok(Self {
             face: Arc::new(NbdAsync {
                 link,

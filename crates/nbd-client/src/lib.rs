@@ -4,8 +4,8 @@
 //! The protocol is the `nbd` crate's (the client handshake and the reply
 //! decoders, sans-IO); this crate owns the socket. One connection carries
 //! every request: each request registers under its own cookie in the
-//! [`inflight`] table and is written whole under the writer's lock; one reader
-//! task ([`reader`]) reads replies as they come, in any order, straight into
+//! `inflight` table and is written whole under the writer's lock; one reader
+//! task (`reader`) reads replies as they come, in any order, straight into
 //! the waiting request's buffer, and completes it. So many requests are in
 //! flight and none holds a thread (the [`block::AsyncDriver`] face); a format
 //! on top (qcow2), which calls its child synchronously from the blocking
@@ -27,6 +27,7 @@ pub mod driver;
 pub mod error;
 mod handshake;
 mod inflight;
+mod life;
 mod link;
 mod reader;
 pub mod transport;

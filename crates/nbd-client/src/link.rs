@@ -12,7 +12,6 @@ use nbd::request::RequestHeader;
 use nbd::types::CommandType;
 use tokio::io::{AsyncWriteExt, WriteHalf};
 use tokio::sync::{oneshot, Notify};
-use tokio::time::Instant;
 
 use crate::addr::ServerAddr;
 use crate::error::OpenError;
@@ -23,8 +22,8 @@ use crate::transport::{Stream, TlsConnect};
 /// Payloads up to this size go out in the same write as their header.
 const COALESCE_MAX: usize = 64 * 1024;
 /// First pause between reconnect attempts; it doubles up to [`RETRY_MAX`].
-const RETRY_FIRST: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(2);
+pub(crate) const RETRY_FIRST: Duration = Duration::from_millis(100);
+pub(crate) const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// How to (re)open the connection.
 #[derive(Debug)]
@@ -67,8 +66,8 @@ pub(crate) struct Link {
     pub negotiated: ClientNegotiated,
     table: Mutex<Table>,
     writer: tokio::sync::Mutex<Writer>,
-    closing: AtomicBool,
-    close: Notify,
+    pub(crate) closing: AtomicBool,
+    pub(crate) close: Notify,
 }
 
 impl Link {
@@ -158,7 +157,7 @@ impl Link {
     /// A new connection: every request not yet written on it is (re)sent
     /// before the reader starts, so no reply can arrive while a resend holds
     /// a WRITE's buffer.
-    async fn install(&self, half: WriteHalf<Stream>) {
+    pub(crate) async fn install(&self, half: WriteHalf<Stream>) {
         let mut w = self.writer.lock().await;
         w.generation += 1;
         w.half = Some(half);
@@ -193,7 +192,7 @@ impl Link {
         }
     }
 
-    async fn uninstall(&self) {
+    pub(crate) async fn uninstall(&self) {
         self.writer.lock().await.half = None;
     }
 
@@ -203,7 +202,7 @@ impl Link {
         self.close.notify_one();
     }
 
-    async fn disconnect(&self) {
+    pub(crate) async fn disconnect(&self) {
         let mut w = self.writer.lock().await;
         if let Some(mut half) = w.half.take() {
             let mut header = Vec::new();
@@ -217,7 +216,7 @@ impl Link {
     }
 
     /// One reconnect attempt: a new connection to the same export, or why not.
-    async fn reopen(&self) -> Result<Stream, OpenError> {
+    pub(crate) async fn reopen(&self) -> Result<Stream, OpenError> {
         let (stream, negotiated) = self.params.open().await?;
         let (was, now) = (&self.negotiated, &negotiated);
         if was.size != now.size
@@ -231,77 +230,6 @@ impl Link {
             )));
         }
         Ok(stream)
-    }
-
-    /// The connection's life: read replies until it breaks, then reconnect
-    /// (or fail), until the node closes.
-    pub async fn run(self: Arc<Self>, mut stream: Stream) {
-        loop {
-            let (read_half, write_half) = tokio::io::split(stream);
-            self.install(write_half).await;
-            let ended = tokio::select! {
-                e = crate::reader::run(&self, read_half) => e,
-                _ = self.close.notified() => {
-                    self.disconnect().await;
-                    return;
-                }
-            };
-            tracing::warn!(server = %self.params.addr, error = %ended, "NBD connection lost");
-            self.uninstall().await;
-            if self.params.reconnect_delay.is_zero() {
-                let mut table = self.table();
-                table.state = LinkState::Failing;
-                table.fail_all(&ended);
-                return;
-            }
-            match self.reconnect().await {
-                Some(s) => stream = s,
-                None => return,
-            }
-        }
-    }
-
-    /// Tries again and again; requests wait for `reconnect-delay`, then fail
-    /// with EIO (and new ones at once) while the attempts go on, as QEMU's.
-    /// `None` when the node closed meanwhile.
-    async fn reconnect(&self) -> Option<Stream> {
-        self.table().state = LinkState::Waiting;
-        let deadline = Instant::now() + self.params.reconnect_delay;
-        let mut pause = RETRY_FIRST;
-        loop {
-            if self.closing.load(Ordering::Acquire) {
-                self.disconnect().await;
-                return None;
-            }
-            match self.reopen().await {
-                Ok(stream) => {
-                    tracing::info!(server = %self.params.addr, "NBD connection re-established");
-                    return Some(stream);
-                }
-                Err(e) => tracing::debug!(error = %e, "NBD reconnect attempt failed"),
-            }
-            let now = Instant::now();
-            let mut wake = now + pause;
-            {
-                let mut table = self.table();
-                if table.state == LinkState::Waiting {
-                    if now >= deadline {
-                        table.state = LinkState::Failing;
-                        table.fail_all("reconnect-delay expired");
-                    } else {
-                        wake = wake.min(deadline);
-                    }
-                }
-            }
-            pause = (pause * 2).min(RETRY_MAX);
-            tokio::select! {
-                _ = tokio::time::sleep_until(wake) => {}
-                _ = self.close.notified() => {
-                    self.disconnect().await;
-                    return None;
-                }
-            }
-        }
     }
 }
 

@@ -352,7 +352,7 @@ fn valid_block_size(b: BlockSize) -> Result<BlockSize, ClientHandshakeError> {
         && b.preferred.is_power_of_two()
         && b.preferred >= b.min
         && b.max >= b.min
-        && (b.max == u32::MAX || b.max % b.min == 0);
+        && (b.max == u32::MAX || b.max.is_multiple_of(b.min));
     match ok {
         true => Ok(b),
         false => Err(ClientHandshakeError::Malformed(
