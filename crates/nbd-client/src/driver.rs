@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use crate::addr::ServerAddr;
 use crate::error::OpenError;
+use crate::known_data::{KnownData, STATUS_LOOKAHEAD};
 use crate::link::{Link, Params};
 use crate::transport::{Stream, TlsConnect};
 
@@ -60,40 +61,6 @@ struct NbdAsync {
     known_data: Arc<KnownData>,
 }
 
-/// How far ahead a block status query looks: one answer then covers the
-/// queries of many reads (a re-export asks before every read of 64 KiB and
-/// more, and a round trip each halved sequential read throughput).
-const STATUS_LOOKAHEAD: u64 = 1 << 30;
-
-/// The last range the server reported as allocated data, answered from here.
-/// Only data is remembered: a stale "data" answer (another client trimmed the
-/// range since) costs a read of zeroes, never wrong bytes, whereas a stale
-/// hole would hide data. A discard or zeroing through this node forgets it.
-/// Off for `x-dirty-bitmap`, whose bits change meaning as others write.
-#[derive(Debug, Default)]
-struct KnownData {
-    enabled: bool,
-    range: std::sync::Mutex<Option<std::ops::Range<u64>>>,
-}
-
-impl KnownData {
-    fn lookup(&self, offset: u64, len: u64) -> Option<u64> {
-        let range = self.range.lock().unwrap_or_else(|p| p.into_inner());
-        let r = range.as_ref()?;
-        r.contains(&offset).then(|| (r.end - offset).min(len))
-    }
-
-    fn remember(&self, offset: u64, len: u64) {
-        if self.enabled {
-            *self.range.lock().unwrap_or_else(|p| p.into_inner()) = Some(offset..offset + len);
-        }
-    }
-
-    fn forget(&self) {
-        *self.range.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    }
-}
-
 impl NbdDriver {
     /// Connects and negotiates (blocking the calling thread, as `blockdev-add`
     /// does in QEMU), then serves the connection from a task on the runtime.
@@ -133,10 +100,7 @@ impl NbdDriver {
                 link,
                 handle: handle.clone(),
                 max: u64::from(max),
-                known_data: Arc::new(KnownData {
-                    enabled: options.dirty_bitmap.is_none(),
-                    range: Default::default(),
-                }),
+                known_data: Arc::new(KnownData::new(options.dirty_bitmap.is_none())),
             }),
             handle,
         })

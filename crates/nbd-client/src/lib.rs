@@ -27,6 +27,7 @@ pub mod driver;
 pub mod error;
 mod handshake;
 mod inflight;
+mod known_data;
 mod life;
 mod link;
 mod reader;
