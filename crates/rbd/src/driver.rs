@@ -58,7 +58,7 @@ impl Driver for RbdDriver {
     }
 
     fn size(&self) -> u64 {
-        self.inner.image.size
+        self.inner.image.size()
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -78,7 +78,10 @@ impl Driver for RbdDriver {
         io_result("read", r)
     }
 
+    /// Past the end only from a format over this node (the node checks its
+    /// own requests): the image grows first.
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
+        self.inner.image.grow_to(offset + buf.len() as u64)?;
         // SAFETY: an open image and a readable buffer of the length passed.
         let r = unsafe { sys::rbd_write2(self.image(), offset, buf.len(), buf.as_ptr().cast(), 0) };
         io_result("write", r)?;
@@ -101,6 +104,7 @@ impl Driver for RbdDriver {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
+        self.inner.image.grow_to(offset + len)?;
         for (at, n) in chunks(offset, len) {
             // SAFETY: an open image.
             let r = unsafe { sys::rbd_write_zeroes(self.image(), at, n, zero_flags(flags), 0) };

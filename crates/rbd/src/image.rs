@@ -3,6 +3,8 @@
 
 use std::ffi::{c_char, CString};
 use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use crate::error::RbdError;
 use crate::sys;
@@ -44,7 +46,10 @@ pub struct Image {
     cluster: sys::RadosT,
     ioctx: sys::RadosIoctxT,
     pub(crate) handle: sys::RbdImageT,
-    pub(crate) size: u64,
+    /// Grows when a format writes past the end (see [`Image::grow_to`]).
+    pub(crate) size: AtomicU64,
+    /// Serialises growing, so two writes past the end never shrink the image.
+    grow: Mutex<()>,
     pub(crate) object_size: u64,
 }
 
@@ -213,7 +218,8 @@ impl Image {
             cluster: cluster.0,
             ioctx: ioctx.0,
             handle,
-            size: 0,
+            size: AtomicU64::new(0),
+            grow: Mutex::new(()),
             object_size: 0,
         };
         // Image's Drop now owns both.
@@ -231,13 +237,31 @@ impl Image {
             )
         };
         check(r, || format!("error getting image info from {}", o.image))?;
-        image.size = info.size;
+        image.size = AtomicU64::new(info.size);
         image.object_size = info.obj_size.max(512);
         Ok(image)
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Makes the image at least `end` bytes long. A format over this image
+    /// (qcow2) allocates clusters past its end, as it does in a file; QEMU's
+    /// rbd driver grows the image for such writes the same way.
+    pub(crate) fn grow_to(&self, end: u64) -> block::BlockResult<()> {
+        if end <= self.size() {
+            return Ok(());
+        }
+        let _serial = self.grow.lock().unwrap_or_else(|e| e.into_inner());
+        if end <= self.size() {
+            return Ok(());
+        }
+        // SAFETY: an open image.
+        let r = unsafe { sys::rbd_resize(self.handle, end) };
+        crate::error::io_result("resize", r as isize)?;
+        self.size.store(end, Ordering::Release);
+        Ok(())
     }
 }
 

@@ -63,6 +63,7 @@ extern "C" {
         snap_name: *const c_char,
     ) -> c_int;
     pub fn rbd_close(image: RbdImageT) -> c_int;
+    pub fn rbd_resize(image: RbdImageT, size: u64) -> c_int;
     pub fn rbd_stat(image: RbdImageT, info: *mut RbdImageInfo, infosize: usize) -> c_int;
     pub fn rbd_get_features(image: RbdImageT, features: *mut u64) -> c_int;
     pub fn rbd_get_flags(image: RbdImageT, flags: *mut u64) -> c_int;
