@@ -82,6 +82,7 @@ impl Driver for RbdDriver {
     /// own requests): the image grows first.
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
         self.inner.image.grow_to(offset + buf.len() as u64)?;
+        self.inner.image.known.mark(offset, buf.len() as u64);
         // SAFETY: an open image and a readable buffer of the length passed.
         let r = unsafe { sys::rbd_write2(self.image(), offset, buf.len(), buf.as_ptr().cast(), 0) };
         io_result("write", r)?;
@@ -98,6 +99,7 @@ impl Driver for RbdDriver {
     }
 
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.inner.image.known.forget(offset, len);
         // SAFETY: an open image.
         let r = unsafe { sys::rbd_discard(self.image(), offset, len) };
         io_result("discard", r as isize)
@@ -105,6 +107,7 @@ impl Driver for RbdDriver {
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
         self.inner.image.grow_to(offset + len)?;
+        self.inner.image.known.forget(offset, len);
         for (at, n) in chunks(offset, len) {
             // SAFETY: an open image.
             let r = unsafe { sys::rbd_write_zeroes(self.image(), at, n, zero_flags(flags), 0) };
@@ -154,6 +157,7 @@ impl AsyncDriver for Inner {
 
     fn write(&self, buf: IoBuf, offset: u64, fua: bool) -> IoFuture<(IoBuf, BlockResult<()>)> {
         let image = self.image.clone();
+        image.known.mark(offset, buf.len() as u64);
         let request = submit(&self.image, Some(buf), |handle, b: Raw, c| {
             // SAFETY: the buffer lives in the request's slot until the callback ran.
             unsafe { sys::rbd_aio_write2(handle, offset, b.len, b.ptr.cast(), c, 0) }
@@ -175,6 +179,7 @@ impl AsyncDriver for Inner {
     }
 
     fn discard(&self, offset: u64, len: u64) -> IoFuture<BlockResult<()>> {
+        self.image.known.forget(offset, len);
         let request = submit(&self.image, None, |image, _, c| {
             // SAFETY: an open image and a fresh completion.
             unsafe { sys::rbd_aio_discard(image, offset, len, c) }
@@ -183,6 +188,7 @@ impl AsyncDriver for Inner {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<BlockResult<()>> {
+        self.image.known.forget(offset, len);
         let requests: Vec<_> = chunks(offset, len)
             .map(|(at, n)| {
                 submit(&self.image, None, |image, _, c| {
@@ -199,9 +205,13 @@ impl AsyncDriver for Inner {
         })
     }
 
-    /// librbd's diff iteration is synchronous (it reads the object map, in
-    /// memory with fast-diff), so it runs on the blocking pool.
+    /// From memory for objects known to hold data; otherwise librbd's diff
+    /// iteration, which is synchronous (it reads the object map from the
+    /// cluster), on the blocking pool.
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<BlockResult<Extent>> {
+        if let Some(run) = self.image.known.data_run(offset, len) {
+            return Box::pin(std::future::ready(Ok(data(run))));
+        }
         let image = self.image.clone();
         Box::pin(async move {
             match tokio::task::spawn_blocking(move || image.block_status(offset, len)).await {
@@ -212,6 +222,15 @@ impl AsyncDriver for Inner {
                 )),
             }
         })
+    }
+}
+
+fn data(len: u64) -> Extent {
+    Extent {
+        len,
+        allocated: true,
+        zero: false,
+        depth: 1,
     }
 }
 
@@ -266,12 +285,10 @@ impl Image {
     /// with fast-diff and a valid object map (whole objects, answered from
     /// memory); without, everything is data.
     pub(crate) fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
-        let all_data = Extent {
-            len,
-            allocated: true,
-            zero: false,
-            depth: 1,
-        };
+        if let Some(run) = self.known.data_run(offset, len) {
+            return Ok(data(run));
+        }
+        let all_data = data(len);
         let (mut features, mut flags) = (0u64, 0u64);
         // SAFETY: an open image; the two integers are written on success.
         let usable = unsafe {
@@ -315,6 +332,9 @@ impl Image {
             0 => len, // no data at all in the range
             n => n.min(len),
         };
+        if walk.data {
+            self.known.mark(offset, len);
+        }
         Ok(Extent {
             len,
             allocated: walk.data,

@@ -51,6 +51,8 @@ pub struct Image {
     /// Serialises growing, so two writes past the end never shrink the image.
     grow: Mutex<()>,
     pub(crate) object_size: u64,
+    /// Objects known to hold data (block status from memory).
+    pub(crate) known: crate::known::KnownData,
 }
 
 // SAFETY: librados and librbd handles are thread-safe (librbd serialises
@@ -221,6 +223,7 @@ impl Image {
             size: AtomicU64::new(0),
             grow: Mutex::new(()),
             object_size: 0,
+            known: crate::known::KnownData::new(1),
         };
         // Image's Drop now owns both.
         std::mem::forget(ioctx);
@@ -239,6 +242,7 @@ impl Image {
         check(r, || format!("error getting image info from {}", o.image))?;
         image.size = AtomicU64::new(info.size);
         image.object_size = info.obj_size.max(512);
+        image.known = crate::known::KnownData::new(image.object_size);
         Ok(image)
     }
 

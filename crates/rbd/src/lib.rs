@@ -10,6 +10,7 @@ mod completion;
 mod driver;
 mod error;
 mod image;
+mod known;
 mod sys;
 
 pub use driver::RbdDriver;
