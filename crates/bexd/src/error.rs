@@ -84,6 +84,10 @@ pub enum ObjectError {
     NotServerEndpoint,
     #[error("Object with id '{0}' is not TLS credentials")]
     NotTlsCreds(String),
+    #[error("No secret with id '{0}'")]
+    NoSecret(String),
+    #[error("Object with id '{0}' is not a secret")]
+    NotSecret(String),
     /// A throttle group's limits or properties, refused as QEMU refuses them.
     #[error(transparent)]
     ThrottleLimits(#[from] ThrottleConfigError),

@@ -9,6 +9,7 @@
 //! each connection, so an authz object may be deleted and re-created while the
 //! server runs; a missing object denies ([`ObjectTable::authorize`]).
 
+mod secret;
 mod throttle;
 
 use std::collections::BTreeMap;
@@ -28,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::is_well_formed_id;
 use crate::error::{ObjectError, QomError};
 use crate::tls::TlsCreds;
+pub use secret::Secret;
 
 /// An object in the registry.
 #[derive(Debug)]
@@ -52,6 +54,8 @@ pub enum Object {
     MetricsHttp(MetricsHttp),
     /// I/O limits shared by the throttle nodes that name it.
     ThrottleGroup(Arc<ThrottleGroup>),
+    /// A key other options name by id (`driver=rbd`'s `key-secret`).
+    Secret(Secret),
 }
 
 /// A `metrics-http` object. Deleting it (dropping it) stops its server.
@@ -80,6 +84,7 @@ impl Object {
             Self::MainLoop { .. } => "main-loop",
             Self::MetricsHttp(_) => "metrics-http",
             Self::ThrottleGroup(_) => "throttle-group",
+            Self::Secret(_) => "secret",
         }
     }
 }
@@ -270,6 +275,13 @@ pub fn create(value: Value, mode: InputMode) -> Result<(String, Object), QmpErro
             port: addr.port,
             stop: CancellationToken::new(),
         }),
+        ObjectProps::Secret {
+            data,
+            file,
+            format,
+            keyid,
+            iv,
+        } => Object::Secret(Secret::create(data, file, format, keyid, iv)?),
         ObjectProps::ThrottleGroup { limits, properties } => Object::ThrottleGroup(
             throttle::create(&options.id, limits.as_deref(), &properties)
                 .map_err(ObjectError::from)?,
@@ -459,6 +471,15 @@ impl ObjectTable {
             Some(Object::TlsCreds(c)) if c.is_server() => Ok(c.clone()),
             Some(Object::TlsCreds(_)) => Err(ObjectError::NotServerEndpoint),
             Some(_) => Err(ObjectError::NotTlsCreds(id.to_string())),
+        }
+    }
+
+    /// The secret `id` names, as base64 (QEMU's `qcrypto_secret_lookup_as_base64`).
+    pub fn secret_base64(&self, id: &str) -> Result<String, ObjectError> {
+        match self.lock().get(id) {
+            Some(Object::Secret(s)) => Ok(s.as_base64()),
+            Some(_) => Err(ObjectError::NotSecret(id.to_string())),
+            None => Err(ObjectError::NoSecret(id.to_string())),
         }
     }
 

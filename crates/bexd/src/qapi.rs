@@ -13,8 +13,8 @@ use qmp::schema::block_core::BlockdevDelArgs;
 use qmp::schema::block_core::{
     BlkdebugEvent, BlkdebugIOType, BlkdebugInjectError, BlkdebugSetState, BlockdevAioOptions,
     BlockdevDetectZeroesOptions, BlockdevDiscardOptions, BlockdevOptions, BlockdevOptionsBlkdebug,
-    BlockdevOptionsNbd, BlockdevOptionsQcow2, BlockdevRef, BlockdevRefOrNull, BlockdevSpecific,
-    OnOffAuto,
+    BlockdevOptionsNbd, BlockdevOptionsQcow2, BlockdevOptionsRbd, BlockdevRef, BlockdevRefOrNull,
+    BlockdevSpecific, OnOffAuto,
 };
 use qmp::schema::block_export::{
     read_removal, BlockDirtyBitmapOrStr, BlockExportIothreads, BlockExportOptions,
@@ -84,6 +84,7 @@ fn convert_node(o: BlockdevOptions) -> Result<NodeOptions, QmpError> {
         BlockdevSpecific::Qcow2(q) => {
             qcow2_spec(q, base.discard == Some(BlockdevDiscardOptions::Unmap))?
         }
+        BlockdevSpecific::Rbd(r) => rbd_spec(r, cache.direct.unwrap_or(false))?,
         BlockdevSpecific::Throttle {
             throttle_group,
             file,
@@ -224,6 +225,42 @@ fn qcow2_spec(q: BlockdevOptionsQcow2, discard: bool) -> Result<NodeSpec, QmpErr
             cache_clean_interval: size(q.cache_clean_interval, "cache-clean-interval")?,
         },
         lazy_refcounts: q.lazy_refcounts,
+    })
+}
+
+/// rbd: QEMU's members as librados options. librbd's cache is on unless
+/// `cache.direct=on`, as QEMU sets `rbd_cache`.
+fn rbd_spec(r: BlockdevOptionsRbd, cache_direct: bool) -> Result<NodeSpec, QmpError> {
+    if r.encrypt.is_some() {
+        return Err(QmpError::generic(
+            "Parameter 'encrypt': encrypted rbd images (librbd's LUKS) are not supported by bexd",
+        ));
+    }
+    let options = rbd::RbdOptions {
+        pool: r.pool,
+        namespace: r.namespace,
+        image: r.image,
+        conf: r.conf,
+        snapshot: r.snapshot,
+        user: r.user,
+        auth_client_required: r
+            .auth_client_required
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| m.as_str().to_string())
+            .collect(),
+        key: None,
+        servers: r
+            .server
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| (s.host, s.port))
+            .collect(),
+        rbd_cache: !cache_direct,
+    };
+    Ok(NodeSpec::Rbd {
+        options,
+        key_secret: r.key_secret,
     })
 }
 

@@ -8,6 +8,7 @@ use qmp::QmpError;
 use serde_json::Value;
 
 use super::{ok, Args};
+use crate::config::{BackingSpec, ChildRef, NodeOptions, NodeSpec};
 use crate::daemon::Daemon;
 
 /// `blockdev-add` and `--blockdev`: typed arguments from JSON or keyval, then the node table.
@@ -18,8 +19,40 @@ pub fn add(daemon: &Arc<Daemon>, value: Value, mode: InputMode) -> Result<Value,
             "'node-name' must be specified for the root node",
         ));
     }
+    let mut options = options;
+    resolve_secrets(daemon, &mut options)?;
     crate::nodes::open(&daemon.nodes, options, false)?;
     Ok(ok())
+}
+
+/// Copies the key of each `key-secret` (rbd nodes, inline children too) into
+/// the node's options: the node table never sees objects.
+fn resolve_secrets(daemon: &Arc<Daemon>, options: &mut NodeOptions) -> Result<(), QmpError> {
+    match &mut options.spec {
+        NodeSpec::Rbd {
+            options: rbd,
+            key_secret: Some(id),
+        } => rbd.key = Some(daemon.objects.secret_base64(id)?),
+        NodeSpec::Rbd { .. } | NodeSpec::Nbd(_) | NodeSpec::File { .. } | NodeSpec::Null { .. } => {
+        }
+        NodeSpec::Raw { file: child, .. }
+        | NodeSpec::Throttle { file: child, .. }
+        | NodeSpec::Blkdebug { image: child, .. } => resolve_child(daemon, child)?,
+        NodeSpec::Qcow2 { file, backing, .. } => {
+            resolve_child(daemon, file)?;
+            if let BackingSpec::Node(child) = backing {
+                resolve_child(daemon, child)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn resolve_child(daemon: &Arc<Daemon>, child: &mut ChildRef) -> Result<(), QmpError> {
+    match child {
+        ChildRef::Inline(options) => resolve_secrets(daemon, options),
+        ChildRef::Name(_) => Ok(()),
+    }
 }
 
 /// `blockdev-add` from QMP.

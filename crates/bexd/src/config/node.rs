@@ -60,6 +60,13 @@ pub enum NodeSpec {
         cache: Qcow2Cache,
         lazy_refcounts: Option<bool>,
     },
+    /// A Ceph RBD image. `key_secret` names the `secret` object holding the
+    /// cephx key; the command layer (which sees objects) copies its base64
+    /// into `options.key` before the node table opens the image.
+    Rbd {
+        options: rbd::RbdOptions,
+        key_secret: Option<String>,
+    },
     /// The I/O limits filter over `file`, a member of the throttle group
     /// with that id (looked up when the node opens).
     Throttle { file: ChildRef, group: String },

@@ -16,6 +16,7 @@ use block::drivers::throttle::ThrottleDriver;
 use block::throttle::ThrottleMember;
 use block::{BlockError, BlockNode, Driver};
 use nbd_client::{NbdDriver, NbdOptions, ServerAddr};
+use rbd::RbdDriver;
 
 use super::{FormatInfo, NodeEntry, NodeTable};
 use crate::config::{
@@ -158,6 +159,19 @@ fn open_plain(
             let driver = NullDriver::with_latency(*size, *read_zeroes, latency);
             Ok((Arc::new(driver), Vec::new(), "null-co://".to_string()))
         }
+        NodeSpec::Rbd { options: rbd, .. } => {
+            let driver = open_rbd(options, rbd)?;
+            // QEMU's legacy filename: rbd:POOL[/NAMESPACE]/IMAGE[@SNAP].
+            let mut filename = format!("rbd:{}/", rbd.pool);
+            if let Some(ns) = &rbd.namespace {
+                filename += &format!("{ns}/");
+            }
+            filename += &rbd.image;
+            if let Some(snap) = &rbd.snapshot {
+                filename += &format!("@{snap}");
+            }
+            Ok((Arc::new(driver), Vec::new(), filename))
+        }
         NodeSpec::Qcow2 { .. } | NodeSpec::Throttle { .. } => Err(NodeError::Open(
             "qcow2 and throttle nodes are opened by their own functions".into(),
         )),
@@ -197,6 +211,29 @@ fn nbd_filename(spec: &NbdClientSpec) -> String {
         ServerAddr::Inet { host, port } => format!("nbd://{host}:{port}/{export}"),
         ServerAddr::Unix(path) => format!("nbd+unix:///{export}?socket={}", path.display()),
     }
+}
+
+/// Connects to the cluster and opens the image, as QEMU's rbd driver: the
+/// open's own errors first, then a snapshot opened writable is refused (or,
+/// with `auto-read-only`, made read-only). Connecting waits on monitors
+/// (bounded by librados timeouts, see `rbd::CONNECT_TIMEOUT_SECS`), so the
+/// wait leaves the runtime's other tasks (other monitors, exports) to the
+/// other worker threads.
+fn open_rbd(options: &NodeOptions, rbd: &rbd::RbdOptions) -> Result<RbdDriver, NodeError> {
+    let snapshot = rbd.snapshot.is_some();
+    let read_only = options.read_only || (snapshot && options.auto_read_only);
+    let open = || rbd::Image::open(rbd, read_only || snapshot);
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    let image = match multi_thread {
+        true => tokio::task::block_in_place(open),
+        false => open(),
+    }
+    .map_err(|e| NodeError::Open(e.to_string()))?;
+    if snapshot && !read_only {
+        return Err(NodeError::Open("rbd snapshots are read-only".into()));
+    }
+    Ok(RbdDriver::new(image, read_only, options.discard))
 }
 
 /// A throttle filter over `file`, joining the group `group` (which must

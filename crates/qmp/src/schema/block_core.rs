@@ -3,6 +3,7 @@
 use serde_json::Value;
 
 use crate::introspect::{any, bool, describe, int, named, opt, req, str, Describe, Schema, Ty};
+use crate::schema::object::InetSocketAddressBase;
 use crate::schema::sockets::SocketAddress;
 use crate::visitor::{Ctx, Fields, FromQapi, InputMode};
 use crate::{qapi_enum, qapi_object, qapi_struct, QmpError};
@@ -16,8 +17,10 @@ qapi_enum!(BlockdevDriver {
     NullCo = "null-co",
     Qcow2 = "qcow2",
     Raw = "raw",
+    Rbd = "rbd",
     Throttle = "throttle",
 });
+qapi_enum!(RbdAuthMode { Cephx = "cephx", None = "none" });
 qapi_enum!(BlockdevDiscardOptions { Ignore = "ignore", Unmap = "unmap" });
 qapi_enum!(BlockdevDetectZeroesOptions { Off = "off", On = "on", Unmap = "unmap" });
 qapi_enum!(OnOffAuto { Auto = "auto", On = "on", Off = "off" });
@@ -57,6 +60,24 @@ qapi_struct! {
         opt "aio" aio: BlockdevAioOptions,
         opt "aio-max-batch" aio_max_batch: i64,
         opt "drop-cache" drop_cache: bool,
+    }
+}
+
+qapi_struct! {
+    /// The `rbd` branch, QEMU's BlockdevOptionsRbd. `encrypt` is read as any
+    /// value so that bexd can refuse it by name (it has no LUKS layer).
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct BlockdevOptionsRbd {
+        req "pool" pool: String,
+        opt "namespace" namespace: String,
+        req "image" image: String,
+        opt "conf" conf: String,
+        opt "snapshot" snapshot: String,
+        opt "encrypt" encrypt: Value,
+        opt "user" user: String,
+        opt "auth-client-required" auth_client_required: Vec<RbdAuthMode>,
+        opt "key-secret" key_secret: String,
+        opt "server" server: Vec<InetSocketAddressBase>,
     }
 }
 
@@ -270,6 +291,7 @@ pub enum BlockdevSpecific {
         read_zeroes: Option<bool>,
     },
     Qcow2(BlockdevOptionsQcow2),
+    Rbd(BlockdevOptionsRbd),
     /// The I/O limits filter: the group (an object's id) before the child, QEMU's order.
     Throttle {
         throttle_group: String,
@@ -364,6 +386,7 @@ fn read_specific(driver: BlockdevDriver, f: &mut Fields) -> Result<BlockdevSpeci
             encrypt: f.optional("encrypt")?,
             data_file: f.optional("data-file")?,
         }),
+        BlockdevDriver::Rbd => BlockdevSpecific::Rbd(BlockdevOptionsRbd::read_members(f)?),
         BlockdevDriver::Throttle => BlockdevSpecific::Throttle {
             throttle_group: f.required("throttle-group")?,
             file: f.required("file")?,
@@ -418,6 +441,7 @@ fn branch(s: &mut Schema, driver: &str) -> Ty {
     let (key, members) = match driver {
         "file" | "host_device" => return describe::<BlockdevOptionsFile>(s),
         "nbd" => return describe::<BlockdevOptionsNbd>(s),
+        "rbd" => return describe::<BlockdevOptionsRbd>(s),
         "blkdebug" => (
             "BlockdevOptionsBlkdebug",
             vec![

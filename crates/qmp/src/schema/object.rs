@@ -11,6 +11,7 @@ use crate::{qapi_enum, qapi_struct, QmpError};
 
 qapi_enum!(QAuthZListPolicy { Deny = "deny", Allow = "allow" });
 qapi_enum!(QAuthZListFormat { Exact = "exact", Glob = "glob" });
+qapi_enum!(QCryptoSecretFormat { Raw = "raw", Base64 = "base64" });
 qapi_enum!(QCryptoTLSCredsEndpoint { Client = "client", Server = "server" });
 
 /// The members every `tls-creds-*` object has (QEMU's `TlsCredsProperties`).
@@ -90,6 +91,15 @@ pub enum ObjectProps {
     MetricsHttp {
         addr: InetSocketAddressBase,
     },
+    /// `secret`: a password or key, given inline (`data`) or in a file; with
+    /// `keyid` it is itself encrypted with another secret (bexd refuses that).
+    Secret {
+        data: Option<String>,
+        file: Option<String>,
+        format: Option<QCryptoSecretFormat>,
+        keyid: Option<String>,
+        iv: Option<String>,
+    },
     /// `throttle-group`: I/O limits shared by throttle nodes, as the
     /// `limits` struct and as the `x-*` properties (their names without
     /// the `x-`, with the values given).
@@ -115,6 +125,7 @@ pub const OBJECT_TYPES: &[&str] = &[
     "iothread",
     "main-loop",
     "metrics-http",
+    "secret",
     "throttle-group",
     "tls-creds-psk",
     "tls-creds-x509",
@@ -194,6 +205,13 @@ impl FromQapi for ObjectOptions {
             "metrics-http" => ObjectProps::MetricsHttp {
                 addr: f.required("addr")?,
             },
+            "secret" => ObjectProps::Secret {
+                format: f.optional("format")?,
+                keyid: f.optional("keyid")?,
+                iv: f.optional("iv")?,
+                data: f.optional("data")?,
+                file: f.optional("file")?,
+            },
             "throttle-group" => {
                 let limits = f.optional::<ThrottleLimits>("limits")?.map(Box::new);
                 let mut properties = Vec::new();
@@ -270,6 +288,16 @@ fn object_branch(s: &mut Schema, qom_type: &str) -> Ty {
         "metrics-http" => (
             "MetricsHttpProperties",
             vec![req("addr", describe::<InetSocketAddressBase>(s))],
+        ),
+        "secret" => (
+            "SecretProperties",
+            vec![
+                opt("format", describe::<QCryptoSecretFormat>(s)),
+                opt("keyid", str()),
+                opt("iv", str()),
+                opt("data", str()),
+                opt("file", str()),
+            ],
         ),
         "throttle-group" => {
             let mut m = vec![opt("limits", describe::<ThrottleLimits>(s))];
