@@ -24,8 +24,10 @@
 //! `observer` what a node reports up to the daemon (write threshold,
 //! corruption).
 
+pub mod before_write;
 pub mod bitmap;
 pub mod bitmap_store;
+pub mod block_copy;
 pub mod buf;
 pub mod debug_event;
 pub mod driver;
