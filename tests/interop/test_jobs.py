@@ -442,3 +442,106 @@ def test_backup_is_the_disk_at_its_start_while_a_client_writes(start, tmp_path, 
     assert d.stop() == 0
     if fmt == "qcow2":
         assert "No errors" in qemu_img("check", "-f", fmt, str(img))
+
+
+def test_full_backup_to_qcow2_target(start, disks, tmp_path):
+    src, _ = disks
+    dst = tmp_path / "dst.qcow2"
+    qemu_img("create", "-f", "qcow2", str(dst), str(SIZE))
+    d = start([f"driver=file,node-name=src,filename={src}",
+               f"driver=file,node-name=dstf,filename={dst}",
+               "driver=qcow2,node-name=dst,file=dstf"], [])
+
+    async def body():
+        async with Session(d.qmp_sock) as s:
+            assert await s.run("blockdev-backup", **{"job-id": "j", "device": "src",
+                                                     "target": "dstf", "sync": "full"}) == (
+                "GenericError", "Source and target image have different sizes")
+            await s.ok("blockdev-backup", **{"job-id": "j", "device": "src", "target": "dst",
+                                             "sync": "full"})
+            await s.wait("JOB_STATUS_CHANGE", id="j", status="null")
+            assert "BLOCK_JOB_COMPLETED" in s.job_events("j")
+    run(body())
+    assert d.stop() == 0
+    assert identical(src, dst, fb="qcow2")
+    assert "No errors" in qemu_img("check", "-f", "qcow2", str(dst))
+
+
+def test_sync_top_copies_only_the_top_layer(start, tmp_path):
+    need("qemu-img")
+    need("qemu-io")
+    base = tmp_path / "base.img"
+    top = tmp_path / "top.qcow2"
+    dst = tmp_path / "dst.img"
+    expected = tmp_path / "expected.img"
+    for img in (base, dst, expected):
+        qemu_img("create", "-f", "raw", str(img), str(SIZE))
+    qemu_io(str(base), f"write -P 0x11 0 {SIZE}")
+    qemu_img("create", "-f", "qcow2", "-b", str(base), "-F", "raw", str(top))
+    top_writes = ["write -P 0x22 1M 64k", "write -P 0x33 5M 256k", f"write -P 0x44 {SIZE - MIB} 1M"]
+    qemu_io(str(top), *top_writes, fmt="qcow2")
+    qemu_io(str(expected), *top_writes)
+    d = start([f"driver=qcow2,node-name=src,file.driver=file,file.filename={top},"
+               f"backing.driver=raw,backing.file.driver=file,backing.file.filename={base}",
+               f"driver=file,node-name=dst,filename={dst}"], [])
+
+    async def body():
+        async with Session(d.qmp_sock) as s:
+            await s.ok("blockdev-backup", **{"job-id": "j", "device": "src", "target": "dst",
+                                             "sync": "top"})
+            done = await s.wait("BLOCK_JOB_COMPLETED", device="j")
+            assert "error" not in done and done["len"] == done["offset"]
+    run(body())
+    assert identical(expected, dst)
+
+
+def test_sync_none_saves_only_what_writes_change(start, disks):
+    """sync=none copies nothing itself: the target gets a cluster's old contents just before
+    a client overwrites it, until the job is cancelled."""
+    src, dst = disks
+    d = start(nodes(src, dst), export_src())
+
+    async def body():
+        async with Session(d.qmp_sock) as s:
+            await s.ok("blockdev-backup", **{"job-id": "j", "device": "src", "target": "dst",
+                                             "sync": "none"})
+            qemu_io(d.uri("src"), "write -P 0xee 3M 64k", "write -P 0xef 7M 4k")
+            [job] = await s.ok("query-jobs")
+            assert job["status"] == "running"
+            await s.ok("job-cancel", id="j")
+            await s.wait("BLOCK_JOB_CANCELLED", device="j")
+            await s.wait("JOB_STATUS_CHANGE", id="j", status="null")
+    run(body())
+    assert d.stop() == 0
+    # The old contents of exactly the two clusters written, zeroes elsewhere.
+    qemu_io(str(dst), "read -P 0x13 3M 64k", "read -P 0x17 7M 64k", "read -P 0 0 3M",
+            "read -P 0 4M 3M", f"read -P 0 {7 * MIB + 65536} {SIZE - 7 * MIB - 65536}")
+
+
+def test_grouped_failure_cancels_the_other_backup(start, disks, tmp_path):
+    src, dst = disks
+    src2 = tmp_path / "src2.img"
+    dst2 = tmp_path / "dst2.img"
+    shutil.copyfile(src, src2)
+    qemu_img("create", "-f", "raw", str(dst2), str(SIZE))
+    failing = ",".join(["driver=blkdebug", "node-name=bad", "image.driver=file",
+                        f"image.filename={dst2}", "inject-error.0.event=pwritev"])
+    d = start(nodes(src, dst) + [f"driver=file,node-name=src2,filename={src2}", failing], [])
+
+    async def body():
+        async with Session(d.qmp_sock) as s:
+            slow = {"job-id": "slow", "device": "src", "target": "dst", "sync": "full",
+                    "speed": MIB}
+            bad = {"job-id": "bad", "device": "src2", "target": "bad", "sync": "full"}
+            await s.ok("transaction", actions=[
+                {"type": "blockdev-backup", "data": slow},
+                {"type": "blockdev-backup", "data": bad}],
+                properties={"completion-mode": "grouped"})
+            await s.wait("JOB_STATUS_CHANGE", id="slow", status="null")
+            await s.wait("JOB_STATUS_CHANGE", id="bad", status="null")
+            assert s.job_events("bad") == [
+                "created", "running", "paused", "running", "BLOCK_JOB_ERROR:report", "aborting",
+                "BLOCK_JOB_COMPLETED:Input/output error", "concluded", "null"]
+            assert s.job_events("slow")[-4:] == [
+                "aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
+    run(body())
