@@ -17,7 +17,7 @@ use block::block_copy::BlockCopy;
 use block::{BlockNode, DirtyBitmap};
 use qmp::schema::job::{BitmapSyncMode, BlockdevOnError, MirrorSyncMode};
 
-use super::{BoxFuture, ErrorAction, JobCtl, JobFailure, JobWork};
+use super::{BoxFuture, ErrorAction, JobCtl, JobFailure, JobWork, NodeUse};
 use crate::nodes::NodeHold;
 
 /// QEMU's backup cluster size when the target has none larger.
@@ -255,7 +255,13 @@ impl JobWork for BackupWork {
         }
     }
 
-    fn uses_node(&self, name: &str) -> bool {
-        self.source().node_name() == name || self.target.node().node_name() == name
+    fn node_use(&self, name: &str) -> Option<NodeUse> {
+        if self.target.node().node_name() == name {
+            Some(NodeUse::Target)
+        } else if self.source().node_name() == name {
+            Some(NodeUse::Source)
+        } else {
+            None
+        }
     }
 }

@@ -24,6 +24,15 @@ use std::pin::Pin;
 /// The future a job's work runs as.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
+/// What a node is to a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeUse {
+    /// Read from (a backup's source, with its copy-before-write hook).
+    Source,
+    /// Written (a backup's target).
+    Target,
+}
+
 /// How a job's work ended badly: the text QEMU puts in `error`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JobFailure(pub String);
@@ -47,8 +56,8 @@ pub trait JobWork: Send + Sync + 'static {
     fn commit(&self) {}
     fn abort(&self) {}
     fn clean(&self) {}
-    /// Node names the job uses, for "Node 'x' is busy" refusals.
-    fn uses_node(&self, _name: &str) -> bool {
-        false
+    /// How the job uses node `name`, for "Node 'x' is busy" refusals.
+    fn node_use(&self, _name: &str) -> Option<NodeUse> {
+        None
     }
 }

@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use super::ctl::JobCtl;
 use super::ratelimit::RateLimit;
 use super::state::{apply_verb, is_completed, may_transition, JobVerb, VerbRefused};
-use super::{JobFailure, JobWork};
+use super::{JobFailure, JobWork, NodeUse};
 use crate::config::is_well_formed_id;
 use crate::events::EventBus;
 
@@ -239,10 +239,12 @@ impl JobTable {
 
     /// Whether a job uses node `name` (QEMU's op blockers).
     pub fn node_busy(&self, name: &str) -> bool {
-        self.lock()
-            .list
-            .iter()
-            .any(|e| e.status != JobStatus::Null && e.work.uses_node(name))
+        self.node_use(name).is_some()
+    }
+
+    /// How a job uses node `name`, if one does.
+    pub fn node_use(&self, name: &str) -> Option<NodeUse> {
+        self.lock().list.iter().find_map(|e| e.work.node_use(name))
     }
 
     pub(super) fn events(&self) -> &EventBus {
