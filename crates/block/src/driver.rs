@@ -1,6 +1,11 @@
-//! The driver trait every block driver implements.
+//! The driver trait every block driver implements, and the asynchronous
+//! face that drivers of storage behind a network add to it.
+
+use std::future::Future;
+use std::pin::Pin;
 
 use crate::bitmap_store::BitmapStore;
+use crate::buf::IoBuf;
 use crate::debug_event::DebugEvent;
 use crate::error::BlockResult;
 use crate::mapping::{Access, FileMapping};
@@ -127,5 +132,55 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
     /// Readahead hint.
     fn cache(&self, _offset: u64, _len: u64) -> BlockResult<()> {
         Ok(())
+    }
+    /// The driver's asynchronous face, for drivers whose requests complete
+    /// without a thread waiting (storage behind a network; see
+    /// [`AsyncDriver`]). The node asks once, at creation, and then sends
+    /// every request there instead of to the blocking pool.
+    fn async_driver(&self) -> Option<std::sync::Arc<dyn AsyncDriver>> {
+        None
+    }
+}
+
+/// A request's completion: `'static`, so it owns what it needs (an `Arc` of the driver's
+/// state, the buffer).
+pub type IoFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// The asynchronous face of a driver whose requests complete without a
+/// thread waiting for them.
+///
+/// A [`Driver`] is synchronous: the node runs it on tokio's blocking pool, so each
+/// request in flight holds a pool thread for as long as the device takes. That is right for a
+/// local file (a page-cache copy or a disk read of microseconds to milliseconds, and io_uring for
+/// the rest), and wrong for storage behind a network: a Ceph RBD image answers through librbd's
+/// completion callbacks, an NBD server through replies on one connection, each after a round
+/// trip, and 32 requests in flight would hold 32 threads that do nothing but wait.
+///
+/// Such a driver still implements `Driver` (formats such as qcow2 call their child
+/// synchronously from the pool, and its answers there must be the same bytes), and offers an
+/// [`AsyncDriver`] through [`Driver::async_driver`]. A node over it sends every request there
+/// instead of to the pool, after the same range, permission and throttle checks; `raw` over such
+/// a node offers one too ([`crate::drivers::raw`]), so the common raw-over-protocol stack never
+/// touches the pool.
+///
+/// Futures are boxed: one allocation per request is nothing next to a network round trip, and it
+/// keeps the trait object-safe.
+///
+/// The node has checked ranges, permissions and limits, as for [`Driver`]; each call means
+/// what the `Driver` method of the same name means (FUA durable on return, `block_status`
+/// never empty, ...).
+pub trait AsyncDriver: Send + Sync + std::fmt::Debug + 'static {
+    /// Fills all of `buf` from `offset`; the buffer comes back with the result.
+    fn read(&self, buf: IoBuf, offset: u64) -> IoFuture<(IoBuf, BlockResult<()>)>;
+    /// Writes all of `buf` at `offset`; with `fua` it is on stable storage when this completes.
+    fn write(&self, buf: IoBuf, offset: u64, fua: bool) -> IoFuture<(IoBuf, BlockResult<()>)>;
+    fn flush(&self) -> IoFuture<BlockResult<()>>;
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<BlockResult<()>>;
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<BlockResult<()>>;
+    /// The extent starting at `offset`, at most `len` long, never empty.
+    fn block_status(&self, offset: u64, len: u64) -> IoFuture<BlockResult<Extent>>;
+    /// Readahead hint; drivers without one do nothing.
+    fn cache(&self, _offset: u64, _len: u64) -> IoFuture<BlockResult<()>> {
+        Box::pin(async { Ok(()) })
     }
 }

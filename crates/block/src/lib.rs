@@ -22,7 +22,9 @@
 //! `throttle` QEMU's I/O limits (groups, leaky buckets), which the node
 //! applies before a request of a throttle node runs, and
 //! `observer` what a node reports up to the daemon (write threshold,
-//! corruption).
+//! corruption). `driver` also holds `AsyncDriver`, the face of a driver whose
+//! requests complete without a thread waiting (storage behind a network),
+//! which the node uses instead of the pool where a driver offers it.
 
 pub mod before_write;
 pub mod bitmap;
@@ -51,7 +53,7 @@ pub use bitmap::{BitmapLease, BitmapSet, DirtyBitmap};
 pub use bitmap_store::{BitmapStore, StoredBitmap};
 pub use buf::IoBuf;
 pub use debug_event::DebugEvent;
-pub use driver::{Capabilities, Driver, Extent, ZeroFlags};
+pub use driver::{AsyncDriver, Capabilities, Driver, Extent, IoFuture, ZeroFlags};
 pub use error::{BlockError, BlockErrorKind, BlockResult};
 pub use mapping::{Access, FileMapping, MappingLease};
 pub use node::{BlockNode, ExtentSink, FileSlice};

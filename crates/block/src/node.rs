@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::before_write::{BeforeWriteSlot, WriteGuard};
 use crate::bitmap::{BitmapSet, DEFAULT_GRANULARITY};
 use crate::buf::IoBuf;
-use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
+use crate::driver::{AsyncDriver, Capabilities, Driver, Extent, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 use crate::mapping::{Access, FileMapping, MappingLease};
 use crate::observer::NodeObserver;
@@ -75,6 +75,9 @@ impl FileSlice {
 pub struct BlockNode {
     node_name: String,
     driver: Arc<dyn Driver>,
+    /// The driver's asynchronous face, if it has one: requests go there
+    /// instead of to the blocking pool (see [`AsyncDriver`]).
+    async_driver: Option<Arc<dyn AsyncDriver>>,
     read_only: bool,
     caps: Capabilities,
     /// Dirty bitmaps; every write through this node marks them (see `bitmap.rs`).
@@ -111,6 +114,7 @@ impl BlockNode {
         Self {
             node_name,
             read_only: read_only || !caps.can_write,
+            async_driver: driver.async_driver(),
             driver,
             caps,
             bitmaps,
@@ -296,6 +300,12 @@ impl BlockNode {
         &self.driver
     }
 
+    /// The driver's asynchronous face, where it has one; a format over this
+    /// node (raw) passes its requests on through it.
+    pub fn async_driver(&self) -> Option<&Arc<dyn AsyncDriver>> {
+        self.async_driver.as_ref()
+    }
+
     pub fn bitmaps(&self) -> &BitmapSet {
         &self.bitmaps
     }
@@ -406,6 +416,9 @@ impl BlockNode {
             return (buf, Err(e));
         }
         self.throttled(Direction::Read, len).await;
+        if let Some(a) = &self.async_driver {
+            return a.read(buf, offset).await;
+        }
         if !self.caps.nonblocking && len <= INLINE_MAX {
             if let Some(r) = self.driver.try_read_now(&mut buf, offset) {
                 return (buf, r);
@@ -463,6 +476,11 @@ impl BlockNode {
         if self.detect_zeroes != DetectZeroes::Off && is_zero(&buf) {
             return (buf, self.write_detected_zeroes(offset, len, fua).await);
         }
+        if let Some(a) = &self.async_driver {
+            let done = a.write(buf, offset, fua).await;
+            self.record_write(offset, len);
+            return done;
+        }
         let mapping = self.ring_mapping(offset, len, Access::Write);
         // Only raw over a file answers writes: one run.
         if let Some((ring, m)) = mapping.filter(|(_, m)| m.runs.len() == 1) {
@@ -491,15 +509,22 @@ impl BlockNode {
             may_unmap: self.detect_zeroes == DetectZeroes::Unmap,
             fast: false,
         };
-        let r = self
-            .run(len, move |d| {
-                d.write_zeroes(offset, len, flags)?;
-                match fua {
-                    true => d.flush(),
-                    false => Ok(()),
-                }
-            })
-            .await;
+        let r = match &self.async_driver {
+            Some(a) => match a.write_zeroes(offset, len, flags).await {
+                Ok(()) if fua => a.flush().await,
+                r => r,
+            },
+            None => {
+                self.run(len, move |d| {
+                    d.write_zeroes(offset, len, flags)?;
+                    match fua {
+                        true => d.flush(),
+                        false => Ok(()),
+                    }
+                })
+                .await
+            }
+        };
         self.record_write(offset, len);
         r
     }
@@ -508,7 +533,10 @@ impl BlockNode {
         if self.read_only {
             return Ok(());
         }
-        self.run(0, |d| d.flush()).await
+        match &self.async_driver {
+            Some(a) => a.flush().await,
+            None => self.run(0, |d| d.flush()).await,
+        }
     }
 
     pub async fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
@@ -519,7 +547,10 @@ impl BlockNode {
             self.throttled(Direction::Write, len).await;
         }
         let _write = self.before_write.enter(offset, len).await?;
-        let r = self.run(len, move |d| d.discard(offset, len)).await;
+        let r = match &self.async_driver {
+            Some(a) => a.discard(offset, len).await,
+            None => self.run(len, move |d| d.discard(offset, len)).await,
+        };
         // A node that ignores discards writes nothing: QEMU leaves its
         // bitmaps and write threshold alone.
         if self.caps.can_discard {
@@ -533,9 +564,13 @@ impl BlockNode {
         self.check_range(offset, len)?;
         self.throttled(Direction::Write, len).await;
         let _write = self.before_write.enter(offset, len).await?;
-        let r = self
-            .run(len, move |d| d.write_zeroes(offset, len, flags))
-            .await;
+        let r = match &self.async_driver {
+            Some(a) => a.write_zeroes(offset, len, flags).await,
+            None => {
+                self.run(len, move |d| d.write_zeroes(offset, len, flags))
+                    .await
+            }
+        };
         self.record_write(offset, len);
         r
     }
@@ -546,6 +581,9 @@ impl BlockNode {
     /// wake-ups per extent and ran 5x slower than qemu-nbd's.
     pub async fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
         self.check_range(offset, len)?;
+        if let Some(a) = &self.async_driver {
+            return a.block_status(offset, len).await;
+        }
         if self.caps.nonblocking {
             return self.driver.block_status(offset, len);
         }
@@ -575,6 +613,9 @@ impl BlockNode {
         self.check_range(offset, len)?;
         let end = offset + len;
         let step = step.max(1);
+        if let Some(a) = &self.async_driver {
+            return walk_async(a.as_ref(), offset, end, step, sink).await;
+        }
         let nonblocking = self.caps.nonblocking;
         let now = |d: &dyn Driver, pos, want| match nonblocking {
             true => Some(d.block_status(pos, want)),
@@ -599,7 +640,10 @@ impl BlockNode {
         self.check_range(offset, len)?;
         // QEMU's NBD CACHE is a prefetching read, which its throttle counts.
         self.throttled(Direction::Read, len).await;
-        self.run(len, move |d| d.cache(offset, len)).await
+        match &self.async_driver {
+            Some(a) => a.cache(offset, len).await,
+            None => self.run(len, move |d| d.cache(offset, len)).await,
+        }
     }
 }
 
@@ -617,6 +661,27 @@ enum Walked {
     Done,
     /// `query` could not answer at this offset without blocking.
     Stopped(u64),
+}
+
+/// [`walk_extents`] over an asynchronous driver: one query in flight at a
+/// time, as each starts where the last one ended.
+async fn walk_async<S: ExtentSink>(
+    driver: &dyn AsyncDriver,
+    mut pos: u64,
+    end: u64,
+    step: u64,
+    mut sink: S,
+) -> BlockResult<S> {
+    while pos < end {
+        let want = (end - pos).min(step);
+        let extent = driver.block_status(pos, want).await?;
+        let len = extent.len.clamp(1, want);
+        if !sink.push(pos, &Extent { len, ..extent }) {
+            break;
+        }
+        pos += len;
+    }
+    Ok(sink)
 }
 
 /// Queries `driver` from `pos` to `end` through `query` (`None`: not

@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
+use crate::buf::IoBuf;
 use crate::debug_event::DebugEvent;
-use crate::driver::{Capabilities, Driver, Extent, ZeroFlags};
+use crate::driver::{AsyncDriver, Capabilities, Driver, Extent, IoFuture, ZeroFlags};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 use crate::mapping::{Access, FileMapping};
 use crate::node::BlockNode;
@@ -144,5 +145,76 @@ impl Driver for RawDriver {
 
     fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
         self.inner().cache(self.offset + offset, len)
+    }
+
+    /// Over a child that completes asynchronously (rbd, nbd), raw does too:
+    /// its window is an offset added on the way down, so a request needs no
+    /// thread of its own any more than the child's do.
+    fn async_driver(&self) -> Option<Arc<dyn AsyncDriver>> {
+        self.child.async_driver()?;
+        Some(Arc::new(RawOverAsync {
+            child: self.child.clone(),
+            offset: self.offset,
+            discard: self.discard,
+        }))
+    }
+}
+
+/// Raw's window onto a child whose driver is asynchronous. Requests go
+/// through the child node's async edge, which marks the child's bitmaps and
+/// checks its write threshold as the synchronous path's `record_write` does.
+/// No debug events: blkdebug is synchronous, so it is never such a child.
+#[derive(Debug)]
+struct RawOverAsync {
+    child: Arc<BlockNode>,
+    offset: u64,
+    discard: bool,
+}
+
+impl AsyncDriver for RawOverAsync {
+    fn read(&self, buf: IoBuf, offset: u64) -> IoFuture<(IoBuf, BlockResult<()>)> {
+        let (child, at) = (self.child.clone(), self.offset + offset);
+        Box::pin(async move { child.read(buf, at).await })
+    }
+
+    fn write(&self, buf: IoBuf, offset: u64, fua: bool) -> IoFuture<(IoBuf, BlockResult<()>)> {
+        let (child, at) = (self.child.clone(), self.offset + offset);
+        Box::pin(async move { child.write(buf, at, fua).await })
+    }
+
+    fn flush(&self) -> IoFuture<BlockResult<()>> {
+        let child = self.child.clone();
+        Box::pin(async move { child.flush().await })
+    }
+
+    /// Passed down only with `discard=unmap` on this node, as QEMU passes
+    /// discards down only if every layer allows it.
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<BlockResult<()>> {
+        let (child, at, pass) = (self.child.clone(), self.offset + offset, self.discard);
+        Box::pin(async move {
+            match pass {
+                true => child.discard(at, len).await,
+                false => Ok(()),
+            }
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<BlockResult<()>> {
+        let (child, at) = (self.child.clone(), self.offset + offset);
+        let flags = ZeroFlags {
+            may_unmap: flags.may_unmap && self.discard,
+            ..flags
+        };
+        Box::pin(async move { child.write_zeroes(at, len, flags).await })
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> IoFuture<BlockResult<Extent>> {
+        let (child, at) = (self.child.clone(), self.offset + offset);
+        Box::pin(async move { child.block_status(at, len).await })
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> IoFuture<BlockResult<()>> {
+        let (child, at) = (self.child.clone(), self.offset + offset);
+        Box::pin(async move { child.cache(at, len).await })
     }
 }
