@@ -17,6 +17,7 @@ use crate::error::{ExportError, ServerError};
 use crate::events::EventBus;
 use crate::exports::nbd::NbdExport;
 use crate::exports::{Export, ExportKind, ExportTable};
+use crate::jobs::JobTable;
 use crate::nbd_server::{NbdServer, ServerContext};
 use crate::net::StartGate;
 use crate::nodes::NodeTable;
@@ -32,6 +33,8 @@ pub struct Daemon {
     /// `--chardev`s by id, for `--monitor` to find and `query-chardev` to list.
     pub chardevs: Arc<ChardevTable>,
     pub events: EventBus,
+    /// Background jobs (backups).
+    pub jobs: Arc<JobTable>,
     /// Fired by `quit` or a signal: everything winds down.
     pub shutdown: CancellationToken,
     /// Connection and monitor tasks, awaited on shutdown so in-flight requests finish.
@@ -54,6 +57,7 @@ impl Daemon {
             objects: Arc::new(ObjectTable::with_throttle_groups(throttle_groups)),
             nbd: Mutex::new(None),
             chardevs: Arc::new(ChardevTable::new()),
+            jobs: Arc::new(JobTable::new(events.clone())),
             events,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),

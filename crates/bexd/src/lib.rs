@@ -35,6 +35,7 @@ pub mod error;
 pub mod events;
 pub mod exports;
 pub mod fds;
+pub mod jobs;
 pub mod log_output;
 pub mod man;
 pub mod metrics;

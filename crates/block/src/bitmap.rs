@@ -188,6 +188,14 @@ impl DirtyBitmap {
         self.lock().words.clone()
     }
 
+    /// Takes the bits, leaving the bitmap clean, in one step: no write
+    /// marked meanwhile is lost (a backup freezes its sync bitmap so).
+    pub fn take_words(&self) -> Vec<u64> {
+        let mut s = self.lock();
+        let clean = vec![0; s.words.len()];
+        std::mem::replace(&mut s.words, clean)
+    }
+
     pub fn restore_words(&self, words: Vec<u64>) {
         let mut s = self.lock();
         if words.len() == s.words.len() {

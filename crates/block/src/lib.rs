@@ -26,8 +26,10 @@
 //! requests complete without a thread waiting (storage behind a network),
 //! which the node uses instead of the pool where a driver offers it.
 
+pub mod before_write;
 pub mod bitmap;
 pub mod bitmap_store;
+pub mod block_copy;
 pub mod buf;
 pub mod debug_event;
 pub mod driver;

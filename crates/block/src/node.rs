@@ -5,6 +5,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::before_write::{BeforeWriteSlot, WriteGuard};
 use crate::bitmap::{BitmapSet, DEFAULT_GRANULARITY};
 use crate::buf::IoBuf;
 use crate::driver::{AsyncDriver, Capabilities, Driver, Extent, ZeroFlags};
@@ -35,6 +36,8 @@ pub struct FileSlice {
     runs: Vec<FileRun>,
     _node: Arc<BlockNode>,
     _lease: Option<MappingLease>,
+    /// A write slice counts as a write in flight until it is dropped.
+    _write: Option<WriteGuard>,
 }
 
 impl FileSlice {
@@ -95,6 +98,8 @@ pub struct BlockNode {
     /// Hears a crossed write threshold; `None` for nodes nobody watches
     /// (tests, `bexd serve`'s throwaway nodes).
     observer: Option<Arc<dyn NodeObserver>>,
+    /// A backup's copy-before-write hook (see `before_write.rs`).
+    before_write: BeforeWriteSlot,
 }
 
 impl BlockNode {
@@ -119,6 +124,7 @@ impl BlockNode {
             throttle: None,
             write_threshold: WriteThreshold::default(),
             observer: None,
+            before_write: BeforeWriteSlot::default(),
         }
     }
 
@@ -205,6 +211,11 @@ impl BlockNode {
             return None;
         }
         self.check_range(offset, len).ok()?;
+        // A write that must wait for a copy-before-write hook is not spliced.
+        let write = match access {
+            Access::Write => Some(self.before_write.enter_unhooked()?),
+            Access::Read => None,
+        };
         let m = self.driver.map_file(offset, len, access)?;
         // One run for a write: the splice writes one file range. A read in
         // many short runs costs more in `sendfile` calls than the copy.
@@ -220,6 +231,7 @@ impl BlockNode {
             runs: m.runs,
             _node: self.clone(),
             _lease: m.lease,
+            _write: write,
         })
     }
 
@@ -296,6 +308,11 @@ impl BlockNode {
 
     pub fn bitmaps(&self) -> &BitmapSet {
         &self.bitmaps
+    }
+
+    /// The copy-before-write hook every write of this node passes.
+    pub fn before_write(&self) -> &BeforeWriteSlot {
+        &self.before_write
     }
 
     /// Records a write that has been done: marks this node's recording
@@ -452,6 +469,10 @@ impl BlockNode {
         }
         let len = buf.len() as u64;
         self.throttled(Direction::Write, len).await;
+        let _write = match self.before_write.enter(offset, len).await {
+            Ok(guard) => guard,
+            Err(e) => return (buf, Err(e)),
+        };
         if self.detect_zeroes != DetectZeroes::Off && is_zero(&buf) {
             return (buf, self.write_detected_zeroes(offset, len, fua).await);
         }
@@ -525,6 +546,7 @@ impl BlockNode {
         if self.caps.can_discard {
             self.throttled(Direction::Write, len).await;
         }
+        let _write = self.before_write.enter(offset, len).await?;
         let r = match &self.async_driver {
             Some(a) => a.discard(offset, len).await,
             None => self.run(len, move |d| d.discard(offset, len)).await,
@@ -541,6 +563,7 @@ impl BlockNode {
         self.check_writable()?;
         self.check_range(offset, len)?;
         self.throttled(Direction::Write, len).await;
+        let _write = self.before_write.enter(offset, len).await?;
         let r = match &self.async_driver {
             Some(a) => a.write_zeroes(offset, len, flags).await,
             None => {

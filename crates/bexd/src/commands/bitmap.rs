@@ -1,4 +1,5 @@
-//! The dirty bitmap commands and `transaction` with bitmap actions.
+//! The dirty bitmap commands and `transaction` (bitmap actions,
+//! `blockdev-backup` and `abort`).
 //!
 //! Every command is run as a transaction of one action, so the single
 //! commands and `transaction` share one code path. A transaction applies its
@@ -23,6 +24,7 @@ use serde_json::{json, Value};
 
 use super::{ok, Args};
 use crate::daemon::Daemon;
+use crate::jobs::JobTxn;
 use crate::nodes::bitmaps::{check_usable, find_on, Use};
 
 /// QEMU's limit on bitmap names (BDRV_BITMAP_MAX_NAME_SIZE).
@@ -59,12 +61,12 @@ pub mod single {
 
 /// Runs one bitmap command as a transaction of one action.
 fn one<T: FromQapi>(
-    daemon: &Daemon,
+    daemon: &Arc<Daemon>,
     args: Args,
     action: fn(T) -> TransactionAction,
 ) -> Result<Value, QmpError> {
     let action = action(read(Value::Object(args))?);
-    run(daemon, vec![action]).map(|()| ok())
+    run(daemon, vec![action], None).map(|()| ok())
 }
 
 fn read<T: FromQapi>(args: Value) -> Result<T, QmpError> {
@@ -73,15 +75,22 @@ fn read<T: FromQapi>(args: Value) -> Result<T, QmpError> {
 
 pub fn transaction(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
     let t: Transaction = read(Value::Object(args))?;
-    if let (Some(ActionCompletionMode::Grouped), Some(first)) =
-        (t.completion_mode, t.actions.first())
-    {
-        return Err(QmpError::generic(format!(
-            "Action '{}' does not support transaction property completion-mode = grouped",
-            first.type_name()
-        )));
+    let mut txn = None;
+    if t.completion_mode == Some(ActionCompletionMode::Grouped) {
+        // Only backups can fail as a group (QEMU's rule).
+        let alone = t
+            .actions
+            .iter()
+            .find(|a| !matches!(a, TransactionAction::Backup(_)));
+        if let Some(action) = alone {
+            return Err(QmpError::generic(format!(
+                "Action '{}' does not support transaction property completion-mode = grouped",
+                action.type_name()
+            )));
+        }
+        txn = Some(daemon.jobs.new_txn());
     }
-    run(daemon, t.actions).map(|()| ok())
+    run(daemon, t.actions, txn).map(|()| ok())
 }
 
 /// How to take back one applied action.
@@ -94,16 +103,22 @@ enum Undo {
     Enabled(Arc<DirtyBitmap>, bool),
     /// A pending remove: the bitmap was held busy.
     Removing(Arc<DirtyBitmap>),
+    /// A backup job created but not started.
+    Job(u64),
 }
 
-/// Applies all actions or none.
-fn run(daemon: &Daemon, actions: Vec<TransactionAction>) -> Result<(), QmpError> {
+/// Applies all actions or none; backup jobs start once all are applied.
+fn run(
+    daemon: &Arc<Daemon>,
+    actions: Vec<TransactionAction>,
+    txn: Option<JobTxn>,
+) -> Result<(), QmpError> {
     let mut undo = Vec::new();
     let mut removals = Vec::new();
     for action in actions {
-        if let Err(e) = apply(daemon, action, &mut undo, &mut removals) {
+        if let Err(e) = apply(daemon, action, txn, &mut undo, &mut removals) {
             for u in undo.into_iter().rev() {
-                rollback(u);
+                rollback(daemon, u);
             }
             return Err(e);
         }
@@ -112,10 +127,15 @@ fn run(daemon: &Daemon, actions: Vec<TransactionAction>) -> Result<(), QmpError>
         bitmap.set_busy(false);
         node.bitmaps().remove(bitmap.name());
     }
+    for u in undo {
+        if let Undo::Job(serial) = u {
+            daemon.jobs.start_drained(serial);
+        }
+    }
     Ok(())
 }
 
-fn rollback(u: Undo) {
+fn rollback(daemon: &Daemon, u: Undo) {
     match u {
         Undo::Added(node, name) => {
             node.bitmaps().remove(&name);
@@ -123,14 +143,16 @@ fn rollback(u: Undo) {
         Undo::Bits(b, words) => b.restore_words(words),
         Undo::Enabled(b, enabled) => b.set_enabled(enabled),
         Undo::Removing(b) => b.set_busy(false),
+        Undo::Job(serial) => daemon.jobs.discard_unstarted(serial),
     }
 }
 
 type Removals = Vec<(Arc<BlockNode>, Arc<DirtyBitmap>)>;
 
 fn apply(
-    daemon: &Daemon,
+    daemon: &Arc<Daemon>,
     action: TransactionAction,
+    txn: Option<JobTxn>,
     undo: &mut Vec<Undo>,
     removals: &mut Removals,
 ) -> Result<(), QmpError> {
@@ -161,6 +183,12 @@ fn apply(
         TransactionAction::Enable(r) => set_enabled(daemon, &r, true, undo)?,
         TransactionAction::Disable(r) => set_enabled(daemon, &r, false, undo)?,
         TransactionAction::Merge(m) => merge(daemon, &m, undo)?,
+        TransactionAction::Abort(_) => {
+            return Err(QmpError::generic("Transaction aborted using Abort action"))
+        }
+        TransactionAction::Backup(b) => {
+            undo.push(Undo::Job(super::backup::prepare(daemon, *b, txn)?));
+        }
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ use serde_json::Value;
 use super::{ok, Args};
 use crate::config::{BackingSpec, ChildRef, NodeOptions, NodeSpec};
 use crate::daemon::Daemon;
+use crate::jobs::NodeUse;
 
 /// `blockdev-add` and `--blockdev`: typed arguments from JSON or keyval, then the node table.
 pub fn add(daemon: &Arc<Daemon>, value: Value, mode: InputMode) -> Result<Value, QmpError> {
@@ -62,6 +63,21 @@ pub fn add_qmp(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
 
 pub fn del(daemon: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
     let node_name = crate::qapi::node_name_arg(Value::Object(args))?;
+    // QEMU's answers: a job's target is blocked by the job, its source
+    // has the job's filter as a parent.
+    match daemon.jobs.node_use(&node_name) {
+        Some(NodeUse::Target) => {
+            return Err(QmpError::generic(format!(
+                "Node '{node_name}' is busy: block device is in use by block job: backup"
+            )))
+        }
+        Some(NodeUse::Source) => {
+            return Err(QmpError::generic(format!(
+                "Block device {node_name} is in use"
+            )))
+        }
+        None => {}
+    }
     daemon.nodes.delete(&node_name)?;
     Ok(ok())
 }

@@ -4,11 +4,13 @@
 //! (`registry.rs`), so they cannot disagree; each family's handlers live in
 //! their own file.
 
+pub(crate) mod backup;
 pub(crate) mod bitmap;
 mod blockdev;
 mod chardev;
 mod executor;
 mod export;
+mod job;
 mod object;
 mod qom;
 mod query;
@@ -40,6 +42,11 @@ use qmp::schema::block_export::{
 use qmp::schema::block_stats::{BlockStats, ExportStats, QueryBlockstatsArgs};
 use qmp::schema::char::{ChardevBackendInfo, ChardevInfo, ClosefdArgs, GetfdArgs};
 use qmp::schema::control::{CommandInfo, QmpCapabilitiesArgs, SchemaInfo, VersionInfo};
+use qmp::schema::job::{
+    BlockJobCancelArgs, BlockJobCancelledEvent, BlockJobCompletedEvent, BlockJobDeviceArgs,
+    BlockJobErrorEvent, BlockJobInfo, BlockJobPendingEvent, BlockJobSetSpeedArgs, BlockdevBackup,
+    JobIdArgs, JobInfo, JobStatusChangeEvent,
+};
 use qmp::schema::object::{ObjectDelArgs, ObjectOptions, QomGetArgs, QomSetArgs};
 use qmp::{ErrorClass, QmpError};
 use serde_json::{Map, Value};
@@ -80,6 +87,22 @@ commands! {
     "block-dirty-bitmap-disable" (BlockDirtyBitmap) -> Empty => bitmap::single::disable,
     "block-dirty-bitmap-merge" (BlockDirtyBitmapMerge) -> Empty => bitmap::single::merge,
     "transaction" (Transaction) -> Empty => bitmap::transaction,
+    "blockdev-backup" (BlockdevBackup) -> Empty => backup::blockdev_backup,
+    "query-jobs" (Empty) -> Vec<JobInfo> => job::query_jobs,
+    "job-pause" (JobIdArgs) -> Empty => job::job_pause,
+    "job-resume" (JobIdArgs) -> Empty => job::job_resume,
+    "job-cancel" (JobIdArgs) -> Empty => job::job_cancel,
+    "job-complete" (JobIdArgs) -> Empty => job::job_complete,
+    "job-dismiss" (JobIdArgs) -> Empty => job::job_dismiss,
+    "job-finalize" (JobIdArgs) -> Empty => job::job_finalize,
+    "query-block-jobs" (Empty) -> Vec<BlockJobInfo> => job::query_block_jobs,
+    "block-job-set-speed" (BlockJobSetSpeedArgs) -> Empty => job::block_job_set_speed,
+    "block-job-cancel" (BlockJobCancelArgs) -> Empty => job::block_job_cancel,
+    "block-job-pause" (BlockJobDeviceArgs) -> Empty => job::block_job_pause,
+    "block-job-resume" (BlockJobDeviceArgs) -> Empty => job::block_job_resume,
+    "block-job-complete" (BlockJobDeviceArgs) -> Empty => job::block_job_complete,
+    "block-job-dismiss" (JobIdArgs) -> Empty => job::block_job_dismiss,
+    "block-job-finalize" (JobIdArgs) -> Empty => job::block_job_finalize,
     "query-chardev" (Empty) -> Vec<ChardevInfo> => chardev::query,
     "query-chardev-backends" (Empty) -> Vec<ChardevBackendInfo> => chardev::query_backends,
     "getfd" (GetfdArgs) -> Empty => chardev::getfd,
@@ -99,6 +122,26 @@ pub static EVENTS: &[Event] = &[
     Event {
         name: "BLOCK_IMAGE_CORRUPTED",
         data: describe::<BlockImageCorruptedEvent>,
+    },
+    Event {
+        name: "JOB_STATUS_CHANGE",
+        data: describe::<JobStatusChangeEvent>,
+    },
+    Event {
+        name: "BLOCK_JOB_COMPLETED",
+        data: describe::<BlockJobCompletedEvent>,
+    },
+    Event {
+        name: "BLOCK_JOB_CANCELLED",
+        data: describe::<BlockJobCancelledEvent>,
+    },
+    Event {
+        name: "BLOCK_JOB_ERROR",
+        data: describe::<BlockJobErrorEvent>,
+    },
+    Event {
+        name: "BLOCK_JOB_PENDING",
+        data: describe::<BlockJobPendingEvent>,
     },
 ];
 

@@ -84,7 +84,12 @@ fn test_schema_describes_the_events() {
         [
             "BLOCK_EXPORT_DELETED",
             "BLOCK_WRITE_THRESHOLD",
-            "BLOCK_IMAGE_CORRUPTED"
+            "BLOCK_IMAGE_CORRUPTED",
+            "JOB_STATUS_CHANGE",
+            "BLOCK_JOB_COMPLETED",
+            "BLOCK_JOB_CANCELLED",
+            "BLOCK_JOB_ERROR",
+            "BLOCK_JOB_PENDING"
         ]
     );
 }

@@ -151,6 +151,11 @@ impl NodeTable {
             .map(|e| (e.node.clone(), e.filename.clone()))
     }
 
+    /// How many nodes use `name` as a child (0 for an unknown node).
+    pub fn parents(&self, name: &str) -> usize {
+        self.lock().get(name).map_or(0, |e| e.parents)
+    }
+
     pub fn names(&self) -> BTreeSet<String> {
         self.lock().keys().cloned().collect()
     }

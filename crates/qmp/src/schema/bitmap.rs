@@ -1,9 +1,10 @@
 //! qapi/block-core.json and transaction.json: the dirty bitmap commands and
-//! the `transaction` command's bitmap actions.
+//! the `transaction` command's actions.
 
 use serde_json::Value;
 
 use super::block_export::BlockDirtyBitmapOrStr;
+use super::job::BlockdevBackup;
 use crate::introspect::{describe, named, opt, req, Describe, Schema, Ty};
 use crate::visitor::{Ctx, Fields, FromQapi};
 use crate::{qapi_enum, qapi_struct, QmpError};
@@ -39,9 +40,31 @@ qapi_struct! {
     }
 }
 
-/// One action of `transaction` (only the bitmap ones are implemented).
+/// The `abort` action's data: an empty object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Abort;
+
+impl FromQapi for Abort {
+    fn from_qapi(value: Value, ctx: &Ctx) -> Result<Self, QmpError> {
+        Fields::new(value, ctx)?.finish()?;
+        Ok(Self)
+    }
+}
+
+impl Describe for Abort {
+    fn ty() -> Ty {
+        named("Abort")
+    }
+    fn define(s: &mut Schema) {
+        s.object("Abort", vec![]);
+    }
+}
+
+/// One action of `transaction`: the bitmap ones, `blockdev-backup` and `abort`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TransactionAction {
+    Abort(Abort),
+    Backup(Box<BlockdevBackup>),
     Add(BlockDirtyBitmapAdd),
     Remove(BlockDirtyBitmap),
     Clear(BlockDirtyBitmap),
@@ -59,6 +82,8 @@ impl TransactionAction {
             Self::Enable(_) => "block-dirty-bitmap-enable",
             Self::Disable(_) => "block-dirty-bitmap-disable",
             Self::Merge(_) => "block-dirty-bitmap-merge",
+            Self::Abort(_) => "abort",
+            Self::Backup(_) => "blockdev-backup",
         }
     }
 }
@@ -91,6 +116,8 @@ impl FromQapi for TransactionAction {
             "block-dirty-bitmap-enable" => Self::Enable(f.required("data")?),
             "block-dirty-bitmap-disable" => Self::Disable(f.required("data")?),
             "block-dirty-bitmap-merge" => Self::Merge(f.required("data")?),
+            "abort" => Self::Abort(f.required("data")?),
+            "blockdev-backup" => Self::Backup(Box::new(f.required("data")?)),
             other => {
                 return Err(QmpError::generic(format!(
                     "Transaction action '{other}' is not supported by bexd"
@@ -104,12 +131,14 @@ impl FromQapi for TransactionAction {
 
 /// The action kinds bexd implements (the reader knows QEMU's others, to refuse them by name).
 const IMPLEMENTED_ACTIONS: &[&str] = &[
+    "abort",
     "block-dirty-bitmap-add",
     "block-dirty-bitmap-remove",
     "block-dirty-bitmap-clear",
     "block-dirty-bitmap-enable",
     "block-dirty-bitmap-disable",
     "block-dirty-bitmap-merge",
+    "blockdev-backup",
 ];
 
 /// QAPI wraps each action's arguments in `data` (a "simple union").
@@ -126,9 +155,13 @@ impl Describe for TransactionAction {
         let add = wrapper("BlockDirtyBitmapAddWrapper", BlockDirtyBitmapAdd::ty());
         let one = wrapper("BlockDirtyBitmapWrapper", BlockDirtyBitmap::ty());
         let merge = wrapper("BlockDirtyBitmapMergeWrapper", BlockDirtyBitmapMerge::ty());
+        let abort = wrapper("AbortWrapper", Abort::ty());
+        let backup = wrapper("BlockdevBackupWrapper", BlockdevBackup::ty());
         let branch = |kind: &str| match kind {
             "block-dirty-bitmap-add" => add.clone(),
             "block-dirty-bitmap-merge" => merge.clone(),
+            "abort" => abort.clone(),
+            "blockdev-backup" => backup.clone(),
             _ => one.clone(),
         };
         let variants = IMPLEMENTED_ACTIONS
@@ -144,6 +177,8 @@ impl Describe for TransactionAction {
         BlockDirtyBitmapAdd::define(s);
         BlockDirtyBitmap::define(s);
         BlockDirtyBitmapMerge::define(s);
+        Abort::define(s);
+        BlockdevBackup::define(s);
     }
 }
 

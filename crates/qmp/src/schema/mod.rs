@@ -9,5 +9,6 @@ pub mod block_export;
 pub mod block_stats;
 pub mod char;
 pub mod control;
+pub mod job;
 pub mod object;
 pub mod sockets;
