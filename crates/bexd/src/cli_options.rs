@@ -67,10 +67,13 @@ pub static OPTIONS: &[OptionDoc] = &[
         usage: &[
             "--export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]",
             "         [,description=<text>][,writable=on|off][,writethrough=on|off]",
+            "--export [type=]fuse,id=<id>,node-name=<node-name>,mountpoint=<file>",
+            "         [,writable=on|off][,allow-other=on|off|auto]",
         ],
         help: &[
             "export the specified block node over NBD",
-            "(requires --nbd-server)",
+            "(requires --nbd-server), or as a regular file",
+            "mounted over <file> with FUSE",
         ],
     },
     OptionDoc {

@@ -17,7 +17,8 @@ use qmp::schema::block_core::{
 };
 use qmp::schema::block_export::{
     read_removal, BlockDirtyBitmapOrStr, BlockExportIothreads, BlockExportOptions,
-    BlockExportRemoveMode, BlockExportType, NbdServerAddOptions, NbdServerOptions,
+    BlockExportOptionsFuse, BlockExportOptionsNbd, BlockExportRemoveMode, BlockExportType,
+    FuseExportAllowOther, NbdServerAddOptions, NbdServerOptions,
 };
 use qmp::schema::char::{ChardevOptions, ChardevSocket, MonitorOptions};
 use qmp::schema::object::ObjectDelArgs;
@@ -27,10 +28,10 @@ use qmp::QmpError;
 use serde_json::Value;
 
 use crate::config::{
-    is_well_formed_id, BackingSpec, BitmapRef, ChardevAddr, ChardevBackend, ChardevConfig,
-    ChildRef, ExportConfig, ExportKindConfig, InetOptions, ListenAddr, NbdExportConfig,
-    NbdServerConfig, NodeOptions, NodeSpec, Qcow2Cache, RemoveMode, SocketChardev,
-    DEFAULT_PAYLOAD_BUDGET,
+    is_well_formed_id, AllowOther, BackingSpec, BitmapRef, ChardevAddr, ChardevBackend,
+    ChardevConfig, ChildRef, ExportConfig, ExportKindConfig, FuseExportConfig, InetOptions,
+    ListenAddr, NbdExportConfig, NbdServerConfig, NodeOptions, NodeSpec, Qcow2Cache, RemoveMode,
+    SocketChardev, DEFAULT_PAYLOAD_BUDGET,
 };
 
 // QEMU's limit on export names and descriptions (NBD_MAX_STRING_SIZE) is
@@ -378,9 +379,9 @@ fn inet_listen_addr(i: InetSocketAddress) -> Result<ListenAddr, QmpError> {
 /// block-export-add / --export.
 pub fn export_config(value: Value, mode: InputMode) -> Result<ExportConfig, QmpError> {
     let o: BlockExportOptions = from_value(value, mode)?;
-    if o.r#type != BlockExportType::Nbd {
+    if !matches!(o.r#type, BlockExportType::Nbd | BlockExportType::Fuse) {
         return Err(QmpError::generic(format!(
-            "Export type '{}' is not supported by bexd (only 'nbd')",
+            "Export type '{}' is not supported by bexd (only 'nbd' and 'fuse')",
             o.r#type.as_str()
         )));
     }
@@ -389,9 +390,10 @@ pub fn export_config(value: Value, mode: InputMode) -> Result<ExportConfig, QmpE
     }
     match &o.iothread {
         Some(BlockExportIothreads::Multi(_)) => {
-            return Err(QmpError::generic(
-                "NBD export does not support multi-threading",
-            ))
+            return Err(QmpError::generic(format!(
+                "{} export does not support multi-threading",
+                o.r#type.as_str().to_uppercase()
+            )))
         }
         Some(BlockExportIothreads::Single(_)) | None => {}
     }
@@ -399,7 +401,40 @@ pub fn export_config(value: Value, mode: InputMode) -> Result<ExportConfig, QmpE
         Some(BlockExportIothreads::Single(name)) => Some(name),
         _ => None,
     };
-    let nbd = o.nbd.unwrap_or_default();
+    let kind = match o.fuse {
+        Some(fuse) => ExportKindConfig::Fuse(fuse_config(fuse)?),
+        None => ExportKindConfig::Nbd(nbd_config(o.nbd.unwrap_or_default(), &o.node_name)?),
+    };
+    Ok(ExportConfig {
+        id: o.id,
+        node_name: o.node_name,
+        writable: o.writable.unwrap_or(false),
+        writethrough: o.writethrough.unwrap_or(false),
+        iothread,
+        kind,
+    })
+}
+
+/// The FUSE branch. Growing the image needs a resize the block layer does
+/// not have yet, so `growable=on` is refused rather than ignored.
+fn fuse_config(o: BlockExportOptionsFuse) -> Result<FuseExportConfig, QmpError> {
+    if o.growable == Some(true) {
+        return Err(QmpError::generic(
+            "Parameter 'growable': growable FUSE exports are not supported by bexd",
+        ));
+    }
+    Ok(FuseExportConfig {
+        mountpoint: PathBuf::from(o.mountpoint),
+        allow_other: match o.allow_other {
+            Some(FuseExportAllowOther::On) => AllowOther::On,
+            Some(FuseExportAllowOther::Off) => AllowOther::Off,
+            Some(FuseExportAllowOther::Auto) | None => AllowOther::Auto,
+        },
+    })
+}
+
+/// The NBD branch, its name defaulting to the node's.
+fn nbd_config(nbd: BlockExportOptionsNbd, node_name: &str) -> Result<NbdExportConfig, QmpError> {
     let bitmaps = nbd
         .bitmaps
         .unwrap_or_default()
@@ -409,20 +444,12 @@ pub fn export_config(value: Value, mode: InputMode) -> Result<ExportConfig, QmpE
             BlockDirtyBitmapOrStr::External { node, name } => BitmapRef::External { node, name },
         })
         .collect();
-    let nbd = checked_nbd(
-        nbd.name.unwrap_or_else(|| o.node_name.clone()),
+    checked_nbd(
+        nbd.name.unwrap_or_else(|| node_name.to_string()),
         nbd.description,
         nbd.allocation_depth.unwrap_or(false),
         bitmaps,
-    )?;
-    Ok(ExportConfig {
-        id: o.id,
-        node_name: o.node_name,
-        writable: o.writable.unwrap_or(false),
-        writethrough: o.writethrough.unwrap_or(false),
-        iothread,
-        kind: ExportKindConfig::Nbd(nbd),
-    })
+    )
 }
 
 /// nbd-server-add: the export's id is its name, which defaults to the device.

@@ -8,6 +8,7 @@
 //! table, never the daemon.
 
 pub mod bitmaps;
+pub mod fuse;
 mod kind;
 pub mod nbd;
 
