@@ -40,7 +40,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use block::BlockNode;
-use fuser::{MountOption, SessionACL};
+use fuser::{MountOption, SessionACL, SessionUnmounter};
 
 use super::ExportKind;
 use crate::config::{AllowOther, FuseExportConfig};
@@ -62,6 +62,10 @@ pub struct FuseExport {
     shared: Arc<Shared>,
     /// The reader thread, until the export stops.
     reader: Mutex<Option<JoinHandle<()>>>,
+    /// fuser's handle on the mount, until the export stops. Unmounting
+    /// through it also keeps fuser from trying again (and warning) when
+    /// the session ends.
+    unmounter: Mutex<Option<SessionUnmounter>>,
 }
 
 impl FuseExport {
@@ -75,8 +79,9 @@ impl FuseExport {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| ExportError::FuseMount("no runtime to serve it".into()))?;
         mountpoint::check(&config.mountpoint)?;
-        let (session, allow_other) = mount(config, node, writable, runtime)?;
+        let (mut session, allow_other) = mount(config, node, writable, runtime)?;
         let shared = session.shared.clone();
+        let unmounter = session.inner.unmount_callable();
         let name = format!("fuse-{id}");
         let reader = std::thread::Builder::new()
             .name(name)
@@ -92,6 +97,7 @@ impl FuseExport {
             mountpoint: config.mountpoint.clone(),
             shared,
             reader: Mutex::new(Some(reader)),
+            unmounter: Mutex::new(Some(unmounter)),
         })
     }
 
@@ -106,9 +112,7 @@ impl FuseExport {
             return;
         };
         self.shared.close();
-        if let Err(e) = mountpoint::unmount(&self.mountpoint) {
-            tracing::warn!(mountpoint = %self.mountpoint.display(), "FUSE unmount failed: {e}");
-        }
+        self.unmount();
         self.shared.wait_idle();
         let deadline = Instant::now() + READER_EXIT_WAIT;
         while !reader.is_finished() && Instant::now() < deadline {
@@ -121,6 +125,23 @@ impl FuseExport {
                 mountpoint = %self.mountpoint.display(),
                 "FUSE file still open after the unmount; its reader ends when it is closed"
             );
+        }
+    }
+
+    /// fuser's plain unmount first (it knows whether its mount is still
+    /// there, so it never unmounts a later mount on the same path); if a
+    /// process holds the file open that fails with EBUSY, and the unmount
+    /// is made lazy.
+    fn unmount(&self) {
+        let Some(mut unmounter) = lock(&self.unmounter).take() else {
+            return;
+        };
+        let Err(busy) = unmounter.unmount() else {
+            return;
+        };
+        tracing::debug!(mountpoint = %self.mountpoint.display(), "FUSE unmount: {busy}");
+        if let Err(e) = mountpoint::unmount(&self.mountpoint) {
+            tracing::warn!(mountpoint = %self.mountpoint.display(), "FUSE unmount failed: {e}");
         }
     }
 }
