@@ -17,6 +17,7 @@ use crate::error::{ExportError, ServerError};
 use crate::events::EventBus;
 use crate::exports::fuse::FuseExport;
 use crate::exports::nbd::NbdExport;
+use crate::exports::vhost_user_blk::VhostUserBlkExport;
 use crate::exports::{Export, ExportKind, ExportTable};
 use crate::nbd_server::{NbdServer, ServerContext};
 use crate::net::StartGate;
@@ -161,6 +162,12 @@ impl Daemon {
                     config.writable,
                 )?)
             }
+            ExportKindConfig::VhostUserBlk(vhost) => Box::new(VhostUserBlkExport::create(
+                vhost,
+                &config.id,
+                hold.node(),
+                config.writable,
+            )?),
         };
         self.exports.add(Export::new(config, hold, kind))
     }

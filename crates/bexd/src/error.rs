@@ -66,6 +66,9 @@ pub enum ExportError {
     /// The mount itself failed; QEMU's text, then why.
     #[error("Failed to mount FUSE session to export: {0}")]
     FuseMount(String),
+    /// The vhost-user-blk socket cannot be set up.
+    #[error("{0}")]
+    VhostUserBlk(String),
     #[error(transparent)]
     Node(#[from] NodeError),
     /// A bitmap named in `bitmaps` cannot be served; QEMU's text.

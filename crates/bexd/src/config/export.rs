@@ -22,6 +22,7 @@ pub struct ExportConfig {
 pub enum ExportKindConfig {
     Nbd(NbdExportConfig),
     Fuse(FuseExportConfig),
+    VhostUserBlk(VhostUserBlkExportConfig),
 }
 
 impl ExportKindConfig {
@@ -30,6 +31,7 @@ impl ExportKindConfig {
         match self {
             Self::Nbd(_) => "nbd",
             Self::Fuse(_) => "fuse",
+            Self::VhostUserBlk(_) => "vhost-user-blk",
         }
     }
 }
@@ -50,6 +52,17 @@ pub struct FuseExportConfig {
     /// The regular file the image is mounted over.
     pub mountpoint: PathBuf,
     pub allow_other: AllowOther,
+}
+
+/// `BlockExportOptionsVhostUserBlk`.
+#[derive(Debug, Clone)]
+pub struct VhostUserBlkExportConfig {
+    /// The unix socket the front-end (the VMM) connects to; bexd listens.
+    pub socket: PathBuf,
+    /// The sector size the guest sees (a power of 2, 512 to 2 MiB).
+    pub logical_block_size: u32,
+    /// Virtqueues; each is served by its own worker thread.
+    pub num_queues: u16,
 }
 
 /// `FuseExportAllowOther`: whether users other than the daemon's may open

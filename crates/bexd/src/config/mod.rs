@@ -14,7 +14,7 @@ mod server;
 pub use chardev::{ChardevAddr, ChardevBackend, ChardevConfig, SocketChardev};
 pub use export::{
     AllowOther, BitmapRef, ExportConfig, ExportKindConfig, FuseExportConfig, NbdExportConfig,
-    RemoveMode,
+    RemoveMode, VhostUserBlkExportConfig,
 };
 pub use ids::is_well_formed_id;
 pub use node::{BackingSpec, ChildRef, NodeOptions, NodeSpec, Qcow2Cache};

@@ -9,8 +9,10 @@
 
 pub mod bitmaps;
 pub mod fuse;
+mod inflight;
 mod kind;
 pub mod nbd;
+pub mod vhost_user_blk;
 
 pub use kind::ExportKind;
 

@@ -78,7 +78,7 @@ impl Describe for NbdServerOptionsLegacy {
 // introspection lists the ones bexd implements.
 qapi_enum!(
     BlockExportType { Nbd = "nbd", VhostUserBlk = "vhost-user-blk", Fuse = "fuse", VduseBlk = "vduse-blk" }
-    advertises ["nbd", "fuse"]
+    advertises ["nbd", "vhost-user-blk", "fuse"]
 );
 qapi_enum!(FuseExportAllowOther { Off = "off", On = "on", Auto = "auto" });
 qapi_enum!(BlockExportRemoveMode { Safe = "safe", Hard = "hard" });
@@ -163,6 +163,16 @@ qapi_struct! {
     }
 }
 
+qapi_struct! {
+    /// The vhost-user-blk branch of BlockExportOptions.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct BlockExportOptionsVhostUserBlk {
+        req "addr" addr: SocketAddress,
+        opt "logical-block-size" logical_block_size: Size,
+        opt "num-queues" num_queues: u16,
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockExportOptions {
     pub r#type: BlockExportType,
@@ -175,8 +185,10 @@ pub struct BlockExportOptions {
     pub allow_inactive: Option<bool>,
     /// Present for `type: nbd`.
     pub nbd: Option<BlockExportOptionsNbd>,
-    /// Present for `type: fuse`; the other types are read but not implemented.
+    /// Present for `type: fuse`.
     pub fuse: Option<BlockExportOptionsFuse>,
+    /// Present for `type: vhost-user-blk`; `vduse-blk` is read but not implemented.
+    pub vhost_user_blk: Option<BlockExportOptionsVhostUserBlk>,
 }
 
 impl FromQapi for BlockExportOptions {
@@ -194,6 +206,7 @@ impl FromQapi for BlockExportOptions {
             allow_inactive: f.optional("allow-inactive")?,
             nbd: None,
             fuse: None,
+            vhost_user_blk: None,
         };
         match r#type {
             BlockExportType::Nbd => {
@@ -202,7 +215,11 @@ impl FromQapi for BlockExportOptions {
             BlockExportType::Fuse => {
                 options.fuse = Some(BlockExportOptionsFuse::read_members(&mut f)?);
             }
-            BlockExportType::VhostUserBlk | BlockExportType::VduseBlk => {
+            BlockExportType::VhostUserBlk => {
+                let o = BlockExportOptionsVhostUserBlk::read_members(&mut f)?;
+                options.vhost_user_blk = Some(o);
+            }
+            BlockExportType::VduseBlk => {
                 f.discard_rest();
                 return Ok(options);
             }
@@ -222,6 +239,7 @@ impl Describe for BlockExportOptions {
         let kind = describe::<BlockExportType>(s);
         let nbd = describe::<BlockExportOptionsNbd>(s);
         let fuse = describe::<BlockExportOptionsFuse>(s);
+        let vhost = describe::<BlockExportOptionsVhostUserBlk>(s);
         s.union(
             "BlockExportOptions",
             vec![
@@ -235,7 +253,7 @@ impl Describe for BlockExportOptions {
                 opt("allow-inactive", bool()),
             ],
             "type",
-            vec![("nbd", nbd), ("fuse", fuse)],
+            vec![("nbd", nbd), ("vhost-user-blk", vhost), ("fuse", fuse)],
         );
     }
 }

@@ -120,6 +120,31 @@ impl Describe for SocketAddressLegacy {
     }
 }
 
+/// The flat union (vhost-user-blk's `addr`): `type` and the variant's own
+/// members side by side.
+impl Describe for SocketAddress {
+    fn ty() -> Ty {
+        named("SocketAddress")
+    }
+    fn define(s: &mut Schema) {
+        let kind = describe::<SocketAddressType>(s);
+        let inet = describe::<InetSocketAddress>(s);
+        let unix = describe::<UnixSocketAddress>(s);
+        s.object(
+            "VsockSocketAddress",
+            vec![req("cid", str()), req("port", str())],
+        );
+        s.object("FdSocketAddress", vec![req("str", str())]);
+        let variants = vec![
+            ("inet", inet),
+            ("unix", unix),
+            ("vsock", named("VsockSocketAddress")),
+            ("fd", named("FdSocketAddress")),
+        ];
+        s.union("SocketAddress", vec![req("type", kind)], "type", variants);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +168,7 @@ mod tests {
     #[test]
     fn test_legacy_reader_accepts_every_described_member() {
         crate::introspect::agreement::check::<SocketAddressLegacy>();
+        crate::introspect::agreement::check::<SocketAddress>();
     }
 
     #[test]

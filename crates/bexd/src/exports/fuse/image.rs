@@ -15,7 +15,7 @@ use fuser::{
 };
 use tokio::runtime::Handle;
 
-use super::inflight::{InFlight, InFlightGuard};
+use crate::exports::inflight::{InFlight, InFlightGuard};
 
 /// Requests the kernel may have in flight in the background (see `init`).
 const MAX_BACKGROUND: u16 = 64;

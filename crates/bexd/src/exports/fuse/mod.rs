@@ -30,7 +30,6 @@
 //! `mountpoint.rs`).
 
 mod image;
-mod inflight;
 mod mountpoint;
 
 use std::any::Any;

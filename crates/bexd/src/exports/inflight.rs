@@ -1,5 +1,5 @@
-//! Counts the FUSE requests handed to the runtime, so that removal can wait
-//! for them before it gives the node back.
+//! Counts the requests an export kind (FUSE, vhost-user-blk) has handed to
+//! the runtime, so that removal can wait for them before it gives the node back.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
