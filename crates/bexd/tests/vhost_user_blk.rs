@@ -503,7 +503,7 @@ fn bench_vhost_user_blk_4k_qd32() {
     for kind in [T_IN, T_OUT] {
         for queues in [1usize, 2] {
             let extra = format!(",writable=on,num-queues={queues}");
-            let mut results = vec![Vec::new(), Vec::new()];
+            let mut results = [Vec::new(), Vec::new()];
             for round in 0..rounds {
                 let order = if round % 2 == 0 {
                     [Peer::Bexd, Peer::Qsd]
