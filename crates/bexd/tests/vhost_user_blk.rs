@@ -102,7 +102,11 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        // SAFETY: kill() on our own child's pid.
+        // Never signal a pid already reaped (it may belong to another process by now).
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        // SAFETY: kill() on our own child's pid, not yet reaped.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
     }
@@ -474,6 +478,30 @@ fn test_front_end_reconnects_and_finds_its_writes() {
         (wrote.1, read.1, g.data(data.len()) == data)
     });
     assert_eq!(out, (S_OK, S_OK, true));
+}
+
+/// SIGTERM with a front-end connected and its queue set up: bexd ends the
+/// connection, exits 0 and removes its socket.
+#[test]
+fn test_exit_with_a_connected_front_end_is_clean() {
+    let mut d = Daemon::start(Peer::Bexd, ",writable=on").unwrap();
+    let mut g = Guest::connect(&d.socket, 1);
+    g.fill(&[5; 4096]);
+    assert_eq!(g.rw(0, T_OUT, 0, 4096), (1, S_OK));
+    // SAFETY: kill() on our own child's pid.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = d.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "bexd did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert!(!d.socket.exists());
+    assert_eq!(&std::fs::read(&d.image).unwrap()[..4096], &[5; 4096][..]);
+    drop(g);
 }
 
 /// A new front-end, retrying while the daemon is still ending the last
