@@ -15,10 +15,11 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 # files' check); man-db, with which systemd-analyze checks the units' man:bexd(8);
 # prometheus for promtool and the server that scrapes bexd's metrics-http endpoint in the
 # metrics tests; tmux, the terminal bexd top's test runs it in; curl, which fetches
-# qemu-block-extra below when apt's suites lack the matching version.
+# qemu-block-extra below when apt's suites lack the matching version; fuse3 for fusermount3
+# (FUSE exports mounted and unmounted without root, and the stale-mount clean-up).
 packages=(qemu-utils libnbd-bin python3-libnbd fio python3-pytest python3-pip
           libssl-dev pkg-config openssl nbdkit nbd-server iperf3 strace systemd man-db
-          prometheus tmux curl)
+          prometheus tmux curl fuse3)
 # apt_install [APT-FLAG...] -- PACKAGE...: installs those of the packages that are missing.
 apt_install() {
   local flags=() missing=()

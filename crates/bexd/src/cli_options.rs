@@ -67,10 +67,17 @@ pub static OPTIONS: &[OptionDoc] = &[
         usage: &[
             "--export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]",
             "         [,description=<text>][,writable=on|off][,writethrough=on|off]",
+            "--export [type=]fuse,id=<id>,node-name=<node-name>,mountpoint=<file>",
+            "         [,writable=on|off][,allow-other=on|off|auto]",
+            "--export [type=]vhost-user-blk,id=<id>,node-name=<node-name>,",
+            "         addr.type=unix,addr.path=<socket-path>[,writable=on|off]",
+            "         [,logical-block-size=<block-size>][,num-queues=<num-queues>]",
         ],
         help: &[
             "export the specified block node over NBD",
-            "(requires --nbd-server)",
+            "(requires --nbd-server), as a regular file",
+            "mounted over <file> with FUSE, or as a",
+            "vhost-user-blk device on <socket-path>",
         ],
     },
     OptionDoc {

@@ -15,7 +15,9 @@ use crate::chardevs::ChardevTable;
 use crate::config::{ExportConfig, ExportKindConfig, NbdServerConfig};
 use crate::error::{ExportError, ServerError};
 use crate::events::EventBus;
+use crate::exports::fuse::FuseExport;
 use crate::exports::nbd::NbdExport;
+use crate::exports::vhost_user_blk::VhostUserBlkExport;
 use crate::exports::{Export, ExportKind, ExportTable};
 use crate::jobs::JobTable;
 use crate::nbd_server::{NbdServer, ServerContext};
@@ -146,6 +148,29 @@ impl Daemon {
                 hold.node(),
                 config.writable,
                 &self.nodes,
+            )?),
+            ExportKindConfig::Fuse(fuse) => {
+                // Before mounting: a second mount would stack on the first.
+                let taken = self.exports.visible().iter().any(|e| {
+                    e.kind_as::<FuseExport>()
+                        .is_some_and(|f| f.mountpoint() == fuse.mountpoint)
+                });
+                if taken {
+                    let at = fuse.mountpoint.display().to_string();
+                    return Err(ExportError::DuplicateFuseMount(at));
+                }
+                Box::new(FuseExport::create(
+                    fuse,
+                    &config.id,
+                    hold.node(),
+                    config.writable,
+                )?)
+            }
+            ExportKindConfig::VhostUserBlk(vhost) => Box::new(VhostUserBlkExport::create(
+                vhost,
+                &config.id,
+                hold.node(),
+                config.writable,
             )?),
         };
         self.exports.add(Export::new(config, hold, kind))

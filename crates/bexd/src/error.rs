@@ -57,6 +57,18 @@ pub enum ExportError {
     ReadOnlyNode,
     #[error("NBD server not running")]
     NbdServerNotRunning,
+    #[error("There already is a FUSE export on '{0}'")]
+    DuplicateFuseMount(String),
+    /// The mountpoint cannot be mounted over; QEMU's text (`Failed to stat
+    /// '...': ...`, `'...' is not a regular file`), or what a stale mount needs.
+    #[error("{0}")]
+    FuseMountpoint(String),
+    /// The mount itself failed; QEMU's text, then why.
+    #[error("Failed to mount FUSE session to export: {0}")]
+    FuseMount(String),
+    /// The vhost-user-blk socket cannot be set up.
+    #[error("{0}")]
+    VhostUserBlk(String),
     #[error(transparent)]
     Node(#[from] NodeError),
     /// A bitmap named in `bitmaps` cannot be served; QEMU's text.

@@ -18,7 +18,9 @@ use qmp::schema::block_core::{
 };
 use qmp::schema::block_export::{
     read_removal, BlockDirtyBitmapOrStr, BlockExportIothreads, BlockExportOptions,
-    BlockExportRemoveMode, BlockExportType, NbdServerAddOptions, NbdServerOptions,
+    BlockExportOptionsFuse, BlockExportOptionsNbd, BlockExportOptionsVhostUserBlk,
+    BlockExportRemoveMode, BlockExportType, FuseExportAllowOther, NbdServerAddOptions,
+    NbdServerOptions,
 };
 use qmp::schema::char::{ChardevOptions, ChardevSocket, MonitorOptions};
 use qmp::schema::object::ObjectDelArgs;
@@ -28,10 +30,10 @@ use qmp::QmpError;
 use serde_json::Value;
 
 use crate::config::{
-    is_well_formed_id, BackingSpec, BitmapRef, ChardevAddr, ChardevBackend, ChardevConfig,
-    ChildRef, ExportConfig, ExportKindConfig, InetOptions, ListenAddr, NbdClientSpec,
-    NbdExportConfig, NbdServerConfig, NodeOptions, NodeSpec, Qcow2Cache, RemoveMode, SocketChardev,
-    DEFAULT_PAYLOAD_BUDGET,
+    is_well_formed_id, AllowOther, BackingSpec, BitmapRef, ChardevAddr, ChardevBackend,
+    ChardevConfig, ChildRef, ExportConfig, ExportKindConfig, FuseExportConfig, InetOptions,
+    ListenAddr, NbdClientSpec, NbdExportConfig, NbdServerConfig, NodeOptions, NodeSpec, Qcow2Cache,
+    RemoveMode, SocketChardev, VhostUserBlkExportConfig, DEFAULT_PAYLOAD_BUDGET,
 };
 
 // QEMU's limit on export names and descriptions (NBD_MAX_STRING_SIZE) is
@@ -448,9 +450,9 @@ fn inet_listen_addr(i: InetSocketAddress) -> Result<ListenAddr, QmpError> {
 /// block-export-add / --export.
 pub fn export_config(value: Value, mode: InputMode) -> Result<ExportConfig, QmpError> {
     let o: BlockExportOptions = from_value(value, mode)?;
-    if o.r#type != BlockExportType::Nbd {
+    if o.r#type == BlockExportType::VduseBlk {
         return Err(QmpError::generic(format!(
-            "Export type '{}' is not supported by bexd (only 'nbd')",
+            "Export type '{}' is not supported by bexd (only 'nbd', 'vhost-user-blk' and 'fuse')",
             o.r#type.as_str()
         )));
     }
@@ -459,9 +461,10 @@ pub fn export_config(value: Value, mode: InputMode) -> Result<ExportConfig, QmpE
     }
     match &o.iothread {
         Some(BlockExportIothreads::Multi(_)) => {
-            return Err(QmpError::generic(
-                "NBD export does not support multi-threading",
-            ))
+            return Err(QmpError::generic(format!(
+                "{} export does not support multi-threading",
+                o.r#type.as_str().to_uppercase()
+            )))
         }
         Some(BlockExportIothreads::Single(_)) | None => {}
     }
@@ -469,7 +472,77 @@ pub fn export_config(value: Value, mode: InputMode) -> Result<ExportConfig, QmpE
         Some(BlockExportIothreads::Single(name)) => Some(name),
         _ => None,
     };
-    let nbd = o.nbd.unwrap_or_default();
+    let kind = match (o.fuse, o.vhost_user_blk) {
+        (Some(fuse), _) => ExportKindConfig::Fuse(fuse_config(fuse)?),
+        (_, Some(vhost)) => ExportKindConfig::VhostUserBlk(vhost_user_blk_config(vhost)?),
+        _ => ExportKindConfig::Nbd(nbd_config(o.nbd.unwrap_or_default(), &o.node_name)?),
+    };
+    Ok(ExportConfig {
+        id: o.id,
+        node_name: o.node_name,
+        writable: o.writable.unwrap_or(false),
+        writethrough: o.writethrough.unwrap_or(false),
+        iothread,
+        kind,
+    })
+}
+
+/// The FUSE branch. Growing the image needs a resize the block layer does
+/// not have yet, so `growable=on` is refused rather than ignored.
+fn fuse_config(o: BlockExportOptionsFuse) -> Result<FuseExportConfig, QmpError> {
+    if o.growable == Some(true) {
+        return Err(QmpError::generic(
+            "Parameter 'growable': growable FUSE exports are not supported by bexd",
+        ));
+    }
+    Ok(FuseExportConfig {
+        mountpoint: PathBuf::from(o.mountpoint),
+        allow_other: match o.allow_other {
+            Some(FuseExportAllowOther::On) => AllowOther::On,
+            Some(FuseExportAllowOther::Off) => AllowOther::Off,
+            Some(FuseExportAllowOther::Auto) | None => AllowOther::Auto,
+        },
+    })
+}
+
+/// The vhost-user-blk branch, with QEMU's checks and defaults (512-byte
+/// sectors, one queue). Only a unix socket path is taken: QEMU also takes
+/// an inherited descriptor (`fd`), which bexd does not yet.
+fn vhost_user_blk_config(
+    o: BlockExportOptionsVhostUserBlk,
+) -> Result<VhostUserBlkExportConfig, QmpError> {
+    let socket = match o.addr {
+        SocketAddress::Unix(u) if u.r#abstract != Some(true) => PathBuf::from(u.path),
+        SocketAddress::Unix(_) | SocketAddress::Fd { .. } => {
+            return Err(QmpError::generic(
+                "Parameter 'addr': vhost-user-blk exports take a unix socket path in bexd",
+            ))
+        }
+        SocketAddress::Inet(_) | SocketAddress::Vsock { .. } => {
+            return Err(QmpError::generic(
+                "Only socket address types 'unix' and 'fd' are supported",
+            ))
+        }
+    };
+    let logical_block_size = o.logical_block_size.map_or(512, |s| s.0);
+    if !logical_block_size.is_power_of_two() || !(512..=2 << 20).contains(&logical_block_size) {
+        return Err(QmpError::generic(
+            "parameter logical-block-size must be a power of 2 between 512 and 2097152",
+        ));
+    }
+    let num_queues = o.num_queues.unwrap_or(1);
+    if num_queues == 0 {
+        return Err(QmpError::generic("num-queues must be greater than 0"));
+    }
+    Ok(VhostUserBlkExportConfig {
+        socket,
+        logical_block_size: logical_block_size as u32,
+        num_queues,
+    })
+}
+
+/// The NBD branch, its name defaulting to the node's.
+fn nbd_config(nbd: BlockExportOptionsNbd, node_name: &str) -> Result<NbdExportConfig, QmpError> {
     let bitmaps = nbd
         .bitmaps
         .unwrap_or_default()
@@ -479,20 +552,12 @@ pub fn export_config(value: Value, mode: InputMode) -> Result<ExportConfig, QmpE
             BlockDirtyBitmapOrStr::External { node, name } => BitmapRef::External { node, name },
         })
         .collect();
-    let nbd = checked_nbd(
-        nbd.name.unwrap_or_else(|| o.node_name.clone()),
+    checked_nbd(
+        nbd.name.unwrap_or_else(|| node_name.to_string()),
         nbd.description,
         nbd.allocation_depth.unwrap_or(false),
         bitmaps,
-    )?;
-    Ok(ExportConfig {
-        id: o.id,
-        node_name: o.node_name,
-        writable: o.writable.unwrap_or(false),
-        writethrough: o.writethrough.unwrap_or(false),
-        iothread,
-        kind: ExportKindConfig::Nbd(nbd),
-    })
+    )
 }
 
 /// nbd-server-add: the export's id is its name, which defaults to the device.

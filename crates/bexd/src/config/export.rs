@@ -1,5 +1,7 @@
 //! `block-export-add` / `--export` / `nbd-server-add`: what an export was created with.
 
+use std::path::PathBuf;
+
 /// What every export kind shares, plus the kind's own options.
 /// Immutable for the export's lifetime.
 #[derive(Debug, Clone)]
@@ -19,6 +21,8 @@ pub struct ExportConfig {
 #[derive(Debug, Clone)]
 pub enum ExportKindConfig {
     Nbd(NbdExportConfig),
+    Fuse(FuseExportConfig),
+    VhostUserBlk(VhostUserBlkExportConfig),
 }
 
 impl ExportKindConfig {
@@ -26,6 +30,8 @@ impl ExportKindConfig {
     pub fn type_name(&self) -> &'static str {
         match self {
             Self::Nbd(_) => "nbd",
+            Self::Fuse(_) => "fuse",
+            Self::VhostUserBlk(_) => "vhost-user-blk",
         }
     }
 }
@@ -38,6 +44,35 @@ pub struct NbdExportConfig {
     pub allocation_depth: bool,
     /// Dirty bitmaps to offer as `qemu:dirty-bitmap:NAME`, resolved when the export is added.
     pub bitmaps: Vec<BitmapRef>,
+}
+
+/// `BlockExportOptionsFuse`.
+#[derive(Debug, Clone)]
+pub struct FuseExportConfig {
+    /// The regular file the image is mounted over.
+    pub mountpoint: PathBuf,
+    pub allow_other: AllowOther,
+}
+
+/// `BlockExportOptionsVhostUserBlk`.
+#[derive(Debug, Clone)]
+pub struct VhostUserBlkExportConfig {
+    /// The unix socket the front-end (the VMM) connects to; bexd listens.
+    pub socket: PathBuf,
+    /// The sector size the guest sees (a power of 2, 512 to 2 MiB).
+    pub logical_block_size: u32,
+    /// Virtqueues; each is served by its own worker thread.
+    pub num_queues: u16,
+}
+
+/// `FuseExportAllowOther`: whether users other than the daemon's may open
+/// the mounted file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllowOther {
+    Off,
+    On,
+    /// `allow_other` if the mount accepts it, else without (QEMU's default).
+    Auto,
 }
 
 /// A bitmap named in `bitmaps` / `bitmap`: on the exported node, or on a named node.

@@ -12,7 +12,10 @@ mod node;
 mod server;
 
 pub use chardev::{ChardevAddr, ChardevBackend, ChardevConfig, SocketChardev};
-pub use export::{BitmapRef, ExportConfig, ExportKindConfig, NbdExportConfig, RemoveMode};
+pub use export::{
+    AllowOther, BitmapRef, ExportConfig, ExportKindConfig, FuseExportConfig, NbdExportConfig,
+    RemoveMode, VhostUserBlkExportConfig,
+};
 pub use ids::is_well_formed_id;
 pub use node::{BackingSpec, ChildRef, NbdClientSpec, NodeOptions, NodeSpec, Qcow2Cache};
 pub use server::{

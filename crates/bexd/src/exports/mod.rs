@@ -8,8 +8,11 @@
 //! table, never the daemon.
 
 pub mod bitmaps;
+pub mod fuse;
+mod inflight;
 mod kind;
 pub mod nbd;
+pub mod vhost_user_blk;
 
 pub use kind::ExportKind;
 

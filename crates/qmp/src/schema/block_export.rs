@@ -75,11 +75,12 @@ impl Describe for NbdServerOptionsLegacy {
 }
 
 // The reader knows QEMU's other export types to refuse them by name;
-// introspection lists the one bexd implements.
+// introspection lists the ones bexd implements.
 qapi_enum!(
     BlockExportType { Nbd = "nbd", VhostUserBlk = "vhost-user-blk", Fuse = "fuse", VduseBlk = "vduse-blk" }
-    advertises ["nbd"]
+    advertises ["nbd", "vhost-user-blk", "fuse"]
 );
+qapi_enum!(FuseExportAllowOther { Off = "off", On = "on", Auto = "auto" });
 qapi_enum!(BlockExportRemoveMode { Safe = "safe", Hard = "hard" });
 
 /// BlockDirtyBitmapOrStr: a bitmap on the exported node by name, or `{node, name}`.
@@ -152,6 +153,26 @@ qapi_struct! {
     }
 }
 
+qapi_struct! {
+    /// The FUSE branch of BlockExportOptions.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct BlockExportOptionsFuse {
+        req "mountpoint" mountpoint: String,
+        opt "growable" growable: bool,
+        opt "allow-other" allow_other: FuseExportAllowOther,
+    }
+}
+
+qapi_struct! {
+    /// The vhost-user-blk branch of BlockExportOptions.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct BlockExportOptionsVhostUserBlk {
+        req "addr" addr: SocketAddress,
+        opt "logical-block-size" logical_block_size: Size,
+        opt "num-queues" num_queues: u16,
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockExportOptions {
     pub r#type: BlockExportType,
@@ -162,8 +183,12 @@ pub struct BlockExportOptions {
     pub iothread: Option<BlockExportIothreads>,
     pub fixed_iothread: Option<bool>,
     pub allow_inactive: Option<bool>,
-    /// Present for `type: nbd`; other types are read but not implemented.
+    /// Present for `type: nbd`.
     pub nbd: Option<BlockExportOptionsNbd>,
+    /// Present for `type: fuse`.
+    pub fuse: Option<BlockExportOptionsFuse>,
+    /// Present for `type: vhost-user-blk`; `vduse-blk` is read but not implemented.
+    pub vhost_user_blk: Option<BlockExportOptionsVhostUserBlk>,
 }
 
 impl FromQapi for BlockExportOptions {
@@ -180,12 +205,25 @@ impl FromQapi for BlockExportOptions {
             writethrough: f.optional("writethrough")?,
             allow_inactive: f.optional("allow-inactive")?,
             nbd: None,
+            fuse: None,
+            vhost_user_blk: None,
         };
-        if r#type != BlockExportType::Nbd {
-            f.discard_rest();
-            return Ok(options);
+        match r#type {
+            BlockExportType::Nbd => {
+                options.nbd = Some(BlockExportOptionsNbd::read_members(&mut f)?);
+            }
+            BlockExportType::Fuse => {
+                options.fuse = Some(BlockExportOptionsFuse::read_members(&mut f)?);
+            }
+            BlockExportType::VhostUserBlk => {
+                let o = BlockExportOptionsVhostUserBlk::read_members(&mut f)?;
+                options.vhost_user_blk = Some(o);
+            }
+            BlockExportType::VduseBlk => {
+                f.discard_rest();
+                return Ok(options);
+            }
         }
-        options.nbd = Some(BlockExportOptionsNbd::read_members(&mut f)?);
         f.finish()?;
         Ok(options)
     }
@@ -200,6 +238,8 @@ impl Describe for BlockExportOptions {
     fn define(s: &mut Schema) {
         let kind = describe::<BlockExportType>(s);
         let nbd = describe::<BlockExportOptionsNbd>(s);
+        let fuse = describe::<BlockExportOptionsFuse>(s);
+        let vhost = describe::<BlockExportOptionsVhostUserBlk>(s);
         s.union(
             "BlockExportOptions",
             vec![
@@ -213,7 +253,7 @@ impl Describe for BlockExportOptions {
                 opt("allow-inactive", bool()),
             ],
             "type",
-            vec![("nbd", nbd)],
+            vec![("nbd", nbd), ("vhost-user-blk", vhost), ("fuse", fuse)],
         );
     }
 }

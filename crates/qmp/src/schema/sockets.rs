@@ -64,7 +64,8 @@ impl FromQapi for SocketAddress {
     }
 }
 
-/// The flat union (`blockdev-add`'s nbd `server`): the branch's members beside `type`.
+/// The flat union (`blockdev-add`'s nbd `server`, vhost-user-blk's `addr`):
+/// the branch's members beside `type`.
 impl Describe for SocketAddress {
     fn ty() -> Ty {
         named("SocketAddress")
@@ -167,6 +168,7 @@ mod tests {
     #[test]
     fn test_legacy_reader_accepts_every_described_member() {
         crate::introspect::agreement::check::<SocketAddressLegacy>();
+        crate::introspect::agreement::check::<SocketAddress>();
     }
 
     #[test]
