@@ -94,6 +94,8 @@ pub enum ObjectError {
     NoTlsCreds(String),
     #[error("Expected TLS credentials for a server endpoint")]
     NotServerEndpoint,
+    #[error("Expected TLS credentials for a client endpoint")]
+    NotClientEndpoint,
     #[error("Object with id '{0}' is not TLS credentials")]
     NotTlsCreds(String),
     #[error("No secret with id '{0}'")]

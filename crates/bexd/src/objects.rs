@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::is_well_formed_id;
 use crate::error::{ObjectError, QomError};
-use crate::tls::TlsCreds;
+use crate::tls::{ClientCreds, TlsCreds};
 pub use secret::Secret;
 
 /// An object in the registry.
@@ -266,10 +266,9 @@ pub fn create(value: Value, mode: InputMode) -> Result<(String, Object), QmpErro
             sanity_check.unwrap_or(true),
             passwordid.as_deref(),
         ))?,
-        ObjectProps::TlsCredsPsk {
-            common,
-            username: _,
-        } => tls_object(TlsCreds::psk(&common))?,
+        ObjectProps::TlsCredsPsk { common, username } => {
+            tls_object(TlsCreds::psk(&common, username.as_deref()))?
+        }
         ObjectProps::MetricsHttp { addr } => Object::MetricsHttp(MetricsHttp {
             host: addr.host,
             port: addr.port,
@@ -470,6 +469,15 @@ impl ObjectTable {
             None => Err(ObjectError::NoTlsCreds(id.to_string())),
             Some(Object::TlsCreds(c)) if c.is_server() => Ok(c.clone()),
             Some(Object::TlsCreds(_)) => Err(ObjectError::NotServerEndpoint),
+            Some(_) => Err(ObjectError::NotTlsCreds(id.to_string())),
+        }
+    }
+
+    /// The client-endpoint TLS credentials a `driver=nbd` node's `tls-creds` names.
+    pub fn client_tls_creds(&self, id: &str) -> Result<Arc<ClientCreds>, ObjectError> {
+        match self.lock().get(id) {
+            None => Err(ObjectError::NoTlsCreds(id.to_string())),
+            Some(Object::TlsCreds(c)) => c.client().ok_or(ObjectError::NotClientEndpoint),
             Some(_) => Err(ObjectError::NotTlsCreds(id.to_string())),
         }
     }

@@ -204,6 +204,7 @@ fn nbd_client_spec(n: BlockdevOptionsNbd) -> Result<NbdClientSpec, QmpError> {
         export: n.export,
         tls_creds: n.tls_creds,
         tls_hostname: n.tls_hostname,
+        tls: None,
         dirty_bitmap: n.x_dirty_bitmap,
         reconnect_delay: Duration::from_secs(n.reconnect_delay.unwrap_or(0).into()),
         open_timeout: Duration::from_secs(n.open_timeout.unwrap_or(0).into()),

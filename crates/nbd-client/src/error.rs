@@ -14,7 +14,9 @@ pub enum OpenError {
     Eof,
     #[error("{0}")]
     Io(String),
-    #[error("TLS handshake failed: {0}")]
+    /// The TLS upgrade failed; the text is whole (QEMU prints GnuTLS's
+    /// certificate check failures without a prefix).
+    #[error("{0}")]
     Tls(String),
     /// x-dirty-bitmap names a bitmap the export does not offer (QEMU reports EINVAL).
     #[error("Could not open image: Invalid argument")]

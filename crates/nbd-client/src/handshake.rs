@@ -32,7 +32,9 @@ pub(crate) async fn negotiate(
             }
             ClientStep::StartTls => {
                 let Some(tls) = tls else {
-                    return Err(OpenError::Tls("no credentials".into()));
+                    return Err(OpenError::Tls(
+                        "TLS handshake failed: no credentials".into(),
+                    ));
                 };
                 stream = tls.connect(stream).await.map_err(OpenError::Tls)?;
                 hs.tls_started();

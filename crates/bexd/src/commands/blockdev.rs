@@ -11,6 +11,7 @@ use super::{ok, Args};
 use crate::config::{BackingSpec, ChildRef, NodeOptions, NodeSpec};
 use crate::daemon::Daemon;
 use crate::jobs::NodeUse;
+use crate::tls::NbdTlsClient;
 
 /// `blockdev-add` and `--blockdev`: typed arguments from JSON or keyval, then the node table.
 pub fn add(daemon: &Arc<Daemon>, value: Value, mode: InputMode) -> Result<Value, QmpError> {
@@ -21,21 +22,32 @@ pub fn add(daemon: &Arc<Daemon>, value: Value, mode: InputMode) -> Result<Value,
         ));
     }
     let mut options = options;
-    resolve_secrets(daemon, &mut options)?;
+    resolve_objects(daemon, &mut options)?;
     crate::nodes::open(&daemon.nodes, options, false)?;
     Ok(ok())
 }
 
-/// Copies the key of each `key-secret` (rbd nodes, inline children too) into
-/// the node's options: the node table never sees objects.
-fn resolve_secrets(daemon: &Arc<Daemon>, options: &mut NodeOptions) -> Result<(), QmpError> {
+/// Puts what each node's objects hold into its options (rbd's `key-secret`
+/// key, nbd's `tls-creds` TLS upgrade; inline children too): the node table
+/// never sees objects.
+fn resolve_objects(daemon: &Arc<Daemon>, options: &mut NodeOptions) -> Result<(), QmpError> {
     match &mut options.spec {
         NodeSpec::Rbd {
             options: rbd,
             key_secret: Some(id),
         } => rbd.key = Some(daemon.objects.secret_base64(id)?),
-        NodeSpec::Rbd { .. } | NodeSpec::Nbd(_) | NodeSpec::File { .. } | NodeSpec::Null { .. } => {
+        NodeSpec::Nbd(nbd) => {
+            if let Some(id) = &nbd.tls_creds {
+                let creds = daemon.objects.client_tls_creds(id)?;
+                // QEMU's name to verify: tls-hostname, else an inet server's host.
+                let hostname = nbd.tls_hostname.clone().or_else(|| match &nbd.server {
+                    nbd_client::ServerAddr::Inet { host, .. } => Some(host.clone()),
+                    nbd_client::ServerAddr::Unix(_) => None,
+                });
+                nbd.tls = Some(Arc::new(NbdTlsClient::new(creds, hostname)));
+            }
         }
+        NodeSpec::Rbd { .. } | NodeSpec::File { .. } | NodeSpec::Null { .. } => {}
         NodeSpec::Raw { file: child, .. }
         | NodeSpec::Throttle { file: child, .. }
         | NodeSpec::Blkdebug { image: child, .. } => resolve_child(daemon, child)?,
@@ -51,7 +63,7 @@ fn resolve_secrets(daemon: &Arc<Daemon>, options: &mut NodeOptions) -> Result<()
 
 fn resolve_child(daemon: &Arc<Daemon>, child: &mut ChildRef) -> Result<(), QmpError> {
     match child {
-        ChildRef::Inline(options) => resolve_secrets(daemon, options),
+        ChildRef::Inline(options) => resolve_objects(daemon, options),
         ChildRef::Name(_) => Ok(()),
     }
 }

@@ -79,6 +79,9 @@ pub struct NbdClientSpec {
     pub export: Option<String>,
     pub tls_creds: Option<String>,
     pub tls_hostname: Option<String>,
+    /// The TLS upgrade built from the `tls-creds` object, filled in by
+    /// `blockdev-add` before the node table sees the spec (it knows no objects).
+    pub tls: Option<std::sync::Arc<dyn nbd_client::TlsConnect>>,
     pub dirty_bitmap: Option<String>,
     pub reconnect_delay: Duration,
     pub open_timeout: Duration,

@@ -181,15 +181,15 @@ fn open_plain(
 /// A client of a remote NBD export. Opening connects and negotiates, so
 /// `blockdev-add` fails as QEMU's does when the server or export is not there.
 fn open_nbd(options: &NodeOptions, spec: &NbdClientSpec) -> Result<Plain, NodeError> {
-    if spec.tls_creds.is_some() {
+    if spec.tls_creds.is_some() && spec.tls.is_none() {
         return Err(NodeError::Open(
-            "tls-creds: TLS to an NBD server is not supported by bexd's nbd driver yet".into(),
+            "tls-creds: the credentials object was not looked up before the node was opened".into(),
         ));
     }
     let nbd_options = NbdOptions {
         server: spec.server.clone(),
         export: spec.export.clone().unwrap_or_default(),
-        tls: None,
+        tls: spec.tls.clone(),
         dirty_bitmap: spec.dirty_bitmap.clone(),
         reconnect_delay: spec.reconnect_delay,
         open_timeout: spec.open_timeout,

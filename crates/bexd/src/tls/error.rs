@@ -29,6 +29,9 @@ pub enum TlsError {
     NotYetActive { role: &'static str, path: PathBuf },
     #[error("Unable to read PSK keys file {}: {reason}", path.display())]
     PskFile { path: PathBuf, reason: String },
+    /// A client-endpoint PSK object's `username` has no line in the file.
+    #[error("Username {username} not found in PSK file {}", path.display())]
+    NoPskUser { username: String, path: PathBuf },
     #[error("Encrypted private keys (passwordid) are not supported by bexd")]
     EncryptedKeysUnsupported,
     #[error("Unable to set up TLS: {0}")]

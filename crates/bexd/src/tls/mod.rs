@@ -1,5 +1,6 @@
 //! TLS credentials objects (`tls-creds-x509`, `tls-creds-psk`) and the server
-//! side of an NBD connection's TLS upgrade.
+//! two sides of an NBD connection's TLS upgrade: the server's (the NBD
+//! server) and the client's (`driver=nbd` nodes, [`NbdTlsClient`]).
 //!
 //! x509 runs on rustls. PSK runs on OpenSSL, because rustls has no external
 //! pre-shared-key support (rustls issue #174); see docs/architecture.md.
@@ -7,15 +8,18 @@
 //! `tls-authz` object is asked about: the client certificate's DN, printed as
 //! GnuTLS prints it (so QEMU's authz rules work unchanged), or the PSK username.
 
+mod client;
 mod dn;
 mod error;
 mod psk;
 mod x509;
 
+pub use client::{ClientCreds, NbdTlsClient};
 pub use dn::gnutls_dn;
 pub use error::{HandshakeError, TlsError};
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use qmp::schema::object::{QCryptoTLSCredsEndpoint, TlsCredsCommon};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -37,9 +41,13 @@ pub enum PeerIdentity {
 
 /// A `tls-creds-*` object. Keys inside are never printed (`Debug` omits them).
 pub struct TlsCreds {
-    /// `None` for client-endpoint objects: bexd accepts them (QEMU does) but
-    /// only a server endpoint can be used by the NBD server.
-    server: Option<ServerCreds>,
+    endpoint: Endpoint,
+}
+
+/// The NBD server takes only server-endpoint objects, `driver=nbd` only client ones.
+enum Endpoint {
+    Server(ServerCreds),
+    Client(Arc<ClientCreds>),
 }
 
 enum ServerCreds {
@@ -49,10 +57,13 @@ enum ServerCreds {
 
 impl std::fmt::Debug for TlsCreds {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = match &self.server {
-            Some(ServerCreds::X509(_)) => "x509 server",
-            Some(ServerCreds::Psk(_)) => "psk server",
-            None => "client",
+        let kind = match &self.endpoint {
+            Endpoint::Server(ServerCreds::X509(_)) => "x509 server",
+            Endpoint::Server(ServerCreds::Psk(_)) => "psk server",
+            Endpoint::Client(c) => match **c {
+                ClientCreds::X509(_) => "x509 client",
+                ClientCreds::Psk(_) => "psk client",
+            },
         };
         f.debug_struct("TlsCreds").field("kind", &kind).finish()
     }
@@ -70,45 +81,50 @@ impl TlsCreds {
         }
         let dir = creds_dir(common)?;
         let endpoint = common.endpoint.unwrap_or(QCryptoTLSCredsEndpoint::Client);
-        let server = match endpoint {
+        let endpoint = match endpoint {
             QCryptoTLSCredsEndpoint::Server => {
                 let verify_peer = common.verify_peer.unwrap_or(true);
-                Some(ServerCreds::X509(x509::X509Server::load(
+                Endpoint::Server(ServerCreds::X509(x509::X509Server::load(
                     &dir,
                     verify_peer,
                     sanity_check,
                 )?))
             }
-            QCryptoTLSCredsEndpoint::Client => {
-                must_exist(&dir.join("ca-cert.pem"))?;
-                None
-            }
+            QCryptoTLSCredsEndpoint::Client => Endpoint::Client(Arc::new(ClientCreds::x509(&dir)?)),
         };
-        Ok(Self { server })
+        Ok(Self { endpoint })
     }
 
     /// Loads `tls-creds-psk`: `dir/keys.psk` holds `username:hexkey` lines.
-    /// (Its `username` member is what a client endpoint sends; a server looks
-    /// the client's username up in the file instead, so it is not needed here.)
-    pub fn psk(common: &TlsCredsCommon) -> Result<Self, TlsError> {
+    /// `username` is what a client endpoint sends (QEMU's default: "qemu");
+    /// a server looks the client's username up in the file instead.
+    pub fn psk(common: &TlsCredsCommon, username: Option<&str>) -> Result<Self, TlsError> {
         let dir = creds_dir(common)?;
         let endpoint = common.endpoint.unwrap_or(QCryptoTLSCredsEndpoint::Client);
         let file = dir.join("keys.psk");
-        let server = match endpoint {
+        let endpoint = match endpoint {
             QCryptoTLSCredsEndpoint::Server => {
                 let keys = psk::read_keys(&file)?;
-                Some(ServerCreds::Psk(psk::PskServer::new(keys)?))
+                Endpoint::Server(ServerCreds::Psk(psk::PskServer::new(keys)?))
             }
-            QCryptoTLSCredsEndpoint::Client => {
-                must_exist(&file)?;
-                None
-            }
+            QCryptoTLSCredsEndpoint::Client => Endpoint::Client(Arc::new(ClientCreds::psk(
+                &dir,
+                username.unwrap_or("qemu"),
+            )?)),
         };
-        Ok(Self { server })
+        Ok(Self { endpoint })
     }
 
     pub fn is_server(&self) -> bool {
-        self.server.is_some()
+        matches!(self.endpoint, Endpoint::Server(_))
+    }
+
+    /// The client side, for a `driver=nbd` node; `None` for a server endpoint.
+    pub fn client(&self) -> Option<Arc<ClientCreds>> {
+        match &self.endpoint {
+            Endpoint::Client(c) => Some(c.clone()),
+            Endpoint::Server(_) => None,
+        }
     }
 
     /// Runs the server side of the TLS handshake on `stream`.
@@ -119,10 +135,10 @@ impl TlsCreds {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        match &self.server {
-            Some(ServerCreds::X509(x)) => x.accept(stream).await,
-            Some(ServerCreds::Psk(p)) => p.accept(stream).await,
-            None => Err(HandshakeError::NotServerCreds),
+        match &self.endpoint {
+            Endpoint::Server(ServerCreds::X509(x)) => x.accept(stream).await,
+            Endpoint::Server(ServerCreds::Psk(p)) => p.accept(stream).await,
+            Endpoint::Client(_) => Err(HandshakeError::NotServerCreds),
         }
     }
 }
@@ -163,7 +179,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = "00112233445566778899aabbccddeeff";
         std::fs::write(dir.path().join("keys.psk"), format!("alice:{key}\n")).unwrap();
-        let creds = TlsCreds::psk(&common(dir.path(), QCryptoTLSCredsEndpoint::Server)).unwrap();
+        let creds =
+            TlsCreds::psk(&common(dir.path(), QCryptoTLSCredsEndpoint::Server), None).unwrap();
         assert!(creds.is_server());
         let shown = format!("{creds:?}");
         assert!(!shown.contains(key) && !shown.contains("alice"), "{shown}");
@@ -178,7 +195,7 @@ mod tests {
             "Unable to access credentials /nonexistent/ca-cert.pem: No such file or directory"
         );
         c.dir = None;
-        let e = TlsCreds::psk(&c).unwrap_err().to_string();
+        let e = TlsCreds::psk(&c, None).unwrap_err().to_string();
         assert_eq!(e, "Missing 'dir' property value");
     }
 
@@ -186,7 +203,9 @@ mod tests {
     fn test_client_endpoint_creds_are_not_server_creds() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("keys.psk"), "qemu:00ff\n").unwrap();
-        let creds = TlsCreds::psk(&common(dir.path(), QCryptoTLSCredsEndpoint::Client)).unwrap();
+        let creds =
+            TlsCreds::psk(&common(dir.path(), QCryptoTLSCredsEndpoint::Client), None).unwrap();
         assert!(!creds.is_server());
+        assert!(creds.client().is_some());
     }
 }

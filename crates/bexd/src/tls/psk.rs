@@ -17,10 +17,20 @@ use tokio_openssl::SslStream;
 
 use super::{must_exist, HandshakeError, PeerIdentity, TlsError, TlsIo};
 
+/// TLS 1.2: only forward-secret PSK key exchanges (both ends offer these).
+pub const TLS12_PSK_CIPHERS: &str =
+    "ECDHE-PSK-CHACHA20-POLY1305:ECDHE-PSK-AES256-CBC-SHA384:ECDHE-PSK-AES128-CBC-SHA256";
+
 /// One `username:hexkey` line.
 pub struct PskKey {
     pub username: String,
     key: Vec<u8>,
+}
+
+impl PskKey {
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
 }
 
 /// Names the user, never the key.
@@ -85,11 +95,8 @@ impl PskServer {
         let mut b = SslContext::builder(SslMethod::tls_server()).map_err(setup)?;
         b.set_min_proto_version(Some(SslVersion::TLS1_2))
             .map_err(setup)?;
-        // TLS 1.2: only forward-secret PSK key exchanges. TLS 1.3 suites stay default.
-        b.set_cipher_list(
-            "ECDHE-PSK-CHACHA20-POLY1305:ECDHE-PSK-AES256-CBC-SHA384:ECDHE-PSK-AES128-CBC-SHA256",
-        )
-        .map_err(setup)?;
+        // TLS 1.3 suites stay default.
+        b.set_cipher_list(TLS12_PSK_CIPHERS).map_err(setup)?;
         b.set_psk_server_callback(move |ssl, identity, out| {
             let Some(found) = identity
                 .and_then(|id| std::str::from_utf8(id).ok())

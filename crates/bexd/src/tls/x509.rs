@@ -102,9 +102,9 @@ impl X509Server {
 }
 
 /// The trust anchors, and the certificates they came from (for sanity-check).
-type CaCerts = (RootCertStore, Vec<CertificateDer<'static>>);
+pub(super) type CaCerts = (RootCertStore, Vec<CertificateDer<'static>>);
 
-fn read_ca(path: &Path) -> Result<CaCerts, TlsError> {
+pub(super) fn read_ca(path: &Path) -> Result<CaCerts, TlsError> {
     let bad = || TlsError::BadCa {
         path: path.to_path_buf(),
     };
@@ -122,7 +122,7 @@ fn read_ca(path: &Path) -> Result<CaCerts, TlsError> {
     Ok((roots, certs))
 }
 
-fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(super) fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bad = |reason: &str| TlsError::BadCert {
         path: path.to_path_buf(),
         reason: reason.to_string(),
@@ -138,7 +138,9 @@ fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 /// The optional revocation list; absent means none.
-fn read_crls(path: &PathBuf) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+pub(super) fn read_crls(
+    path: &PathBuf,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
     if !path.exists() {
         return Ok(Vec::new());
     }
