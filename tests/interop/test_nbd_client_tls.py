@@ -53,7 +53,8 @@ class TlsOrigin(Origin):
         if self.port:
             argv[i + 1] = f"addr.type=inet,addr.host=127.0.0.1,addr.port={self.port}"
         argv[i + 1] += ",tls-creds=t0"
-        return obj + argv
+        n = len(daemon_binary(self.which))
+        return argv[:n] + obj + argv[n:]
 
     def start(self):
         if not self.port:

@@ -61,6 +61,15 @@ pub enum ClientStep {
     Done(ClientNegotiated),
 }
 
+/// QEMU's second line for a refused option: the server's own message, if any.
+fn server_reported(message: &str) -> String {
+    if message.is_empty() {
+        String::new()
+    } else {
+        format!("\nserver reported: {message}")
+    }
+}
+
 /// Why the handshake failed. The texts are QEMU's where it has one.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ClientHandshakeError {
@@ -68,10 +77,15 @@ pub enum ClientHandshakeError {
     Codec(#[from] ClientError),
     #[error("Server does not support 'fixed newstyle' negotiation")]
     NotFixedNewstyle,
-    #[error("Server don't support STARTTLS option")]
-    TlsUnsupported,
-    #[error("Server requires TLS")]
-    TlsRequired,
+    /// STARTTLS refused (a server without TLS); `message` is the server's.
+    #[error("Denied by server for option 5 (starttls){}", server_reported(message))]
+    TlsUnsupported { message: String },
+    /// NBD_OPT_GO refused until TLS is negotiated (no tls-creds given).
+    #[error(
+        "TLS negotiation required before option 7 (go)\nDid you forget a valid tls-creds?{}",
+        server_reported(message)
+    )]
+    TlsRequired { message: String },
     #[error("Requested export not available")]
     ExportNotAvailable,
     #[error("Server rejected option {option:?} ({reply:?}): {message}")]
@@ -238,7 +252,9 @@ impl ClientHandshake {
                 self.phase = Phase::AwaitTls;
                 Ok(Some(ClientStep::StartTls))
             }
-            _ => Err(ClientHandshakeError::TlsUnsupported),
+            _ => Err(ClientHandshakeError::TlsUnsupported {
+                message: reply.message(),
+            }),
         }
     }
 
@@ -307,7 +323,9 @@ impl ClientHandshake {
                 Ok(None)
             }
             OptionReplyType::ERR_UNKNOWN => Err(ClientHandshakeError::ExportNotAvailable),
-            OptionReplyType::ERR_TLS_REQD => Err(ClientHandshakeError::TlsRequired),
+            OptionReplyType::ERR_TLS_REQD => Err(ClientHandshakeError::TlsRequired {
+                message: reply.message(),
+            }),
             r if r.is_error() => Err(ClientHandshakeError::Refused {
                 option: reply.option,
                 reply: r,
