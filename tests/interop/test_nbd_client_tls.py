@@ -174,8 +174,8 @@ def test_x509_errors_at_blockdev_add_are_qemus(tls_origin, start, image, pki):
         (dict(tls_creds="srv"), "Expected TLS credentials for a client endpoint"),
         (dict(tls_creds="nope"), "No TLS credentials with id 'nope'"),
         (dict(tls_creds="az"), "Object with id 'az' is not TLS credentials"),
-        ({}, "TLS negotiation required before option 7 (go)\nDid you forget a valid "
-             "tls-creds?\nserver reported: Option 0x7 not permitted before TLS"),
+        # QEMU's hints (server reported: ...) go to the command line only, not to QMP.
+        ({}, "TLS negotiation required before option 7 (go)"),
     ]
     for kw, want in cases:
         assert add(d, nbd_args(s, **kw)) == ("GenericError", want), kw
@@ -188,8 +188,7 @@ def test_tls_to_a_plain_server_is_denied(origin, start, image, pki):  # noqa: F8
     d = start([], [], objects=[f"tls-creds-x509,id=good,dir={pki['one']},endpoint=client"])
     got = add(d, nbd_args({"type": "unix", "path": str(o.sock)}, tls_creds="good",
                           tls_hostname="localhost"))
-    assert got == ("GenericError",
-                   "Denied by server for option 5 (starttls)\nserver reported: TLS not configured")
+    assert got == ("GenericError", "Denied by server for option 5 (starttls)")
 
 
 def test_wrong_psk_key_fails_the_handshake(tls_origin, start, image, pki):

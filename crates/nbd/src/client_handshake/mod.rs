@@ -61,15 +61,6 @@ pub enum ClientStep {
     Done(ClientNegotiated),
 }
 
-/// QEMU's second line for a refused option: the server's own message, if any.
-fn server_reported(message: &str) -> String {
-    if message.is_empty() {
-        String::new()
-    } else {
-        format!("\nserver reported: {message}")
-    }
-}
-
 /// Why the handshake failed. The texts are QEMU's where it has one.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ClientHandshakeError {
@@ -78,13 +69,11 @@ pub enum ClientHandshakeError {
     #[error("Server does not support 'fixed newstyle' negotiation")]
     NotFixedNewstyle,
     /// STARTTLS refused (a server without TLS); `message` is the server's.
-    #[error("Denied by server for option 5 (starttls){}", server_reported(message))]
+    /// QEMU prints it only as a hint on the command line, never over QMP.
+    #[error("Denied by server for option 5 (starttls)")]
     TlsUnsupported { message: String },
     /// NBD_OPT_GO refused until TLS is negotiated (no tls-creds given).
-    #[error(
-        "TLS negotiation required before option 7 (go)\nDid you forget a valid tls-creds?{}",
-        server_reported(message)
-    )]
+    #[error("TLS negotiation required before option 7 (go)")]
     TlsRequired { message: String },
     #[error("Requested export not available")]
     ExportNotAvailable,
