@@ -30,7 +30,7 @@ use super::{must_exist, TlsError};
 
 /// The client side of a `tls-creds-*` object (endpoint=client).
 pub enum ClientCreds {
-    X509(ClientConfig),
+    X509(Arc<ClientConfig>),
     Psk(SslContext),
 }
 
@@ -83,7 +83,7 @@ impl ClientCreds {
         } else {
             builder.with_no_client_auth()
         };
-        Ok(Self::X509(config))
+        Ok(Self::X509(Arc::new(config)))
     }
 
     /// `dir/keys.psk`, and the key of `username` in it (QEMU's default user is "qemu").
@@ -152,7 +152,7 @@ impl TlsConnect for NbdTlsClient {
 }
 
 async fn x509_connect(
-    config: &ClientConfig,
+    config: &Arc<ClientConfig>,
     hostname: Option<String>,
     stream: Stream,
 ) -> Result<Stream, String> {
@@ -161,7 +161,7 @@ async fn x509_connect(
     let hostname = hostname.ok_or("No hostname for certificate validation")?;
     let name = ServerName::try_from(hostname.clone())
         .map_err(|_| format!("Certificate does not match the hostname {hostname}"))?;
-    let connector = TlsConnector::from(Arc::new(config.clone()));
+    let connector = TlsConnector::from(config.clone());
     match connector.connect(name, stream).await {
         Ok(tls) => Ok(Box::new(tls)),
         Err(e) => Err(x509_failure(&e, &hostname)),
