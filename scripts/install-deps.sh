@@ -37,10 +37,10 @@ apt_install() {
 }
 apt_install -- "${packages[@]}"
 
-# The one-node Ceph test cluster (scripts/ceph-cluster.sh, docs/ceph.md) and the coming
-# driver=rbd: Debian's Ceph daemons and tools, librbd's headers. Without recommends (the
-# dashboard and other manager modules the tests do not need).
-ceph_packages=(ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev)
+# The one-node Ceph test cluster (scripts/ceph-cluster.sh, docs/ceph.md) and driver=rbd:
+# Debian's Ceph daemons and tools, and librbd1, which bexd loads when an rbd node opens.
+# Without recommends (the dashboard and other manager modules the tests do not need).
+ceph_packages=(ceph-mon ceph-mgr ceph-osd ceph-common librbd1)
 apt_install --no-install-recommends -- "${ceph_packages[@]}"
 
 # QEMU's rbd driver (block-rbd.so, for qemu-img and qemu-storage-daemon, the rbd tests' peer)

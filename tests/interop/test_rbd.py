@@ -16,7 +16,7 @@ import uuid
 import nbd
 import pytest
 
-from conftest import Daemon, need, qmp_outcome
+from conftest import Daemon, daemon_binary, need, qmp_outcome
 
 MiB = 1 << 20
 
@@ -372,3 +372,47 @@ def test_raw_and_qcow2_over_rbd(ceph_cluster, start, tmp_path, tools):
 
 if __name__ == "__main__":
     raise SystemExit(pytest.main([__file__]))
+
+
+@pytest.mark.bexd_only("bexd loads librbd when an rbd node is opened; QEMU's rbd module is a "
+                       "separate package")
+def test_without_librbd_only_rbd_nodes_fail_and_name_the_library(tmp_path):
+    """librbd and librados are loaded when the first rbd node opens, not linked: in a mount
+    namespace where librbd.so.1 is not a library, bexd still starts and serves a file, and
+    driver=rbd fails with exit 1 and one line naming the library and its package."""
+    rbd_lib = subprocess.run(["sh", "-c", "readlink -f $(ldconfig -p | awk '/librbd.so.1 / "
+                              "{print $NF; exit}')"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    assert rbd_lib and os.path.exists(rbd_lib), "librbd1 is not installed"
+    bexd = daemon_binary("bexd")[0]
+    img = tmp_path / "f.raw"
+    img.write_bytes(b"\xab" * MiB)
+    sock = tmp_path / "nbd.sock"
+    hidden = (f"mount --bind /dev/null {rbd_lib} && "
+              "exec \"$@\"")
+
+    def run_hidden(*args, timeout=20):
+        return subprocess.run(["unshare", "--mount", "sh", "-c", hidden, "sh", bexd, *args],
+                              capture_output=True, text=True, timeout=timeout)
+
+    r = run_hidden("--blockdev", "driver=rbd,node-name=r,pool=p,image=i")
+    assert r.returncode == 1, r
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "librbd.so.1" in lines[0] and "librbd1" in lines[0], r.stderr
+    # The same namespace serves a file: nothing else needs Ceph's libraries.
+    proc = subprocess.Popen(["unshare", "--mount", "sh", "-c", hidden, "sh", bexd,
+                             "--blockdev", f"driver=file,node-name=f,filename={img}",
+                             "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                             "--export", "type=nbd,id=e,node-name=f,name=disk"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///disk?socket={sock}")
+        assert h.pread(4096, 0) == b"\xab" * 4096
+        h.shutdown()
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -112,6 +112,7 @@ fn mon_host(servers: &[(String, String)]) -> String {
 }
 
 fn connect(o: &RbdOptions) -> Result<Cluster, RbdError> {
+    sys::load().map_err(RbdError::Open)?;
     let user = o.user.as_deref().map(|u| cstring("user", u)).transpose()?;
     let mut handle: sys::RadosT = ptr::null_mut();
     // SAFETY: `handle` is written on success; `user` is NULL or a C string.
