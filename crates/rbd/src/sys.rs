@@ -80,6 +80,7 @@ macro_rules! dynamic {
             /// # Safety
             /// As the C function's; and [`load`] must have succeeded, which
             /// holds wherever a handle exists (only a loaded library makes one).
+            #[allow(clippy::too_many_arguments)] // the C prototype's
             pub unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
                 // SAFETY: the caller's, see above.
                 unsafe { (loaded().$name)($($arg),*) }
