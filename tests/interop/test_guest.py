@@ -200,8 +200,10 @@ def test_guest_reads_writes_flushes_and_discards_its_disk(start, tmp_path, guest
     assert "flushed" in lines and "discarded 16 1" in lines
     if num_queues == 2:
         assert "queues 2" in lines
-        dispatched = [int(line.split()[2]) for line in lines if line.startswith("dispatched ")]
-        assert len(dispatched) == 2 and all(n > 0 for n in dispatched), lines
+        # "runs QUEUE N cpus CPU...": each queue ran, for its own vCPU.
+        runs = [line.split() for line in lines if line.startswith("runs ")]
+        assert [(r[1], r[4:]) for r in runs] == [("0", ["0"]), ("1", ["1"])], lines
+        assert all(int(r[2]) > 0 for r in runs), lines
     if kind == "bexd":
         _, exports = asyncio.run(qmp_outcome(d.qmp_sock, "x-query-export-stats", {}))
         stats = exports[0]["stats"]
