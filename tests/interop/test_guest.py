@@ -8,8 +8,8 @@ of QEMU) after a flush, then booted again on the same export, reads what it flus
 
 QEMU runs with KVM when the host's KVM can boot the kernel. This suite's machines have
 /dev/kvm from kvm_pvm (nested virtualization without VMX), under which Debian's stock kernel
-hangs in early boot; there the guest runs under TCG (about 20 s a boot instead of 1-3 s)
-and the test says so. BEXD_GUEST_ACCEL=kvm|tcg forces one.
+hangs in early boot; there the guest runs under TCG (3-5 s from QEMU's start to a ready
+disk on a quiet machine, 10 s under load) and the test says so. BEXD_GUEST_ACCEL=kvm|tcg forces one.
 """
 
 import asyncio
