@@ -16,7 +16,8 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 # prometheus for promtool and the server that scrapes bexd's metrics-http endpoint in the
 # metrics tests; tmux, the terminal bexd top's test runs it in; curl, which fetches
 # qemu-block-extra below when apt's suites lack the matching version; fuse3 for fusermount3
-# (FUSE exports mounted and unmounted without root, and the stale-mount clean-up).
+# (FUSE exports mounted and unmounted without root, and the stale-mount clean-up). The guest
+# tests' packages come further down.
 packages=(qemu-utils libnbd-bin python3-libnbd fio python3-pytest python3-pip
           libssl-dev pkg-config openssl nbdkit nbd-server iperf3 strace systemd man-db
           prometheus tmux curl fuse3)
@@ -69,6 +70,35 @@ if [ "$(dpkg-query -W -f='${Status} ${Version}' qemu-block-extra 2>/dev/null || 
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
     "$target" >/dev/null
 fi
+
+# The guest tests (tests/interop/test_guest.py): QEMU's system emulator, of the very version of
+# the installed qemu-utils (10.0, bookworm-backports'; bookworm's own 7.2 would conflict with
+# it), busybox-static for the guest's initramfs, and Debian's kernel, unpacked into a cache by
+# scripts/guest-image.sh (never installed on this machine). Never anything that removes a
+# package.
+backports=/etc/apt/sources.list.d/bookworm-backports.sources
+if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  echo "install-deps: adding $backports"
+  printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm-backports' \
+    'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' \
+    | $SUDO tee "$backports" >/dev/null
+  $SUDO apt-get update -qq
+fi
+if [ "$(dpkg-query -W -f='${Status} ${Version}' qemu-system-x86 2>/dev/null || true)" \
+     != "install ok installed $qemu_version" ]; then
+  echo "install-deps: qemu-system-x86 $qemu_version (bookworm-backports)"
+  $SUDO apt-get update -qq
+  target="qemu-system-x86=$qemu_version"
+  if apt-get install -s --no-install-recommends -t bookworm-backports "$target" \
+       | grep -q '^Remv'; then
+    echo "install-deps: installing $target would remove packages; not installing it" >&2
+    exit 1
+  fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    -t bookworm-backports "$target" >/dev/null
+fi
+apt_install --no-install-recommends -- busybox-static
+$SUDO "$(dirname "$0")/guest-image.sh" fetch
 
 # qemu.qmp for Debian's python3 (the one python3-libnbd belongs to).
 if ! /usr/bin/python3 -c 'import qemu.qmp' 2>/dev/null; then

@@ -26,7 +26,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = ["qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon", "nbdinfo", "nbdcopy", "nbdsh",
          "fio", "openssl", "strace", "systemd-socket-activate", "promtool", "prometheus",
-         "tmux"]
+         "tmux", "qemu-system-x86_64"]
 MODULES = ["nbd", "qemu.qmp"]
 
 

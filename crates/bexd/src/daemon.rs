@@ -8,6 +8,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use block::IoStats;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -142,6 +143,7 @@ impl Daemon {
         if config.writable && hold.node().read_only() {
             return Err(ExportError::ReadOnlyNode);
         }
+        let stats = Arc::new(IoStats::default());
         let kind: Box<dyn ExportKind> = match &config.kind {
             ExportKindConfig::Nbd(nbd) => Box::new(NbdExport::create(
                 nbd,
@@ -164,6 +166,7 @@ impl Daemon {
                     &config.id,
                     hold.node(),
                     config.writable,
+                    stats.clone(),
                 )?)
             }
             ExportKindConfig::VhostUserBlk(vhost) => Box::new(VhostUserBlkExport::create(
@@ -171,9 +174,10 @@ impl Daemon {
                 &config.id,
                 hold.node(),
                 config.writable,
+                stats.clone(),
             )?),
         };
-        self.exports.add(Export::new(config, hold, kind))
+        self.exports.add(Export::new(config, hold, kind, stats))
     }
 
     /// Start-up is complete: objects can no longer be made that only the

@@ -2,7 +2,11 @@
 //! rust-vmm `vhost` crate's `Frontend` (Cloud Hypervisor's), with guest
 //! memory in a memfd and split virtqueues laid out by hand in it. Each
 //! scenario runs against bexd and against qemu-storage-daemon's
-//! vhost-user-blk export, and both must give the same answers.
+//! vhost-user-blk export, and both must give the same answers (bexd's
+//! request counters, which qemu-storage-daemon does not have, are checked
+//! on bexd alone).
+
+mod common;
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
@@ -50,11 +54,22 @@ struct Daemon {
     child: Child,
     socket: PathBuf,
     image: PathBuf,
+    /// bexd's QMP socket and metrics-http port, when started with them.
+    monitor: Option<(PathBuf, u16)>,
     _dir: tempfile::TempDir,
 }
 
 impl Daemon {
     fn start(peer: Peer, extra: &str) -> Option<Self> {
+        Self::spawn(peer, extra, false)
+    }
+
+    /// bexd with a QMP monitor and a metrics-http endpoint besides the export.
+    fn monitored(extra: &str) -> Self {
+        Self::spawn(Peer::Bexd, extra, true).unwrap()
+    }
+
+    fn spawn(peer: Peer, extra: &str, monitored: bool) -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("disk.img");
         let f = File::create(&image).unwrap();
@@ -68,7 +83,8 @@ impl Daemon {
             "type=vhost-user-blk,id=v0,node-name=disk0,addr.type=unix,addr.path={}{extra}",
             socket.display()
         );
-        let child = Command::new(program)
+        let mut command = Command::new(program);
+        command
             .arg("--blockdev")
             .arg(format!(
                 "driver=file,node-name=disk0,filename={}",
@@ -76,8 +92,23 @@ impl Daemon {
             ))
             .arg("--export")
             .arg(export)
-            .stdin(Stdio::null())
-            .spawn();
+            .stdin(Stdio::null());
+        let monitor = monitored.then(|| {
+            let qmp = dir.path().join("qmp.sock");
+            let port = free_port();
+            command
+                .arg("--chardev")
+                .arg(format!(
+                    "socket,id=m0,path={},server=on,wait=off",
+                    qmp.display()
+                ))
+                .args(["--monitor", "chardev=m0", "--object"])
+                .arg(format!(
+                    "metrics-http,id=metrics0,addr.host=127.0.0.1,addr.port={port}"
+                ));
+            (qmp, port)
+        });
+        let child = command.spawn();
         let child = match child {
             Ok(c) => c,
             Err(e) if peer == Peer::Qsd && std::env::var("CI").as_deref() != Ok("true") => {
@@ -95,9 +126,40 @@ impl Daemon {
             child,
             socket,
             image,
+            monitor,
             _dir: dir,
         })
     }
+
+    /// One QMP command's `return` value.
+    fn qmp(&self, command: &str, arguments: serde_json::Value) -> serde_json::Value {
+        let (path, _) = self.monitor.as_ref().expect("started with a monitor");
+        common::wait_for_socket(path);
+        let mut q = common::Qmp::connect(path);
+        q.execute(command, arguments)["return"].clone()
+    }
+
+    /// The metrics-http exposition's samples: `name{labels}` -> value.
+    fn metrics(&self) -> std::collections::HashMap<String, f64> {
+        use std::io::{Read, Write};
+        let (_, port) = self.monitor.as_ref().expect("started with a monitor");
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", *port)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bexd\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let body = text.split_once("\r\n\r\n").expect("an HTTP response").1;
+        body.lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
+            .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
+            .collect()
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
 }
 
 impl Drop for Daemon {
@@ -656,4 +718,91 @@ fn publish(g: &mut Guest, q: usize) {
         .unwrap();
     std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     queue.kick.write(1).unwrap();
+}
+
+/// The counters a known workload must leave, on the export and on its node.
+fn counts(stats: &serde_json::Value) -> Vec<(&'static str, u64)> {
+    [
+        "rd_operations",
+        "rd_bytes",
+        "wr_operations",
+        "wr_bytes",
+        "unmap_operations",
+        "unmap_bytes",
+        "flush_operations",
+        "invalid_rd_operations",
+        "invalid_wr_operations",
+        "failed_rd_operations",
+        "wr_highest_offset",
+    ]
+    .into_iter()
+    .map(|k| (k, stats[k].as_u64().unwrap_or_else(|| panic!("{k}"))))
+    .collect()
+}
+
+#[test]
+fn test_requests_are_counted_per_export_node_and_in_metrics() {
+    let d = Daemon::monitored(",writable=on,num-queues=2");
+    let mut g = Guest::connect(&d.socket, 2);
+    g.fill(&pattern(64 * 1024, 3));
+    // Writes: 64 KiB at 4 KiB (queue 0), 4 KiB at 1 MiB (queue 1), 8 KiB of zeroes at 8 KiB.
+    assert_eq!(g.rw(0, T_OUT, 8, 64 * 1024), (1, S_OK));
+    assert_eq!(g.rw(1, T_OUT, 2048, 4096), (1, S_OK));
+    assert_eq!(g.zero_op(T_WRITE_ZEROES, 16, 16, 0), (1, S_OK));
+    // Reads: 3 of 4 KiB, on both queues.
+    for (q, sector) in [(0, 0), (1, 8), (0, 16)] {
+        assert_eq!(g.rw(q, T_IN, sector, 4096), (4097, S_OK));
+    }
+    assert_eq!(g.zero_op(T_DISCARD, 64, 8, 0).1, S_OK);
+    assert_eq!(g.simple(T_FLUSH), (1, S_OK));
+    assert_eq!(g.simple(T_FLUSH), (1, S_OK));
+    // Not counted: GET_ID. Counted as invalid: a read past the end, an unknown flag on a
+    // write-zeroes (unsupported).
+    let h = g.header(T_GET_ID, 0);
+    let id = g.submit(0, &[(h, 16, false), (DATA, 20, true), (STATUS, 1, true)]);
+    assert_eq!(id.1, S_OK);
+    let end = g.capacity_sectors();
+    assert_eq!(g.rw(0, T_IN, end, 4096), (1, S_IOERR));
+    assert_eq!(g.zero_op(T_WRITE_ZEROES, 0, 8, 2), (1, S_UNSUPP));
+    let expected = vec![
+        ("rd_operations", 3),
+        ("rd_bytes", 3 * 4096),
+        ("wr_operations", 3),
+        ("wr_bytes", 64 * 1024 + 4096 + 8192),
+        ("unmap_operations", 1),
+        ("unmap_bytes", 4096),
+        ("flush_operations", 2),
+        ("invalid_rd_operations", 1),
+        ("invalid_wr_operations", 1),
+        ("failed_rd_operations", 0),
+        ("wr_highest_offset", MIB + 4096),
+    ];
+    let exports = d.qmp("x-query-export-stats", serde_json::json!({}));
+    assert_eq!(exports[0]["id"], "v0");
+    assert_eq!(exports[0]["in-flight"], 0);
+    assert_eq!(counts(&exports[0]["stats"]), expected);
+    let nodes = d.qmp("query-blockstats", serde_json::json!({"query-nodes": true}));
+    let node = &nodes.as_array().unwrap()[0];
+    assert_eq!(node["node-name"], "disk0");
+    assert_eq!(counts(&node["stats"]), expected);
+    let m = d.metrics();
+    for label in ["export=\"v0\"", "node=\"disk0\""] {
+        let subject = label.split('=').next().unwrap();
+        let sample = |name: &str, op: &str| {
+            let key = format!("bexd_{subject}_{name}{{{label},op=\"{op}\"}}");
+            m.get(&key).copied().unwrap_or_else(|| panic!("no {key}"))
+        };
+        let got: Vec<_> = ["read", "write", "unmap", "flush"]
+            .into_iter()
+            .map(|op| (op, sample("requests_total", op), sample("bytes_total", op)))
+            .collect();
+        let want = [
+            ("read", 3.0, 12288.0),
+            ("write", 3.0, (64 * 1024 + 4096 + 8192) as f64),
+            ("unmap", 1.0, 4096.0),
+            ("flush", 2.0, 0.0),
+        ];
+        assert_eq!(got, want, "{label}");
+        assert_eq!(sample("invalid_requests_total", "read"), 1.0, "{label}");
+    }
 }

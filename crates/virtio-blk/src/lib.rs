@@ -74,6 +74,9 @@ pub struct Request {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Refused {
     pub status_at: Option<u64>,
+    /// The request's type, when its header could be read (the caller counts
+    /// refused requests by type).
+    pub kind: Option<u32>,
     pub status: u8,
 }
 
@@ -98,17 +101,18 @@ pub fn parse(
     read_segment: impl Fn(u64) -> Option<[u8; 16]>,
 ) -> Result<Request, Refused> {
     let status_desc = chain.last().filter(|d| d.write_only && d.len >= 1);
-    let refuse = |status| Refused {
+    let refuse = |kind, status| Refused {
         status_at: status_desc.map(|d| d.addr),
+        kind,
         status,
     };
     let (Some(head), Some(status)) = (chain.first(), status_desc) else {
-        return Err(refuse(S_IOERR));
+        return Err(refuse(None, S_IOERR));
     };
     if chain.len() < 2 || chain.len() > MAX_SEGMENTS || head.write_only || head.len < 16 {
-        return Err(refuse(S_IOERR));
+        return Err(refuse(None, S_IOERR));
     }
-    let header = read_header(head.addr).ok_or(refuse(S_IOERR))?;
+    let header = read_header(head.addr).ok_or(refuse(None, S_IOERR))?;
     let kind = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
     let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
     let data = chain[1..chain.len() - 1].to_vec();
@@ -129,7 +133,7 @@ pub fn parse(
         T_DISCARD | T_WRITE_ZEROES => zero_op(kind, &data, geometry, read_segment),
         _ => Err(S_UNSUPP),
     }
-    .map_err(refuse)?;
+    .map_err(|status| refuse(Some(kind), status))?;
     Ok(Request {
         op,
         data,
@@ -255,6 +259,7 @@ mod tests {
             e,
             Refused {
                 status_at: Some(0x9000),
+                kind: Some(T_IN),
                 status: S_IOERR
             }
         );
@@ -273,7 +278,7 @@ mod tests {
             ..G
         };
         let e = parse_with(&chain(&[(512, false)]), header(T_OUT, 0), &ro).unwrap_err();
-        assert_eq!(e.status, S_IOERR);
+        assert_eq!((e.kind, e.status), (Some(T_OUT), S_IOERR));
     }
 
     #[test]
@@ -299,6 +304,7 @@ mod tests {
             e,
             Refused {
                 status_at: Some(0x9000),
+                kind: None,
                 status: S_IOERR
             }
         );

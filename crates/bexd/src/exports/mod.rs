@@ -8,6 +8,7 @@
 //! table, never the daemon.
 
 pub mod bitmaps;
+mod counting;
 pub mod fuse;
 mod inflight;
 mod kind;
@@ -44,14 +45,21 @@ pub struct Export {
     connections: AtomicUsize,
     /// Connections ever attached (the metrics' counter next to the gauge above).
     connections_total: AtomicU64,
-    /// Requests served by this export (`x-query-export-stats`, metrics-http).
-    pub stats: IoStats,
+    /// Requests served by this export (`x-query-export-stats`, metrics-http),
+    /// shared with the kind's request handlers (FUSE, vhost-user-blk).
+    pub stats: Arc<IoStats>,
     /// Signalled each time the last connection leaves (see [`Export::wait_until_idle`]).
     idle: tokio::sync::Notify,
 }
 
 impl Export {
-    pub fn new(config: ExportConfig, hold: NodeHold, kind: Box<dyn ExportKind>) -> Self {
+    /// `stats` are the counters the kind was created with (see [`Export::stats`]).
+    pub fn new(
+        config: ExportConfig,
+        hold: NodeHold,
+        kind: Box<dyn ExportKind>,
+        stats: Arc<IoStats>,
+    ) -> Self {
         Self {
             config,
             node: hold.node().clone(),
@@ -61,7 +69,7 @@ impl Export {
             kick: CancellationToken::new(),
             connections: AtomicUsize::new(0),
             connections_total: AtomicU64::new(0),
-            stats: IoStats::default(),
+            stats,
             idle: tokio::sync::Notify::new(),
         }
     }

@@ -150,7 +150,7 @@ impl Server {
         };
         let hold = nodes.hold("dbg").expect("the node is in the table");
         exports
-            .add(Export::new(config, hold, Box::new(kind)))
+            .add(Export::new(config, hold, Box::new(kind), Arc::default()))
             .expect("a new export");
 
         let shutdown = CancellationToken::new();

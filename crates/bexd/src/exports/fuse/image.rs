@@ -1,13 +1,17 @@
 //! The one file a FUSE export shows (inode 1, the mount's root): fuser's
 //! callbacks, each answered on the reader thread when it needs no I/O and
-//! otherwise handed to the runtime (see the module doc of `super`).
+//! otherwise handed to the runtime (see the module doc of `super`). Reads,
+//! writes, flushes and fallocate's punches and zeroings are counted in the
+//! export's and the node's statistics (`exports::counting`), as NBD
+//! requests are: read, write, flush, unmap (a punched hole) and write (a
+//! zeroed range).
 
 use std::ffi::OsStr;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use block::{BlockError, BlockNode, IoBuf, ZeroFlags};
+use block::{BlockError, BlockNode, IoBuf, IoKind, IoStats, Outcome, ZeroFlags};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyEmpty, ReplyEntry, ReplyLseek,
@@ -15,6 +19,7 @@ use fuser::{
 };
 use tokio::runtime::Handle;
 
+use crate::exports::counting::Counted;
 use crate::exports::inflight::{InFlight, InFlightGuard};
 
 /// Requests the kernel may have in flight in the background (see `init`).
@@ -35,6 +40,8 @@ pub struct Shared {
     allow_other: bool,
     owner: Mutex<Owner>,
     in_flight: Arc<InFlight>,
+    /// The export's statistics (the node has its own).
+    stats: Arc<IoStats>,
 }
 
 /// The file's permission bits and owner, which `chmod`/`chown` change in
@@ -47,7 +54,12 @@ struct Owner {
 }
 
 impl Shared {
-    pub fn new(node: Arc<BlockNode>, writable: bool, allow_other: bool) -> Arc<Self> {
+    pub fn new(
+        node: Arc<BlockNode>,
+        writable: bool,
+        allow_other: bool,
+        stats: Arc<IoStats>,
+    ) -> Arc<Self> {
         // SAFETY: getuid and getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         Arc::new(Self {
@@ -60,6 +72,7 @@ impl Shared {
                 gid,
             }),
             in_flight: Arc::default(),
+            stats,
         })
     }
 
@@ -80,6 +93,21 @@ impl Shared {
         let guard = self.in_flight.enter();
         let node = lock(&self.node).clone()?;
         Some((node, guard))
+    }
+
+    /// [`Self::begin`], and the request counted in the statistics.
+    fn begin_counted(&self) -> Option<(Arc<BlockNode>, Counted, InFlightGuard)> {
+        let (node, guard) = self.begin()?;
+        let count = Counted::begin(&self.stats, &node);
+        Some((node, count, guard))
+    }
+
+    /// Counts a request of `kind` refused before it reached the node
+    /// (a write to a read-only export), while the export serves.
+    fn count_refused(&self, kind: IoKind, range: (u64, u64), errno: Errno) {
+        if let Some(node) = lock(&self.node).clone() {
+            Counted::refused(&self.stats, &node, kind, range, errno.code());
+        }
     }
 
     fn attr(&self, node: &BlockNode) -> FileAttr {
@@ -163,8 +191,10 @@ fn errno(e: &BlockError) -> Errno {
     Errno::from_i32(e.errno())
 }
 
-/// Replies to an `fsync`-like request: success, or the block layer's errno.
-fn reply_result(reply: ReplyEmpty, r: Result<(), BlockError>) {
+/// A flush (`fsync`, and `flush` at each `close()`), counted, then answered.
+async fn flush(node: Arc<BlockNode>, count: Counted, reply: ReplyEmpty) {
+    let r = node.flush().await;
+    count.end_with(IoKind::Flush, (0, 0), &r);
     match r {
         Ok(()) => reply.ok(),
         Err(e) => reply.error(errno(&e)),
@@ -305,10 +335,10 @@ impl Filesystem for ImageFile {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some((node, guard)) = self.shared.begin() else {
+        let Some((node, count, guard)) = self.shared.begin_counted() else {
             return reply.error(Errno::EIO);
         };
-        self.run(guard, read(node, offset, size, reply));
+        self.run(guard, read(node, count, offset, size, reply));
     }
 
     fn write(
@@ -324,9 +354,12 @@ impl Filesystem for ImageFile {
         reply: ReplyWrite,
     ) {
         if !self.shared.writable {
+            let range = (offset, data.len() as u64);
+            self.shared
+                .count_refused(IoKind::Write, range, Errno::EACCES);
             return reply.error(Errno::EACCES);
         }
-        let Some((node, guard)) = self.shared.begin() else {
+        let Some((node, count, guard)) = self.shared.begin_counted() else {
             return reply.error(Errno::EIO);
         };
         // Short at the end of the image: it does not grow (no `growable`).
@@ -337,7 +370,7 @@ impl Filesystem for ImageFile {
         // The reader thread reuses its buffer for the next request.
         let mut buf = IoBuf::for_overwrite(len);
         buf.copy_from_slice(&data[..len]);
-        self.run(guard, write(node, buf, offset, reply));
+        self.run(guard, write(node, count, buf, offset, reply));
     }
 
     /// Called at each `close()`; QEMU flushes there, so a writer that closes
@@ -350,13 +383,10 @@ impl Filesystem for ImageFile {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let Some((node, guard)) = self.shared.begin() else {
+        let Some((node, count, guard)) = self.shared.begin_counted() else {
             return reply.error(Errno::EIO);
         };
-        self.run(
-            guard,
-            async move { reply_result(reply, node.flush().await) },
-        );
+        self.run(guard, flush(node, count, reply));
     }
 
     fn fsync(
@@ -367,13 +397,10 @@ impl Filesystem for ImageFile {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let Some((node, guard)) = self.shared.begin() else {
+        let Some((node, count, guard)) = self.shared.begin_counted() else {
             return reply.error(Errno::EIO);
         };
-        self.run(
-            guard,
-            async move { reply_result(reply, node.flush().await) },
-        );
+        self.run(guard, flush(node, count, reply));
     }
 
     fn fallocate(
@@ -386,17 +413,26 @@ impl Filesystem for ImageFile {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let kind = fallocate_kind(mode);
         if !self.shared.writable {
+            if let Some(kind) = kind {
+                self.shared
+                    .count_refused(kind, (offset, length), Errno::EACCES);
+            }
             return reply.error(Errno::EACCES);
         }
-        let Some((node, guard)) = self.shared.begin() else {
+        let Some((node, count, guard)) = self.shared.begin_counted() else {
             return reply.error(Errno::EIO);
         };
         self.run(guard, async move {
+            let in_image = length.min(node.size().saturating_sub(offset));
             let r = fallocate(&node, offset, length, mode).await;
+            if let Some(kind) = kind {
+                count.end(kind, (offset, in_image), r.outcome());
+            }
             match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
+                Allocated::Done => reply.ok(),
+                Allocated::Refused(e) | Allocated::Failed(e) => reply.error(e),
             }
         });
     }
@@ -429,24 +465,59 @@ impl Filesystem for ImageFile {
     }
 }
 
-async fn read(node: Arc<BlockNode>, offset: u64, size: u32, reply: ReplyData) {
+async fn read(node: Arc<BlockNode>, count: Counted, offset: u64, size: u32, reply: ReplyData) {
     // Short at the end of the image, as a reader expects at EOF.
     let len = u64::from(size).min(node.size().saturating_sub(offset));
     if len == 0 {
         return reply.data(&[]);
     }
     let (buf, r) = node.read(IoBuf::for_overwrite(len as usize), offset).await;
+    count.end_with(IoKind::Read, (offset, len), &r);
     match r {
         Ok(()) => reply.data(&buf),
         Err(e) => reply.error(errno(&e)),
     }
 }
 
-async fn write(node: Arc<BlockNode>, buf: IoBuf, offset: u64, reply: ReplyWrite) {
+async fn write(node: Arc<BlockNode>, count: Counted, buf: IoBuf, offset: u64, reply: ReplyWrite) {
     let len = buf.len() as u32;
-    match node.write(buf, offset, false).await.1 {
+    let r = node.write(buf, offset, false).await.1;
+    count.end_with(IoKind::Write, (offset, u64::from(len)), &r);
+    match r {
         Ok(()) => reply.written(len),
         Err(e) => reply.error(errno(&e)),
+    }
+}
+
+/// How a fallocate request is counted: a punched hole as an unmap, a
+/// zeroed range as a write (as NBD's TRIM and WRITE_ZEROES); other modes
+/// move no data and are not counted.
+fn fallocate_kind(mode: i32) -> Option<IoKind> {
+    if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+        Some(IoKind::Unmap)
+    } else if mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
+        Some(IoKind::Write)
+    } else {
+        None
+    }
+}
+
+/// How a fallocate request ended.
+enum Allocated {
+    Done,
+    /// Refused before it reached the node.
+    Refused(Errno),
+    /// The node failed it.
+    Failed(Errno),
+}
+
+impl Allocated {
+    fn outcome(&self) -> Outcome {
+        match self {
+            Allocated::Done => Outcome::Done,
+            Allocated::Refused(e) => Outcome::Invalid(e.code()),
+            Allocated::Failed(e) => Outcome::Failed(e.code()),
+        }
     }
 }
 
@@ -455,36 +526,35 @@ async fn write(node: Arc<BlockNode>, buf: IoBuf, offset: u64, reply: ReplyWrite)
 /// cheaply and fails with EOPNOTSUPP otherwise; zeroing a range writes
 /// zeroes; plain preallocation only makes sense past the end, which would
 /// grow the image.
-async fn fallocate(node: &BlockNode, offset: u64, length: u64, mode: i32) -> Result<(), Errno> {
+async fn fallocate(node: &BlockNode, offset: u64, length: u64, mode: i32) -> Allocated {
     let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
     let size = node.size();
     let in_image = length.min(size.saturating_sub(offset));
-    if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
-        if !keep_size {
-            return Err(Errno::EINVAL);
+    match fallocate_kind(mode) {
+        Some(IoKind::Unmap) if !keep_size => Allocated::Refused(Errno::EINVAL),
+        Some(IoKind::Unmap) => {
+            let flags = ZeroFlags {
+                may_unmap: true,
+                fast: true,
+            };
+            zero(node, offset, in_image, flags).await
         }
-        let flags = ZeroFlags {
-            may_unmap: true,
-            fast: true,
-        };
-        return zero(node, offset, in_image, flags).await;
-    }
-    if mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
-        if !keep_size && offset.saturating_add(length) > size {
-            return Err(Errno::EOPNOTSUPP);
+        Some(_) if !keep_size && offset.saturating_add(length) > size => {
+            Allocated::Refused(Errno::EOPNOTSUPP)
         }
-        return zero(node, offset, in_image, ZeroFlags::default()).await;
+        Some(_) => zero(node, offset, in_image, ZeroFlags::default()).await,
+        None => Allocated::Refused(Errno::EOPNOTSUPP),
     }
-    Err(Errno::EOPNOTSUPP)
 }
 
-async fn zero(node: &BlockNode, offset: u64, len: u64, flags: ZeroFlags) -> Result<(), Errno> {
+async fn zero(node: &BlockNode, offset: u64, len: u64, flags: ZeroFlags) -> Allocated {
     if len == 0 {
-        return Ok(());
+        return Allocated::Done;
     }
-    node.write_zeroes(offset, len, flags)
-        .await
-        .map_err(|e| errno(&e))
+    match node.write_zeroes(offset, len, flags).await {
+        Ok(()) => Allocated::Done,
+        Err(e) => Allocated::Failed(errno(&e)),
+    }
 }
 
 /// SEEK_DATA / SEEK_HOLE from the node's block status, as QEMU answers

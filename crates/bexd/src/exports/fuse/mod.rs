@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use block::BlockNode;
+use block::{BlockNode, IoStats};
 use fuser::{MountOption, SessionACL, SessionUnmounter};
 
 use super::ExportKind;
@@ -74,11 +74,12 @@ impl FuseExport {
         id: &str,
         node: &Arc<BlockNode>,
         writable: bool,
+        stats: Arc<IoStats>,
     ) -> Result<Self, ExportError> {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| ExportError::FuseMount("no runtime to serve it".into()))?;
         mountpoint::check(&config.mountpoint)?;
-        let (mut session, allow_other) = mount(config, node, writable, runtime)?;
+        let (mut session, allow_other) = mount(config, node, writable, stats, runtime)?;
         let shared = session.shared.clone();
         let unmounter = session.inner.unmount_callable();
         let name = format!("fuse-{id}");
@@ -151,10 +152,11 @@ fn mount(
     config: &FuseExportConfig,
     node: &Arc<BlockNode>,
     writable: bool,
+    stats: Arc<IoStats>,
     runtime: tokio::runtime::Handle,
 ) -> Result<(Session, bool), ExportError> {
     let attempt = |allow_other: bool| {
-        let shared = Shared::new(node.clone(), writable, allow_other);
+        let shared = Shared::new(node.clone(), writable, allow_other, stats.clone());
         let fs = ImageFile::new(shared, runtime.clone());
         Session::mount(fs, &config.mountpoint, allow_other)
     };

@@ -13,11 +13,17 @@
 //! (the vring has its own lock, so tasks of one queue complete in any
 //! order, as virtio allows). A worker never waits for I/O, so a queue keeps
 //! as many requests in flight as the guest queues.
+//!
+//! Requests are counted in the export's and the node's statistics
+//! (`exports::counting`), as NBD requests are: IN as a read, OUT and
+//! WRITE_ZEROES as writes, FLUSH, DISCARD as an unmap; GET_ID is not
+//! counted. A chain refused by the parser counts as invalid under its type
+//! when its header could be read.
 
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use block::{BlockError, BlockNode, IoBuf, ZeroFlags};
+use block::{BlockError, BlockNode, IoBuf, IoKind, IoStats, Outcome, ZeroFlags};
 use tokio::runtime::Handle;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -28,6 +34,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::exports::counting::Counted;
 use crate::exports::inflight::{InFlight, InFlightGuard};
 use virtio_blk::{self as request, Desc, Geometry, Op, Refused, Request, SECTOR};
 
@@ -72,6 +79,8 @@ struct Inner {
     mem: Mutex<Option<Memory>>,
     runtime: Handle,
     in_flight: Arc<InFlight>,
+    /// The export's statistics (the node has its own).
+    stats: Arc<IoStats>,
     /// One exit event per worker thread, written when the connection ends.
     exits: Mutex<Vec<EventNotifier>>,
 }
@@ -83,6 +92,7 @@ impl BlkDevice {
         num_queues: u16,
         runtime: Handle,
         in_flight: Arc<InFlight>,
+        stats: Arc<IoStats>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -92,6 +102,7 @@ impl BlkDevice {
                 mem: Mutex::new(None),
                 runtime,
                 in_flight,
+                stats,
                 exits: Mutex::new(Vec::new()),
             }),
         }
@@ -164,7 +175,8 @@ impl BlkDevice {
         let request = match parsed {
             Ok(r) => r,
             Err(refused) => {
-                return complete(&vring, &mem, head, refused.status_at, refused.status, 0)
+                self.count_refused(&refused);
+                return complete(&vring, &mem, head, refused.status_at, refused.status, 0);
             }
         };
         let guard = self.inner.in_flight.enter();
@@ -180,42 +192,132 @@ impl BlkDevice {
                 0,
             );
         };
+        let count = Counted::begin(&self.inner.stats, &node);
+        let chain = Chain { vring, mem, head };
         self.inner
             .runtime
-            .spawn(serve(node, vring, mem, head, request, guard));
+            .spawn(serve(node, chain, request, count, guard));
+    }
+
+    /// Counts a chain the parser refused, under its type, while the export serves.
+    fn count_refused(&self, refused: &Refused) {
+        let Some(kind) = refused.kind.and_then(counted_kind) else {
+            return;
+        };
+        let Some(node) = lock(&self.inner.node).clone() else {
+            return;
+        };
+        let errno = match refused.status {
+            request::S_UNSUPP => libc::ENOTSUP,
+            _ if kind == IoKind::Write && !self.inner.geometry.writable => libc::EPERM,
+            _ => libc::EINVAL,
+        };
+        Counted::refused(&self.inner.stats, &node, kind, (0, 0), errno);
     }
 }
 
-/// Does `request` and completes its chain.
-async fn serve(
-    node: Arc<BlockNode>,
+/// How a request type is counted (GET_ID and unknown types are not).
+fn counted_kind(kind: u32) -> Option<IoKind> {
+    match kind {
+        request::T_IN => Some(IoKind::Read),
+        request::T_OUT | request::T_WRITE_ZEROES => Some(IoKind::Write),
+        request::T_FLUSH => Some(IoKind::Flush),
+        request::T_DISCARD => Some(IoKind::Unmap),
+        _ => None,
+    }
+}
+
+/// A request's counters: its kind and range (offset, bytes).
+fn counted_op(op: &Op) -> Option<(IoKind, (u64, u64))> {
+    match *op {
+        Op::Read { offset, len } => Some((IoKind::Read, (offset, len))),
+        Op::Write { offset, len } | Op::WriteZeroes { offset, len, .. } => {
+            Some((IoKind::Write, (offset, len)))
+        }
+        Op::Flush => Some((IoKind::Flush, (0, 0))),
+        Op::Discard { offset, len } => Some((IoKind::Unmap, (offset, len))),
+        Op::GetId => None,
+    }
+}
+
+/// A chain taken from a queue, to be completed there.
+struct Chain {
     vring: VringRwLock,
     mem: Memory,
     head: u16,
+}
+
+/// Why a request failed: the status the guest gets, and how it is counted.
+struct Failure {
+    status: u8,
+    outcome: Outcome,
+}
+
+impl Failure {
+    /// The node failed the request.
+    fn io(e: BlockError) -> Self {
+        Self {
+            status: request::S_IOERR,
+            outcome: Outcome::Failed(e.errno()),
+        }
+    }
+
+    /// A guest buffer could not be read before the request reached the node.
+    fn bad_buffer(status: u8) -> Self {
+        Self {
+            status,
+            outcome: Outcome::Invalid(libc::EINVAL),
+        }
+    }
+
+    /// A guest buffer could not be written after the node served the request.
+    fn undelivered(status: u8) -> Self {
+        Self {
+            status,
+            outcome: Outcome::Failed(libc::EIO),
+        }
+    }
+}
+
+/// Does `request`, counts it (before the guest can see it done) and
+/// completes its chain.
+async fn serve(
+    node: Arc<BlockNode>,
+    chain: Chain,
     request: Request,
+    count: Counted,
     guard: InFlightGuard,
 ) {
-    let (status, written) = match execute(&node, &mem, &request).await {
+    let result = execute(&node, &chain.mem, &request).await;
+    if let Some((kind, range)) = counted_op(&request.op) {
+        let outcome = match &result {
+            Ok(_) => Outcome::Done,
+            Err(f) => f.outcome,
+        };
+        count.end(kind, range, outcome);
+    }
+    let (status, written) = match result {
         Ok(written) => (request::S_OK, written),
-        Err(status) => (status, 0),
+        Err(f) => (f.status, 0),
     };
+    let Chain { vring, mem, head } = chain;
     complete(&vring, &mem, head, Some(request.status), status, written);
     drop(guard);
 }
 
-/// The I/O of one request: the bytes written into guest buffers, or a status.
-async fn execute(node: &BlockNode, mem: &Memory, r: &Request) -> Result<u32, u8> {
-    let io = |r: Result<(), BlockError>| r.map_err(|_| request::S_IOERR);
+/// The I/O of one request: the bytes written into guest buffers, or why not.
+async fn execute(node: &BlockNode, mem: &Memory, r: &Request) -> Result<u32, Failure> {
+    let io = |r: Result<(), BlockError>| r.map_err(Failure::io);
     match r.op {
         Op::Read { offset, len } => {
             let (buf, res) = node.read(IoBuf::for_overwrite(len as usize), offset).await;
             io(res)?;
-            scatter(mem, &r.data, &buf)?;
+            scatter(mem, &r.data, &buf).map_err(Failure::undelivered)?;
             Ok(len as u32)
         }
         Op::Write { offset, len } => {
             let mut buf = IoBuf::for_overwrite(len as usize);
-            gather(mem, &r.data, &mut buf)?;
+            gather(mem, &r.data, &mut buf).map_err(Failure::bad_buffer)?;
             io(node.write(buf, offset, false).await.1)?;
             Ok(0)
         }
@@ -227,7 +329,7 @@ async fn execute(node: &BlockNode, mem: &Memory, r: &Request) -> Result<u32, u8>
             let n = (d.len as usize).min(ID_BYTES);
             let m = mem.memory();
             m.write_slice(&id[..n], GuestAddress(d.addr))
-                .map_err(|_| request::S_IOERR)?;
+                .map_err(|_| Failure::undelivered(request::S_IOERR))?;
             Ok(n as u32)
         }
         Op::Discard { offset, len } => io(node.discard(offset, len).await).map(|()| 0),

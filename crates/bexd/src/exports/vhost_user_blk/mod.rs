@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use block::BlockNode;
+use block::{BlockNode, IoStats};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -64,6 +64,7 @@ impl VhostUserBlkExport {
         id: &str,
         node: &Arc<BlockNode>,
         writable: bool,
+        stats: Arc<IoStats>,
     ) -> Result<Self, ExportError> {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| ExportError::VhostUserBlk("no runtime to serve it".into()))?;
@@ -98,6 +99,7 @@ impl VhostUserBlkExport {
                         num_queues,
                         runtime.clone(),
                         thread_shared.in_flight.clone(),
+                        stats.clone(),
                     )
                 };
                 serve_connections(listener, &thread_shared, device)
