@@ -367,7 +367,7 @@ fn open_snapshot_access(
         .get(&child_name)
         .and_then(|e| e.cbw.clone())
         .map(|c| c as Arc<dyn SnapshotSource>);
-    let driver = Arc::new(SnapshotAccessDriver::new(child, source));
+    let driver = Arc::new(SnapshotAccessDriver::new(child, source, options.discard));
     Ok(Opened::plain(driver, vec![child_name], filename))
 }
 

@@ -124,7 +124,9 @@ enum Source<'a> {
 
 impl CbwDriver {
     pub fn new(file: Arc<BlockNode>, target: Arc<BlockNode>, options: CbwOptions) -> Self {
-        let frozen_len = file.size();
+        // A format above may have grown its file since the file node
+        // opened (whose size is the one at open).
+        let frozen_len = file.driver().current_len().unwrap_or(0).max(file.size());
         let n = frozen_len.div_ceil(options.cluster) as usize;
         let copy: Vec<Copy> = match &options.dirty {
             None => vec![Copy::ToCopy; n],
@@ -239,11 +241,9 @@ impl CbwDriver {
     }
 
     fn copy_cluster(&self, idx: usize) -> BlockResult<()> {
+        // Always the bytes: a file's block status past its size at open
+        // says hole where a format above has since written.
         let (offset, len) = self.cluster_range(idx);
-        let status = self.file.block_status(offset, len)?;
-        if status.zero && status.len >= len {
-            return self.target.write_zeroes(offset, len, ZeroFlags::default());
-        }
         let mut buf = vec![0u8; len as usize];
         self.file.read_at(&mut buf, offset)?;
         self.target.write_at(&buf, offset, false)
@@ -316,7 +316,12 @@ impl SnapshotSource for CbwDriver {
         self.frozen_len
     }
 
+    /// Past the snapshot's end reads zeroes, as QEMU's block layer reads
+    /// past a node's end (a format's last cluster may end beyond its file).
     fn snapshot_read(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
+        let inside = self.frozen_len.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (buf, past) = buf.split_at_mut(inside);
+        past.fill(0);
         let mut done = 0usize;
         while done < buf.len() {
             let at = offset + done as u64;
@@ -385,6 +390,10 @@ impl Driver for CbwDriver {
         self.file.size()
     }
 
+    fn current_len(&self) -> Option<u64> {
+        self.file.current_len()
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             maps_page_cache: false,
@@ -449,6 +458,8 @@ impl Driver for CbwDriver {
 pub struct SnapshotAccessDriver {
     file: Arc<BlockNode>,
     source: Option<Arc<dyn SnapshotSource>>,
+    /// `discard=unmap`: without it QEMU's block layer drops discards.
+    discard: bool,
 }
 
 fn not_supported() -> BlockError {
@@ -459,8 +470,16 @@ fn not_supported() -> BlockError {
 }
 
 impl SnapshotAccessDriver {
-    pub fn new(file: Arc<BlockNode>, source: Option<Arc<dyn SnapshotSource>>) -> Self {
-        Self { file, source }
+    pub fn new(
+        file: Arc<BlockNode>,
+        source: Option<Arc<dyn SnapshotSource>>,
+        discard: bool,
+    ) -> Self {
+        Self {
+            file,
+            source,
+            discard,
+        }
     }
 
     fn source(&self) -> BlockResult<&dyn SnapshotSource> {
@@ -483,7 +502,7 @@ impl Driver for SnapshotAccessDriver {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             can_write: true,
-            can_discard: true,
+            can_discard: self.discard,
             can_write_zeroes_fast: false,
             request_alignment: 1,
             max_transfer: 0,

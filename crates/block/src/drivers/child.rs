@@ -126,6 +126,10 @@ impl Driver for MarkingChild {
         self.n().driver().capabilities()
     }
 
+    fn current_len(&self) -> Option<u64> {
+        self.n().driver().current_len()
+    }
+
     fn debug_event(&self, event: DebugEvent) {
         self.n().driver().debug_event(event);
     }
