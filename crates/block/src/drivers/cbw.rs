@@ -54,10 +54,10 @@ pub struct CbwOptions {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Copy {
+enum ClusterCopy {
     /// Never needs copying: outside the bitmap, or discarded.
     No,
-    ToCopy,
+    Pending,
     InFlight,
     /// In `target` (QEMU's done_bitmap).
     Done,
@@ -65,7 +65,7 @@ enum Copy {
 
 #[derive(Debug)]
 struct State {
-    copy: Vec<Copy>,
+    copy: Vec<ClusterCopy>,
     /// May the snapshot user read it (QEMU's access_bitmap).
     access: Vec<bool>,
     /// Snapshot reads of `file` in flight: (id, start, end).
@@ -128,16 +128,16 @@ impl CbwDriver {
         // opened (whose size is the one at open).
         let frozen_len = file.driver().current_len().unwrap_or(0).max(file.size());
         let n = frozen_len.div_ceil(options.cluster) as usize;
-        let copy: Vec<Copy> = match &options.dirty {
-            None => vec![Copy::ToCopy; n],
+        let copy: Vec<ClusterCopy> = match &options.dirty {
+            None => vec![ClusterCopy::Pending; n],
             Some(d) => (0..n)
                 .map(|i| match d.get(i).copied().unwrap_or(false) {
-                    true => Copy::ToCopy,
-                    false => Copy::No,
+                    true => ClusterCopy::Pending,
+                    false => ClusterCopy::No,
                 })
                 .collect(),
         };
-        let access = copy.iter().map(|c| *c == Copy::ToCopy).collect();
+        let access = copy.iter().map(|c| *c == ClusterCopy::Pending).collect();
         Self {
             file: MarkingChild::new(file),
             target: MarkingChild::new(target),
@@ -212,19 +212,19 @@ impl CbwDriver {
             let mut s = self.lock();
             loop {
                 match s.copy[idx] {
-                    Copy::No | Copy::Done => break,
-                    Copy::InFlight => s = self.wait(s, deadline)?,
-                    Copy::ToCopy => {
-                        s.copy[idx] = Copy::InFlight;
+                    ClusterCopy::No | ClusterCopy::Done => break,
+                    ClusterCopy::InFlight => s = self.wait(s, deadline)?,
+                    ClusterCopy::Pending => {
+                        s.copy[idx] = ClusterCopy::InFlight;
                         drop(s);
                         let r = self.copy_cluster(idx);
                         let timed_out = deadline.is_some_and(|d| Instant::now() > d);
                         let mut s = self.lock();
                         s.copy[idx] = match (&r, s.copy[idx]) {
                             // Discarded meanwhile: nobody needs it any more.
-                            (_, Copy::No) => Copy::No,
-                            (Ok(()), _) => Copy::Done,
-                            (Err(_), _) => Copy::ToCopy,
+                            (_, ClusterCopy::No) => ClusterCopy::No,
+                            (Ok(()), _) => ClusterCopy::Done,
+                            (Err(_), _) => ClusterCopy::Pending,
                         };
                         drop(s);
                         self.changed.notify_all();
@@ -294,10 +294,10 @@ impl CbwDriver {
         if offset + len > self.frozen_len || !s.access[range.clone()].iter().all(|a| *a) {
             return Err(denied());
         }
-        let done = s.copy[range.start] == Copy::Done;
+        let done = s.copy[range.start] == ClusterCopy::Done;
         let same = s.copy[range.clone()]
             .iter()
-            .take_while(|c| (**c == Copy::Done) == done)
+            .take_while(|c| (**c == ClusterCopy::Done) == done)
             .count();
         let run_end = ((range.start + same) as u64 * self.cluster).min(offset + len);
         let run = run_end - offset;
@@ -367,8 +367,8 @@ impl SnapshotSource for CbwDriver {
             let mut s = self.lock();
             for idx in range.clone() {
                 s.access[idx] = false;
-                if s.copy[idx] == Copy::ToCopy || s.copy[idx] == Copy::InFlight {
-                    s.copy[idx] = Copy::No;
+                if s.copy[idx] == ClusterCopy::Pending || s.copy[idx] == ClusterCopy::InFlight {
+                    s.copy[idx] = ClusterCopy::No;
                 }
             }
         }
@@ -593,7 +593,7 @@ mod tests {
             !written.load(Ordering::SeqCst),
             "the write waited for the read"
         );
-        assert_eq!(cbw.lock().copy[0], Copy::Done);
+        assert_eq!(cbw.lock().copy[0], ClusterCopy::Done);
         let mut still = vec![0; 512];
         cbw.file.read_at(&mut still, 0).unwrap();
         assert_eq!(still, vec![1; 512]);
@@ -628,6 +628,9 @@ mod tests {
         // A write to a discarded or clean cluster copies nothing.
         cbw.write_at(&[2; 512], 0, false).unwrap();
         cbw.write_at(&[2; 512], 2 * 65536, false).unwrap();
-        assert_eq!(cbw.lock().copy[..3], [Copy::No, Copy::ToCopy, Copy::No]);
+        assert_eq!(
+            cbw.lock().copy[..3],
+            [ClusterCopy::No, ClusterCopy::Pending, ClusterCopy::No]
+        );
     }
 }
