@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use block::drivers::blkdebug::{BlkdebugOptions, InjectError, IoType, Limits, SetState};
+use block::drivers::cbw::OnCbwError as CbwOnError;
 use block::drivers::file::{AioMode, LockingMode};
 use block::{DebugEvent, DetectZeroes};
 use qmp::schema::block_core::BlockdevDelArgs;
@@ -14,7 +15,7 @@ use qmp::schema::block_core::{
     BlkdebugEvent, BlkdebugIOType, BlkdebugInjectError, BlkdebugSetState, BlockdevAioOptions,
     BlockdevDetectZeroesOptions, BlockdevDiscardOptions, BlockdevOptions, BlockdevOptionsBlkdebug,
     BlockdevOptionsNbd, BlockdevOptionsQcow2, BlockdevOptionsRbd, BlockdevRef, BlockdevRefOrNull,
-    BlockdevSpecific, OnOffAuto,
+    BlockdevSpecific, OnCbwError, OnOffAuto,
 };
 use qmp::schema::block_export::{
     read_removal, BlockDirtyBitmapOrStr, BlockExportIothreads, BlockExportOptions,
@@ -30,7 +31,7 @@ use qmp::QmpError;
 use serde_json::Value;
 
 use crate::config::{
-    is_well_formed_id, AllowOther, BackingSpec, BitmapRef, ChardevAddr, ChardevBackend,
+    is_well_formed_id, AllowOther, BackingSpec, BitmapRef, CbwSpec, ChardevAddr, ChardevBackend,
     ChardevConfig, ChildRef, ExportConfig, ExportKindConfig, FuseExportConfig, InetOptions,
     ListenAddr, NbdClientSpec, NbdExportConfig, NbdServerConfig, NodeOptions, NodeSpec, Qcow2Cache,
     RemoveMode, SocketChardev, VhostUserBlkExportConfig, DEFAULT_PAYLOAD_BUDGET,
@@ -93,6 +94,20 @@ fn convert_node(o: BlockdevOptions) -> Result<NodeOptions, QmpError> {
         } => NodeSpec::Throttle {
             file: child_ref(file)?,
             group: throttle_group,
+        },
+        BlockdevSpecific::CopyBeforeWrite(c) => NodeSpec::CopyBeforeWrite(CbwSpec {
+            file: child_ref(c.file)?,
+            target: child_ref(c.target)?,
+            bitmap: c.bitmap.map(|b| (b.node, b.name)),
+            on_error: match c.on_cbw_error {
+                None | Some(OnCbwError::BreakGuestWrite) => CbwOnError::BreakGuestWrite,
+                Some(OnCbwError::BreakSnapshot) => CbwOnError::BreakSnapshot,
+            },
+            timeout_secs: c.cbw_timeout.unwrap_or(0),
+            min_cluster_size: c.min_cluster_size.map_or(0, |s| s.0),
+        }),
+        BlockdevSpecific::SnapshotAccess { file } => NodeSpec::SnapshotAccess {
+            file: child_ref(file)?,
         },
     };
     let read_only = base.read_only.unwrap_or(false);

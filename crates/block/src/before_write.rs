@@ -113,10 +113,52 @@ impl BeforeWriteSlot {
         }
     }
 
+    /// [`Self::drain_unhooked`] for a caller that is not async (a QMP
+    /// command run under `block_in_place`).
+    pub fn drain_unhooked_blocking(&self) {
+        let old = self.writes.epoch.load(SeqCst).wrapping_sub(1);
+        while self.writes.in_flight[old & 1].load(SeqCst) != 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Removes the hook; writes go on without it.
     pub fn disarm(&self) {
         self.armed.store(false, SeqCst);
         *self.hook.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// A hook that holds every write until [`WriteGate::open`]: armed and
+/// drained, it quiesces a node's writes (QEMU's drained section), which
+/// `blockdev-reopen` needs while it replaces a child.
+#[derive(Debug)]
+pub struct WriteGate {
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for WriteGate {
+    fn default() -> Self {
+        Self {
+            open: tokio::sync::watch::Sender::new(false),
+        }
+    }
+}
+
+impl WriteGate {
+    pub fn open(&self) {
+        self.open.send_replace(true);
+    }
+}
+
+impl BeforeWrite for WriteGate {
+    fn before_write(&self, _offset: u64, _len: u64) -> HookFuture<'_> {
+        let mut open = self.open.subscribe();
+        // The sender lives with self, so the wait ends when it opens.
+        Box::pin(async move {
+            let _ = open.wait_for(|o| *o).await;
+            Ok(())
+        })
     }
 }
 

@@ -108,6 +108,11 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
     /// ring), so drivers in between do what their `write_at` would have:
     /// raw marks its child's bitmaps.
     fn mapping_written(&self, _offset: u64, _len: u64) {}
+    /// The storage's length now, when it may have grown since open (a
+    /// file a format above extends); `None`: [`Self::size`] holds.
+    fn current_len(&self) -> Option<u64> {
+        None
+    }
     /// Where the format keeps persistent dirty bitmaps (qcow2); `None`
     /// for drivers that cannot store them.
     fn bitmap_store(&self) -> Option<&dyn BitmapStore> {

@@ -50,7 +50,12 @@ fn resolve_objects(daemon: &Arc<Daemon>, options: &mut NodeOptions) -> Result<()
         NodeSpec::Rbd { .. } | NodeSpec::File { .. } | NodeSpec::Null { .. } => {}
         NodeSpec::Raw { file: child, .. }
         | NodeSpec::Throttle { file: child, .. }
+        | NodeSpec::SnapshotAccess { file: child }
         | NodeSpec::Blkdebug { image: child, .. } => resolve_child(daemon, child)?,
+        NodeSpec::CopyBeforeWrite(c) => {
+            resolve_child(daemon, &mut c.file)?;
+            resolve_child(daemon, &mut c.target)?;
+        }
         NodeSpec::Qcow2 { file, backing, .. } => {
             resolve_child(daemon, file)?;
             if let BackingSpec::Node(child) = backing {

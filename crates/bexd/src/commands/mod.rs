@@ -17,6 +17,7 @@ mod query;
 mod registry;
 #[cfg(test)]
 mod registry_tests;
+mod reopen;
 mod stats;
 
 pub use blockdev::add as blockdev_add;
@@ -33,7 +34,8 @@ use qmp::schema::bitmap::{
 };
 use qmp::schema::block_core::{
     BlockDeviceInfo, BlockImageCorruptedEvent, BlockSetWriteThresholdArgs,
-    BlockWriteThresholdEvent, BlockdevDelArgs, BlockdevOptions, QueryNamedBlockNodesArgs,
+    BlockWriteThresholdEvent, BlockdevDelArgs, BlockdevOptions, BlockdevReopenArgs,
+    QueryNamedBlockNodesArgs,
 };
 use qmp::schema::block_export::{
     BlockExportDelArgs, BlockExportDeletedEvent, BlockExportInfo, BlockExportOptions,
@@ -62,6 +64,7 @@ commands! {
     "quit" (Empty) -> Empty => quit,
     "blockdev-add" (BlockdevOptions) -> Empty => blockdev::add_qmp,
     "blockdev-del" (BlockdevDelArgs) -> Empty => blockdev::del,
+    "blockdev-reopen" (BlockdevReopenArgs) -> Empty => reopen::reopen,
     "block-set-write-threshold" (BlockSetWriteThresholdArgs) -> Empty
         => blockdev::set_write_threshold,
     "query-named-block-nodes" (QueryNamedBlockNodesArgs) -> Vec<BlockDeviceInfo>

@@ -17,7 +17,7 @@ pub use export::{
     RemoveMode, VhostUserBlkExportConfig,
 };
 pub use ids::is_well_formed_id;
-pub use node::{BackingSpec, ChildRef, NbdClientSpec, NodeOptions, NodeSpec, Qcow2Cache};
+pub use node::{BackingSpec, CbwSpec, ChildRef, NbdClientSpec, NodeOptions, NodeSpec, Qcow2Cache};
 pub use server::{
     inet_family, Family, InetOptions, ListenAddr, NbdServerConfig, DEFAULT_PAYLOAD_BUDGET,
 };

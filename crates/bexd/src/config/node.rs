@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use block::drivers::blkdebug::BlkdebugOptions;
+use block::drivers::cbw::OnCbwError;
 use block::drivers::file::{AioMode, LockingMode};
 use block::DetectZeroes;
 
@@ -37,6 +38,8 @@ pub enum NodeSpec {
         /// Rules, limits and the configuration file (read when the node opens).
         options: BlkdebugOptions,
     },
+    /// The copy-before-write filter over `file`, saving old data to `target`.
+    CopyBeforeWrite(CbwSpec),
     File {
         filename: PathBuf,
         aio: AioMode,
@@ -67,9 +70,24 @@ pub enum NodeSpec {
         options: rbd::RbdOptions,
         key_secret: Option<String>,
     },
+    /// The point-in-time view of a copy-before-write node.
+    SnapshotAccess { file: ChildRef },
     /// The I/O limits filter over `file`, a member of the throttle group
     /// with that id (looked up when the node opens).
     Throttle { file: ChildRef, group: String },
+}
+
+/// `driver=copy-before-write`'s members.
+#[derive(Clone, Debug)]
+pub struct CbwSpec {
+    pub file: ChildRef,
+    pub target: ChildRef,
+    /// (node, name) of the bitmap whose dirty clusters alone are copied.
+    pub bitmap: Option<(String, String)>,
+    pub on_error: OnCbwError,
+    /// `cbw-timeout` in seconds; 0 is no limit.
+    pub timeout_secs: u32,
+    pub min_cluster_size: u64,
 }
 
 /// `driver=nbd`'s members; the TLS credentials are looked up by id when the node opens.

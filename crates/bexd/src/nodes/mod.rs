@@ -16,7 +16,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use block::drivers::qcow2::Qcow2Info;
+use block::drivers::cbw::CbwDriver;
+use block::drivers::child::ChildSlot;
+use block::drivers::qcow2::{Qcow2Driver, Qcow2Info};
+use block::drivers::raw::RawDriver;
 use block::throttle::ThrottleGroups;
 use block::{BlockNode, NodeObserver};
 
@@ -29,6 +32,22 @@ pub struct FormatInfo {
     pub backing_node: Option<String>,
     /// The backing file's path as opened (QEMU's full-backing-filename).
     pub full_backing_filename: Option<String>,
+}
+
+/// A node whose `file` child `blockdev-reopen` can replace.
+#[derive(Clone, Debug)]
+pub enum Reopenable {
+    Raw(Arc<RawDriver>),
+    Qcow2(Arc<Qcow2Driver>),
+}
+
+impl Reopenable {
+    pub fn slot(&self) -> &ChildSlot {
+        match self {
+            Self::Raw(d) => d.child_slot(),
+            Self::Qcow2(d) => d.child_slot(),
+        }
+    }
 }
 
 /// A node in the graph, with the bookkeeping that decides whether it may be deleted.
@@ -47,6 +66,12 @@ pub struct NodeEntry {
     pub format: Option<FormatInfo>,
     /// How many exports hold this node ([`NodeHold`]s alive).
     users: Arc<AtomicUsize>,
+    /// Where `blockdev-reopen` replaces the `file` child.
+    pub reopen: Option<Reopenable>,
+    /// A copy-before-write node's driver (its snapshot, for `snapshot-access`).
+    pub cbw: Option<Arc<CbwDriver>>,
+    /// The options it was opened with (`blockdev-reopen` compares).
+    pub options: Option<crate::config::NodeOptions>,
 }
 
 impl NodeEntry {
@@ -65,6 +90,9 @@ impl NodeEntry {
             filename,
             format,
             users: Arc::default(),
+            reopen: None,
+            cbw: None,
+            options: None,
         }
     }
 }
@@ -210,6 +238,37 @@ impl NodeTable {
         // Closing stores persistent bitmaps: I/O, so outside the lock.
         close_nodes(removed);
         Ok(())
+    }
+
+    /// `blockdev-reopen` replaced `parent`'s child `old` with `new`.
+    pub fn replace_child(&self, parent: &str, old: &str, new: &str) {
+        let mut nodes = self.lock();
+        if let Some(p) = nodes.get_mut(parent) {
+            for c in p.children.iter_mut().filter(|c| *c == old) {
+                *c = new.to_string();
+            }
+        }
+        if let Some(o) = nodes.get_mut(old) {
+            o.parents = o.parents.saturating_sub(1);
+        }
+        if let Some(n) = nodes.get_mut(new) {
+            n.parents += 1;
+        }
+    }
+
+    /// Whether `name` is `ancestor` or lies below it.
+    pub fn reaches(&self, name: &str, ancestor: &str) -> bool {
+        let nodes = self.lock();
+        let mut stack = vec![name.to_string()];
+        while let Some(n) = stack.pop() {
+            if n == ancestor {
+                return true;
+            }
+            if let Some(e) = nodes.get(&n) {
+                stack.extend(e.children.iter().cloned());
+            }
+        }
+        false
     }
 
     /// Removes (and closes) the implicit nodes not in `before` that no node uses.

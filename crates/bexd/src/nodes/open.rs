@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use block::drivers::blkdebug::BlkdebugDriver;
+use block::drivers::cbw::{self, CbwDriver, CbwOptions, SnapshotAccessDriver, SnapshotSource};
 use block::drivers::file::{AioMode, FileDriver, FileOptions, LockingMode};
 use block::drivers::null::NullDriver;
 use block::drivers::qcow2::{Qcow2Driver, Qcow2Options};
@@ -18,9 +19,10 @@ use block::{BlockError, BlockNode, Driver};
 use nbd_client::{NbdDriver, NbdOptions, ServerAddr};
 use rbd::RbdDriver;
 
-use super::{FormatInfo, NodeEntry, NodeTable};
+use super::{FormatInfo, NodeEntry, NodeTable, Reopenable};
 use crate::config::{
-    is_well_formed_id, BackingSpec, ChildRef, NbdClientSpec, NodeOptions, NodeSpec, Qcow2Cache,
+    is_well_formed_id, BackingSpec, CbwSpec, ChildRef, NbdClientSpec, NodeOptions, NodeSpec,
+    Qcow2Cache,
 };
 use crate::error::NodeError;
 
@@ -56,6 +58,8 @@ fn open_node(nodes: &NodeTable, options: NodeOptions, implicit: bool) -> Result<
         filename,
         format,
         throttle,
+        reopen,
+        cbw,
     } = open_driver(nodes, &options)?;
     let read_only = options.read_only || !driver.capabilities().can_write;
     let mut node =
@@ -67,7 +71,11 @@ fn open_node(nodes: &NodeTable, options: NodeOptions, implicit: bool) -> Result<
         node = node.with_observer(observer);
     }
     let node = Arc::new(node);
-    nodes.insert(NodeEntry::new(node, children, implicit, filename, format))?;
+    let mut entry = NodeEntry::new(node, children, implicit, filename, format);
+    entry.options = Some(options);
+    entry.reopen = reopen;
+    entry.cbw = cbw;
+    nodes.insert(entry)?;
     tracing::info!(node = %name, "block node added");
     Ok(name)
 }
@@ -80,6 +88,10 @@ struct Opened {
     format: Option<FormatInfo>,
     /// A throttle node's membership of its group.
     throttle: Option<ThrottleMember>,
+    /// Where `blockdev-reopen` replaces the `file` child (raw, qcow2).
+    reopen: Option<Reopenable>,
+    /// A copy-before-write node's snapshot, for `snapshot-access` above it.
+    cbw: Option<Arc<CbwDriver>>,
 }
 
 impl Opened {
@@ -90,6 +102,8 @@ impl Opened {
             filename,
             format: None,
             throttle: None,
+            reopen: None,
+            cbw: None,
         }
     }
 }
@@ -103,6 +117,17 @@ fn open_driver(nodes: &NodeTable, options: &NodeOptions) -> Result<Opened, NodeE
             lazy_refcounts,
         } => return open_qcow2(nodes, options, file, backing, cache, *lazy_refcounts),
         NodeSpec::Throttle { file, group } => return open_throttle(nodes, options, file, group),
+        NodeSpec::CopyBeforeWrite(spec) => return open_cbw(nodes, options, spec),
+        NodeSpec::SnapshotAccess { file } => return open_snapshot_access(nodes, options, file),
+        NodeSpec::Raw { file, offset, size } => {
+            let (child, child_name, filename) = open_child(nodes, options, file)?;
+            let driver = Arc::new(
+                RawDriver::new(child, *offset, *size, options.discard).map_err(block_error)?,
+            );
+            let mut opened = Opened::plain(driver.clone(), vec![child_name], filename);
+            opened.reopen = Some(Reopenable::Raw(driver));
+            return Ok(opened);
+        }
         spec => open_plain(nodes, options, spec)?,
     };
     Ok(Opened::plain(driver, children, filename))
@@ -136,12 +161,6 @@ fn open_plain(
             Ok((Arc::new(driver), Vec::new(), filename.display().to_string()))
         }
         NodeSpec::Nbd(spec) => open_nbd(options, spec),
-        NodeSpec::Raw { file, offset, size } => {
-            let (child, child_name, filename) = open_child(nodes, options, file)?;
-            let driver =
-                RawDriver::new(child, *offset, *size, options.discard).map_err(block_error)?;
-            Ok((Arc::new(driver), vec![child_name], filename))
-        }
         NodeSpec::Blkdebug {
             image,
             options: debug,
@@ -172,8 +191,12 @@ fn open_plain(
             }
             Ok((Arc::new(driver), Vec::new(), filename))
         }
-        NodeSpec::Qcow2 { .. } | NodeSpec::Throttle { .. } => Err(NodeError::Open(
-            "qcow2 and throttle nodes are opened by their own functions".into(),
+        NodeSpec::Qcow2 { .. }
+        | NodeSpec::Throttle { .. }
+        | NodeSpec::Raw { .. }
+        | NodeSpec::CopyBeforeWrite(_)
+        | NodeSpec::SnapshotAccess { .. } => Err(NodeError::Open(
+            "this driver's nodes are opened by their own function".into(),
         )),
     }
 }
@@ -258,6 +281,96 @@ fn open_throttle(
     Ok(opened)
 }
 
+/// A copy-before-write filter (QEMU's cbw_open): `file`, then `target`,
+/// then the bitmap; the copy granularity is block-copy's.
+fn open_cbw(nodes: &NodeTable, options: &NodeOptions, spec: &CbwSpec) -> Result<Opened, NodeError> {
+    let (file, file_name, filename) = open_child(nodes, options, &spec.file)?;
+    let (target, target_name, _) = open_child(nodes, options, &spec.target)?;
+    let cluster = copy_cluster_size(nodes, &target_name, spec.min_cluster_size)
+        .map_err(|e| NodeError::Open(format!("Cannot create block-copy-state: {e}")))?;
+    let dirty = match &spec.bitmap {
+        None => None,
+        Some((node, name)) => Some(bitmap_clusters(nodes, node, name, file.size(), cluster)?),
+    };
+    let driver = Arc::new(CbwDriver::new(
+        file,
+        target,
+        CbwOptions {
+            cluster,
+            on_error: spec.on_error,
+            timeout: (spec.timeout_secs > 0)
+                .then(|| std::time::Duration::from_secs(spec.timeout_secs.into())),
+            dirty,
+        },
+    ));
+    let mut opened = Opened::plain(driver.clone(), vec![file_name, target_name], filename);
+    opened.cbw = Some(driver);
+    Ok(opened)
+}
+
+/// block-copy's cluster size: 64 KiB, or the target's cluster, or
+/// `min-cluster-size` (a power of 2), whichever is largest.
+fn copy_cluster_size(nodes: &NodeTable, target: &str, min: u64) -> Result<u64, String> {
+    if min > i64::MAX as u64 {
+        return Err(format!("min-cluster-size too large: {min} > {}", i64::MAX));
+    }
+    if min != 0 && !min.is_power_of_two() {
+        return Err("min-cluster-size needs to be a power of 2".into());
+    }
+    let target_cluster = nodes
+        .lock()
+        .get(target)
+        .and_then(|e| e.format.as_ref().map(|f| f.qcow2.cluster_size))
+        .unwrap_or(0);
+    Ok(min.max(cbw::DEFAULT_CLUSTER).max(target_cluster))
+}
+
+/// Which copy clusters the bitmap `node`/`name` marks (any bit in them).
+fn bitmap_clusters(
+    nodes: &NodeTable,
+    node: &str,
+    name: &str,
+    size: u64,
+    cluster: u64,
+) -> Result<Vec<bool>, NodeError> {
+    let (_, bitmap) =
+        super::bitmaps::lookup(nodes, node, name).map_err(|e| NodeError::Open(e.desc))?;
+    if bitmap.size() != size {
+        return Err(NodeError::Open(format!(
+            "Cannot create block-copy-state: Failed to merge bitmap '{name}' to internal copy-bitmap: Bitmaps are of different sizes (destination size is {size}, source size is {}) and can't be merged",
+            bitmap.size()
+        )));
+    }
+    let mut dirty = vec![false; size.div_ceil(cluster) as usize];
+    let mut at = 0;
+    for (len, set) in bitmap.extents(0, size, usize::MAX) {
+        if set {
+            let first = (at / cluster) as usize;
+            let end = ((at + len).div_ceil(cluster) as usize).min(dirty.len());
+            dirty[first..end].iter_mut().for_each(|d| *d = true);
+        }
+        at += len;
+    }
+    Ok(dirty)
+}
+
+/// `snapshot-access` over `file`: its snapshot if it is a copy-before-write
+/// node; over anything else every request fails (QEMU's ENOTSUP).
+fn open_snapshot_access(
+    nodes: &NodeTable,
+    options: &NodeOptions,
+    file: &ChildRef,
+) -> Result<Opened, NodeError> {
+    let (child, child_name, filename) = open_child(nodes, options, file)?;
+    let source = nodes
+        .lock()
+        .get(&child_name)
+        .and_then(|e| e.cbw.clone())
+        .map(|c| c as Arc<dyn SnapshotSource>);
+    let driver = Arc::new(SnapshotAccessDriver::new(child, source, options.discard));
+    Ok(Opened::plain(driver, vec![child_name], filename))
+}
+
 fn open_qcow2(
     nodes: &NodeTable,
     options: &NodeOptions,
@@ -301,12 +414,14 @@ fn open_qcow2(
         }
     };
     let info = driver.info();
-    let driver = driver.with_backing(backing_node);
+    let driver = Arc::new(driver.with_backing(backing_node));
     Ok(Opened {
-        driver: Arc::new(driver),
+        driver: driver.clone(),
         children,
         filename,
         throttle: None,
+        reopen: Some(Reopenable::Qcow2(driver)),
+        cbw: None,
         format: Some(FormatInfo {
             qcow2: info,
             backing_node: backing_name,

@@ -457,6 +457,13 @@ impl Driver for FileDriver {
         self.size
     }
 
+    fn current_len(&self) -> Option<u64> {
+        match self.block_device {
+            true => None,
+            false => self.file.metadata().ok().map(|m| m.len()),
+        }
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             can_write: !self.read_only,

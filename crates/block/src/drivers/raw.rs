@@ -5,6 +5,7 @@ use std::sync::Arc;
 use crate::buf::IoBuf;
 use crate::debug_event::DebugEvent;
 use crate::driver::{AsyncDriver, Capabilities, Driver, Extent, IoFuture, ZeroFlags};
+use crate::drivers::child::{ChildGuard, ChildSlot};
 use crate::error::{BlockError, BlockErrorKind, BlockResult};
 use crate::mapping::{Access, FileMapping};
 use crate::node::BlockNode;
@@ -12,7 +13,8 @@ use crate::write_gen::{report_flush, WriteGen};
 
 #[derive(Debug)]
 pub struct RawDriver {
-    child: Arc<BlockNode>,
+    /// Replaceable by `blockdev-reopen` (see `child.rs`).
+    child: ChildSlot,
     offset: u64,
     size: u64,
     /// `discard=unmap` on this node; QEMU passes discards down only if every layer allows it.
@@ -40,7 +42,7 @@ impl RawDriver {
             ));
         }
         Ok(Self {
-            child,
+            child: ChildSlot::new(child),
             offset,
             size,
             discard,
@@ -48,8 +50,13 @@ impl RawDriver {
         })
     }
 
-    fn inner(&self) -> &dyn Driver {
-        self.child.driver().as_ref()
+    fn c(&self) -> ChildGuard<'_> {
+        self.child.get()
+    }
+
+    /// Where `blockdev-reopen` replaces the child.
+    pub fn child_slot(&self) -> &ChildSlot {
+        &self.child
     }
 }
 
@@ -63,49 +70,56 @@ impl Driver for RawDriver {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let mut caps = self.child.capabilities();
-        caps.can_write = caps.can_write && !self.child.read_only();
+        let c = self.c();
+        let mut caps = c.capabilities();
+        caps.can_write = caps.can_write && !c.read_only();
         caps.can_discard = caps.can_discard && self.discard;
         caps
     }
 
     fn debug_event(&self, event: DebugEvent) {
-        self.inner().debug_event(event);
+        self.c().driver().debug_event(event);
     }
 
     /// Reports `read_aio` to the child first, as QEMU's raw format does.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
-        self.inner().debug_event(DebugEvent::ReadAio);
-        self.inner().read_at(buf, self.offset + offset)
+        let c = self.c();
+        c.driver().debug_event(DebugEvent::ReadAio);
+        c.driver().read_at(buf, self.offset + offset)
     }
 
     fn map_file(&self, offset: u64, len: u64, access: Access) -> Option<FileMapping<'_>> {
-        self.inner().map_file(self.offset + offset, len, access)
+        // Only from the child opened with: a filter put in its place
+        // (copy-before-write) must see every write.
+        let child = self.child.original_in_use()?;
+        child.driver().map_file(self.offset + offset, len, access)
     }
 
     fn mapping_written(&self, offset: u64, len: u64) {
         self.generation.wrote();
-        self.child.record_write(self.offset + offset, len);
-        self.inner().mapping_written(self.offset + offset, len);
+        let c = self.c();
+        c.record_write(self.offset + offset, len);
+        c.driver().mapping_written(self.offset + offset, len);
     }
 
     fn try_read_now(&self, buf: &mut [u8], offset: u64) -> Option<BlockResult<()>> {
-        self.inner().try_read_now(buf, self.offset + offset)
+        self.c().driver().try_read_now(buf, self.offset + offset)
     }
 
     /// Reports `write_aio` to the child first, as QEMU's raw format does.
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
-        self.inner().debug_event(DebugEvent::WriteAio);
-        let r = self.inner().write_at(buf, self.offset + offset, fua);
+        let c = self.c();
+        c.driver().debug_event(DebugEvent::WriteAio);
+        let r = c.driver().write_at(buf, self.offset + offset, fua);
         self.generation.wrote();
-        self.child
-            .record_write(self.offset + offset, buf.len() as u64);
+        c.record_write(self.offset + offset, buf.len() as u64);
         r
     }
 
     fn flush(&self) -> BlockResult<()> {
-        let generation = report_flush(self.inner(), &self.generation);
-        self.inner().flush()?;
+        let c = self.c();
+        let generation = report_flush(c.driver().as_ref(), &self.generation);
+        c.driver().flush()?;
         self.generation.flushed(generation);
         Ok(())
     }
@@ -114,9 +128,10 @@ impl Driver for RawDriver {
         match self.discard {
             true => {
                 self.generation.wrote();
-                let r = self.inner().discard(self.offset + offset, len);
-                if self.child.capabilities().can_discard {
-                    self.child.record_write(self.offset + offset, len);
+                let c = self.c();
+                let r = c.driver().discard(self.offset + offset, len);
+                if c.capabilities().can_discard {
+                    c.record_write(self.offset + offset, len);
                 }
                 r
             }
@@ -130,30 +145,34 @@ impl Driver for RawDriver {
             ..flags
         };
         self.generation.wrote();
-        let r = self.inner().write_zeroes(self.offset + offset, len, flags);
-        self.child.record_write(self.offset + offset, len);
+        let c = self.c();
+        let r = c.driver().write_zeroes(self.offset + offset, len, flags);
+        c.record_write(self.offset + offset, len);
         r
     }
 
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
-        self.inner().block_status(self.offset + offset, len)
+        self.c().driver().block_status(self.offset + offset, len)
     }
 
     fn try_block_status_now(&self, offset: u64, len: u64) -> Option<BlockResult<Extent>> {
-        self.inner().try_block_status_now(self.offset + offset, len)
+        self.c()
+            .driver()
+            .try_block_status_now(self.offset + offset, len)
     }
 
     fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
-        self.inner().cache(self.offset + offset, len)
+        self.c().driver().cache(self.offset + offset, len)
     }
 
     /// Over a child that completes asynchronously (rbd, nbd), raw does too:
     /// its window is an offset added on the way down, so a request needs no
     /// thread of its own any more than the child's do.
     fn async_driver(&self) -> Option<Arc<dyn AsyncDriver>> {
-        self.child.async_driver()?;
+        let child = self.child.original_in_use()?;
+        child.async_driver()?;
         Some(Arc::new(RawOverAsync {
-            child: self.child.clone(),
+            child: child.clone(),
             offset: self.offset,
             discard: self.discard,
         }))

@@ -3,13 +3,15 @@
 use serde_json::Value;
 
 use crate::introspect::{any, bool, describe, int, named, opt, req, str, Describe, Schema, Ty};
+use crate::schema::bitmap::BlockDirtyBitmap;
 use crate::schema::object::InetSocketAddressBase;
 use crate::schema::sockets::SocketAddress;
-use crate::visitor::{Ctx, Fields, FromQapi, InputMode};
+use crate::visitor::{Ctx, Fields, FromQapi, InputMode, Size};
 use crate::{qapi_enum, qapi_object, qapi_struct, QmpError};
 
 qapi_enum!(BlockdevDriver {
     Blkdebug = "blkdebug",
+    CopyBeforeWrite = "copy-before-write",
     File = "file",
     HostDevice = "host_device",
     Nbd = "nbd",
@@ -18,8 +20,10 @@ qapi_enum!(BlockdevDriver {
     Qcow2 = "qcow2",
     Raw = "raw",
     Rbd = "rbd",
+    SnapshotAccess = "snapshot-access",
     Throttle = "throttle",
 });
+qapi_enum!(OnCbwError { BreakGuestWrite = "break-guest-write", BreakSnapshot = "break-snapshot" });
 qapi_enum!(RbdAuthMode { Cephx = "cephx", None = "none" });
 qapi_enum!(BlockdevDiscardOptions { Ignore = "ignore", Unmap = "unmap" });
 qapi_enum!(BlockdevDetectZeroesOptions { Off = "off", On = "on", Unmap = "unmap" });
@@ -275,9 +279,25 @@ qapi_struct! {
     }
 }
 
+/// BlockdevOptionsCbw: the copy-before-write filter (image fleecing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockdevOptionsCbw {
+    pub file: BlockdevRef,
+    pub target: BlockdevRef,
+    pub bitmap: Option<BlockDirtyBitmap>,
+    pub on_cbw_error: Option<OnCbwError>,
+    pub cbw_timeout: Option<u32>,
+    pub min_cluster_size: Option<Size>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BlockdevSpecific {
     Blkdebug(BlockdevOptionsBlkdebug),
+    CopyBeforeWrite(BlockdevOptionsCbw),
+    /// The point-in-time view of a copy-before-write node.
+    SnapshotAccess {
+        file: BlockdevRef,
+    },
     File(BlockdevOptionsFile),
     Nbd(BlockdevOptionsNbd),
     Raw {
@@ -391,6 +411,17 @@ fn read_specific(driver: BlockdevDriver, f: &mut Fields) -> Result<BlockdevSpeci
             throttle_group: f.required("throttle-group")?,
             file: f.required("file")?,
         },
+        BlockdevDriver::CopyBeforeWrite => BlockdevSpecific::CopyBeforeWrite(BlockdevOptionsCbw {
+            file: f.required("file")?,
+            target: f.required("target")?,
+            bitmap: f.optional("bitmap")?,
+            on_cbw_error: f.optional("on-cbw-error")?,
+            cbw_timeout: f.optional("cbw-timeout")?,
+            min_cluster_size: f.optional("min-cluster-size")?,
+        }),
+        BlockdevDriver::SnapshotAccess => BlockdevSpecific::SnapshotAccess {
+            file: f.required("file")?,
+        },
     })
 }
 
@@ -466,6 +497,18 @@ fn branch(s: &mut Schema, driver: &str) -> Ty {
             "BlockdevOptionsThrottle",
             vec![req("throttle-group", str()), req("file", node)],
         ),
+        "copy-before-write" => (
+            "BlockdevOptionsCbw",
+            vec![
+                req("file", node.clone()),
+                req("target", node),
+                opt("bitmap", describe::<BlockDirtyBitmap>(s)),
+                opt("on-cbw-error", describe::<OnCbwError>(s)),
+                opt("cbw-timeout", int()),
+                opt("min-cluster-size", int()),
+            ],
+        ),
+        "snapshot-access" => ("BlockdevOptionsGenericFormat", vec![req("file", node)]),
         _ => (
             "BlockdevOptionsNull",
             vec![
@@ -554,6 +597,14 @@ impl ThrottleLimits {
         .into_iter()
         .filter_map(|(name, v)| v.map(|v| (name, v)))
         .collect()
+    }
+}
+
+qapi_struct! {
+    /// blockdev-reopen's arguments: each node's complete new options.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct BlockdevReopenArgs {
+        req "options" options: Vec<BlockdevOptions>,
     }
 }
 

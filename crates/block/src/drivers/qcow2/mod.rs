@@ -225,6 +225,11 @@ impl Qcow2Driver {
         &self.file
     }
 
+    /// Where `blockdev-reopen` replaces the `file` child.
+    pub fn child_slot(&self) -> &crate::drivers::child::ChildSlot {
+        self.file.slot()
+    }
+
     /// The metadata, locked. A thread that panicked while holding it may
     /// have left a mapping half-updated (an L2 entry set, its refcount not),
     /// so a poisoned lock fails every later request with EIO instead of
