@@ -1,0 +1,627 @@
+//! `bexd backup --live`: a point-in-time backup of a node that a running
+//! daemon (bexd or qemu-storage-daemon) exports and clients keep writing.
+//!
+//! ```text
+//!  cleanup   remove what an earlier run left (names starting bexd-backup-)
+//!  setup     temp  = driver=file over SCRATCH/bexd-backup-NODE.tmp
+//!            cbw   = copy-before-write, file = NODE's file child, target = temp
+//!            next  = block-dirty-bitmap-add bexd-backup-next-NAME (with --bitmap)
+//!  freeze    blockdev-reopen NODE with file = cbw: from here on every write to
+//!            NODE goes through cbw, which saves the old data first
+//!            (incremental: block-dirty-bitmap-disable NAME right after)
+//!  export    access = snapshot-access over cbw (the frozen file), view = NODE's
+//!            format driver over access, read-only; exported as bexd-backup
+//!            (incremental: with NAME's bits as qemu:dirty-bitmap:NAME)
+//!  pull      the same copy as `bexd backup --uri` (full or incremental)
+//!  teardown  export and nodes away, NODE reopened onto its own file child;
+//!            success: NAME := next, next removed; failure: next merged back
+//!            into NAME, so the next incremental still covers everything
+//! ```
+//!
+//! The filter goes under the format node, not over it: an export's block
+//! backend cannot be moved to another node, and the format node is the one
+//! parent of the file node, so the filter is under every writer. The reopen
+//! flushes the format node first (QEMU's bdrv_reopen_prepare does), so the
+//! frozen file is a consistent image of that format. Bits set between the
+//! new bitmap's creation and NAME's disabling are in both, which costs a
+//! re-copy, never a miss.
+//!
+//! One live backup per daemon at a time: the names are fixed, so that a run
+//! killed at any point leaves nothing the next run cannot find and remove.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::error::BackupError;
+use crate::qmp_client::{ClientError, QmpClient};
+
+pub const PREFIX: &str = "bexd-backup-";
+pub const TEMP: &str = "bexd-backup-tmp";
+pub const CBW: &str = "bexd-backup-cbw";
+pub const ACCESS: &str = "bexd-backup-access";
+pub const VIEW: &str = "bexd-backup-view";
+/// The export's id and its NBD name.
+pub const EXPORT: &str = "bexd-backup";
+/// Format drivers: a node of one of these has a `file` child to fleece.
+const FORMATS: &[&str] = &["raw", "qcow2"];
+
+/// The bitmap that tracks writes from the freeze on, for NAME's next run.
+pub fn next_name(bitmap: &str) -> String {
+    format!("{PREFIX}next-{bitmap}")
+}
+
+/// What the run does with the bitmap.
+#[derive(Clone, Debug)]
+pub struct BitmapPlan {
+    pub name: String,
+    /// Copy only what NAME marks dirty (NAME must exist).
+    pub incremental: bool,
+}
+
+/// What `setup` asks for.
+pub struct Plan<'a> {
+    pub node: &'a str,
+    pub bitmap: Option<BitmapPlan>,
+    pub scratch: Option<&'a Path>,
+    /// `nbd-server-start` with this address, `nbd-server-stop` at the end.
+    pub start_server: Option<Value>,
+}
+
+/// A QMP connection and what this run changed in the daemon.
+pub struct Session {
+    qmp: QmpClient,
+    /// Whether the daemon has `x-debug-query-block-graph` (QEMU does).
+    graph: Option<bool>,
+    started_server: bool,
+}
+
+impl Session {
+    /// `addr`: `unix:PATH`, a path, or `HOST:PORT`.
+    pub fn connect(addr: &str) -> Result<Self, BackupError> {
+        let target = addr.strip_prefix("unix:").unwrap_or(addr);
+        let qmp =
+            QmpClient::connect_ready(target).map_err(|e| BackupError::Qmp(format!("QMP: {e}")))?;
+        Ok(Self {
+            qmp,
+            graph: None,
+            started_server: false,
+        })
+    }
+
+    fn cmd(&mut self, name: &str, args: Value) -> Result<Value, BackupError> {
+        self.qmp
+            .command(name, args)
+            .map_err(|e| BackupError::Qmp(format!("{name}: {e}")))
+    }
+
+    /// Every named node, flat.
+    fn nodes(&mut self) -> Result<Vec<Value>, BackupError> {
+        let v = self.cmd("query-named-block-nodes", json!({"flat": true}))?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    }
+
+    fn node(&mut self, name: &str) -> Result<Option<Value>, BackupError> {
+        Ok(self
+            .nodes()?
+            .into_iter()
+            .find(|n| n["node-name"].as_str() == Some(name)))
+    }
+
+    fn export_exists(&mut self) -> Result<bool, BackupError> {
+        let v = self.cmd("query-block-exports", json!({}))?;
+        Ok(v.as_array()
+            .is_some_and(|a| a.iter().any(|e| e["id"].as_str() == Some(EXPORT))))
+    }
+
+    /// The block graph's edges as (parent, role, child) node names, when the
+    /// daemon has `x-debug-query-block-graph`.
+    fn edges(&mut self) -> Result<Option<Vec<(String, String, String)>>, BackupError> {
+        if self.graph == Some(false) {
+            return Ok(None);
+        }
+        let g = match self.qmp.command("x-debug-query-block-graph", json!({})) {
+            Ok(g) => g,
+            Err(ClientError::Command(e)) if e.class == "CommandNotFound" => {
+                self.graph = Some(false);
+                return Ok(None);
+            }
+            Err(e) => return Err(BackupError::Qmp(format!("x-debug-query-block-graph: {e}"))),
+        };
+        self.graph = Some(true);
+        let empty = Vec::new();
+        let names: std::collections::HashMap<u64, String> = g["nodes"]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .filter_map(|n| Some((n["id"].as_u64()?, n["name"].as_str()?.to_string())))
+            .collect();
+        let edges = g["edges"]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .filter_map(|e| {
+                Some((
+                    names.get(&e["parent"].as_u64()?)?.clone(),
+                    e["name"].as_str()?.to_string(),
+                    names.get(&e["child"].as_u64()?)?.clone(),
+                ))
+            })
+            .collect();
+        Ok(Some(edges))
+    }
+
+    /// The node-name of `parent`'s child in `role` (`file`, `backing`).
+    /// Without the graph command: for `file`, the one other node (not a
+    /// format, not ours) that has the same file name, which is how a
+    /// format node's or a filter's file name is made.
+    fn child(&mut self, parent: &str, role: &str) -> Result<Option<String>, BackupError> {
+        if let Some(edges) = self.edges()? {
+            return Ok(edges
+                .into_iter()
+                .find(|(p, r, _)| p == parent && r == role)
+                .map(|(_, _, c)| c));
+        }
+        if role != "file" {
+            return Ok(None);
+        }
+        let nodes = self.nodes()?;
+        let Some(file) = nodes
+            .iter()
+            .find(|n| n["node-name"].as_str() == Some(parent))
+            .and_then(|n| n["file"].as_str())
+        else {
+            return Ok(None);
+        };
+        let found: Vec<String> = nodes
+            .iter()
+            .filter(|n| n["file"].as_str() == Some(file))
+            .filter_map(|n| n["node-name"].as_str())
+            .filter(|name| *name != parent && !name.starts_with(PREFIX))
+            .filter(|name| {
+                let drv = nodes
+                    .iter()
+                    .find(|n| n["node-name"].as_str() == Some(*name))
+                    .and_then(|n| n["drv"].as_str())
+                    .unwrap_or("");
+                !FORMATS.contains(&drv) && drv != "copy-before-write"
+            })
+            .map(str::to_string)
+            .collect();
+        match found.len() {
+            1 => Ok(found.into_iter().next()),
+            0 => Ok(None),
+            _ => Err(BackupError::Usage(format!(
+                "cannot tell which of {} is the file child of '{parent}'",
+                found.join(", ")
+            ))),
+        }
+    }
+
+    /// `blockdev-reopen` of format node `info` with `file` as its file child,
+    /// keeping the options query-named-block-nodes shows (the others go back
+    /// to their defaults, as blockdev-reopen does to what it is not given).
+    fn reopen(&mut self, info: &Value, file: &str) -> Result<(), BackupError> {
+        let name = info["node-name"].as_str().unwrap_or_default().to_string();
+        let mut o = json!({
+            "driver": info["drv"],
+            "node-name": name,
+            "file": file,
+        });
+        if info["ro"].as_bool() == Some(true) {
+            o["read-only"] = json!(true);
+        }
+        if info.get("backing_file").is_some() {
+            let backing = self.child(&name, "backing")?.ok_or_else(|| {
+                BackupError::Usage(format!("cannot find the backing node of '{name}'"))
+            })?;
+            o["backing"] = json!(backing);
+        }
+        let cache = &info["cache"];
+        if cache["direct"].as_bool() == Some(true) || cache["no-flush"].as_bool() == Some(true) {
+            o["cache"] = json!({
+                "direct": cache["direct"].as_bool().unwrap_or(false),
+                "no-flush": cache["no-flush"].as_bool().unwrap_or(false),
+            });
+        }
+        match info["detect_zeroes"].as_str() {
+            Some("on") => o["detect-zeroes"] = json!("on"),
+            Some("unmap") => {
+                o["detect-zeroes"] = json!("unmap");
+                o["discard"] = json!("unmap");
+            }
+            _ => {}
+        }
+        self.cmd("blockdev-reopen", json!({"options": [o]}))?;
+        Ok(())
+    }
+
+    /// Deletes our export and waits until it is gone (its clients may take a
+    /// moment to leave after they closed).
+    fn delete_export(&mut self, hard: bool) -> Result<(), BackupError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut mode = if hard { "hard" } else { "safe" };
+        loop {
+            match self
+                .qmp
+                .command("block-export-del", json!({"id": EXPORT, "mode": mode}))
+            {
+                Ok(_) => break,
+                Err(ClientError::Command(e)) if e.desc.contains("in use") => {
+                    if Instant::now() > deadline {
+                        mode = "hard";
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    return Err(BackupError::Qmp(format!("block-export-del: {e}")));
+                }
+            }
+        }
+        // BLOCK_EXPORT_DELETED comes when the export is really gone; it no
+        // longer being listed says the same, on any connection.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.export_exists()? {
+            if Instant::now() > deadline {
+                return Err(BackupError::Qmp(format!(
+                    "export {EXPORT} still there 30 s after block-export-del"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    fn bitmaps_of(info: &Value) -> Vec<Value> {
+        info["dirty-bitmaps"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn find_bitmap(info: &Value, name: &str) -> Option<Value> {
+        Self::bitmaps_of(info)
+            .into_iter()
+            .find(|b| b["name"].as_str() == Some(name))
+    }
+
+    fn transaction(&mut self, actions: Vec<Value>) -> Result<(), BackupError> {
+        self.cmd("transaction", json!({"actions": actions}))?;
+        Ok(())
+    }
+
+    /// Removes every trace of an earlier run: the export, the nodes, the
+    /// reopened format node, the temp file, and the `next` bitmaps, whose
+    /// bits go back into the bitmap they were made for (as after a failure).
+    pub fn cleanup(&mut self, node: &str) -> Result<bool, BackupError> {
+        let graph = self.remove_graph(node)?;
+        let bitmaps = self.restore_bitmaps(node)?;
+        Ok(graph || bitmaps)
+    }
+
+    /// The export, the nodes, the temp file; the format node back on its file.
+    fn remove_graph(&mut self, node: &str) -> Result<bool, BackupError> {
+        let mut found = false;
+        if self.export_exists()? {
+            found = true;
+            self.delete_export(true)?;
+        }
+        for name in [VIEW, ACCESS] {
+            if self.node(name)?.is_some() {
+                found = true;
+                self.cmd("blockdev-del", json!({"node-name": name}))?;
+            }
+        }
+        if self.node(CBW)?.is_some() {
+            found = true;
+            // The format node the filter sits under: the graph says, else it
+            // is the node this run is for.
+            let parent = match self.edges()? {
+                Some(edges) => edges
+                    .into_iter()
+                    .find(|(_, r, c)| r == "file" && c == CBW)
+                    .map(|(p, _, _)| p),
+                None => Some(node.to_string()),
+            };
+            if let Some(parent) = parent {
+                let info = self.node(&parent)?.ok_or_else(|| {
+                    BackupError::Usage(format!(
+                        "an earlier live backup left {CBW} in place and node '{parent}' is gone"
+                    ))
+                })?;
+                if self.child(&parent, "file")?.as_deref() == Some(CBW) || self.graph != Some(true)
+                {
+                    let file = self.child(CBW, "file")?.ok_or_else(|| {
+                        BackupError::Usage(format!("cannot find the file child of {CBW}"))
+                    })?;
+                    self.reopen(&info, &file)?;
+                }
+            }
+            self.cmd("blockdev-del", json!({"node-name": CBW}))?;
+        }
+        if let Some(temp) = self.node(TEMP)? {
+            found = true;
+            self.cmd("blockdev-del", json!({"node-name": TEMP}))?;
+            remove_temp(temp["file"].as_str());
+        }
+        Ok(found)
+    }
+
+    /// Merges each `next` bitmap on `node` back into the bitmap it was made
+    /// for (re-enabled), and removes it.
+    fn restore_bitmaps(&mut self, node: &str) -> Result<bool, BackupError> {
+        let mut found = false;
+        if let Some(info) = self.node(node)? {
+            for b in Self::bitmaps_of(&info) {
+                let Some(next) = b["name"].as_str() else {
+                    continue;
+                };
+                let Some(base) = next.strip_prefix(&next_name("")) else {
+                    continue;
+                };
+                found = true;
+                let mut actions = Vec::new();
+                if let Some(old) = Self::find_bitmap(&info, base) {
+                    actions.push(bitmap_action(
+                        "block-dirty-bitmap-merge",
+                        node,
+                        base,
+                        Some(next),
+                    ));
+                    if old["recording"].as_bool() == Some(false) {
+                        actions.push(bitmap_action("block-dirty-bitmap-enable", node, base, None));
+                    }
+                }
+                actions.push(bitmap_action("block-dirty-bitmap-remove", node, next, None));
+                self.transaction(actions)?;
+            }
+        }
+        Ok(found)
+    }
+
+    /// Builds the frozen view and exports it.
+    pub fn setup(&mut self, plan: &Plan) -> Result<(), BackupError> {
+        let node = plan.node;
+        let info = self
+            .node(node)?
+            .ok_or_else(|| BackupError::Usage(format!("no node named '{node}'")))?;
+        let drv = info["drv"].as_str().unwrap_or_default().to_string();
+        if !FORMATS.contains(&drv.as_str()) {
+            return Err(BackupError::Usage(format!(
+                "node '{node}' is driver={drv}: a live backup needs a format node (raw or qcow2) \
+                 over its file, e.g. --blockdev driver=raw,node-name={node},file=FILE-NODE"
+            )));
+        }
+        let file = self
+            .child(node, "file")?
+            .ok_or_else(|| BackupError::Usage(format!("cannot find the file child of '{node}'")))?;
+        if let Some(b) = &plan.bitmap {
+            let old = Self::find_bitmap(&info, &b.name);
+            if b.incremental && old.is_none() {
+                return Err(BackupError::Usage(format!(
+                    "node '{node}' has no bitmap '{}' for an incremental backup (make one with \
+                     a full live backup and --bitmap)",
+                    b.name
+                )));
+            }
+        }
+        let file_info = self.node(&file)?.unwrap_or(Value::Null);
+        let size = [&info, &file_info]
+            .iter()
+            .filter_map(|n| n["image"]["virtual-size"].as_u64())
+            .max()
+            .unwrap_or(0);
+
+        let dir = match plan.scratch {
+            Some(d) => d.to_path_buf(),
+            None => info["file"]
+                .as_str()
+                .map(Path::new)
+                .filter(|p| p.is_absolute())
+                .and_then(Path::parent)
+                .map(Path::to_path_buf)
+                .ok_or_else(|| {
+                    BackupError::Usage(format!(
+                        "node '{node}' is not on a local file: give --scratch DIR"
+                    ))
+                })?,
+        };
+        let temp_path = dir.join(format!("{PREFIX}{}.tmp", sanitize(node)));
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&temp_path)
+            .map_err(|e| BackupError::Usage(format!("{}: {e}", temp_path.display())))?;
+        f.set_len(size)?;
+        drop(f);
+        let temp_name = temp_path.display().to_string();
+        self.cmd(
+            "blockdev-add",
+            json!({"driver": "file", "node-name": TEMP, "filename": temp_name}),
+        )?;
+        self.cmd(
+            "blockdev-add",
+            json!({"driver": "copy-before-write", "node-name": CBW, "file": file, "target": TEMP}),
+        )?;
+        if let Some(b) = &plan.bitmap {
+            let old = Self::find_bitmap(&info, &b.name);
+            let mut args = json!({"node": node, "name": next_name(&b.name)});
+            match &old {
+                Some(old) => {
+                    args["persistent"] = old["persistent"].clone();
+                    args["granularity"] = old["granularity"].clone();
+                }
+                // A new bitmap on a qcow2 node is kept in the image, so it
+                // lives as long as the node's data.
+                None => args["persistent"] = json!(drv == "qcow2"),
+            }
+            self.cmd("block-dirty-bitmap-add", args)?;
+        }
+        // The freeze.
+        self.reopen(&info, CBW)?;
+        if let Some(b) = plan.bitmap.as_ref().filter(|b| b.incremental) {
+            self.cmd(
+                "block-dirty-bitmap-disable",
+                json!({"node": node, "name": b.name}),
+            )?;
+        }
+        self.cmd(
+            "blockdev-add",
+            json!({"driver": "snapshot-access", "node-name": ACCESS, "file": CBW}),
+        )?;
+        self.cmd(
+            "blockdev-add",
+            json!({"driver": drv, "node-name": VIEW, "file": ACCESS, "read-only": true}),
+        )?;
+        if let Some(addr) = &plan.start_server {
+            match self.qmp.command("nbd-server-start", json!({"addr": addr})) {
+                Ok(_) => self.started_server = true,
+                // Ours, from a run that was killed.
+                Err(ClientError::Command(e)) if e.desc.contains("already running") => {
+                    self.started_server = true
+                }
+                Err(e) => return Err(BackupError::Qmp(format!("nbd-server-start: {e}"))),
+            }
+        }
+        let mut export = json!({
+            "type": "nbd", "id": EXPORT, "node-name": VIEW, "name": EXPORT, "writable": false,
+        });
+        if let Some(b) = plan.bitmap.as_ref().filter(|b| b.incremental) {
+            export["bitmaps"] = json!([{"node": node, "name": b.name}]);
+        }
+        self.cmd("block-export-add", export)?;
+        Ok(())
+    }
+
+    /// Takes the fleecing down; on success NAME becomes the bitmap of the
+    /// writes since the freeze, otherwise it keeps every bit it had plus those.
+    pub fn teardown(
+        &mut self,
+        node: &str,
+        bitmap: Option<&BitmapPlan>,
+        ok: bool,
+    ) -> Result<(), BackupError> {
+        if self.export_exists()? {
+            self.delete_export(false)?;
+        }
+        // The bitmaps are not busy once the export is gone.
+        self.remove_graph(node)?;
+        match (ok, bitmap) {
+            (true, Some(b)) => self.swap_bitmaps(node, b)?,
+            _ => {
+                self.restore_bitmaps(node)?;
+            }
+        }
+        self.stop_server()
+    }
+
+    /// After a successful backup, in one transaction: NAME := next (NAME
+    /// made if this was its first full backup), next removed.
+    fn swap_bitmaps(&mut self, node: &str, b: &BitmapPlan) -> Result<(), BackupError> {
+        let next = next_name(&b.name);
+        let info = self.node(node)?.unwrap_or(Value::Null);
+        let new = Self::find_bitmap(&info, &next)
+            .ok_or_else(|| BackupError::Qmp(format!("bitmap {next} is gone")))?;
+        let mut actions = Vec::new();
+        match Self::find_bitmap(&info, &b.name) {
+            Some(old) => {
+                actions.push(bitmap_action(
+                    "block-dirty-bitmap-clear",
+                    node,
+                    &b.name,
+                    None,
+                ));
+                if old["recording"].as_bool() == Some(false) {
+                    actions.push(bitmap_action(
+                        "block-dirty-bitmap-enable",
+                        node,
+                        &b.name,
+                        None,
+                    ));
+                }
+            }
+            None => actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
+                "node": node, "name": b.name,
+                "persistent": new["persistent"], "granularity": new["granularity"],
+            }})),
+        }
+        actions.push(bitmap_action(
+            "block-dirty-bitmap-merge",
+            node,
+            &b.name,
+            Some(&next),
+        ));
+        actions.push(bitmap_action(
+            "block-dirty-bitmap-remove",
+            node,
+            &next,
+            None,
+        ));
+        self.transaction(actions)
+    }
+
+    fn stop_server(&mut self) -> Result<(), BackupError> {
+        if self.started_server {
+            self.started_server = false;
+            self.cmd("nbd-server-stop", json!({}))?;
+        }
+        Ok(())
+    }
+}
+
+fn bitmap_action(kind: &str, node: &str, name: &str, from: Option<&str>) -> Value {
+    let data = match (kind, from) {
+        ("block-dirty-bitmap-merge", Some(src)) => {
+            json!({"node": node, "target": name, "bitmaps": [src]})
+        }
+        _ => json!({"node": node, "name": name}),
+    };
+    json!({"type": kind, "data": data})
+}
+
+/// A node name as a file name: QEMU's node names are letters, digits and
+/// `-_.`, but generated ones start with `#`.
+fn sanitize(node: &str) -> String {
+    node.chars()
+        .map(
+            |c| match c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                true => c,
+                false => '_',
+            },
+        )
+        .collect()
+}
+
+/// Unlinks the temp file `path` if it is one of ours.
+fn remove_temp(path: Option<&str>) {
+    if let Some(p) = path.map(PathBuf::from) {
+        if p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(PREFIX))
+        {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_merge_action_names_its_source() {
+        assert_eq!(
+            bitmap_action("block-dirty-bitmap-merge", "n", "b", Some("x")),
+            json!({"type": "block-dirty-bitmap-merge",
+                   "data": {"node": "n", "target": "b", "bitmaps": ["x"]}})
+        );
+    }
+
+    #[test]
+    fn test_sanitize_generated_names() {
+        assert_eq!(sanitize("#block123"), "_block123");
+        assert_eq!(next_name("b0"), "bexd-backup-next-b0");
+    }
+}
