@@ -149,7 +149,13 @@ impl Conn {
         // status); a server without them gets STRUCTURED_REPLY instead.
         codec::extended_headers(&mut out);
         self.send(&out).await?;
-        self.extended = self.option_reply().await?.reply == OptionReplyType::ACK;
+        let reply = self.option_reply().await?;
+        if reply.reply == OptionReplyType::ERR_TLS_REQD {
+            return Err(BackupError::Tls(
+                "the server requires TLS (give --tls-x509 or --tls-psk)".into(),
+            ));
+        }
+        self.extended = reply.reply == OptionReplyType::ACK;
         if !self.extended {
             let mut out = Vec::new();
             codec::structured_reply(&mut out);

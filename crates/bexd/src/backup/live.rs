@@ -42,6 +42,8 @@ pub const TEMP: &str = "bexd-backup-tmp";
 pub const CBW: &str = "bexd-backup-cbw";
 pub const ACCESS: &str = "bexd-backup-access";
 pub const VIEW: &str = "bexd-backup-view";
+/// The sync=none backup job whose filter is the freeze, where the daemon can.
+pub const JOB: &str = "bexd-backup";
 /// The export's id and its NBD name.
 pub const EXPORT: &str = "bexd-backup";
 /// Format drivers: a node of one of these has a `file` child to fleece.
@@ -313,6 +315,7 @@ impl Session {
                 self.cmd("blockdev-del", json!({"node-name": name}))?;
             }
         }
+        found |= self.cancel_job()?;
         if self.node(CBW)?.is_some() {
             found = true;
             // The format node the filter sits under: the graph says, else it
@@ -362,7 +365,12 @@ impl Session {
                 };
                 found = true;
                 let mut actions = Vec::new();
-                if let Some(old) = Self::find_bitmap(&info, base) {
+                // An inconsistent bitmap (the daemon was killed while it was
+                // in use) can only be removed; the next run must be a full one.
+                let usable = |b: &Value| b["inconsistent"].as_bool() != Some(true);
+                if let Some(old) =
+                    Self::find_bitmap(&info, base).filter(|o| usable(o) && usable(&b))
+                {
                     actions.push(bitmap_action(
                         "block-dirty-bitmap-merge",
                         node,
@@ -387,17 +395,19 @@ impl Session {
             .node(node)?
             .ok_or_else(|| BackupError::Usage(format!("no node named '{node}'")))?;
         let drv = info["drv"].as_str().unwrap_or_default().to_string();
-        if !FORMATS.contains(&drv.as_str()) {
-            return Err(BackupError::Usage(format!(
-                "node '{node}' is driver={drv}: a live backup needs a format node (raw or qcow2) \
-                 over its file, e.g. --blockdev driver=raw,node-name={node},file=FILE-NODE"
-            )));
-        }
-        let file = self
-            .child(node, "file")?
-            .ok_or_else(|| BackupError::Usage(format!("cannot find the file child of '{node}'")))?;
         if let Some(b) = &plan.bitmap {
             let old = Self::find_bitmap(&info, &b.name);
+            if b.incremental
+                && old
+                    .as_ref()
+                    .is_some_and(|o| o["inconsistent"].as_bool() == Some(true))
+            {
+                return Err(BackupError::Usage(format!(
+                    "bitmap '{}' of node '{node}' is inconsistent (the daemon stopped while it \
+                     was in use): run a full live backup with --bitmap to start it afresh",
+                    b.name
+                )));
+            }
             if b.incremental && old.is_none() {
                 return Err(BackupError::Usage(format!(
                     "node '{node}' has no bitmap '{}' for an incremental backup (make one with \
@@ -406,13 +416,6 @@ impl Session {
                 )));
             }
         }
-        let file_info = self.node(&file)?.unwrap_or(Value::Null);
-        let size = [&info, &file_info]
-            .iter()
-            .filter_map(|n| n["image"]["virtual-size"].as_u64())
-            .max()
-            .unwrap_or(0);
-
         let dir = match plan.scratch {
             Some(d) => d.to_path_buf(),
             None => info["file"]
@@ -428,27 +431,9 @@ impl Session {
                 })?,
         };
         let temp_path = dir.join(format!("{PREFIX}{}.tmp", sanitize(node)));
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&temp_path)
-            .map_err(|e| BackupError::Usage(format!("{}: {e}", temp_path.display())))?;
-        f.set_len(size)?;
-        drop(f);
-        let temp_name = temp_path.display().to_string();
-        self.cmd(
-            "blockdev-add",
-            json!({"driver": "file", "node-name": TEMP, "filename": temp_name}),
-        )?;
-        self.cmd(
-            "blockdev-add",
-            json!({"driver": "copy-before-write", "node-name": CBW, "file": file, "target": TEMP}),
-        )?;
-        if let Some(b) = &plan.bitmap {
-            let old = Self::find_bitmap(&info, &b.name);
+        let next = plan.bitmap.as_ref().map(|b| {
             let mut args = json!({"node": node, "name": next_name(&b.name)});
-            match &old {
+            match Self::find_bitmap(&info, &b.name) {
                 Some(old) => {
                     args["persistent"] = old["persistent"].clone();
                     args["granularity"] = old["granularity"].clone();
@@ -457,24 +442,28 @@ impl Session {
                 // lives as long as the node's data.
                 None => args["persistent"] = json!(drv == "qcow2"),
             }
-            self.cmd("block-dirty-bitmap-add", args)?;
-        }
-        // The freeze.
-        self.reopen(&info, CBW)?;
-        if let Some(b) = plan.bitmap.as_ref().filter(|b| b.incremental) {
-            self.cmd(
-                "block-dirty-bitmap-disable",
-                json!({"node": node, "name": b.name}),
-            )?;
-        }
-        self.cmd(
-            "blockdev-add",
-            json!({"driver": "snapshot-access", "node-name": ACCESS, "file": CBW}),
-        )?;
-        self.cmd(
-            "blockdev-add",
-            json!({"driver": drv, "node-name": VIEW, "file": ACCESS, "read-only": true}),
-        )?;
+            args
+        });
+        let disable = plan
+            .bitmap
+            .as_ref()
+            .filter(|b| b.incremental)
+            .map(|b| json!({"node": node, "name": b.name}));
+        let size = info["image"]["virtual-size"].as_u64().unwrap_or(0);
+        let view = match self.freeze_above(node, size, &temp_path, &next, &disable)? {
+            true => ACCESS,
+            false => {
+                if !FORMATS.contains(&drv.as_str()) {
+                    return Err(BackupError::Usage(format!(
+                        "node '{node}' is driver={drv}: this daemon needs a format node (raw \
+                         or qcow2) over the file to fleece, e.g. --blockdev \
+                         driver=raw,node-name={node},file=FILE-NODE"
+                    )));
+                }
+                self.freeze_below(&info, &temp_path, &next, &disable)?;
+                VIEW
+            }
+        };
         if let Some(addr) = &plan.start_server {
             match self.qmp.command("nbd-server-start", json!({"addr": addr})) {
                 Ok(_) => self.started_server = true,
@@ -486,13 +475,141 @@ impl Session {
             }
         }
         let mut export = json!({
-            "type": "nbd", "id": EXPORT, "node-name": VIEW, "name": EXPORT, "writable": false,
+            "type": "nbd", "id": EXPORT, "node-name": view, "name": EXPORT, "writable": false,
         });
         if let Some(b) = plan.bitmap.as_ref().filter(|b| b.incremental) {
             export["bitmaps"] = json!([{"node": node, "name": b.name}]);
         }
         self.cmd("block-export-add", export)?;
         Ok(())
+    }
+
+    /// Makes the temp file (sparse, `size` bytes) and its node.
+    fn add_temp(&mut self, path: &Path, size: u64) -> Result<(), BackupError> {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| BackupError::Usage(format!("{}: {e}", path.display())))?;
+        f.set_len(size)?;
+        drop(f);
+        self.cmd(
+            "blockdev-add",
+            json!({"driver": "file", "node-name": TEMP, "filename": path.display().to_string()}),
+        )?;
+        Ok(())
+    }
+
+    /// The freeze with the filter above `node`, QEMU's way for a node whose
+    /// parents cannot be reopened (an export's): one transaction starts a
+    /// `blockdev-backup` job with sync=none, whose copy-before-write filter
+    /// (named CBW) takes `node`'s place under every parent, and does the
+    /// bitmap steps, so all happen at one instant. False when the daemon
+    /// cannot (no filter node for snapshot-access to read): nothing is left.
+    fn freeze_above(
+        &mut self,
+        node: &str,
+        size: u64,
+        temp: &Path,
+        next: &Option<Value>,
+        disable: &Option<Value>,
+    ) -> Result<bool, BackupError> {
+        self.add_temp(temp, size)?;
+        let mut actions = vec![json!({"type": "blockdev-backup", "data": {
+            "job-id": JOB, "device": node, "target": TEMP, "sync": "none",
+            "filter-node-name": CBW, "auto-finalize": true, "auto-dismiss": true,
+        }})];
+        if let Some(n) = next {
+            actions.push(json!({"type": "block-dirty-bitmap-add", "data": n}));
+        }
+        if let Some(d) = disable {
+            actions.push(json!({"type": "block-dirty-bitmap-disable", "data": d}));
+        }
+        let access = json!({"driver": "snapshot-access", "node-name": ACCESS, "file": CBW});
+        let frozen =
+            self.transaction(actions).is_ok() && self.qmp.command("blockdev-add", access).is_ok();
+        if !frozen {
+            self.cancel_job()?;
+            if self.node(TEMP)?.is_some() {
+                self.cmd("blockdev-del", json!({"node-name": TEMP}))?;
+            }
+            self.restore_bitmaps(node)?;
+        }
+        Ok(frozen)
+    }
+
+    /// The freeze with the filter under `info`'s format node, over its file
+    /// child, by `blockdev-reopen` (which flushes the format node first, so
+    /// the frozen file is a consistent image); the view is the same format
+    /// driver over snapshot-access. The new bitmap is made before and the
+    /// old one disabled after: their overlap is copied twice, never missed.
+    fn freeze_below(
+        &mut self,
+        info: &Value,
+        temp: &Path,
+        next: &Option<Value>,
+        disable: &Option<Value>,
+    ) -> Result<(), BackupError> {
+        let node = info["node-name"].as_str().unwrap_or_default().to_string();
+        let drv = info["drv"].clone();
+        let file = self
+            .child(&node, "file")?
+            .ok_or_else(|| BackupError::Usage(format!("cannot find the file child of '{node}'")))?;
+        let file_info = self.node(&file)?.unwrap_or(Value::Null);
+        let size = [info, &file_info]
+            .iter()
+            .filter_map(|n| n["image"]["virtual-size"].as_u64())
+            .max()
+            .unwrap_or(0);
+        self.add_temp(temp, size)?;
+        self.cmd(
+            "blockdev-add",
+            json!({"driver": "copy-before-write", "node-name": CBW, "file": file, "target": TEMP}),
+        )?;
+        if let Some(n) = next {
+            self.cmd("block-dirty-bitmap-add", n.clone())?;
+        }
+        self.reopen(info, CBW)?;
+        if let Some(d) = disable {
+            self.cmd("block-dirty-bitmap-disable", d.clone())?;
+        }
+        self.cmd(
+            "blockdev-add",
+            json!({"driver": "snapshot-access", "node-name": ACCESS, "file": CBW}),
+        )?;
+        self.cmd(
+            "blockdev-add",
+            json!({"driver": drv, "node-name": VIEW, "file": ACCESS, "read-only": true}),
+        )?;
+        Ok(())
+    }
+
+    /// Cancels our sync=none job (its filter leaves with it) and waits until
+    /// it is gone.
+    fn cancel_job(&mut self) -> Result<bool, BackupError> {
+        let listed = |s: &mut Self| -> Result<bool, BackupError> {
+            let jobs = s.cmd("query-jobs", json!({}))?;
+            Ok(jobs
+                .as_array()
+                .is_some_and(|a| a.iter().any(|j| j["id"].as_str() == Some(JOB))))
+        };
+        if !listed(self)? {
+            return Ok(false);
+        }
+        let _ = self.qmp.command("job-cancel", json!({"id": JOB}));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while listed(self)? {
+            if Instant::now() > deadline {
+                return Err(BackupError::Qmp(format!(
+                    "job {JOB} still there 30 s after job-cancel"
+                )));
+            }
+            // A concluded job that was not dismissed.
+            let _ = self.qmp.command("job-dismiss", json!({"id": JOB}));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(true)
     }
 
     /// Takes the fleecing down; on success NAME becomes the bitmap of the
@@ -525,7 +642,22 @@ impl Session {
         let new = Self::find_bitmap(&info, &next)
             .ok_or_else(|| BackupError::Qmp(format!("bitmap {next} is gone")))?;
         let mut actions = Vec::new();
-        match Self::find_bitmap(&info, &b.name) {
+        let old = Self::find_bitmap(&info, &b.name);
+        if let Some(old) = old
+            .as_ref()
+            .filter(|o| o["inconsistent"].as_bool() == Some(true))
+        {
+            // Its bits cannot be trusted (the daemon died while it was in
+            // use); this full backup starts it afresh.
+            actions.push(bitmap_action(
+                "block-dirty-bitmap-remove",
+                node,
+                &b.name,
+                None,
+            ));
+            let _ = old;
+        }
+        match old.filter(|o| o["inconsistent"].as_bool() != Some(true)) {
             Some(old) => {
                 actions.push(bitmap_action(
                     "block-dirty-bitmap-clear",
