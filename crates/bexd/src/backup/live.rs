@@ -2,29 +2,32 @@
 //! daemon (bexd or qemu-storage-daemon) exports and clients keep writing.
 //!
 //! ```text
-//!  cleanup   remove what an earlier run left (names starting bexd-backup-)
-//!  setup     temp  = driver=file over SCRATCH/bexd-backup-NODE.tmp
-//!            cbw   = copy-before-write, file = NODE's file child, target = temp
-//!            next  = block-dirty-bitmap-add bexd-backup-next-NAME (with --bitmap)
-//!  freeze    blockdev-reopen NODE with file = cbw: from here on every write to
-//!            NODE goes through cbw, which saves the old data first
-//!            (incremental: block-dirty-bitmap-disable NAME right after)
-//!  export    access = snapshot-access over cbw (the frozen file), view = NODE's
-//!            format driver over access, read-only; exported as bexd-backup
-//!            (incremental: with NAME's bits as qemu:dirty-bitmap:NAME)
+//!  cleanup   remove what an earlier run left (names starting bexd-backup)
+//!  temp      driver=file over SCRATCH/bexd-backup-NODE.tmp
+//!  freeze    above: one transaction = blockdev-backup sync=none of NODE to temp
+//!                   with filter-node-name=bexd-backup-cbw (the filter takes NODE's
+//!                   place under every parent, the export's too), the new bitmap
+//!                   bexd-backup-next-NAME, and (incremental) disabling NAME
+//!            below (a daemon whose job has no filter node): copy-before-write
+//!                   over NODE's file child, the new bitmap, blockdev-reopen of
+//!                   NODE with file=cbw (the freeze), then disabling NAME
+//!  export    snapshot-access over the filter (below: NODE's format driver over
+//!            it, read-only), exported as bexd-backup with NAME's bits
 //!  pull      the same copy as `bexd backup --uri` (full or incremental)
-//!  teardown  export and nodes away, NODE reopened onto its own file child;
-//!            success: NAME := next, next removed; failure: next merged back
-//!            into NAME, so the next incremental still covers everything
+//!  teardown  export, nodes, job, temp file away (NODE back on its file child);
+//!            success: NAME := next; failure: next merged back into NAME, so
+//!            the next incremental still covers everything
 //! ```
 //!
-//! The filter goes under the format node, not over it: an export's block
-//! backend cannot be moved to another node, and the format node is the one
-//! parent of the file node, so the filter is under every writer. The reopen
-//! flushes the format node first (QEMU's bdrv_reopen_prepare does), so the
-//! frozen file is a consistent image of that format. Bits set between the
-//! new bitmap's creation and NAME's disabling are in both, which costs a
-//! re-copy, never a miss.
+//! The filter goes above the node where it can: an export's block backend
+//! cannot be moved to another node, but a backup job's filter is inserted
+//! under all parents at once, atomically with the bitmap steps. Below the
+//! format node the reopen flushes the format first (QEMU's
+//! bdrv_reopen_prepare does), so the frozen file is a consistent image; bits
+//! set between the new bitmap's creation and NAME's disabling are in both,
+//! which costs a re-copy, never a miss. QEMU 10's copy-before-write cannot
+//! follow a file that grows (a qcow2 allocating), which is one more reason
+//! to go above when the daemon can.
 //!
 //! One live backup per daemon at a time: the names are fixed, so that a run
 //! killed at any point leaves nothing the next run cannot find and remove.
@@ -53,6 +56,9 @@ const FORMATS: &[&str] = &["raw", "qcow2"];
 pub fn next_name(bitmap: &str) -> String {
     format!("{PREFIX}next-{bitmap}")
 }
+
+/// A block graph edge: (parent, role, child) node names.
+type Edge = (String, String, String);
 
 /// What the run does with the bitmap.
 #[derive(Clone, Debug)]
@@ -119,7 +125,7 @@ impl Session {
 
     /// The block graph's edges as (parent, role, child) node names, when the
     /// daemon has `x-debug-query-block-graph`.
-    fn edges(&mut self) -> Result<Option<Vec<(String, String, String)>>, BackupError> {
+    fn edges(&mut self) -> Result<Option<Vec<Edge>>, BackupError> {
         if self.graph == Some(false) {
             return Ok(None);
         }

@@ -124,6 +124,11 @@ struct BackupArgs {
     tls_hostname: Option<String>,
 }
 
+/// `bexd backup`'s clap definition, for the man page (`man.rs`).
+pub fn command() -> clap::Command {
+    <BackupArgs as clap::CommandFactory>::command()
+}
+
 pub fn main(args: &[String]) -> i32 {
     let argv = std::iter::once("bexd backup".to_string()).chain(args.iter().cloned());
     let parsed = match BackupArgs::try_parse_from(argv) {
