@@ -34,6 +34,40 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "bexd_only(reason): checks bexd's own behaviour, which qemu-storage-daemon "
         "does not have or has otherwise by design; left out of the DAEMON=qsd run")
+    config.addinivalue_line(
+        "markers", "fleecing: needs copy-before-write, snapshot-access and blockdev-reopen in "
+        "the daemon; against a bexd without them the test is a strict xfail (not run), so it "
+        "counts again once bexd has them")
+
+
+FLEECING_NEEDS = ["blockdev-reopen", "copy-before-write", "snapshot-access"]
+
+
+def bexd_lacks_fleecing():
+    """What of FLEECING_NEEDS bexd's QMP schema does not have (asked of a bexd started
+    for the purpose)."""
+    import json
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        sock = Path(tmp) / "qmp.sock"
+        proc = subprocess.Popen(daemon_binary("bexd") + [
+            "--chardev", f"socket,id=m0,path={sock},server=on,wait=off",
+            "--monitor", "chardev=m0"], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: can_connect_unix(sock), what="bexd's QMP socket")
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(sock))
+                f = s.makefile("rw")
+                f.readline()
+                for cmd in ("qmp_capabilities", "query-qmp-schema"):
+                    f.write(json.dumps({"execute": cmd}) + "\n")
+                    f.flush()
+                    reply = json.loads(f.readline())
+            text = json.dumps(reply)
+        finally:
+            proc.kill()
+            proc.wait()
+    return [n for n in FLEECING_NEEDS if f'"{n}"' not in text]
 
 
 def follows_daemon(item):
@@ -45,6 +79,12 @@ def follows_daemon(item):
 
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("DAEMON", "bexd") != "qsd":
+        fleecing = [i for i in items if i.get_closest_marker("fleecing") and follows_daemon(i)]
+        missing = bexd_lacks_fleecing() if fleecing else []
+        for item in fleecing if missing else []:
+            item.add_marker(pytest.mark.xfail(
+                reason=f"bexd has no {', '.join(missing)} yet (issue 19)", run=False,
+                strict=True))
         return
     keep, bexd_only, fixed = [], [], []
     for item in items:

@@ -58,6 +58,7 @@ pub fn page() -> String {
          .B bexd serve\n[\\fIoptions\\fR] \\fIIMAGE\\fR\n.br\n\
          .B bexd qmp\n\\fISOCKET\\fR|\\fIHOST\\fR:\\fIPORT\\fR\n.br\n\
          .B bexd backup\n\\-\\-uri \\fIURI\\fR \\-\\-output \\fIFILE\\fR [\\-\\-bitmap \\fINAME\\fR]\n.br\n\
+         .B bexd backup\n\\-\\-live \\-\\-qmp \\fIADDR\\fR \\-\\-nbd \\fIADDR\\fR \\-\\-node \\fINODE\\fR \\-\\-output \\fIFILE\\fR [\\-\\-bitmap \\fINAME\\fR [\\-\\-incremental]]\n.br\n\
          .B bexd top\n[\\-b] [\\-d \\fISECONDS\\fR] [\\-n \\fIN\\fR] \\fISOCKET\\fR|\\fIHOST\\fR:\\fIPORT\\fR\n",
     );
     out.push_str(&format!(
@@ -71,7 +72,10 @@ pub fn page() -> String {
         escape(
             "bexd serve takes qemu-nbd's command line and serves one image as qemu-nbd does. \
              bexd qmp is an interactive QMP shell; bexd backup pulls a full or incremental \
-             backup from an NBD export; bexd top is a live view of a running daemon's exports \
+             backup from an NBD export, or with --live a point-in-time backup of a node that a \
+             running bexd or qemu-storage-daemon serves and clients keep writing (it freezes a \
+             view through QMP, pulls it over NBD, takes it down and keeps the bitmap for the \
+             next incremental); bexd top is a live view of a running daemon's exports \
              (IOPS, MiB/s, latency, clients)."
         )
     ));
@@ -89,6 +93,17 @@ pub fn page() -> String {
         escape("Options of bexd serve, as qemu-nbd's (bexd serve --help shows the same):")
     ));
     for arg in crate::serve::command().get_arguments() {
+        if arg.is_hide_set() || arg.is_positional() {
+            continue;
+        }
+        out.push_str(&serve_option(arg));
+    }
+    out.push_str(".SH BACKUP OPTIONS\n");
+    out.push_str(&format!(
+        "{}\n",
+        escape("Options of bexd backup (bexd backup --help shows the same):")
+    ));
+    for arg in crate::backup::command().get_arguments() {
         if arg.is_hide_set() || arg.is_positional() {
             continue;
         }
@@ -186,6 +201,11 @@ mod tests {
         for a in crate::serve::command().get_arguments() {
             if let Some(l) = a.get_long() {
                 assert!(page.contains(&format!("--{l}")), "serve --{l} missing");
+            }
+        }
+        for a in crate::backup::command().get_arguments() {
+            if let Some(l) = a.get_long() {
+                assert!(page.contains(&format!("--{l}")), "backup --{l} missing");
             }
         }
     }

@@ -11,19 +11,17 @@ use nbd::client::{self as codec, Info, ReplyHeader};
 use nbd::consts::*;
 use nbd::request::RequestHeader;
 use nbd::types::{CommandType, OptionReplyType, ReplyType};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use nbd_client::Stream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::error::BackupError;
-use super::uri::Target;
-
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+use super::uri::{Source, Target};
 
 /// Largest chunk payload accepted from a server (a 32 MiB read plus headers).
 const MAX_CHUNK: u64 = MAX_PAYLOAD as u64 + 4096;
 
 pub struct Conn {
-    io: Box<dyn Io>,
+    io: Stream,
     rbuf: Vec<u8>,
     pub size: u64,
     pub flags: u16,
@@ -41,9 +39,11 @@ pub enum Piece {
 }
 
 impl Conn {
-    /// Connects and negotiates; `context` is the meta context to select (if any).
-    pub async fn open(target: &Target, context: Option<&str>) -> Result<Self, BackupError> {
-        let io: Box<dyn Io> = match target {
+    /// Connects and negotiates (TLS first when the source has credentials);
+    /// `context` is the meta context to select (if any).
+    pub async fn open(source: &Source, context: Option<&str>) -> Result<Self, BackupError> {
+        let target = &source.target;
+        let io: Stream = match target {
             Target::Unix { socket, .. } => Box::new(tokio::net::UnixStream::connect(socket).await?),
             Target::Tcp { host, port, .. } => {
                 let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
@@ -60,7 +60,7 @@ impl Conn {
             extended: false,
             cookie: 0,
         };
-        c.handshake(target.export(), context).await?;
+        c.handshake(source, context).await?;
         Ok(c)
     }
 
@@ -102,7 +102,12 @@ impl Conn {
         }
     }
 
-    async fn handshake(&mut self, export: &str, context: Option<&str>) -> Result<(), BackupError> {
+    async fn handshake(
+        &mut self,
+        source: &Source,
+        context: Option<&str>,
+    ) -> Result<(), BackupError> {
+        let export = source.target.export();
         let server_flags = loop {
             if let Some((flags, n)) = codec::decode_greeting(&self.rbuf).map_err(proto)? {
                 self.rbuf.drain(..n);
@@ -119,11 +124,38 @@ impl Conn {
             client |= CLIENT_FLAG_NO_ZEROES;
         }
         codec::client_flags(&mut out, client);
+        if let Some(tls) = &source.tls {
+            codec::starttls(&mut out);
+            self.send(&out).await?;
+            out.clear();
+            let reply = self.option_reply().await?;
+            if reply.reply != OptionReplyType::ACK {
+                return Err(match reply.reply {
+                    OptionReplyType::ERR_UNSUP | OptionReplyType::ERR_POLICY => {
+                        BackupError::Tls("the server does not offer TLS".into())
+                    }
+                    _ => option_error(&reply),
+                });
+            }
+            if !self.rbuf.is_empty() {
+                return Err(BackupError::Protocol(
+                    "data after the STARTTLS reply".into(),
+                ));
+            }
+            let plain = std::mem::replace(&mut self.io, Box::new(tokio::io::empty()));
+            self.io = tls.connect(plain).await.map_err(BackupError::Tls)?;
+        }
         // Extended headers first (one round trip covers a whole disk's block
         // status); a server without them gets STRUCTURED_REPLY instead.
         codec::extended_headers(&mut out);
         self.send(&out).await?;
-        self.extended = self.option_reply().await?.reply == OptionReplyType::ACK;
+        let reply = self.option_reply().await?;
+        if reply.reply == OptionReplyType::ERR_TLS_REQD {
+            return Err(BackupError::Tls(
+                "the server requires TLS (give --tls-x509 or --tls-psk)".into(),
+            ));
+        }
+        self.extended = reply.reply == OptionReplyType::ACK;
         if !self.extended {
             let mut out = Vec::new();
             codec::structured_reply(&mut out);

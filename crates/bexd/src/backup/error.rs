@@ -16,4 +16,9 @@ pub enum BackupError {
     NoContext(String),
     #[error("verify failed: {0} differs from the source")]
     Verify(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// A QMP step of a live backup: what was done, and the daemon's answer.
+    #[error("{0}")]
+    Qmp(String),
 }

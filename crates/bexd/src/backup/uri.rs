@@ -1,7 +1,12 @@
 //! NBD URIs as qemu and libnbd write them: `nbd://HOST[:PORT]/EXPORT` and
-//! `nbd+unix:///EXPORT?socket=PATH`.
+//! `nbd+unix:///EXPORT?socket=PATH`; server addresses as `bexd backup --live`
+//! takes them (`unix:PATH`, `PATH`, `HOST:PORT`); and what a connection
+//! needs besides the address, its TLS.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use nbd_client::TlsConnect;
 
 use super::error::BackupError;
 
@@ -24,6 +29,50 @@ impl Target {
             Self::Unix { export, .. } | Self::Tcp { export, .. } => export,
         }
     }
+}
+
+/// Where to connect and how: the address and export, and the TLS upgrade
+/// (STARTTLS before anything else) when credentials were given.
+#[derive(Clone)]
+pub struct Source {
+    pub target: Target,
+    pub tls: Option<Arc<dyn TlsConnect>>,
+}
+
+/// A server address: `unix:PATH`, a path (it has a `/`), or `HOST:PORT`
+/// (`[V6]:PORT` too); `export` is the export's name on it.
+pub fn parse_addr(addr: &str, export: &str) -> Result<Target, BackupError> {
+    let bad = || {
+        BackupError::Usage(format!(
+            "cannot parse address '{addr}' (unix:PATH, PATH or HOST:PORT)"
+        ))
+    };
+    if let Some(path) = addr.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(bad());
+        }
+        return Ok(Target::Unix {
+            socket: PathBuf::from(path),
+            export: export.to_string(),
+        });
+    }
+    if addr.contains('/') {
+        return Ok(Target::Unix {
+            socket: PathBuf::from(addr),
+            export: export.to_string(),
+        });
+    }
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    let port = port.parse().map_err(|_| bad())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok(Target::Tcp {
+        host: host.to_string(),
+        port,
+        export: export.to_string(),
+    })
 }
 
 pub fn parse(uri: &str) -> Result<Target, BackupError> {
@@ -95,6 +144,35 @@ mod tests {
                 export: "d".into()
             }
         );
+    }
+
+    #[test]
+    fn test_addresses() {
+        assert_eq!(
+            parse_addr("unix:/run/n.sock", "e").unwrap(),
+            Target::Unix {
+                socket: "/run/n.sock".into(),
+                export: "e".into()
+            }
+        );
+        assert_eq!(
+            parse_addr("./n.sock", "e").unwrap(),
+            Target::Unix {
+                socket: "./n.sock".into(),
+                export: "e".into()
+            }
+        );
+        assert_eq!(
+            parse_addr("[::1]:10809", "e").unwrap(),
+            Target::Tcp {
+                host: "::1".into(),
+                port: 10809,
+                export: "e".into()
+            }
+        );
+        for a in ["unix:", "host", "host:port", ":10809"] {
+            assert!(parse_addr(a, "e").is_err(), "{a}");
+        }
     }
 
     #[test]
