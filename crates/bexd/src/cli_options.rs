@@ -2,6 +2,9 @@
 //! which take a value from here, `--help` prints them, and the man page
 //! (`man.rs`) is generated from them, so the three cannot drift apart.
 
+use qmp::schema::block_core::BlockdevDriver;
+use qmp::schema::object::OBJECT_TYPES;
+
 /// One option of the daemon's command line.
 #[derive(Debug)]
 pub struct OptionDoc {
@@ -13,6 +16,9 @@ pub struct OptionDoc {
     pub usage: &'static [&'static str],
     /// What it does, one line of `--help` each.
     pub help: &'static [&'static str],
+    /// The values it takes, listed after the help (wrapped to its column)
+    /// from the very tables the parser checks, so the list cannot go stale.
+    pub choices: &'static [&'static str],
 }
 
 /// The options in `--help`'s order.
@@ -20,32 +26,33 @@ pub static OPTIONS: &[OptionDoc] = &[
     OptionDoc {
         names: &["-h", "--help"],
         takes_value: false,
+        choices: &[],
         usage: &["-h, --help"],
         help: &["display this help and exit"],
     },
     OptionDoc {
         names: &["-V", "--version"],
         takes_value: false,
+        choices: &[],
         usage: &["-V, --version"],
         help: &["output version information and exit"],
     },
     OptionDoc {
         names: &["--blockdev"],
         takes_value: true,
+        choices: BlockdevDriver::NAMES,
         usage: &[
             "--blockdev [driver=]<driver>[,node-name=<N>][,discard=ignore|unmap]",
             "           [,cache.direct=on|off][,cache.no-flush=on|off]",
             "           [,read-only=on|off][,auto-read-only=on|off]",
             "           [,driver specific parameters...]",
         ],
-        help: &[
-            "configure a block node (drivers: file, host_device,",
-            "raw, qcow2, null-co, blkdebug)",
-        ],
+        help: &["configure a block node; drivers:"],
     },
     OptionDoc {
         names: &["--chardev"],
         takes_value: true,
+        choices: &[],
         usage: &[
             "--chardev socket,id=<id>,path=<path>|host=<host>,port=<port>",
             "          ,server=on,wait=off",
@@ -55,6 +62,7 @@ pub static OPTIONS: &[OptionDoc] = &[
     OptionDoc {
         names: &["--daemonize"],
         takes_value: false,
+        choices: &[],
         usage: &["--daemonize"],
         help: &[
             "daemonize the process, and have the parent exit",
@@ -64,6 +72,7 @@ pub static OPTIONS: &[OptionDoc] = &[
     OptionDoc {
         names: &["--export"],
         takes_value: true,
+        choices: &[],
         usage: &[
             "--export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]",
             "         [,description=<text>][,writable=on|off][,writethrough=on|off]",
@@ -83,6 +92,7 @@ pub static OPTIONS: &[OptionDoc] = &[
     OptionDoc {
         names: &["--log-format"],
         takes_value: true,
+        choices: &[],
         usage: &["--log-format text|json"],
         help: &[
             "log lines as text (default) or as one JSON object",
@@ -92,6 +102,7 @@ pub static OPTIONS: &[OptionDoc] = &[
     OptionDoc {
         names: &["--log-target"],
         takes_value: true,
+        choices: &[],
         usage: &["--log-target stderr|syslog|journal"],
         help: &[
             "send the log to stderr (default), to syslog",
@@ -102,12 +113,14 @@ pub static OPTIONS: &[OptionDoc] = &[
     OptionDoc {
         names: &["--monitor"],
         takes_value: true,
+        choices: &[],
         usage: &["--monitor [chardev=]name[,mode=control][,pretty[=on|off]]"],
         help: &["configure a QMP monitor"],
     },
     OptionDoc {
         names: &["--nbd-server"],
         takes_value: true,
+        choices: &[],
         usage: &[
             "--nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>",
             "             [,max-connections=<n>][,handshake-max-seconds=<n>]",
@@ -119,22 +132,21 @@ pub static OPTIONS: &[OptionDoc] = &[
     OptionDoc {
         names: &["--object"],
         takes_value: true,
+        choices: OBJECT_TYPES,
         usage: &["--object <type>,id=<id>[,<property>=<value>...]"],
-        help: &[
-            "create an object: tls-creds-x509, tls-creds-psk,",
-            "authz-simple, authz-list, authz-listfile, iothread,",
-            "main-loop",
-        ],
+        help: &["create an object; types:"],
     },
     OptionDoc {
         names: &["--pidfile"],
         takes_value: true,
+        choices: &[],
         usage: &["--pidfile <path>"],
         help: &["write process ID to a file after startup"],
     },
     OptionDoc {
         names: &["-T", "--trace"],
         takes_value: true,
+        choices: &[],
         usage: &["-T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]"],
         help: &[
             "trace QEMU event patterns (nbd_*, qmp_*, bdrv_*, ...),",
@@ -193,13 +205,35 @@ pub fn help_text() -> String {
             )),
             false => out.push_str(&format!("{last}\n")),
         }
-        for line in help {
+        for line in help.map(|l| l.to_string()).chain(wrap(option.choices)) {
             out.push_str(&format!("{:HELP_COLUMN$}{line}\n", ""));
         }
     }
     out.push('\n');
     out.push_str(HELP_FOOT);
     out
+}
+
+/// The widest `--help` line.
+const HELP_WIDTH: usize = 80;
+
+/// `choices` as comma-separated lines that fit after the help column.
+fn wrap(choices: &[&str]) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for (i, choice) in choices.iter().enumerate() {
+        let word = match i + 1 < choices.len() {
+            true => format!("{choice},"),
+            false => choice.to_string(),
+        };
+        match lines.last_mut() {
+            Some(line) if HELP_COLUMN + line.len() + 1 + word.len() <= HELP_WIDTH => {
+                line.push(' ');
+                line.push_str(&word);
+            }
+            _ => lines.push(word),
+        }
+    }
+    lines
 }
 
 #[cfg(test)]
@@ -227,6 +261,56 @@ mod tests {
             .flat_map(|o| o.names.iter().copied())
             .collect();
         assert_eq!(flags, ["-h", "--help", "-V", "--version", "--daemonize"]);
+    }
+
+    /// The words of an option's help as `--help` prints it.
+    fn help_words(name: &str) -> Vec<String> {
+        let text = help_text();
+        let start = text
+            .find(&format!("\n  {name} "))
+            .expect("option in --help");
+        let block = &text[start + 1..];
+        let end = block.find("\n\n").unwrap_or(block.len());
+        block[..end]
+            .split(|c: char| c.is_whitespace() || c == ',' || c == ';' || c == ':')
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn test_help_lists_every_object_type_the_parser_accepts() {
+        let words = help_words("--object");
+        for t in qmp::schema::object::OBJECT_TYPES {
+            assert!(words.iter().any(|w| w == t), "--help lacks object type {t}");
+        }
+        for t in [
+            "throttle-group",
+            "metrics-http",
+            "secret",
+            "authz-list-file",
+        ] {
+            assert!(words.iter().any(|w| w == t), "--help lacks object type {t}");
+        }
+    }
+
+    #[test]
+    fn test_help_lists_every_blockdev_driver_the_parser_accepts() {
+        let words = help_words("--blockdev");
+        for d in BlockdevDriver::NAMES {
+            assert!(words.iter().any(|w| w == d), "--help lacks driver {d}");
+        }
+        assert!(words.iter().any(|w| w == "throttle"));
+    }
+
+    #[test]
+    fn test_choices_wrap_within_the_help_width() {
+        for o in OPTIONS {
+            for line in wrap(o.choices) {
+                assert!(HELP_COLUMN + line.len() <= HELP_WIDTH, "too wide: {line}");
+            }
+        }
+        assert_eq!(wrap(&["a", "b"]), ["a, b"]);
+        assert!(wrap(&["x".repeat(40).as_str(), "y".repeat(40).as_str()]).len() == 2);
     }
 
     #[test]

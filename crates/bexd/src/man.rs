@@ -135,11 +135,11 @@ fn daemon_option(option: &OptionDoc) -> String {
         .iter()
         .map(|l| format!("\\fB{}\\fR", escape(l.trim_start())))
         .collect();
-    format!(
-        ".TP\n{}\n.br\n{}\n",
-        usage.join("\n.br\n"),
-        escape(&option.help.join(" "))
-    )
+    let mut help = option.help.join(" ");
+    if !option.choices.is_empty() {
+        help = format!("{help} {}", option.choices.join(", "));
+    }
+    format!(".TP\n{}\n.br\n{}\n", usage.join("\n.br\n"), escape(&help))
 }
 
 fn serve_option(arg: &clap::Arg) -> String {
@@ -197,6 +197,9 @@ mod tests {
             for name in o.names {
                 assert!(page.contains(name), "{name} missing");
             }
+        }
+        for t in qmp::schema::object::OBJECT_TYPES {
+            assert!(page.contains(&format!(" {t},")) || page.contains(&format!(" {t}\n")));
         }
         for a in crate::serve::command().get_arguments() {
             if let Some(l) = a.get_long() {

@@ -73,8 +73,7 @@ pub struct ServeArgs {
     /// List the exports of another NBD server (a client, like qemu-nbd -L).
     #[arg(short = 'L', long)]
     pub list: bool,
-    /// Define an object (tls-creds-x509, tls-creds-psk, authz-simple, ...).
-    #[arg(long, value_name = "type,id=ID,...")]
+    #[arg(long, value_name = "type,id=ID,...", help = object_help())]
     pub object: Vec<String>,
     /// Serve over TLS with the credentials of this --object.
     #[arg(long, value_name = "ID")]
@@ -490,6 +489,14 @@ impl ServeArgs {
         };
         Ok(Listen::Tcp { host, port })
     }
+}
+
+/// `--object`'s help, naming every type the parser takes.
+fn object_help() -> String {
+    format!(
+        "Define an object ({}).",
+        qmp::schema::object::OBJECT_TYPES.join(", ")
+    )
 }
 
 /// How many listening sockets systemd passed, read as qemu-nbd and nbdkit
