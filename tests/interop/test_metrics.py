@@ -1,10 +1,12 @@
 """bexd's metrics-http endpoint, checked by Prometheus's own tools: promtool accepts the
 exposition, and a real Prometheus server scrapes bexd and answers PromQL queries with the
-exact counts of a known workload. qemu-storage-daemon has no such object."""
+exact counts of a known workload, and rate() and increase() over them. qemu-storage-daemon has no such object."""
 
 import asyncio
 import json
+import math
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -136,52 +138,121 @@ def test_object_add_and_del_over_qmp_start_and_stop_the_endpoint(start, image):
     assert scrape(port)[0] == 200
 
 
-def test_real_prometheus_scrapes_the_exact_counts_of_a_workload(start, image, tmp_path):
-    need("prometheus")
-    port, prom_port = free_port(), free_port()
+class Prometheus:
+    """A real Prometheus server scraping bexd's endpoint on `port` every second."""
+
+    def __init__(self, tmp_path, port):
+        need("prometheus")
+        self.port = free_port()
+        config = tmp_path / "prometheus.yml"
+        config.write_text(json.dumps({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [{"job_name": "bexd",
+                                "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}],
+        }))
+        self.log = open(tmp_path / "prometheus.log", "w")
+        self.proc = subprocess.Popen(["prometheus", f"--config.file={config}",
+                                      f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                      f"--web.listen-address=127.0.0.1:{self.port}"],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    def result(self, promql, at=None):
+        """The `result` of an instant query (at `at`, RFC 3339, else now); None while
+        Prometheus is not answering yet."""
+        args = {"query": promql} | ({"time": at} if at else {})
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode(args)
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return json.load(r)["data"]["result"]
+        except (urllib.error.URLError, ConnectionError, KeyError):
+            return None
+
+    def query(self, promql, at=None):
+        """The values of an instant vector."""
+        result = self.result(promql, at)
+        return None if result is None else [float(x["value"][1]) for x in result]
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture
+def prometheus(tmp_path):
+    started = []
+
+    def _start(port):
+        started.append(Prometheus(tmp_path, port))
+        return started[-1]
+    yield _start
+    for p in started:
+        p.stop()
+
+
+def test_real_prometheus_scrapes_the_exact_counts_of_a_workload(start, image, prometheus):
+    port = free_port()
     d = start(*raw_on_file(image(8 << 20)),
               objects=[f"metrics-http,id=m0,addr.host=127.0.0.1,addr.port={port}"])
-    config = tmp_path / "prometheus.yml"
-    config.write_text(json.dumps({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "bexd",
-                            "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}],
-    }))
-    log = open(tmp_path / "prometheus.log", "w")
-    prom = subprocess.Popen(["prometheus", f"--config.file={config}",
-                             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{prom_port}"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        # 3 writes of exactly 1.25 MiB together, 2 reads of 12 KiB.
-        qemu_io(d.uri("disk0"), "write 0 1M", "write 2M 128k", "write 4M 128k",
-                "read 0 4k", "read 2M 8k")
+    prom = prometheus(port)
+    # 3 writes of exactly 1.25 MiB together, 2 reads of 12 KiB.
+    qemu_io(d.uri("disk0"), "write 0 1M", "write 2M 128k", "write 4M 128k",
+            "read 0 4k", "read 2M 8k")
+    wanted = {
+        'bexd_export_bytes_total{export="e0",op="write"}': (1 << 20) + (256 << 10),
+        'bexd_export_requests_total{export="e0",op="write"}': 3,
+        'sum(bexd_export_bytes_total{op="read"})': 12288,
+        'bexd_node_requests_total{node="disk0",op="read"}': 2,
+        'bexd_export_request_duration_seconds_count{export="e0",op="write"}': 3,
+    }
+    for promql, value in wanted.items():
+        # Waits for scrapes (no timing is asserted), then the exact value.
+        wait_until(lambda: prom.query(promql) == [value], timeout=120,
+                   what=f"Prometheus to answer {promql} = {value}")
 
-        def query(promql):
-            url = (f"http://127.0.0.1:{prom_port}/api/v1/query?"
-                   + urllib.parse.urlencode({"query": promql}))
-            try:
-                with urllib.request.urlopen(url, timeout=10) as r:
-                    result = json.load(r)["data"]["result"]
-            except (urllib.error.URLError, ConnectionError, KeyError):
-                return None
-            return [float(x["value"][1]) for x in result]
 
-        wanted = {
-            'bexd_export_bytes_total{export="e0",op="write"}': (1 << 20) + (256 << 10),
-            'bexd_export_requests_total{export="e0",op="write"}': 3,
-            'sum(bexd_export_bytes_total{op="read"})': 12288,
-            'bexd_node_requests_total{node="disk0",op="read"}': 2,
-            'bexd_export_request_duration_seconds_count{export="e0",op="write"}': 3,
-        }
-        for promql, value in wanted.items():
-            # Waits for scrapes (no timing is asserted), then the exact value.
-            wait_until(lambda: query(promql) == [value], timeout=120,
-                       what=f"Prometheus to answer {promql} = {value}")
-    finally:
-        prom.terminate()
-        prom.wait(timeout=30)
-        log.close()
+def rfc3339(ms):
+    """A millisecond timestamp as RFC 3339 (exact, unlike a float of seconds)."""
+    secs, ms = divmod(ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{ms:03d}Z"
+
+
+def test_real_prometheus_answers_rate_and_increase_exactly(start, image, prometheus):
+    """rate() and increase() extrapolate: Prometheus stretches the increase between the first
+    and last sample in the window towards the window's ends (promql/functions.go,
+    extrapolatedRate). Both stretches are made zero here, so the answers are exact:
+    - the start: the first sample in the window is the series' first scrape, taken before
+      any request, so its value is 0, and a counter is never extrapolated below zero
+      ("durationToZero" = 0);
+    - the end: the query is evaluated at the timestamp of the last sample (time=, to the
+      millisecond), so the window ends on it.
+    Then increase(x[10m]) is the last sample minus the first, the workload's count, and
+    rate(x[10m]) that count over the 600 s of the window (to the last bit but one, see
+    below). Had either end been extrapolated (by up to a 1 s scrape interval), the answers
+    would be off by about 1 part in 600, far outside that."""
+    port = free_port()
+    d = start(*raw_on_file(image(8 << 20)),
+              objects=[f"metrics-http,id=m0,addr.host=127.0.0.1,addr.port={port}"])
+    prom = prometheus(port)
+    requests = 'bexd_export_requests_total{export="e0",op="write"}'
+    written = 'bexd_export_bytes_total{export="e0",op="write"}'
+    wait_until(lambda: prom.query(requests) == [0], timeout=120,
+               what="Prometheus to scrape the series before the workload")
+    # 5 writes, 4 KiB to 64 KiB: 5 requests, 4 + 8 + 16 + 32 + 64 = 124 KiB.
+    qemu_io(d.uri("disk0"), *(f"write {i}M {4 << i}k" for i in range(5)))
+    wait_until(lambda: prom.query(requests) == [5] and prom.query(written) == [124 << 10],
+               timeout=120, what="Prometheus to scrape the workload's counts")
+    scraped = prom.result(f"{requests}[10m]")[0]["values"]
+    points = [(round(float(t) * 1000), float(v)) for t, v in scraped]
+    assert points[0][1] == 0 and points[-1][1] == 5, points
+    at = rfc3339(points[-1][0])
+    assert prom.query(f"increase({requests}[10m])", at) == [5]
+    assert prom.query(f"increase({written}[10m])", at) == [124 << 10]
+    for series, count in [(requests, 5), (written, 124 << 10)]:
+        [rate] = prom.query(f"rate({series}[10m])", at)
+        # Prometheus 2.42 multiplies by 1/600 rather than dividing by 600: one rounding
+        # apart at most, hence the tolerance of a few ulps and no more.
+        assert math.isclose(rate, count / 600, rel_tol=1e-15, abs_tol=0), (series, rate)
 
 
 def test_tls_handshakes_and_failures_are_counted(start, image, tmp_path):
