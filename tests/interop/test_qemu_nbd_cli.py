@@ -17,6 +17,7 @@ import nbd
 import pytest
 
 from conftest import daemon_binary, need, wait_until, can_connect_unix
+from tls_certs import CLIENT_ONE_DN, make_pki
 
 MIB = 1 << 20
 
@@ -388,3 +389,60 @@ def test_snapshot_writes_go_to_a_throwaway_overlay(tmp_path, program, fmt):
     assert p.wait(timeout=20) == 0
     assert open(img, "rb").read() == before
     assert list(tmpdir.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    need("openssl")
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def tls_reads(sock, client_dir):
+    """Whether qemu-io (QEMU's NBD client, GnuTLS) reads the image's bytes over TLS."""
+    obj = f"tls-creds-x509,id=tls0,dir={client_dir},endpoint=client"
+    out = subprocess.run(["qemu-io", "-r", "--object", obj, "--image-opts",
+                          f"driver=nbd,server.type=unix,server.path={sock},"
+                          "tls-hostname=localhost,export=disk,tls-creds=tls0",
+                          "-c", "read -P 0 0 4k", "-c", "read -P 0x6f 0x1000 1"],
+                         capture_output=True, text=True, timeout=60)
+    return out.returncode == 0 and "verification failed" not in out.stdout \
+        and out.stdout.count("read ") == 2
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_tls_creds_and_authz_serve_over_tls_as_qemu_nbd(servers, raw, pki, program):
+    """--object tls-creds-x509 with --tls-creds serves TLS only: nbdinfo (libnbd) and qemu-io
+    read over TLS, a plaintext client is refused; --tls-authz admits only the named DN."""
+    need("qemu-io")
+    creds = f"tls-creds-x509,id=tls0,dir={pki['server']},endpoint=server"
+    s = servers(program, "-t", "-f", "raw", "-x", "disk", "--object", creds, "--tls-creds", "tls0",
+                str(raw))
+    info = subprocess.run(["nbdinfo", "--json", f"nbds+unix:///disk?socket={s.sock}"
+                           f"&tls-certificates={pki['one']}"],
+                          capture_output=True, text=True, timeout=60)
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["exports"][0]["export-size"] == 16 * MIB
+    assert tls_reads(s.sock, pki["one"])
+    plain = subprocess.run(["nbdinfo", s.uri("disk")], capture_output=True, text=True, timeout=60)
+    assert plain.returncode != 0
+    s.stop()
+    authz = f"authz-simple,id=auth0,identity={CLIENT_ONE_DN.replace(',', ',,')}"
+    s = servers(program, "-t", "-f", "raw", "-x", "disk", "--object", creds, "--object", authz,
+                "--tls-creds", "tls0", "--tls-authz", "auth0", str(raw))
+    assert tls_reads(s.sock, pki["one"])
+    assert not tls_reads(s.sock, pki["two"])
+
+
+def test_list_over_tls(servers, raw, pki):
+    """qemu-nbd -L --tls-creds lists a TLS server's exports over TLS. bexd serve -L does not
+    speak TLS: it refuses the option (exit 1, one line) instead of listing in plaintext."""
+    creds = f"tls-creds-x509,id=tls0,dir={pki['server']},endpoint=server"
+    s = servers("bexd", "-t", "-f", "raw", "-x", "disk", "--object", creds, "--tls-creds", "tls0",
+                str(raw))
+    client = ["--object", f"tls-creds-x509,id=tls0,dir={pki['one']},endpoint=client",
+              "--tls-creds", "tls0", "--tls-hostname", "localhost"]
+    theirs = subprocess.run(argv("qemu-nbd", "-L", "-k", str(s.sock), *client),
+                            capture_output=True, text=True, timeout=60)
+    assert theirs.returncode == 0 and "export: 'disk'" in theirs.stdout, theirs.stderr
+    assert refusal("bexd", "-L", "-k", str(s.sock), *client) == \
+        (1, "-L with --tls-creds is not supported by bexd serve")
