@@ -30,7 +30,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from servers import Server  # noqa: E402
+from servers import Server, _children as server_children  # noqa: E402
 from workloads import Fio, run_fio  # noqa: E402
 
 WORKLOADS = [
@@ -101,19 +101,6 @@ def one(server, w, args):
                 if "sys_enter_" in k and v / requests >= 0.05
             }
     return result
-
-
-def server_children(pid):
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(stat[1]) == pid:
-                out.append(int(entry))
-    return out
 
 
 def main():

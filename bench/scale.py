@@ -41,7 +41,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from servers import REPO, free_port  # noqa: E402
-from workloads import Fio, run_fio  # noqa: E402
+from workloads import Fio, _recv_exact, run_fio  # noqa: E402
 
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
@@ -120,16 +120,6 @@ class Running:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-
-
-def _recv_exact(s, n):
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("server closed during handshake")
-        buf += chunk
-    return buf
 
 
 def open_idle(port, export):
