@@ -20,7 +20,7 @@ use std::time::Instant;
 /// At most this many shards per statistics block.
 const MAX_SHARDS: usize = 16;
 
-/// Shards per statistics block: one per core (up to [`MAX_SHARDS`]), so the
+/// Shards per statistics block: one per core (up to 16), so the
 /// threads running on different cores rarely share one. Each block is
 /// `shards() x 1152` bytes and every node and export has one: sixteen on a
 /// two-core machine made 36 KiB per export, more than all of
