@@ -36,6 +36,9 @@ fn runtime_with_pool(thread_pool_max: Option<usize>) -> std::io::Result<tokio::r
         Some(n) => n,
         None => blocking_threads(std::env::var("BEXD_MAX_BLOCKING_THREADS").ok().as_deref()),
     };
+    // Driver calls run on the block layer's own pool; tokio's blocking pool
+    // keeps the few other jobs that may block (closing nodes), capped alike.
+    block::pool::set_max_threads(threads);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("bexd")

@@ -590,8 +590,19 @@ fn connect_retrying(socket: &Path) -> Guest {
 fn bench_vhost_user_blk_4k_qd32() {
     let seconds: u64 = std::env::var("BENCH_SECONDS").map_or(5, |s| s.parse().unwrap());
     let rounds: usize = std::env::var("BENCH_ROUNDS").map_or(3, |s| s.parse().unwrap());
-    for kind in [T_IN, T_OUT] {
-        for queues in [1usize, 2] {
+    // BENCH_ONLY=read|write and BENCH_QUEUES=N narrow the run (for profiling one row).
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let kinds = [T_IN, T_OUT].into_iter().filter(|&k| match only.as_str() {
+        "read" => k == T_IN,
+        "write" => k == T_OUT,
+        _ => true,
+    });
+    let queue_counts: Vec<usize> = match std::env::var("BENCH_QUEUES") {
+        Ok(q) => vec![q.parse().unwrap()],
+        Err(_) => vec![1, 2],
+    };
+    for kind in kinds {
+        for &queues in &queue_counts {
             let extra = format!(",writable=on,num-queues={queues}");
             let mut results = [Vec::new(), Vec::new()];
             for round in 0..rounds {
@@ -600,7 +611,14 @@ fn bench_vhost_user_blk_4k_qd32() {
                 } else {
                     [Peer::Qsd, Peer::Bexd]
                 };
+                let wanted = std::env::var("BENCH_PEER").unwrap_or_default();
                 for peer in order {
+                    if (wanted == "bexd" && peer != Peer::Bexd)
+                        || (wanted == "qsd" && peer != Peer::Qsd)
+                    {
+                        results[(peer == Peer::Qsd) as usize].push(1.0);
+                        continue;
+                    }
                     let d = Daemon::start(peer, &extra).unwrap();
                     let mut g = Guest::connect(&d.socket, queues);
                     let iops = drive(&mut g, kind, Duration::from_secs(seconds));

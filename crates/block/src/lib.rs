@@ -24,7 +24,9 @@
 //! `observer` what a node reports up to the daemon (write threshold,
 //! corruption). `driver` also holds `AsyncDriver`, the face of a driver whose
 //! requests complete without a thread waiting (storage behind a network),
-//! which the node uses instead of the pool where a driver offers it.
+//! which the node uses instead of the pool where a driver offers it. `pool`
+//! is that pool: the worker threads a request that may block runs on (not
+//! tokio's blocking pool, which woke a thread per request; see its doc).
 
 pub mod before_write;
 pub mod bitmap;
@@ -38,6 +40,7 @@ pub mod error;
 pub mod mapping;
 pub mod node;
 pub mod observer;
+pub mod pool;
 pub mod run;
 pub mod stats;
 pub mod throttle;

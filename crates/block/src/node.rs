@@ -364,10 +364,7 @@ impl BlockNode {
             return f(self.driver.as_ref());
         }
         let driver = self.driver.clone();
-        match tokio::task::spawn_blocking(move || f(driver.as_ref())).await {
-            Ok(v) => v,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        }
+        crate::pool::run(move || f(driver.as_ref())).await
     }
 
     fn runs_inline(&self, len: u64) -> bool {
@@ -630,10 +627,7 @@ impl BlockNode {
             let all = |d: &dyn Driver, pos, want| Some(d.block_status(pos, want));
             walk_extents(driver.as_ref(), pos, end, step, &mut sink, all).map(|_| sink)
         };
-        match tokio::task::spawn_blocking(rest).await {
-            Ok(r) => r,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        }
+        crate::pool::run(rest).await
     }
 
     pub async fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
