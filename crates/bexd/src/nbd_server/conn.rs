@@ -26,7 +26,9 @@ pub async fn run(
     let shutdown = settings.ctx.shutdown.clone();
     // The limit covers the whole handshake, TLS included: a client that stalls
     // in the middle of a TLS handshake is dropped like any other.
-    let handshake = handshake(stream, &settings);
+    // Boxed, so that its state (TLS included) is freed once it is done rather
+    // than sized into the task for the connection's whole life.
+    let handshake = Box::pin(handshake(stream, &settings));
     let limited = async {
         match settings.config.handshake_max {
             Some(limit) => tokio::time::timeout(limit, handshake)

@@ -3,6 +3,7 @@
 //! that stays where it is, in the I/O buffer it was read into or in the page
 //! cache (then sent with `sendfile`), never copied into a reply buffer.
 
+use std::borrow::Borrow;
 use std::io::IoSlice;
 
 use block::{FileSlice, IoBuf};
@@ -144,14 +145,14 @@ impl Reply {
 /// `sendfile` in between where the writer can; a writer that is not vectored
 /// gets the bytes gathered into `scratch` and one `write_all`. Either way the
 /// batch ends with a flush.
-pub async fn write_batch<W: ReplyWriter>(
+pub async fn write_batch<W: ReplyWriter, R: Borrow<Reply>>(
     w: &mut W,
-    batch: &[Reply],
+    batch: &[R],
     scratch: &mut Vec<u8>,
 ) -> std::io::Result<()> {
     if !w.is_write_vectored() {
         scratch.clear();
-        for piece in batch.iter().flat_map(Reply::pieces) {
+        for piece in batch.iter().flat_map(|r| r.borrow().pieces()) {
             match piece {
                 Piece::Bytes(b) => scratch.extend_from_slice(b),
                 Piece::File { slice, offset, len } => read_file_into(scratch, slice, offset, len)?,
@@ -161,7 +162,7 @@ pub async fn write_batch<W: ReplyWriter>(
         return w.flush().await;
     }
     let mut slices: Vec<IoSlice<'_>> = Vec::new();
-    for piece in batch.iter().flat_map(Reply::pieces) {
+    for piece in batch.iter().flat_map(|r| r.borrow().pieces()) {
         match piece {
             Piece::Bytes([]) => {}
             Piece::Bytes(b) => slices.push(IoSlice::new(b)),
