@@ -8,9 +8,10 @@
 //! `finish_task_switch` (futex wake and wait) against 4% in the write itself
 //! (vhost-user-blk, one queue, 72k IOPS against qemu-storage-daemon's 108k).
 //! Here:
-//! - a worker that runs out of jobs spins for [`SPIN`] before it sleeps
-//!   (one at a time: a spinner takes a core from the threads that submit),
-//!   so a steady stream of requests finds a worker awake;
+//! - a worker that runs out of jobs keeps looking for 50 µs (`SPIN`) before
+//!   it sleeps, yielding its core between looks (one such worker at a time:
+//!   a busy spin took the core from the threads that submit and halved
+//!   throughput), so a steady stream of requests finds a worker awake;
 //! - a submission wakes a sleeper only when more jobs are queued than
 //!   workers are awake without a job (spinning, or woken and on their way);
 //!   a busy worker is not counted, since its job may be waiting for a disk,
