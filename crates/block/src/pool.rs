@@ -2,7 +2,7 @@
 //! on a disk filesystem, qcow2 metadata, blkdebug).
 //!
 //! Why not tokio's blocking pool: it wakes a sleeping thread for every task
-//! it is given and a thread sleeps again as soon as its queue is empty, so
+//! it is given and a thread sleeps again the moment its queue is empty, so
 //! at a steady 32 requests in flight each 4 KiB write to an ext4 file cost
 //! 3.6 context switches, and `perf` put 44% of the daemon's CPU in
 //! `finish_task_switch` (futex wake and wait) against 4% in the write itself
