@@ -100,7 +100,8 @@ impl Pool {
                 .name("bexd-io".into())
                 .spawn(move || self.work(id));
             if spawned.is_err() {
-                // Out of threads: the queued job waits for a worker that exists.
+                // Out of threads: the queued job waits for a worker that exists
+                // (or, with none alive, for the next submission to start one).
                 s.threads -= 1;
                 s.woken -= 1;
                 tracing::warn!("could not start an I/O worker thread");
@@ -180,8 +181,9 @@ pub fn set_max_threads(n: usize) {
     pool().max_threads.store(n.max(1), Ordering::Relaxed);
 }
 
-/// Workers alive now (for tests).
-pub fn threads() -> usize {
+/// Workers alive now.
+#[cfg(test)]
+fn threads() -> usize {
     pool().lock().threads
 }
 
